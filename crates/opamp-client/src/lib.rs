@@ -1,0 +1,1 @@
+//! The OpAMP client (work in progress; see the README feature table).

@@ -1,0 +1,1 @@
+//! The OpAMP server (work in progress; see the README feature table).

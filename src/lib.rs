@@ -1,0 +1,26 @@
+//! OpAMP, the Open Agent Management Protocol of OpenTelemetry, for Rust.
+//!
+//! This is the facade crate: add `opamp` as your one dependency. It re-exports
+//!
+//! - [`proto`]: every OpAMP message (spec v0.20.0) with typed helpers, always;
+//! - [`client`]: the agent side, with the `client` feature (on by default);
+//! - [`server`]: the server side, with the `server` feature (on by default).
+//!
+//! The workspace is layered, each crate with one job, dependencies pointing one way:
+//!
+//! ```text
+//! opamp-proto  <-  opamp-transport  <-  opamp-client / opamp-server  <-  opamp
+//! ```
+
+pub use opamp_proto as proto;
+
+#[cfg(feature = "client")]
+pub use opamp_client as client;
+
+#[cfg(feature = "server")]
+pub use opamp_server as server;
+
+// The README's code runs as a doctest, so it cannot rot.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+struct ReadmeDoctests;
