@@ -1,1 +1,139 @@
-//! The OpAMP server (work in progress; see the README feature table).
+//! The OpAMP server.
+//!
+//! This crate is what a control plane embeds to manage a fleet of agents over OpAMP
+//! (OpenTelemetry's Open Agent Management Protocol). It sits above `opamp-proto` (messages,
+//! framing) and `opamp-transport`:
+//!
+//! ```text
+//! opamp-proto  <-  opamp-transport  <-  opamp-server  <-  opamp (facade)
+//! ```
+//!
+//! It has three layers:
+//!
+//! - a protocol core free of I/O, [`AgentSession`], one per agent: sequence numbers and
+//!   `ReportFullState`, capabilities, uid assignment, capability gating, offer hashes;
+//! - callbacks the application implements, [`ServerCallbacks`] (accept or reject a request)
+//!   and [`ConnectionCallbacks`] (per connection: connected, message, close, read error),
+//!   async through `async-trait`, taking `&self`, never called concurrently for one
+//!   connection; and the [`Connection`] handle to push messages to an agent;
+//! - drivers on tokio and hyper: the embeddable [`OpampService`] (a `tower::Service`, e.g.
+//!   for an axum router) and the standalone [`Server`].
+//!
+//! Both transports share one endpoint (HTTP-2): a `POST` with
+//! `Content-Type: application/x-protobuf` is plain HTTP, anything else a WebSocket upgrade.
+//!
+//! # Quick start
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//!
+//! use async_trait::async_trait;
+//! use opamp_proto::{AgentToServer, ServerToAgent};
+//! use opamp_server::{
+//!     Connection, ConnectionCallbacks, ConnectionResponse, Rejection, Server, ServerCallbacks,
+//!     ServerConfig,
+//! };
+//!
+//! struct Fleet;
+//!
+//! #[async_trait]
+//! impl ServerCallbacks for Fleet {
+//!     async fn on_connecting(&self, request: &http::request::Parts) -> ConnectionResponse {
+//!         match request.headers.get("authorization") {
+//!             Some(v) if v == "Bearer secret" => ConnectionResponse::accept(Arc::new(Agents)),
+//!             _ => ConnectionResponse::Reject(Rejection::unauthorized()),
+//!         }
+//!     }
+//! }
+//!
+//! struct Agents;
+//!
+//! #[async_trait]
+//! impl ConnectionCallbacks for Agents {
+//!     async fn on_message(&self, conn: &Connection, msg: AgentToServer) -> Option<ServerToAgent> {
+//!         println!("{:?} sent #{}", conn.instance_uid(), msg.sequence_num);
+//!         None // an acknowledgement still goes out
+//!     }
+//! }
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let server = Server::bind(ServerConfig::default(), Arc::new(Fleet)).await?;
+//! println!("listening on {}", server.local_addr());
+//! // ... later:
+//! server.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! To share an axum router's listener instead, mount the service at any path:
+//! `Router::new().route_service("/opamp", OpampService::new(config, callbacks))`.
+//!
+//! # Memory and backpressure
+//!
+//! A WebSocket connection is one task that both reads and writes (the single writer), with a
+//! 4 KiB read buffer and a bounded outbound queue (16 messages by default):
+//! [`Connection::send`] fails with [`SendError::QueueFull`] instead of buffering without
+//! bound, and [`Connection::send_async`] waits for room. Plain-HTTP pushes coalesce into one
+//! pending message per agent. Incoming messages are limited to 64 MiB by default (WS-9
+//! closes with 1009; HTTP-14 answers 413, measured after decompression).
+//!
+//! # Cancel safety
+//!
+//! [`Connection::send_async`]: dropping the future leaves the message unsent. The drivers
+//! never cancel a callback halfway, not even at shutdown.
+//!
+//! # Features
+//!
+//! - `tls`: TLS and mTLS for the standalone server with rustls
+//!   ([`ServerConfigBuilder::tls`]), and [`Connection::peer_certificates`].
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod callbacks;
+mod config;
+mod connection;
+mod core;
+mod error;
+mod plain;
+mod server;
+mod service;
+mod wire;
+mod ws;
+
+pub use callbacks::{
+    ConnectionCallbacks, ConnectionResponse, Rejection, ServerCallbacks, bad_request, unavailable,
+};
+pub use config::{
+    DEFAULT_FULL_STATE_MIN_INTERVAL, DEFAULT_HTTP_IDLE_TIMEOUT, DEFAULT_OUTBOUND_QUEUE_CAPACITY,
+    DEFAULT_SERVER_CAPABILITIES, DEFAULT_WRITE_TIMEOUT, DEFAULT_WS_READ_BUFFER_SIZE, ServerConfig,
+    ServerConfigBuilder,
+};
+#[cfg(feature = "tls")]
+pub use connection::PeerCertificates;
+pub use connection::{Connection, Transport};
+pub use core::{AgentSession, Received, SessionConfig};
+pub use error::{ConfigError, ReadMessageError, SendError, ServerError};
+pub use server::{Server, ServerHandle};
+
+/// The attribute that implements the async callback traits.
+pub use async_trait::async_trait;
+/// The `http` crate, whose request parts [`ServerCallbacks::on_connecting`] receives.
+pub use http;
+pub use service::{OpampService, ResponseBody};
+
+#[cfg(test)]
+mod tests_support {
+    use async_trait::async_trait;
+
+    use crate::{ConnectionResponse, Rejection, ServerCallbacks};
+
+    /// Rejects everything.
+    pub(crate) struct Reject;
+
+    #[async_trait]
+    impl ServerCallbacks for Reject {
+        async fn on_connecting(&self, _: &http::request::Parts) -> ConnectionResponse {
+            ConnectionResponse::Reject(Rejection::unauthorized())
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! The traits an embedder implements, mirroring opamp-go's server callbacks.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use http::{HeaderMap, HeaderValue, StatusCode};
+use opamp_proto::{
+    AgentToServer, RetryInfo, ServerErrorResponse, ServerErrorResponseType, ServerToAgent,
+    server_error_response::Details,
+};
+
+use crate::connection::Connection;
+use crate::error::ReadMessageError;
+
+/// Server-wide hook: decides whether an incoming request becomes a connection.
+///
+/// Called for every WebSocket upgrade request and for **every** plain-HTTP request (so that
+/// rotated or revoked credentials take effect at the next poll, AUTH-5), before the body is
+/// read. It sees the request line and headers only.
+#[async_trait]
+pub trait ServerCallbacks: Send + Sync + 'static {
+    /// Accepts the request with the callbacks of its connection, or rejects it.
+    async fn on_connecting(&self, request: &http::request::Parts) -> ConnectionResponse;
+}
+
+/// The answer of [`ServerCallbacks::on_connecting`].
+#[derive(Clone)]
+#[non_exhaustive]
+pub enum ConnectionResponse {
+    /// Accept; these callbacks serve the connection.
+    Accept(Arc<dyn ConnectionCallbacks>),
+    /// Reject with an HTTP status and headers (no upgrade happens).
+    Reject(Rejection),
+}
+
+impl ConnectionResponse {
+    /// Accepts with `callbacks`.
+    pub fn accept(callbacks: Arc<dyn ConnectionCallbacks>) -> Self {
+        Self::Accept(callbacks)
+    }
+}
+
+impl std::fmt::Debug for ConnectionResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Accept(_) => f.write_str("Accept(..)"),
+            Self::Reject(r) => f.debug_tuple("Reject").field(r).finish(),
+        }
+    }
+}
+
+/// A refusal: HTTP status and headers sent instead of a connection.
+#[derive(Debug, Clone)]
+pub struct Rejection {
+    status: StatusCode,
+    headers: HeaderMap,
+}
+
+impl Rejection {
+    /// A rejection with any status. A status that is not a client or server error becomes
+    /// 500: a rejection must never look like success.
+    pub fn new(status: StatusCode) -> Self {
+        let status = if status.is_client_error() || status.is_server_error() {
+            status
+        } else {
+            StatusCode::INTERNAL_SERVER_ERROR
+        };
+        Self {
+            status,
+            headers: HeaderMap::new(),
+        }
+    }
+
+    /// 401: client authentication failed (AUTH-2).
+    pub fn unauthorized() -> Self {
+        Self::new(StatusCode::UNAUTHORIZED)
+    }
+
+    /// 503 with an optional `Retry-After` in whole seconds, rounded up (THR-5).
+    pub fn unavailable(retry_after: Option<Duration>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE).with_retry_after(retry_after)
+    }
+
+    /// 429 with an optional `Retry-After` in whole seconds, rounded up (THR-5).
+    pub fn too_many_requests(retry_after: Option<Duration>) -> Self {
+        Self::new(StatusCode::TOO_MANY_REQUESTS).with_retry_after(retry_after)
+    }
+
+    /// Adds a header (e.g. `WWW-Authenticate`).
+    pub fn with_header(mut self, name: http::header::HeaderName, value: HeaderValue) -> Self {
+        self.headers.append(name, value);
+        self
+    }
+
+    fn with_retry_after(mut self, retry_after: Option<Duration>) -> Self {
+        if let Some(after) = retry_after {
+            self.headers
+                .insert(http::header::RETRY_AFTER, retry_after_value(after));
+        }
+        self
+    }
+
+    /// The status code.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The headers.
+    pub fn headers(&self) -> &HeaderMap {
+        &self.headers
+    }
+}
+
+/// `Retry-After` in delay-seconds form, rounded up, at least 1.
+pub(crate) fn retry_after_value(after: Duration) -> HeaderValue {
+    let secs = after
+        .as_secs()
+        .saturating_add(u64::from(after.subsec_nanos() > 0))
+        .max(1);
+    HeaderValue::from(secs)
+}
+
+/// Per-connection hooks. The driver never runs two of them concurrently for one connection.
+///
+/// All methods but [`on_message`](Self::on_message) have empty defaults.
+///
+/// # Plain-HTTP sessions
+///
+/// Plain HTTP has no connection; this crate keeps one *session* per agent instance uid and
+/// maps it to these callbacks as if it were a connection: the first request of an unknown
+/// uid creates it (`on_connected`, then `on_message`), each poll calls `on_message` with the
+/// same [`Connection`], and `on_connection_close` runs once when the session ends: the agent
+/// sent `agent_disconnect` (DIS-2), it stopped polling for longer than the idle timeout, the
+/// application called [`Connection::disconnect`], or the server stopped. The callbacks used
+/// are those returned by `on_connecting` for the request that created the session.
+///
+/// # Blocking
+///
+/// The methods are async; awaiting inside them holds back only their own connection. Do not
+/// await [`Server::shutdown`](crate::Server::shutdown) inside a callback (it waits for this
+/// callback); [`ServerHandle::stop`](crate::ServerHandle::stop) is fine.
+#[async_trait]
+pub trait ConnectionCallbacks: Send + Sync + 'static {
+    /// The connection is established (WebSocket upgraded, or first poll of a session).
+    async fn on_connected(&self, _conn: &Connection) {}
+
+    /// A message arrived. The returned message is the reply; `None` still sends an
+    /// acknowledgement (REP-4). The reply is completed by the protocol core (uid,
+    /// capabilities, flags, uid assignment, capability gating, see
+    /// [`AgentSession`](crate::AgentSession)). A reply whose `error_response` is
+    /// `UNAVAILABLE` becomes HTTP 503 with `Retry-After` on plain HTTP (THR-5).
+    async fn on_message(&self, conn: &Connection, message: AgentToServer) -> Option<ServerToAgent>;
+
+    /// The connection (or plain-HTTP session) ended. Called exactly once.
+    async fn on_connection_close(&self, _conn: &Connection) {}
+
+    /// A message could not be read; the agent gets `BAD_REQUEST` (WS) or HTTP 400/413.
+    async fn on_read_message_error(&self, _conn: &Connection, _error: &ReadMessageError) {}
+}
+
+/// A reply telling the agent its message was malformed (ERR-1); it should not retry it.
+pub fn bad_request(message: impl Into<String>) -> ServerToAgent {
+    error_reply(ServerErrorResponseType::BadRequest, message.into(), None)
+}
+
+/// A reply telling the agent the server is overloaded (THR-1, ERR-3), with an optional time
+/// to wait before reconnecting (THR-3). Over plain HTTP it is answered as 503 with
+/// `Retry-After` instead (THR-5).
+pub fn unavailable(message: impl Into<String>, retry_after: Option<Duration>) -> ServerToAgent {
+    let details = retry_after.map(|after| {
+        Details::RetryInfo(RetryInfo {
+            retry_after_nanoseconds: u64::try_from(after.as_nanos()).unwrap_or(u64::MAX),
+        })
+    });
+    error_reply(
+        ServerErrorResponseType::Unavailable,
+        message.into(),
+        details,
+    )
+}
+
+fn error_reply(
+    kind: ServerErrorResponseType,
+    error_message: String,
+    details: Option<Details>,
+) -> ServerToAgent {
+    ServerToAgent {
+        error_response: Some(ServerErrorResponse {
+            r#type: kind as i32,
+            error_message,
+            details,
+        }),
+        ..ServerToAgent::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thr_5_retry_after_rounds_up_to_whole_seconds() {
+        assert_eq!(retry_after_value(Duration::from_millis(1500)), "2");
+        assert_eq!(retry_after_value(Duration::from_secs(30)), "30");
+        assert_eq!(retry_after_value(Duration::ZERO), "1");
+        let r = Rejection::unavailable(Some(Duration::from_secs(30)));
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[http::header::RETRY_AFTER], "30");
+        assert_eq!(
+            Rejection::too_many_requests(None).status(),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        assert_eq!(Rejection::new(StatusCode::OK).status(), 500);
+    }
+
+    #[test]
+    fn thr_3_unavailable_carries_retry_info_in_nanoseconds() {
+        let m = unavailable("busy", Some(Duration::from_secs(2)));
+        let err = m.error_response.unwrap();
+        assert_eq!(err.r#type(), ServerErrorResponseType::Unavailable);
+        assert_eq!(
+            err.details,
+            Some(Details::RetryInfo(RetryInfo {
+                retry_after_nanoseconds: 2_000_000_000
+            }))
+        );
+        assert_eq!(
+            bad_request("x").error_response.unwrap().r#type(),
+            ServerErrorResponseType::BadRequest
+        );
+    }
+}

@@ -1,0 +1,276 @@
+//! Server configuration with safe defaults.
+
+use std::net::{Ipv4Addr, SocketAddr};
+#[cfg(feature = "tls")]
+use std::sync::Arc;
+use std::time::Duration;
+
+use opamp_proto::{DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_PATH, DEFAULT_PORT, ServerCapabilitySet};
+
+use crate::error::ConfigError;
+
+/// Default WebSocket read buffer: 4 KiB, small because a fleet is mostly idle sockets.
+pub const DEFAULT_WS_READ_BUFFER_SIZE: usize = 4 * 1024;
+/// Default capacity of a WebSocket connection's outbound queue, in messages.
+pub const DEFAULT_OUTBOUND_QUEUE_CAPACITY: usize = 16;
+/// Default time after which an idle plain-HTTP session is forgotten (four 30 s poll intervals).
+pub const DEFAULT_HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Default limit on one socket write (and on the close handshake) before the peer is dropped.
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default minimum time between two `ReportFullState` requests to one agent (SEQ-2).
+pub const DEFAULT_FULL_STATE_MIN_INTERVAL: Duration = Duration::from_secs(30);
+
+/// The server capabilities advertised by default (CAP-3): every stable and Beta capability.
+///
+/// Offers the server did not advertise are stripped from outgoing messages (CAP-4), so a
+/// server that never offers packages may narrow this set, and one that uses a Development
+/// capability (e.g. `ACCEPTS_CONNECTION_SETTINGS_REQUEST`) must widen it.
+pub const DEFAULT_SERVER_CAPABILITIES: ServerCapabilitySet = ServerCapabilitySet::ACCEPTS_STATUS
+    .union(ServerCapabilitySet::OFFERS_REMOTE_CONFIG)
+    .union(ServerCapabilitySet::ACCEPTS_EFFECTIVE_CONFIG)
+    .union(ServerCapabilitySet::OFFERS_PACKAGES)
+    .union(ServerCapabilitySet::ACCEPTS_PACKAGES_STATUS)
+    .union(ServerCapabilitySet::OFFERS_CONNECTION_SETTINGS);
+
+/// Configuration of an OpAMP server, for both the standalone [`Server`](crate::Server) and
+/// the embeddable [`OpampService`](crate::OpampService).
+///
+/// Build one with [`ServerConfig::builder`]; [`ServerConfig::default`] holds the defaults.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ServerConfig {
+    listen_addr: SocketAddr,
+    path: String,
+    max_message_size: usize,
+    ws_read_buffer_size: usize,
+    outbound_queue_capacity: usize,
+    server_capabilities: ServerCapabilitySet,
+    http_idle_timeout: Duration,
+    write_timeout: Duration,
+    full_state_min_interval: Duration,
+    #[cfg(feature = "tls")]
+    tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen_addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, DEFAULT_PORT)),
+            path: DEFAULT_PATH.to_owned(),
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            ws_read_buffer_size: DEFAULT_WS_READ_BUFFER_SIZE,
+            outbound_queue_capacity: DEFAULT_OUTBOUND_QUEUE_CAPACITY,
+            server_capabilities: DEFAULT_SERVER_CAPABILITIES,
+            http_idle_timeout: DEFAULT_HTTP_IDLE_TIMEOUT,
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
+            full_state_min_interval: DEFAULT_FULL_STATE_MIN_INTERVAL,
+            #[cfg(feature = "tls")]
+            tls: None,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// A builder starting from the defaults.
+    pub fn builder() -> ServerConfigBuilder {
+        ServerConfigBuilder {
+            config: Self::default(),
+        }
+    }
+
+    /// Address the standalone server binds (default `0.0.0.0:4320`, GEN-3).
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen_addr
+    }
+
+    /// URL path the standalone server answers on (default `/v1/opamp`, GEN-2). The embeddable
+    /// service ignores it: the embedder's router decides the path.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// Limit on one incoming message, WebSocket (header included, WS-8) or plain-HTTP body
+    /// after decompression (HTTP-14), and on outgoing ones (WS-11, HTTP-16). Default 64 MiB.
+    pub fn max_message_size(&self) -> usize {
+        self.max_message_size
+    }
+
+    /// Initial read buffer of each WebSocket connection (default 4 KiB).
+    pub fn ws_read_buffer_size(&self) -> usize {
+        self.ws_read_buffer_size
+    }
+
+    /// Capacity of each WebSocket connection's outbound queue (default 16 messages).
+    pub fn outbound_queue_capacity(&self) -> usize {
+        self.outbound_queue_capacity
+    }
+
+    /// Capabilities the server advertises (CAP-3); `ACCEPTS_STATUS` is always included.
+    pub fn server_capabilities(&self) -> ServerCapabilitySet {
+        self.server_capabilities
+    }
+
+    /// Time without a poll after which a plain-HTTP session is forgotten (default 120 s).
+    pub fn http_idle_timeout(&self) -> Duration {
+        self.http_idle_timeout
+    }
+
+    /// Limit on one socket write or close handshake (default 10 s).
+    pub fn write_timeout(&self) -> Duration {
+        self.write_timeout
+    }
+
+    /// Minimum time between two `ReportFullState` requests to one agent (default 30 s, SEQ-2).
+    pub fn full_state_min_interval(&self) -> Duration {
+        self.full_state_min_interval
+    }
+
+    /// The TLS configuration of the standalone server, if any.
+    #[cfg(feature = "tls")]
+    pub fn tls(&self) -> Option<&Arc<rustls::ServerConfig>> {
+        self.tls.as_ref()
+    }
+}
+
+/// Builds a [`ServerConfig`]; every setter has a safe default.
+#[derive(Debug, Clone)]
+pub struct ServerConfigBuilder {
+    config: ServerConfig,
+}
+
+impl ServerConfigBuilder {
+    /// Sets the address the standalone server binds.
+    pub fn listen_addr(mut self, addr: SocketAddr) -> Self {
+        self.config.listen_addr = addr;
+        self
+    }
+
+    /// Sets the URL path of the standalone server; must start with `/`.
+    pub fn path(mut self, path: impl Into<String>) -> Self {
+        self.config.path = path.into();
+        self
+    }
+
+    /// Sets the message size limit in bytes (WS-8, HTTP-13); must be at least 1.
+    pub fn max_message_size(mut self, bytes: usize) -> Self {
+        self.config.max_message_size = bytes;
+        self
+    }
+
+    /// Sets the initial WebSocket read buffer in bytes; must be at least 64.
+    pub fn ws_read_buffer_size(mut self, bytes: usize) -> Self {
+        self.config.ws_read_buffer_size = bytes;
+        self
+    }
+
+    /// Sets the outbound queue capacity per WebSocket connection; must be at least 1.
+    pub fn outbound_queue_capacity(mut self, messages: usize) -> Self {
+        self.config.outbound_queue_capacity = messages;
+        self
+    }
+
+    /// Sets the advertised server capabilities; `ACCEPTS_STATUS` is added (CAP-3) and bits
+    /// this version does not define are dropped (CAP-5).
+    pub fn server_capabilities(mut self, capabilities: ServerCapabilitySet) -> Self {
+        self.config.server_capabilities = capabilities | ServerCapabilitySet::ACCEPTS_STATUS;
+        self
+    }
+
+    /// Sets the plain-HTTP session idle timeout; must be non-zero.
+    pub fn http_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.config.http_idle_timeout = timeout;
+        self
+    }
+
+    /// Sets the socket write timeout; must be non-zero.
+    pub fn write_timeout(mut self, timeout: Duration) -> Self {
+        self.config.write_timeout = timeout;
+        self
+    }
+
+    /// Sets the minimum time between two `ReportFullState` requests to one agent.
+    pub fn full_state_min_interval(mut self, interval: Duration) -> Self {
+        self.config.full_state_min_interval = interval;
+        self
+    }
+
+    /// Serves TLS (and mTLS, if `tls` verifies client certificates) in the standalone server.
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, tls: Arc<rustls::ServerConfig>) -> Self {
+        self.config.tls = Some(tls);
+        self
+    }
+
+    /// Checks the values and returns the configuration.
+    pub fn build(self) -> Result<ServerConfig, ConfigError> {
+        let c = self.config;
+        if !c.path.starts_with('/') {
+            return Err(ConfigError::InvalidPath(c.path));
+        }
+        if c.max_message_size == 0 {
+            return Err(ConfigError::Zero("max_message_size"));
+        }
+        if c.outbound_queue_capacity == 0 {
+            return Err(ConfigError::Zero("outbound_queue_capacity"));
+        }
+        if c.http_idle_timeout.is_zero() {
+            return Err(ConfigError::Zero("http_idle_timeout"));
+        }
+        if c.write_timeout.is_zero() {
+            return Err(ConfigError::Zero("write_timeout"));
+        }
+        if c.ws_read_buffer_size < 64 {
+            return Err(ConfigError::ReadBufferTooSmall(c.ws_read_buffer_size));
+        }
+        Ok(ServerConfig {
+            server_capabilities: ServerCapabilitySet::from_bits_truncate(
+                c.server_capabilities.bits(),
+            ) | ServerCapabilitySet::ACCEPTS_STATUS,
+            ..c
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_safe() {
+        let c = ServerConfig::default();
+        assert_eq!(c.listen_addr().port(), 4320, "GEN-3");
+        assert_eq!(c.path(), "/v1/opamp", "GEN-2");
+        assert_eq!(c.max_message_size(), 64 * 1024 * 1024, "WS-8, HTTP-13");
+        assert!(c.ws_read_buffer_size() <= 4096);
+        assert_eq!(c.outbound_queue_capacity(), 16);
+        assert!(
+            c.server_capabilities()
+                .contains(ServerCapabilitySet::ACCEPTS_STATUS)
+        );
+    }
+
+    #[test]
+    fn builder_rejects_bad_values() {
+        assert!(matches!(
+            ServerConfig::builder().path("v1").build(),
+            Err(ConfigError::InvalidPath(_))
+        ));
+        assert!(matches!(
+            ServerConfig::builder().outbound_queue_capacity(0).build(),
+            Err(ConfigError::Zero("outbound_queue_capacity"))
+        ));
+        assert!(matches!(
+            ServerConfig::builder().ws_read_buffer_size(1).build(),
+            Err(ConfigError::ReadBufferTooSmall(1))
+        ));
+        let c = ServerConfig::builder()
+            .server_capabilities(ServerCapabilitySet::OFFERS_REMOTE_CONFIG)
+            .build()
+            .unwrap();
+        assert_eq!(
+            c.server_capabilities(),
+            ServerCapabilitySet::OFFERS_REMOTE_CONFIG | ServerCapabilitySet::ACCEPTS_STATUS,
+            "CAP-3: AcceptsStatus is always set"
+        );
+    }
+}

@@ -1,0 +1,377 @@
+//! The handle an application holds for one agent connection.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use opamp_proto::{InstanceUid, ServerToAgent};
+use tokio::sync::{Notify, mpsc};
+
+use crate::error::SendError;
+
+/// The transport of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Transport {
+    /// A WebSocket connection (full duplex).
+    WebSocket,
+    /// A plain-HTTP polling session.
+    PlainHttp,
+}
+
+/// The client certificate chain of a TLS connection, end-entity first.
+///
+/// The standalone server inserts it into each request's extensions under mTLS; an embedder
+/// that terminates TLS itself may insert one too, and [`Connection::peer_certificates`]
+/// returns it.
+#[cfg(feature = "tls")]
+#[derive(Debug, Clone)]
+pub struct PeerCertificates(Arc<[rustls_pki_types::CertificateDer<'static>]>);
+
+#[cfg(feature = "tls")]
+impl PeerCertificates {
+    /// Wraps a certificate chain.
+    pub fn new(chain: Vec<rustls_pki_types::CertificateDer<'static>>) -> Self {
+        Self(chain.into())
+    }
+
+    /// The chain, end-entity certificate first.
+    pub fn as_slice(&self) -> &[rustls_pki_types::CertificateDer<'static>] {
+        &self.0
+    }
+}
+
+/// A cheap, cloneable handle to one agent's connection (`Send + Sync`).
+///
+/// Messages sent with [`send`](Self::send) pass through the agent's protocol core before
+/// they go out, like replies do (capability gating, offer hashes, uid).
+///
+/// - **WebSocket**: messages go through a bounded queue to the connection's single writer
+///   task, so they never interleave with replies on the wire. Until the agent's first
+///   message arrives, pushes are held (coalesced) and go out with the first reply.
+/// - **Plain HTTP**: there is one pending slot; the message is delivered in the response to
+///   the agent's next poll (HTTP-9). A later `send` before that poll merges into the pending
+///   message (later fields win), so memory stays bounded (RETRY-4).
+#[derive(Clone)]
+pub struct Connection {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    transport: Transport,
+    remote_addr: Option<SocketAddr>,
+    instance_uid: Mutex<Option<InstanceUid>>,
+    closed: AtomicBool,
+    #[cfg(feature = "tls")]
+    peer_certificates: Option<PeerCertificates>,
+    outlet: Outlet,
+}
+
+enum Outlet {
+    WebSocket {
+        queue: mpsc::Sender<Box<ServerToAgent>>,
+        disconnect: Notify,
+    },
+    Http {
+        pending: Mutex<Option<Box<ServerToAgent>>>,
+    },
+}
+
+/// Locks a mutex, recovering from poisoning: the data behind these locks (an uid, one
+/// pending message) is valid whatever a panicking holder did.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// What a connection is told at creation.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PeerInfo {
+    pub(crate) remote_addr: Option<SocketAddr>,
+    #[cfg(feature = "tls")]
+    pub(crate) certificates: Option<PeerCertificates>,
+}
+
+impl PeerInfo {
+    pub(crate) fn remote(addr: SocketAddr) -> Self {
+        Self {
+            remote_addr: Some(addr),
+            #[cfg(feature = "tls")]
+            certificates: None,
+        }
+    }
+
+    pub(crate) fn from_extensions(ext: &http::Extensions) -> Self {
+        Self {
+            remote_addr: ext.get::<SocketAddr>().copied(),
+            #[cfg(feature = "tls")]
+            certificates: ext.get::<PeerCertificates>().cloned(),
+        }
+    }
+}
+
+impl Connection {
+    pub(crate) fn websocket(
+        peer: PeerInfo,
+        capacity: usize,
+    ) -> (Self, mpsc::Receiver<Box<ServerToAgent>>) {
+        let (queue, rx) = mpsc::channel(capacity);
+        let conn = Self::new(
+            Transport::WebSocket,
+            peer,
+            Outlet::WebSocket {
+                queue,
+                disconnect: Notify::new(),
+            },
+        );
+        (conn, rx)
+    }
+
+    pub(crate) fn http(peer: PeerInfo, uid: Option<InstanceUid>) -> Self {
+        let conn = Self::new(
+            Transport::PlainHttp,
+            peer,
+            Outlet::Http {
+                pending: Mutex::new(None),
+            },
+        );
+        *lock(&conn.inner.instance_uid) = uid;
+        conn
+    }
+
+    fn new(transport: Transport, peer: PeerInfo, outlet: Outlet) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                transport,
+                remote_addr: peer.remote_addr,
+                instance_uid: Mutex::new(None),
+                closed: AtomicBool::new(false),
+                #[cfg(feature = "tls")]
+                peer_certificates: peer.certificates,
+                outlet,
+            }),
+        }
+    }
+
+    /// Sends a message to the agent without waiting.
+    ///
+    /// WebSocket: fails with [`SendError::QueueFull`] when the outbound queue is full (a slow
+    /// agent cannot make the server buffer without bound). Plain HTTP: never full; the
+    /// message waits for the next poll, merged with any message already pending.
+    pub fn send(&self, message: ServerToAgent) -> Result<(), SendError> {
+        let message = Box::new(message);
+        if self.is_closed() {
+            return Err(SendError::Closed(message));
+        }
+        match &self.inner.outlet {
+            Outlet::WebSocket { queue, .. } => queue.try_send(message).map_err(|e| match e {
+                mpsc::error::TrySendError::Full(m) => SendError::QueueFull(m),
+                mpsc::error::TrySendError::Closed(m) => SendError::Closed(m),
+            }),
+            Outlet::Http { pending } => {
+                let mut slot = lock(pending);
+                match slot.as_mut() {
+                    Some(existing) => merge(existing, *message),
+                    None => *slot = Some(message),
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Sends a message, waiting for room in a full WebSocket queue. Plain HTTP: as
+    /// [`send`](Self::send).
+    ///
+    /// Cancel safety: if the future is dropped before it completes, the message was not
+    /// queued. Do not await this inside a callback of the same connection while the queue
+    /// is full: the writer drains the queue concurrently with callbacks, but a full queue of
+    /// an agent that stopped reading only empties when the write timeout drops it.
+    pub async fn send_async(&self, message: ServerToAgent) -> Result<(), SendError> {
+        match &self.inner.outlet {
+            Outlet::WebSocket { queue, .. } if !self.is_closed() => queue
+                .send(Box::new(message))
+                .await
+                .map_err(|e| SendError::Closed(e.0)),
+            _ => self.send(message),
+        }
+    }
+
+    /// Closes the connection: WebSocket sends a Close frame (1000); a plain-HTTP session
+    /// ends, its pending message is dropped and `on_connection_close` runs (at the latest
+    /// at the next poll or idle sweep). Later sends fail with [`SendError::Closed`].
+    pub fn disconnect(&self) {
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        match &self.inner.outlet {
+            Outlet::WebSocket { disconnect, .. } => disconnect.notify_one(),
+            Outlet::Http { pending } => *lock(pending) = None,
+        }
+    }
+
+    /// Whether the connection is closed or closing.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::Acquire)
+    }
+
+    /// The transport of this connection.
+    pub fn transport(&self) -> Transport {
+        self.inner.transport
+    }
+
+    /// The peer's address, when known: the standalone server always knows it; an embedder's
+    /// stack provides it as a [`SocketAddr`] request extension.
+    pub fn remote_addr(&self) -> Option<SocketAddr> {
+        self.inner.remote_addr
+    }
+
+    /// The agent's instance uid: known once its first message arrived; follows a uid the
+    /// server assigned once the agent switched to it (UID-7).
+    pub fn instance_uid(&self) -> Option<InstanceUid> {
+        *lock(&self.inner.instance_uid)
+    }
+
+    /// The client certificate chain, under mTLS.
+    #[cfg(feature = "tls")]
+    pub fn peer_certificates(&self) -> Option<&[rustls_pki_types::CertificateDer<'static>]> {
+        self.inner
+            .peer_certificates
+            .as_ref()
+            .map(PeerCertificates::as_slice)
+    }
+
+    pub(crate) fn set_instance_uid(&self, uid: InstanceUid) {
+        *lock(&self.inner.instance_uid) = Some(uid);
+    }
+
+    pub(crate) fn mark_closed(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+    }
+
+    /// Takes the pending plain-HTTP message, if any.
+    pub(crate) fn take_pending(&self) -> Option<Box<ServerToAgent>> {
+        match &self.inner.outlet {
+            Outlet::Http { pending } => lock(pending).take(),
+            Outlet::WebSocket { .. } => None,
+        }
+    }
+
+    /// Resolves when [`disconnect`](Self::disconnect) was called on a WebSocket connection.
+    pub(crate) async fn disconnect_requested(&self) {
+        match &self.inner.outlet {
+            Outlet::WebSocket { disconnect, .. } => disconnect.notified().await,
+            Outlet::Http { .. } => std::future::pending().await,
+        }
+    }
+
+    /// Whether two handles refer to the same connection.
+    pub fn same_connection(&self, other: &Connection) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("transport", &self.inner.transport)
+            .field("remote_addr", &self.inner.remote_addr)
+            .field("instance_uid", &self.instance_uid())
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+/// Merges a later message into an earlier pending one: fields set in `later` replace those
+/// of `into`; flags are combined. One custom message fits in a message, so a later one
+/// replaces an earlier one.
+pub(crate) fn merge(into: &mut ServerToAgent, later: ServerToAgent) {
+    let ServerToAgent {
+        instance_uid,
+        error_response,
+        remote_config,
+        connection_settings,
+        packages_available,
+        flags,
+        capabilities,
+        agent_identification,
+        command,
+        custom_capabilities,
+        custom_message,
+    } = later;
+    if !instance_uid.is_empty() {
+        into.instance_uid = instance_uid;
+    }
+    macro_rules! take_some {
+        ($($field:ident),*) => {$(
+            if $field.is_some() {
+                into.$field = $field;
+            }
+        )*};
+    }
+    take_some!(
+        error_response,
+        remote_config,
+        connection_settings,
+        packages_available,
+        agent_identification,
+        command,
+        custom_capabilities,
+        custom_message
+    );
+    into.flags |= flags;
+    if capabilities != 0 {
+        into.capabilities = capabilities;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opamp_proto::{AgentRemoteConfig, ServerToAgentCommand};
+
+    fn rc(hash: &'static [u8]) -> Option<AgentRemoteConfig> {
+        Some(AgentRemoteConfig {
+            config: None,
+            config_hash: bytes::Bytes::from_static(hash),
+        })
+    }
+
+    #[test]
+    fn http_sends_coalesce_into_one_pending_message() {
+        let conn = Connection::http(PeerInfo::default(), Some(InstanceUid::from_array([1; 16])));
+        conn.send(ServerToAgent {
+            remote_config: rc(b"a"),
+            flags: 1,
+            ..Default::default()
+        })
+        .unwrap();
+        conn.send(ServerToAgent {
+            remote_config: rc(b"b"),
+            command: Some(ServerToAgentCommand::default()),
+            ..Default::default()
+        })
+        .unwrap();
+        let pending = conn.take_pending().unwrap();
+        assert_eq!(pending.remote_config, rc(b"b"), "later fields win");
+        assert_eq!(pending.flags, 1, "flags are combined");
+        assert!(pending.command.is_some());
+        assert!(conn.take_pending().is_none());
+    }
+
+    #[test]
+    fn ws_queue_is_bounded_and_disconnect_closes() {
+        let (conn, _rx) = Connection::websocket(PeerInfo::default(), 2);
+        conn.send(ServerToAgent::default()).unwrap();
+        conn.send(ServerToAgent::default()).unwrap();
+        assert!(matches!(
+            conn.send(ServerToAgent::default()),
+            Err(SendError::QueueFull(_))
+        ));
+        conn.disconnect();
+        assert!(matches!(
+            conn.send(ServerToAgent::default()),
+            Err(SendError::Closed(_))
+        ));
+        assert_eq!(conn.transport(), Transport::WebSocket);
+    }
+}

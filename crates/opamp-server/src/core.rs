@@ -1,0 +1,471 @@
+//! The sans-IO protocol core: one [`AgentSession`] per agent.
+//!
+//! No sockets, no tasks, no clock: the driver passes each decoded `AgentToServer` and the
+//! current time in, and passes every `ServerToAgent` it is about to send through the session
+//! first. The same core serves WebSocket connections and plain-HTTP sessions (GEN-6).
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use opamp_proto::{
+    AgentCapabilitySet, AgentIdentification, AgentToServer, AgentToServerFlagSet, InstanceUid,
+    ServerCapabilitySet, ServerToAgent, ServerToAgentFlagSet,
+};
+
+use crate::error::ReadMessageError;
+
+/// How a session behaves; the drivers derive it from the [`ServerConfig`](crate::ServerConfig).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SessionConfig {
+    /// Capabilities advertised to the agent (CAP-3).
+    pub server_capabilities: ServerCapabilitySet,
+    /// Set `capabilities` in every reply, not just the first. Plain HTTP needs it: each poll
+    /// may be the "first" for a client that restarted (CAP-3, checklist ambiguity 4).
+    pub capabilities_in_every_reply: bool,
+    /// Minimum time between two `ReportFullState` requests (SEQ-2): the answer to a request,
+    /// or a client that skips sequence numbers, does not trigger another one in a loop.
+    pub full_state_min_interval: Duration,
+}
+
+impl SessionConfig {
+    /// Settings for a WebSocket connection: capabilities in the first message only.
+    pub fn websocket(server_capabilities: ServerCapabilitySet) -> Self {
+        Self {
+            server_capabilities: server_capabilities | ServerCapabilitySet::ACCEPTS_STATUS,
+            capabilities_in_every_reply: false,
+            full_state_min_interval: crate::config::DEFAULT_FULL_STATE_MIN_INTERVAL,
+        }
+    }
+
+    /// Settings for a plain-HTTP session: capabilities in every response.
+    pub fn plain_http(server_capabilities: ServerCapabilitySet) -> Self {
+        Self {
+            capabilities_in_every_reply: true,
+            ..Self::websocket(server_capabilities)
+        }
+    }
+
+    /// Sets [`full_state_min_interval`](Self::full_state_min_interval).
+    pub fn with_full_state_min_interval(mut self, interval: Duration) -> Self {
+        self.full_state_min_interval = interval;
+        self
+    }
+}
+
+/// What [`AgentSession::handle_message`] learned from a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Received {
+    /// The instance uid the message carries.
+    pub instance_uid: InstanceUid,
+    /// This is the first message of the session (or of a new agent on the same stream).
+    pub first: bool,
+    /// The agent announced `agent_disconnect` (DIS-1, DIS-2): forget it after replying.
+    pub disconnect: bool,
+    /// The message repeats the previous sequence number: a retry (RETRY-2), answered normally.
+    pub repeated: bool,
+    /// The agent switched to a uid the server assigned (UID-7); this was its old uid.
+    pub switched_from: Option<InstanceUid>,
+}
+
+/// The protocol state of one agent, free of I/O.
+///
+/// # Calling contract
+///
+/// - Call [`handle_message`](Self::handle_message) with every decoded `AgentToServer`, in
+///   order, before handing the message to the application.
+/// - Pass the application's reply to that message through
+///   [`prepare_reply`](Self::prepare_reply) and send the result: every message gets exactly
+///   one reply (REP-4, RETRY-2).
+/// - Pass every unsolicited message (a push) through [`prepare_push`](Self::prepare_push) and
+///   send the result if there is one.
+/// - `now` only has to be monotonic; tests pass a virtual clock.
+///
+/// What the session does to outgoing messages:
+/// - sets `instance_uid` to the uid of the message it relates to (UID-6);
+/// - sets `capabilities` in the first message (every message for plain HTTP) (CAP-3);
+/// - sets the `ReportFullState` flag when a message was lost: a gap in `sequence_num`, or
+///   the first message of an agent the server does not know that lacks full state (SEQ-2).
+///   A repeated number is a retry and triggers nothing; a skip asks once, and no second
+///   request follows within [`SessionConfig::full_state_min_interval`];
+/// - answers `RequestInstanceUid` with `agent_identification.new_instance_uid` (UID-5),
+///   unless the application already set one; a `new_instance_uid` that is not 16 bytes is
+///   dropped (UID-7);
+/// - removes offers the agent has no capability for, or the server did not advertise (CAP-4);
+/// - removes a `remote_config`, `connection_settings` or `packages_available` whose hash the
+///   agent already reports, or that was already sent and not contradicted since (RC-4, RC-6,
+///   PKG-15, CS hashes);
+/// - keeps `error_response` exclusive (S2A-1) and `command` alone with the capabilities
+///   (S2A-2); anything owed (flags, capabilities, uid) then goes out with the next message.
+#[derive(Debug)]
+pub struct AgentSession {
+    config: SessionConfig,
+    uid: Option<InstanceUid>,
+    assigned_uid: Option<InstanceUid>,
+    last_seq: Option<u64>,
+    agent_capabilities: AgentCapabilitySet,
+    owe: Owed,
+    last_full_state_request: Option<Instant>,
+    remote_config: OfferHashes,
+    connection_settings: OfferHashes,
+    packages: OfferHashes,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Owed {
+    capabilities: bool,
+    full_state: bool,
+    uid: bool,
+}
+
+/// The last hash of one kind of offer that the server sent and that the agent reported.
+///
+/// Hashes are copied out of the message: keeping a `Bytes` slice would keep the whole
+/// received frame alive.
+#[derive(Debug, Default)]
+struct OfferHashes {
+    sent: Option<Box<[u8]>>,
+    reported: Option<Box<[u8]>>,
+}
+
+impl OfferHashes {
+    fn on_report(&mut self, hash: &[u8]) {
+        // A report of another hash means the agent does not have (or dropped) what was sent:
+        // it must be offered again (RC-6).
+        if self.sent.as_deref() != Some(hash) {
+            self.sent = None;
+        }
+        if self.reported.as_deref() != Some(hash) {
+            self.reported = Some(hash.into());
+        }
+    }
+
+    /// An offer with this hash would tell the agent nothing new. An empty hash is never
+    /// redundant: without a hash nothing can be compared.
+    fn is_redundant(&self, hash: &[u8]) -> bool {
+        !hash.is_empty()
+            && (self.reported.as_deref() == Some(hash) || self.sent.as_deref() == Some(hash))
+    }
+
+    fn on_sent(&mut self, hash: &Bytes) {
+        if !hash.is_empty() {
+            self.sent = Some(hash[..].into());
+        }
+    }
+}
+
+impl AgentSession {
+    /// A session that has seen no message yet.
+    pub fn new(config: SessionConfig) -> Self {
+        Self {
+            config,
+            uid: None,
+            assigned_uid: None,
+            last_seq: None,
+            agent_capabilities: AgentCapabilitySet::empty(),
+            owe: Owed {
+                capabilities: true,
+                ..Owed::default()
+            },
+            last_full_state_request: None,
+            remote_config: OfferHashes::default(),
+            connection_settings: OfferHashes::default(),
+            packages: OfferHashes::default(),
+        }
+    }
+
+    /// The agent's instance uid, once a message has been handled.
+    pub fn instance_uid(&self) -> Option<InstanceUid> {
+        self.uid
+    }
+
+    /// A uid the server assigned and the agent has not switched to yet (UID-5).
+    pub fn assigned_instance_uid(&self) -> Option<InstanceUid> {
+        self.assigned_uid
+    }
+
+    /// The agent's last reported capabilities (CAP-2); empty before the first message.
+    pub fn agent_capabilities(&self) -> AgentCapabilitySet {
+        self.agent_capabilities
+    }
+
+    /// Whether a `ReportFullState` request is waiting to go out with the next message.
+    pub fn full_state_pending(&self) -> bool {
+        self.owe.full_state
+    }
+
+    /// Takes in one decoded message. An error means the message must be answered with
+    /// `BAD_REQUEST` (ERR-1) and not given to the application.
+    pub fn handle_message(
+        &mut self,
+        msg: &AgentToServer,
+        now: Instant,
+    ) -> Result<Received, ReadMessageError> {
+        // UID-2: the uid is the key of everything else; reject before touching state.
+        let uid = InstanceUid::try_from(&msg.instance_uid[..])?;
+        let mut switched_from = None;
+        match self.uid {
+            Some(current) if current == uid => {}
+            Some(current) if self.assigned_uid == Some(uid) => {
+                // UID-7: the agent adopted the uid we assigned.
+                switched_from = Some(current);
+                self.assigned_uid = None;
+            }
+            Some(_) => {
+                // Another agent on this stream (WS-21, or a restarted agent with a new uid):
+                // nothing known about the previous one applies to it.
+                *self = Self::new(self.config);
+            }
+            None => {}
+        }
+        self.uid = Some(uid);
+
+        // CAP-1 says capabilities are always set; a sloppy poll with 0 keeps the last set
+        // rather than revoking everything (CAP-2 applies to real changes).
+        if msg.capabilities != 0 {
+            self.agent_capabilities = AgentCapabilitySet::from_bits_retain(msg.capabilities);
+        }
+
+        let first = self.last_seq.is_none();
+        let mut repeated = false;
+        match self.last_seq {
+            // An agent we do not know must send everything; its first report is complete
+            // only if it describes the agent (REP-3: a WS reconnect may omit fields).
+            None => {
+                if msg.agent_description.is_none() {
+                    self.request_full_state(now);
+                }
+            }
+            Some(last) if msg.sequence_num == last.wrapping_add(1) => {}
+            // RETRY-2: the same message again; answer it, ask for nothing.
+            Some(last) if msg.sequence_num == last => repeated = true,
+            // SEQ-2: a gap (or a restart that reset the counter): something was lost.
+            Some(_) => self.request_full_state(now),
+        }
+        self.last_seq = Some(msg.sequence_num);
+
+        if AgentToServerFlagSet::from_bits_retain(msg.flags)
+            .contains(AgentToServerFlagSet::REQUEST_INSTANCE_UID)
+        {
+            // UID-5. A repeated request gets the same uid until the agent switches.
+            self.assigned_uid.get_or_insert_with(InstanceUid::new_v7);
+            self.owe.uid = true;
+        }
+
+        if let Some(status) = &msg.remote_config_status {
+            self.remote_config
+                .on_report(&status.last_remote_config_hash);
+        }
+        if let Some(status) = &msg.connection_settings_status {
+            self.connection_settings
+                .on_report(&status.last_connection_settings_hash);
+        }
+        if let Some(statuses) = &msg.package_statuses {
+            self.packages
+                .on_report(&statuses.server_provided_all_packages_hash);
+        }
+
+        Ok(Received {
+            instance_uid: uid,
+            first,
+            disconnect: msg.agent_disconnect.is_some(),
+            repeated,
+            switched_from,
+        })
+    }
+
+    fn request_full_state(&mut self, now: Instant) {
+        let recent = self.last_full_state_request.is_some_and(|at| {
+            now.saturating_duration_since(at) < self.config.full_state_min_interval
+        });
+        if !recent {
+            self.owe.full_state = true;
+        }
+    }
+
+    /// Completes the reply to the last handled message. `reply` is what the application
+    /// returned (`None`: nothing to say; an acknowledgement still goes out, REP-4).
+    pub fn prepare_reply(&mut self, reply: Option<ServerToAgent>, now: Instant) -> ServerToAgent {
+        let mut msg = reply.unwrap_or_default();
+        self.finish(&mut msg, now);
+        msg
+    }
+
+    /// Completes an unsolicited message. Returns `None` when, after removing what the agent
+    /// cannot take or already has, nothing is left to send.
+    pub fn prepare_push(&mut self, mut msg: ServerToAgent, now: Instant) -> Option<ServerToAgent> {
+        self.strip(&mut msg);
+        let has_content = msg.error_response.is_some()
+            || msg.remote_config.is_some()
+            || msg.connection_settings.is_some()
+            || msg.packages_available.is_some()
+            || msg.flags != 0
+            || msg.agent_identification.is_some()
+            || msg.command.is_some()
+            || msg.custom_capabilities.is_some()
+            || msg.custom_message.is_some();
+        if !has_content && !self.owe.full_state && !self.owe.uid {
+            return None;
+        }
+        self.finish(&mut msg, now);
+        Some(msg)
+    }
+
+    /// Fills in what the session owes and removes what must not go out.
+    fn finish(&mut self, msg: &mut ServerToAgent, now: Instant) {
+        if let Some(uid) = self.uid {
+            msg.instance_uid = uid.to_bytes();
+        }
+        if let Some(error) = msg.error_response.take() {
+            // S2A-1: nothing may accompany an error; owed items wait for the next message.
+            *msg = ServerToAgent {
+                instance_uid: std::mem::take(&mut msg.instance_uid),
+                error_response: Some(error),
+                ..ServerToAgent::default()
+            };
+            return;
+        }
+        self.strip(msg);
+
+        if msg.command.is_some() {
+            // S2A-2: a command goes alone with the capabilities; the agent would ignore the
+            // rest, so it is not recorded as sent either.
+            *msg = ServerToAgent {
+                instance_uid: std::mem::take(&mut msg.instance_uid),
+                command: msg.command.take(),
+                ..ServerToAgent::default()
+            };
+            self.attach_capabilities(msg);
+            return;
+        }
+
+        self.attach_capabilities(msg);
+        let mut flags = ServerToAgentFlagSet::from_bits_retain(msg.flags);
+        if self.owe.full_state {
+            flags |= ServerToAgentFlagSet::REPORT_FULL_STATE;
+            self.owe.full_state = false;
+        }
+        if flags.contains(ServerToAgentFlagSet::REPORT_FULL_STATE) {
+            self.last_full_state_request = Some(now);
+        }
+        msg.flags = flags.bits();
+
+        if let Some(ident) = &msg.agent_identification {
+            // UID-7: the agent must switch to it, so it must be a valid uid.
+            match InstanceUid::try_from(&ident.new_instance_uid[..]) {
+                Ok(new_uid) => {
+                    self.assigned_uid = Some(new_uid);
+                    self.owe.uid = false;
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        "dropping agent_identification: new_instance_uid is not 16 bytes (UID-7)"
+                    );
+                    msg.agent_identification = None;
+                }
+            }
+        }
+        if msg.agent_identification.is_none()
+            && self.owe.uid
+            && let Some(new_uid) = self.assigned_uid
+        {
+            msg.agent_identification = Some(AgentIdentification {
+                new_instance_uid: new_uid.to_bytes(),
+            });
+            self.owe.uid = false;
+        }
+
+        if let Some(rc) = &msg.remote_config {
+            self.remote_config.on_sent(&rc.config_hash);
+        }
+        if let Some(cs) = &msg.connection_settings {
+            self.connection_settings.on_sent(&cs.hash);
+        }
+        if let Some(pkgs) = &msg.packages_available {
+            self.packages.on_sent(&pkgs.all_packages_hash);
+        }
+    }
+
+    fn attach_capabilities(&mut self, msg: &mut ServerToAgent) {
+        if msg.capabilities != 0 {
+            // The application chose; keep defined bits only (CAP-3, CAP-5).
+            msg.capabilities = (ServerCapabilitySet::from_bits_truncate(msg.capabilities)
+                | ServerCapabilitySet::ACCEPTS_STATUS)
+                .bits();
+            self.owe.capabilities = false;
+        } else if self.owe.capabilities || self.config.capabilities_in_every_reply {
+            msg.capabilities = self.config.server_capabilities.bits();
+            self.owe.capabilities = false;
+        }
+    }
+
+    /// CAP-4 and the offer hashes: removes offers the agent cannot take, the server did not
+    /// advertise, or the agent already has.
+    fn strip(&self, msg: &mut ServerToAgent) {
+        let agent = self.agent_capabilities;
+        let server = self.config.server_capabilities;
+        let able =
+            |a: AgentCapabilitySet, s: ServerCapabilitySet| agent.contains(a) && server.contains(s);
+
+        if let Some(rc) = &msg.remote_config
+            && (!able(
+                AgentCapabilitySet::ACCEPTS_REMOTE_CONFIG,
+                ServerCapabilitySet::OFFERS_REMOTE_CONFIG,
+            ) || self.remote_config.is_redundant(&rc.config_hash))
+        {
+            msg.remote_config = None;
+        }
+        if let Some(pkgs) = &msg.packages_available
+            && (!able(
+                AgentCapabilitySet::ACCEPTS_PACKAGES,
+                ServerCapabilitySet::OFFERS_PACKAGES,
+            ) || self.packages.is_redundant(&pkgs.all_packages_hash))
+        {
+            msg.packages_available = None;
+        }
+        if let Some(cs) = &mut msg.connection_settings {
+            let keep = server.contains(ServerCapabilitySet::OFFERS_CONNECTION_SETTINGS)
+                && !self.connection_settings.is_redundant(&cs.hash);
+            if keep {
+                if !agent.contains(AgentCapabilitySet::ACCEPTS_OPAMP_CONNECTION_SETTINGS) {
+                    cs.opamp = None;
+                }
+                if let Some(opamp) = &mut cs.opamp
+                    && !agent.contains(AgentCapabilitySet::REPORTS_HEARTBEAT)
+                {
+                    opamp.heartbeat_interval_seconds = 0;
+                }
+                if !agent.contains(AgentCapabilitySet::REPORTS_OWN_METRICS) {
+                    cs.own_metrics = None;
+                }
+                if !agent.contains(AgentCapabilitySet::REPORTS_OWN_TRACES) {
+                    cs.own_traces = None;
+                }
+                if !agent.contains(AgentCapabilitySet::REPORTS_OWN_LOGS) {
+                    cs.own_logs = None;
+                }
+                if !agent.contains(AgentCapabilitySet::ACCEPTS_OTHER_CONNECTION_SETTINGS) {
+                    cs.other_connections.clear();
+                }
+            }
+            let empty = cs.opamp.is_none()
+                && cs.own_metrics.is_none()
+                && cs.own_traces.is_none()
+                && cs.own_logs.is_none()
+                && cs.other_connections.is_empty();
+            if !keep || empty {
+                msg.connection_settings = None;
+            }
+        }
+        if msg.command.is_some() && !agent.contains(AgentCapabilitySet::ACCEPTS_RESTART_COMMAND) {
+            msg.command = None;
+        }
+        if !agent.contains(AgentCapabilitySet::REPORTS_AVAILABLE_COMPONENTS) {
+            msg.flags &= !ServerToAgentFlagSet::REPORT_AVAILABLE_COMPONENTS.bits();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

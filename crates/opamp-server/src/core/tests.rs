@@ -1,0 +1,619 @@
+//! Deterministic tests of the protocol core: no sockets, no sleeps; `now` is a virtual clock.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use opamp_proto::{
+    AgentCapabilitySet as A, AgentDescription, AgentDisconnect, AgentRemoteConfig, AgentToServer,
+    AgentToServerFlagSet, ConnectionSettingsOffers, InstanceUid, OpAmpConnectionSettings,
+    PackageStatuses, PackagesAvailable, RemoteConfigStatus, ServerCapabilitySet as S,
+    ServerToAgent, ServerToAgentCommand, ServerToAgentFlagSet as F, TelemetryConnectionSettings,
+};
+
+use super::*;
+use crate::bad_request;
+
+const UID: [u8; 16] = [7; 16];
+
+/// A virtual clock.
+struct Clock(Instant);
+
+impl Clock {
+    fn new() -> Self {
+        Self(Instant::now())
+    }
+    fn now(&self) -> Instant {
+        self.0
+    }
+    fn advance(&mut self, d: Duration) {
+        self.0 += d;
+    }
+}
+
+fn caps() -> A {
+    A::REPORTS_STATUS | A::ACCEPTS_REMOTE_CONFIG | A::REPORTS_REMOTE_CONFIG
+}
+
+fn report(seq: u64) -> AgentToServer {
+    AgentToServer {
+        instance_uid: Bytes::from_static(&UID),
+        sequence_num: seq,
+        capabilities: caps().bits(),
+        ..Default::default()
+    }
+}
+
+fn full_report(seq: u64) -> AgentToServer {
+    AgentToServer {
+        agent_description: Some(AgentDescription::default()),
+        ..report(seq)
+    }
+}
+
+fn ws_session() -> AgentSession {
+    AgentSession::new(SessionConfig::websocket(crate::DEFAULT_SERVER_CAPABILITIES))
+}
+
+fn full_state(m: &ServerToAgent) -> bool {
+    F::from_bits_retain(m.flags).contains(F::REPORT_FULL_STATE)
+}
+
+/// Sends `msg` and returns the completed acknowledgement.
+fn exchange(s: &mut AgentSession, msg: &AgentToServer, now: Instant) -> ServerToAgent {
+    s.handle_message(msg, now).unwrap();
+    s.prepare_reply(None, now)
+}
+
+fn remote_config(hash: &'static [u8]) -> ServerToAgent {
+    ServerToAgent {
+        remote_config: Some(AgentRemoteConfig {
+            config: None,
+            config_hash: Bytes::from_static(hash),
+        }),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn rep_4_every_message_gets_a_reply_with_its_instance_uid() {
+    let clock = Clock::new();
+    let mut s = ws_session();
+    let r = exchange(&mut s, &full_report(0), clock.now());
+    assert_eq!(&r.instance_uid[..], &UID, "UID-6");
+    assert!(r.error_response.is_none());
+}
+
+#[test]
+fn cap_3_capabilities_in_first_reply_only_on_websocket() {
+    let clock = Clock::new();
+    let mut s = ws_session();
+    let first = exchange(&mut s, &full_report(0), clock.now());
+    let caps = S::from_bits_retain(first.capabilities);
+    assert!(caps.contains(S::ACCEPTS_STATUS));
+    assert_eq!(caps, crate::DEFAULT_SERVER_CAPABILITIES);
+    let second = exchange(&mut s, &report(1), clock.now());
+    assert_eq!(second.capabilities, 0, "0 means unchanged after the first");
+}
+
+#[test]
+fn cap_3_capabilities_in_every_plain_http_reply() {
+    let clock = Clock::new();
+    let mut s = AgentSession::new(SessionConfig::plain_http(S::OFFERS_REMOTE_CONFIG));
+    for seq in 0..3 {
+        let msg = if seq == 0 {
+            full_report(0)
+        } else {
+            report(seq)
+        };
+        let r = exchange(&mut s, &msg, clock.now());
+        assert_eq!(
+            r.capabilities,
+            (S::ACCEPTS_STATUS | S::OFFERS_REMOTE_CONFIG).bits(),
+            "poll {seq}"
+        );
+    }
+}
+
+#[test]
+fn cap_3_first_reply_capabilities_survive_a_push_before_it() {
+    let clock = Clock::new();
+    let mut s = ws_session();
+    s.handle_message(&full_report(0), clock.now()).unwrap();
+    let push = s.prepare_push(remote_config(b"h1"), clock.now()).unwrap();
+    assert_ne!(push.capabilities, 0, "the push is the first ServerToAgent");
+    let reply = s.prepare_reply(None, clock.now());
+    assert_eq!(reply.capabilities, 0);
+}
+
+#[test]
+fn seq_2_unknown_agent_without_full_state_is_asked_for_it() {
+    let clock = Clock::new();
+    let mut s = ws_session();
+    let r = exchange(&mut s, &report(41), clock.now());
+    assert!(full_state(&r));
+    // The complete report that answers it does not trigger another request.
+    let r = exchange(&mut s, &full_report(42), clock.now());
+    assert!(!full_state(&r));
+}
+
+#[test]
+fn seq_2_first_message_with_description_is_not_asked_again() {
+    let clock = Clock::new();
+    let mut s = ws_session();
+    let r = exchange(&mut s, &full_report(0), clock.now());
+    assert!(!full_state(&r));
+}
+
+#[test]
+fn seq_2_consecutive_numbers_need_nothing() {
+    let clock = Clock::new();
+    let mut s = ws_session();
+    exchange(&mut s, &full_report(0), clock.now());
+    for seq in 1..20 {
+        assert!(!full_state(&exchange(&mut s, &report(seq), clock.now())));
+    }
+}
+
+#[test]
+fn seq_2_gap_asks_for_full_state() {
+    let mut clock = Clock::new();
+    let mut s = ws_session();
+    exchange(&mut s, &full_report(0), clock.now());
+    exchange(&mut s, &report(1), clock.now());
+    clock.advance(Duration::from_secs(60));
+    let r = exchange(&mut s, &report(3), clock.now());
+    assert!(full_state(&r), "message 2 was lost");
+    assert!(!s.full_state_pending());
+}
+
+#[test]
+fn seq_2_counter_reset_after_agent_restart_asks_for_full_state() {
+    let clock = Clock::new();
+    let mut s = ws_session();
+    exchange(&mut s, &full_report(10), clock.now());
+    let r = exchange(&mut s, &report(0), clock.now());
+    assert!(full_state(&r));
+}
+
+#[test]
+fn retry_2_repeated_number_is_answered_and_triggers_nothing() {
+    // The PyPI Python client repeats numbers.
+    let clock = Clock::new();
+    let mut s = ws_session();
+    exchange(&mut s, &full_report(0), clock.now());
+    exchange(&mut s, &report(1), clock.now());
+    let received = s.handle_message(&report(1), clock.now()).unwrap();
+    assert!(received.repeated);
+    let r = s.prepare_reply(None, clock.now());
+    assert!(!full_state(&r));
+    assert_eq!(&r.instance_uid[..], &UID);
+    // And the sequence continues normally.
+    assert!(!full_state(&exchange(&mut s, &report(2), clock.now())));
+}
+
+#[test]
+fn seq_2_skip_asks_once_not_in_a_loop() {
+    // A client that skips numbers, including in the report answering ReportFullState, is
+    // asked once per interval, not at every message.
+    let mut clock = Clock::new();
+    let mut s = ws_session();
+    exchange(&mut s, &full_report(0), clock.now());
+    let r = exchange(&mut s, &report(2), clock.now());
+    assert!(full_state(&r), "first skip asks");
+    let mut asks = 0;
+    let mut seq = 2;
+    for _ in 0..10 {
+        clock.advance(Duration::from_secs(1));
+        seq += 2; // keeps skipping, answering with full state
+        let r = exchange(&mut s, &full_report(seq), clock.now());
+        asks += usize::from(full_state(&r));
+    }
+    assert_eq!(asks, 0, "no loop within the minimum interval");
+    // Past the interval, a new loss is asked about again (once).
+    clock.advance(crate::DEFAULT_FULL_STATE_MIN_INTERVAL);
+    seq += 5;
+    assert!(full_state(&exchange(&mut s, &report(seq), clock.now())));
+    seq += 5;
+    assert!(!full_state(&exchange(&mut s, &report(seq), clock.now())));
+}
+
+#[test]
+fn seq_2_full_state_request_waits_behind_an_error_reply() {
+    // S2A-1: an error reply carries nothing else; the owed flag goes with the next reply.
+    let clock = Clock::new();
+    let mut s = ws_session();
+    s.handle_message(&report(5), clock.now()).unwrap();
+    let r = s.prepare_reply(Some(bad_request("no")), clock.now());
+    assert!(r.error_response.is_some());
+    assert_eq!(r.flags, 0);
+    assert_eq!(
+        r.capabilities, 0,
+        "checklist ambiguity 24: no capabilities with an error"
+    );
+    assert_eq!(&r.instance_uid[..], &UID);
+    let r = exchange(&mut s, &report(6), clock.now());
+    assert!(full_state(&r));
+    assert_ne!(r.capabilities, 0);
+}
+
+#[test]
+fn uid_5_request_instance_uid_is_answered_with_a_new_uid() {
+    let clock = Clock::new();
+    let mut s = ws_session();
+    let mut msg = full_report(0);
+    msg.flags = AgentToServerFlagSet::REQUEST_INSTANCE_UID.bits();
+    let r = exchange(&mut s, &msg, clock.now());
+    assert_eq!(
+        &r.instance_uid[..],
+        &UID,
+        "UID-6: the reply names the old uid"
+    );
+    let new = r.agent_identification.expect("UID-5").new_instance_uid;
+    let new = InstanceUid::try_from(&new[..]).expect("UID-7: 16 bytes");
+    assert_ne!(new.as_array(), &UID);
+    assert_eq!(s.assigned_instance_uid(), Some(new));
+
+    // A repeated request before switching gets the same uid.
+    msg.sequence_num = 1;
+    let r = exchange(&mut s, &msg, clock.now());
+    assert_eq!(
+        &r.agent_identification.unwrap().new_instance_uid[..],
+        new.as_array()
+    );
+
+    // UID-7: the agent switches; the session follows it without asking for full state.
+    let mut next = report(2);
+    next.instance_uid = new.to_bytes();
+    let received = s.handle_message(&next, clock.now()).unwrap();
+    assert_eq!(received.switched_from, Some(InstanceUid::from_array(UID)));
+    let r = s.prepare_reply(None, clock.now());
+    assert_eq!(&r.instance_uid[..], new.as_array());
+    assert!(!full_state(&r));
+    assert!(r.agent_identification.is_none());
+    assert_eq!(s.assigned_instance_uid(), None);
+}
+
+#[test]
+fn uid_7_application_chosen_uid_is_used_and_invalid_one_dropped() {
+    let clock = Clock::new();
+    let mut s = ws_session();
+    let mut msg = full_report(0);
+    msg.flags = AgentToServerFlagSet::REQUEST_INSTANCE_UID.bits();
+    s.handle_message(&msg, clock.now()).unwrap();
+    let bad = ServerToAgent {
+        agent_identification: Some(opamp_proto::AgentIdentification {
+            new_instance_uid: Bytes::from_static(&[1; 5]),
+        }),
+        ..Default::default()
+    };
+    let r = s.prepare_reply(Some(bad), clock.now());
+    let got = r
+        .agent_identification
+        .expect("replaced by a valid generated uid");
+    assert_eq!(got.new_instance_uid.len(), 16);
+
+    let mut s = ws_session();
+    s.handle_message(&msg, clock.now()).unwrap();
+    let chosen = ServerToAgent {
+        agent_identification: Some(opamp_proto::AgentIdentification {
+            new_instance_uid: Bytes::from_static(&[9; 16]),
+        }),
+        ..Default::default()
+    };
+    let r = s.prepare_reply(Some(chosen), clock.now());
+    assert_eq!(
+        &r.agent_identification.unwrap().new_instance_uid[..],
+        &[9; 16]
+    );
+    assert_eq!(
+        s.assigned_instance_uid(),
+        Some(InstanceUid::from_array([9; 16]))
+    );
+}
+
+#[test]
+fn uid_2_wrong_length_uid_is_an_error() {
+    let clock = Clock::new();
+    let mut s = ws_session();
+    let mut msg = report(0);
+    msg.instance_uid = Bytes::from_static(b"short");
+    assert!(matches!(
+        s.handle_message(&msg, clock.now()),
+        Err(crate::ReadMessageError::InstanceUid(_))
+    ));
+    assert_eq!(s.instance_uid(), None);
+}
+
+#[test]
+fn ws_21_another_uid_on_the_stream_starts_over() {
+    let clock = Clock::new();
+    let mut s = ws_session();
+    exchange(&mut s, &full_report(0), clock.now());
+    let mut other = report(100);
+    other.instance_uid = Bytes::from_static(&[8; 16]);
+    let received = s.handle_message(&other, clock.now()).unwrap();
+    assert!(received.first);
+    let r = s.prepare_reply(None, clock.now());
+    assert!(full_state(&r), "unknown agent without description");
+    assert_ne!(r.capabilities, 0, "first reply to this agent");
+}
+
+#[test]
+fn cap_4_offers_are_gated_on_agent_capabilities() {
+    let clock = Clock::new();
+    let mut s = ws_session();
+    let mut msg = full_report(0);
+    msg.capabilities = A::REPORTS_STATUS.bits(); // accepts nothing
+    s.handle_message(&msg, clock.now()).unwrap();
+    let offer = ServerToAgent {
+        packages_available: Some(PackagesAvailable::default()),
+        command: Some(ServerToAgentCommand::default()),
+        connection_settings: Some(ConnectionSettingsOffers {
+            opamp: Some(OpAmpConnectionSettings::default()),
+            own_metrics: Some(TelemetryConnectionSettings::default()),
+            ..Default::default()
+        }),
+        flags: F::REPORT_AVAILABLE_COMPONENTS.bits(),
+        ..remote_config(b"h")
+    };
+    let r = s.prepare_reply(Some(offer.clone()), clock.now());
+    assert!(r.remote_config.is_none());
+    assert!(r.packages_available.is_none());
+    assert!(r.command.is_none());
+    assert!(r.connection_settings.is_none());
+    assert_eq!(r.flags, 0);
+
+    // CAP-2: new capabilities are honoured from the next message on.
+    let mut msg = report(1);
+    msg.capabilities = (A::REPORTS_STATUS
+        | A::ACCEPTS_REMOTE_CONFIG
+        | A::ACCEPTS_PACKAGES
+        | A::ACCEPTS_OPAMP_CONNECTION_SETTINGS)
+        .bits();
+    s.handle_message(&msg, clock.now()).unwrap();
+    let mut offer = offer;
+    offer.command = None;
+    let r = s.prepare_reply(Some(offer), clock.now());
+    assert!(r.remote_config.is_some());
+    assert!(r.packages_available.is_some());
+    let cs = r.connection_settings.expect("opamp settings accepted");
+    assert!(cs.opamp.is_some());
+    assert!(cs.own_metrics.is_none(), "ReportsOwnMetrics missing");
+}
+
+#[test]
+fn cap_4_heartbeat_interval_needs_reports_heartbeat() {
+    let clock = Clock::new();
+    let mut s = ws_session();
+    let mut msg = full_report(0);
+    msg.capabilities = (A::REPORTS_STATUS | A::ACCEPTS_OPAMP_CONNECTION_SETTINGS).bits();
+    s.handle_message(&msg, clock.now()).unwrap();
+    let offer = ServerToAgent {
+        connection_settings: Some(ConnectionSettingsOffers {
+            hash: Bytes::from_static(b"cs"),
+            opamp: Some(OpAmpConnectionSettings {
+                heartbeat_interval_seconds: 10,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let r = s.prepare_reply(Some(offer), clock.now());
+    assert_eq!(
+        r.connection_settings
+            .unwrap()
+            .opamp
+            .unwrap()
+            .heartbeat_interval_seconds,
+        0
+    );
+}
+
+#[test]
+fn cap_4_offers_the_server_did_not_advertise_are_removed() {
+    let clock = Clock::new();
+    let mut s = AgentSession::new(SessionConfig::websocket(S::ACCEPTS_STATUS));
+    s.handle_message(&full_report(0), clock.now()).unwrap();
+    let r = s.prepare_reply(Some(remote_config(b"h")), clock.now());
+    assert!(r.remote_config.is_none());
+}
+
+#[test]
+fn rc_6_config_the_agent_reports_is_not_resent() {
+    let clock = Clock::new();
+    let mut s = ws_session();
+    let mut msg = full_report(0);
+    msg.remote_config_status = Some(RemoteConfigStatus {
+        last_remote_config_hash: Bytes::from_static(b"h1"),
+        ..Default::default()
+    });
+    s.handle_message(&msg, clock.now()).unwrap();
+    let r = s.prepare_reply(Some(remote_config(b"h1")), clock.now());
+    assert!(r.remote_config.is_none(), "agent already has h1");
+    // A different hash differs from what the agent reports: it MUST be included (RC-6).
+    s.handle_message(&report(1), clock.now()).unwrap();
+    let r = s.prepare_reply(Some(remote_config(b"h2")), clock.now());
+    assert!(r.remote_config.is_some());
+}
+
+#[test]
+fn rc_4_config_is_not_resent_while_unchanged() {
+    let clock = Clock::new();
+    let mut s = ws_session();
+    s.handle_message(&full_report(0), clock.now()).unwrap();
+    assert!(
+        s.prepare_reply(Some(remote_config(b"h1")), clock.now())
+            .remote_config
+            .is_some()
+    );
+    // The application returns the same desired config at every message.
+    s.handle_message(&report(1), clock.now()).unwrap();
+    assert!(
+        s.prepare_reply(Some(remote_config(b"h1")), clock.now())
+            .remote_config
+            .is_none()
+    );
+    assert!(s.prepare_push(remote_config(b"h1"), clock.now()).is_none());
+    // The agent reports APPLYING h1: still not resent.
+    let mut msg = report(2);
+    msg.remote_config_status = Some(RemoteConfigStatus {
+        last_remote_config_hash: Bytes::from_static(b"h1"),
+        ..Default::default()
+    });
+    s.handle_message(&msg, clock.now()).unwrap();
+    assert!(
+        s.prepare_reply(Some(remote_config(b"h1")), clock.now())
+            .remote_config
+            .is_none()
+    );
+    // The agent reports another hash (it lost h1, e.g. rolled back): RC-6 resends.
+    let mut msg = report(3);
+    msg.remote_config_status = Some(RemoteConfigStatus {
+        last_remote_config_hash: Bytes::from_static(b"old"),
+        ..Default::default()
+    });
+    s.handle_message(&msg, clock.now()).unwrap();
+    assert!(
+        s.prepare_reply(Some(remote_config(b"h1")), clock.now())
+            .remote_config
+            .is_some()
+    );
+}
+
+#[test]
+fn rc_4_config_without_hash_is_always_sent() {
+    let clock = Clock::new();
+    let mut s = ws_session();
+    s.handle_message(&full_report(0), clock.now()).unwrap();
+    for _ in 0..2 {
+        assert!(
+            s.prepare_reply(Some(remote_config(b"")), clock.now())
+                .remote_config
+                .is_some()
+        );
+    }
+}
+
+#[test]
+fn pkg_15_packages_with_reported_hash_are_not_resent() {
+    let clock = Clock::new();
+    let mut s = ws_session();
+    let mut msg = full_report(0);
+    msg.capabilities |= A::ACCEPTS_PACKAGES.bits();
+    msg.package_statuses = Some(PackageStatuses {
+        server_provided_all_packages_hash: Bytes::from_static(b"p1"),
+        ..Default::default()
+    });
+    s.handle_message(&msg, clock.now()).unwrap();
+    let offer = |h: &'static [u8]| ServerToAgent {
+        packages_available: Some(PackagesAvailable {
+            all_packages_hash: Bytes::from_static(h),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    assert!(
+        s.prepare_reply(Some(offer(b"p1")), clock.now())
+            .packages_available
+            .is_none()
+    );
+    let mut next = report(1);
+    next.capabilities |= A::ACCEPTS_PACKAGES.bits();
+    s.handle_message(&next, clock.now()).unwrap();
+    assert!(
+        s.prepare_reply(Some(offer(b"p2")), clock.now())
+            .packages_available
+            .is_some()
+    );
+}
+
+#[test]
+fn connection_settings_hash_is_not_resent() {
+    let clock = Clock::new();
+    let mut s = ws_session();
+    let mut msg = full_report(0);
+    msg.capabilities |= A::ACCEPTS_OPAMP_CONNECTION_SETTINGS.bits();
+    s.handle_message(&msg, clock.now()).unwrap();
+    let offer = ServerToAgent {
+        connection_settings: Some(ConnectionSettingsOffers {
+            hash: Bytes::from_static(b"c1"),
+            opamp: Some(OpAmpConnectionSettings::default()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    assert!(
+        s.prepare_reply(Some(offer.clone()), clock.now())
+            .connection_settings
+            .is_some()
+    );
+    let mut next = report(1);
+    next.capabilities |= A::ACCEPTS_OPAMP_CONNECTION_SETTINGS.bits();
+    s.handle_message(&next, clock.now()).unwrap();
+    assert!(
+        s.prepare_reply(Some(offer), clock.now())
+            .connection_settings
+            .is_none()
+    );
+}
+
+#[test]
+fn s2a_2_command_goes_alone_and_owed_items_wait() {
+    let clock = Clock::new();
+    let mut s = ws_session();
+    let mut msg = report(3); // unknown agent without description: full state owed
+    msg.capabilities |= A::ACCEPTS_RESTART_COMMAND.bits();
+    s.handle_message(&msg, clock.now()).unwrap();
+    let r = s.prepare_reply(
+        Some(ServerToAgent {
+            command: Some(ServerToAgentCommand::default()),
+            ..remote_config(b"h1")
+        }),
+        clock.now(),
+    );
+    assert!(r.command.is_some());
+    assert!(r.remote_config.is_none());
+    assert_eq!(r.flags, 0);
+    assert_ne!(r.capabilities, 0, "capabilities may accompany a command");
+    // The config was not recorded as sent, and the flag is still owed.
+    s.handle_message(&report(4), clock.now()).unwrap();
+    let r = s.prepare_reply(Some(remote_config(b"h1")), clock.now());
+    assert!(r.remote_config.is_some());
+    assert!(full_state(&r));
+}
+
+#[test]
+fn push_with_nothing_left_is_not_sent() {
+    let clock = Clock::new();
+    let mut s = ws_session();
+    let mut msg = full_report(0);
+    msg.capabilities = A::REPORTS_STATUS.bits();
+    s.handle_message(&msg, clock.now()).unwrap();
+    s.prepare_reply(None, clock.now());
+    assert!(s.prepare_push(remote_config(b"h"), clock.now()).is_none());
+    assert!(
+        s.prepare_push(bad_request("x"), clock.now())
+            .is_some_and(|m| m.error_response.is_some())
+    );
+}
+
+#[test]
+fn dis_2_agent_disconnect_is_reported() {
+    let clock = Clock::new();
+    let mut s = ws_session();
+    let mut msg = full_report(0);
+    msg.agent_disconnect = Some(AgentDisconnect {});
+    assert!(s.handle_message(&msg, clock.now()).unwrap().disconnect);
+}
+
+#[test]
+fn cap_1_zero_capabilities_keep_the_last_set() {
+    let clock = Clock::new();
+    let mut s = ws_session();
+    s.handle_message(&full_report(0), clock.now()).unwrap();
+    let mut poll = report(1);
+    poll.capabilities = 0;
+    s.handle_message(&poll, clock.now()).unwrap();
+    assert_eq!(s.agent_capabilities(), caps());
+}

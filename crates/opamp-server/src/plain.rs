@@ -1,0 +1,416 @@
+//! Plain-HTTP transport: one request carries one `AgentToServer`, its response one
+//! `ServerToAgent` (HTTP-1); a session per instance uid stands in for the connection.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER};
+use http::request::Parts;
+use http::{HeaderValue, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use opamp_proto::{
+    AgentToServer, CONTENT_TYPE_PROTOBUF, DecodeError, INSTANCE_UID_HEADER, InstanceUid, Message,
+    ServerErrorResponseType, ServerToAgent, framing::MessageTooLarge,
+    server_error_response::Details,
+};
+use tracing::Instrument;
+
+use crate::callbacks::{ConnectionCallbacks, retry_after_value};
+use crate::connection::{Connection, PeerInfo, merge};
+use crate::core::{AgentSession, SessionConfig};
+use crate::error::ReadMessageError;
+use crate::service::{ResponseBody, Shared, text_response};
+use crate::wire;
+
+/// The plain-HTTP sessions of one server, by instance uid.
+#[derive(Default)]
+pub(crate) struct Sessions {
+    map: Mutex<HashMap<InstanceUid, Arc<Session>>>,
+    sweeper_started: std::sync::atomic::AtomicBool,
+}
+
+pub(crate) struct Session {
+    conn: Connection,
+    last_seen: Mutex<Instant>,
+    state: tokio::sync::Mutex<State>,
+}
+
+struct State {
+    core: AgentSession,
+    callbacks: Arc<dyn ConnectionCallbacks>,
+    connected: bool,
+    ended: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Sessions {
+    /// The live session of `uid`, or a new one.
+    fn get_or_create(
+        &self,
+        uid: InstanceUid,
+        shared: &Shared,
+        callbacks: &Arc<dyn ConnectionCallbacks>,
+        peer: &PeerInfo,
+    ) -> Arc<Session> {
+        let mut map = lock(&self.map);
+        if let Some(s) = map.get(&uid)
+            && !s.conn.is_closed()
+        {
+            return s.clone();
+        }
+        let config = &shared.config;
+        let session = Arc::new(Session {
+            conn: Connection::http(peer.clone(), Some(uid)),
+            last_seen: Mutex::new(Instant::now()),
+            state: tokio::sync::Mutex::new(State {
+                core: AgentSession::new(
+                    SessionConfig::plain_http(config.server_capabilities())
+                        .with_full_state_min_interval(config.full_state_min_interval()),
+                ),
+                callbacks: callbacks.clone(),
+                connected: false,
+                ended: false,
+            }),
+        });
+        // A closed session under this uid is replaced; it is ended by whoever holds it, or
+        // by the sweeper below, which ends sessions that left the map too.
+        if let Some(old) = map.insert(uid, session.clone())
+            && old.conn.is_closed()
+        {
+            let old = old.clone();
+            tokio::spawn(async move { end(&old).await });
+        }
+        session
+    }
+
+    fn remove_if_same(&self, uid: &InstanceUid, session: &Arc<Session>) {
+        let mut map = lock(&self.map);
+        if map.get(uid).is_some_and(|s| Arc::ptr_eq(s, session)) {
+            map.remove(uid);
+        }
+    }
+
+    /// Number of live sessions.
+    pub(crate) fn len(&self) -> usize {
+        let map = lock(&self.map);
+        // A session is listed twice while an assigned uid is pending (UID-5).
+        let mut seen: Vec<*const Session> = map.values().map(Arc::as_ptr).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        seen.len()
+    }
+}
+
+/// Ends a session once: `on_connection_close` runs, later sends fail.
+async fn end(session: &Arc<Session>) {
+    session.conn.mark_closed();
+    let mut state = session.state.lock().await;
+    if state.ended {
+        return;
+    }
+    state.ended = true;
+    if state.connected {
+        let callbacks = state.callbacks.clone();
+        callbacks.on_connection_close(&session.conn).await;
+    }
+}
+
+/// Ends every session (server shutdown).
+pub(crate) async fn close_all(shared: &Shared) {
+    let sessions: Vec<Arc<Session>> = lock(&shared.sessions.map).drain().map(|(_, s)| s).collect();
+    for s in dedup(sessions) {
+        end(&s).await;
+    }
+}
+
+fn dedup(mut sessions: Vec<Arc<Session>>) -> Vec<Arc<Session>> {
+    sessions.sort_unstable_by_key(|s| Arc::as_ptr(s) as usize);
+    sessions.dedup_by(|a, b| Arc::ptr_eq(a, b));
+    sessions
+}
+
+/// Forgets sessions idle for longer than the timeout, and closed ones.
+fn start_sweeper(shared: &Arc<Shared>) {
+    use std::sync::atomic::Ordering;
+    if shared.sessions.sweeper_started.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let idle = shared.config.http_idle_timeout();
+    let period = (idle / 4).max(Duration::from_millis(10));
+    let weak: Weak<Shared> = Arc::downgrade(shared);
+    let mut stop = shared.stop_signal();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = crate::service::stopped(&mut stop) => return,
+            }
+            let Some(shared) = weak.upgrade() else { return };
+            let now = Instant::now();
+            let expired: Vec<Arc<Session>> = {
+                let mut map = lock(&shared.sessions.map);
+                let mut out = Vec::new();
+                map.retain(|_, s| {
+                    let stale = s.conn.is_closed()
+                        || now.saturating_duration_since(*lock(&s.last_seen)) > idle;
+                    if stale {
+                        out.push(s.clone());
+                    }
+                    !stale
+                });
+                out
+            };
+            for s in dedup(expired) {
+                tracing::debug!(instance_uid = ?s.conn.instance_uid(), "plain-HTTP session ended (idle or disconnected)");
+                end(&s).await;
+            }
+        }
+    });
+}
+
+/// Handles one plain-HTTP request that `on_connecting` accepted.
+pub(crate) async fn handle<B>(
+    shared: &Arc<Shared>,
+    parts: Parts,
+    body: B,
+    callbacks: Arc<dyn ConnectionCallbacks>,
+    peer: PeerInfo,
+) -> Response<ResponseBody>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let span = tracing::debug_span!(
+        "opamp.http",
+        remote = ?peer.remote_addr,
+        instance_uid = tracing::field::Empty,
+    );
+    handle_inner(shared, parts, body, callbacks, peer)
+        .instrument(span)
+        .await
+}
+
+async fn handle_inner<B>(
+    shared: &Arc<Shared>,
+    parts: Parts,
+    body: B,
+    callbacks: Arc<dyn ConnectionCallbacks>,
+    peer: PeerInfo,
+) -> Response<ResponseBody>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let limit = shared.config.max_message_size();
+    // HTTP-3: gzip or identity; OpAMP defines no other coding.
+    if wire::has_unsupported_encoding(&parts.headers) {
+        return text_response(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Content-Encoding must be gzip or identity",
+        );
+    }
+    let gzipped = wire::is_gzip_encoded(&parts.headers);
+
+    // The header uid, if valid, names the agent for errors before the body is decoded.
+    let header_uid = parts
+        .headers
+        .get(INSTANCE_UID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<InstanceUid>().ok());
+
+    // HTTP-14: the limit holds for the raw body and again after decompression.
+    let raw = match Limited::new(body, limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) => {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                let err = ReadMessageError::Decode(DecodeError::TooLarge(MessageTooLarge {
+                    size: limit.saturating_add(1),
+                    limit,
+                }));
+                report_error(&callbacks, &peer, header_uid, &err).await;
+                return text_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+            }
+            tracing::debug!(error = %e, "reading the request body failed");
+            return text_response(StatusCode::BAD_REQUEST, "cannot read the request body");
+        }
+    };
+    let body: Bytes = if gzipped {
+        match wire::decompress_limited(&raw, limit) {
+            Ok(plain) => plain,
+            Err(wire::GzipError::TooLarge(_)) => {
+                let err = ReadMessageError::Decode(DecodeError::TooLarge(MessageTooLarge {
+                    size: limit.saturating_add(1),
+                    limit,
+                }));
+                report_error(&callbacks, &peer, header_uid, &err).await;
+                return text_response(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "request body too large after decompression",
+                );
+            }
+            Err(_) => {
+                report_error(&callbacks, &peer, header_uid, &ReadMessageError::Gzip).await;
+                return text_response(StatusCode::BAD_REQUEST, "invalid gzip body");
+            }
+        }
+    } else {
+        raw
+    };
+
+    let msg = match AgentToServer::decode(body) {
+        Ok(msg) => msg,
+        Err(e) => {
+            let err = ReadMessageError::Decode(DecodeError::from(e));
+            report_error(&callbacks, &peer, header_uid, &err).await;
+            return text_response(StatusCode::BAD_REQUEST, "invalid AgentToServer message");
+        }
+    };
+    let uid = match InstanceUid::try_from(&msg.instance_uid[..]) {
+        Ok(uid) => uid,
+        Err(e) => {
+            let err = ReadMessageError::InstanceUid(e);
+            report_error(&callbacks, &peer, header_uid, &err).await;
+            return text_response(StatusCode::BAD_REQUEST, "instance_uid must be 16 bytes");
+        }
+    };
+    tracing::Span::current().record("instance_uid", tracing::field::display(uid));
+    if header_uid.is_some_and(|h| h != uid) {
+        // HTTP-5 says they are equal; the body is authoritative.
+        tracing::debug!(header = ?header_uid, "OpAMP-Instance-UID header differs from instance_uid");
+    }
+
+    start_sweeper(shared);
+    let accept_gzip = wire::accepts_gzip(&parts.headers);
+
+    // A session found here may end before its lock is ours; then take a fresh one.
+    for _ in 0..3 {
+        let session = shared
+            .sessions
+            .get_or_create(uid, shared, &callbacks, &peer);
+        let mut state = session.state.lock().await;
+        if state.ended {
+            continue;
+        }
+        let now = Instant::now();
+        *lock(&session.last_seen) = now;
+        let conn = session.conn.clone();
+        let cbs = state.callbacks.clone();
+        if !state.connected {
+            state.connected = true;
+            cbs.on_connected(&conn).await;
+        }
+
+        let received = match state.core.handle_message(&msg, now) {
+            Ok(r) => r,
+            Err(e) => {
+                // Cannot happen: the uid was checked above. Answer as for any bad message.
+                cbs.on_read_message_error(&conn, &e).await;
+                return text_response(StatusCode::BAD_REQUEST, "invalid AgentToServer message");
+            }
+        };
+        if let Some(old) = received.switched_from {
+            // UID-7: the agent now uses the assigned uid; drop the old key.
+            shared.sessions.remove_if_same(&old, &session);
+        }
+        conn.set_instance_uid(received.instance_uid);
+
+        let reply = cbs.on_message(&conn, msg).await;
+        // HTTP-9: a pushed message rides on this response; the fresh reply wins conflicts.
+        let mut out = conn.take_pending().map(|b| *b);
+        if let Some(reply) = reply {
+            match out.as_mut() {
+                Some(pending) => merge(pending, reply),
+                None => out = Some(reply),
+            }
+        }
+        let reply = state.core.prepare_reply(out, Instant::now());
+        if let Some(assigned) = state.core.assigned_instance_uid() {
+            // UID-5: the agent's next poll carries the new uid; find this session by it.
+            lock(&shared.sessions.map).insert(assigned, session.clone());
+        }
+
+        if received.disconnect || conn.is_closed() {
+            // DIS-2: forget the agent once it has its answer.
+            state.ended = true;
+            conn.mark_closed();
+            shared.sessions.remove_if_same(&uid, &session);
+            if let Some(assigned) = state.core.assigned_instance_uid() {
+                shared.sessions.remove_if_same(&assigned, &session);
+            }
+            cbs.on_connection_close(&conn).await;
+        }
+        drop(state);
+        return respond(reply, limit, accept_gzip);
+    }
+    text_response(StatusCode::SERVICE_UNAVAILABLE, "session busy, retry")
+}
+
+/// Calls `on_read_message_error` for a message that never reached a session.
+async fn report_error(
+    callbacks: &Arc<dyn ConnectionCallbacks>,
+    peer: &PeerInfo,
+    uid: Option<InstanceUid>,
+    err: &ReadMessageError,
+) {
+    tracing::debug!(error = %err, "bad plain-HTTP request");
+    let conn = Connection::http(peer.clone(), uid);
+    conn.mark_closed();
+    callbacks.on_read_message_error(&conn, err).await;
+}
+
+fn respond(reply: ServerToAgent, limit: usize, accept_gzip: bool) -> Response<ResponseBody> {
+    // THR-5: overload is answered with 503 and Retry-After over plain HTTP.
+    if let Some(err) = &reply.error_response
+        && err.r#type() == ServerErrorResponseType::Unavailable
+    {
+        let mut resp = text_response(StatusCode::SERVICE_UNAVAILABLE, "server overloaded");
+        if let Some(Details::RetryInfo(info)) = &err.details {
+            resp.headers_mut().insert(
+                RETRY_AFTER,
+                retry_after_value(Duration::from_nanos(info.retry_after_nanoseconds)),
+            );
+        }
+        return resp;
+    }
+    let reply = if reply.encoded_len() > limit {
+        // HTTP-16: never send a body over the limit; the agent still gets an answer.
+        tracing::warn!(
+            size = reply.encoded_len(),
+            limit,
+            "dropping a ServerToAgent over the size limit"
+        );
+        ServerToAgent {
+            instance_uid: reply.instance_uid,
+            capabilities: reply.capabilities,
+            flags: reply.flags,
+            ..ServerToAgent::default()
+        }
+    } else {
+        reply
+    };
+    let encoded = reply.encode_to_vec();
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    let headers = resp.headers_mut();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(CONTENT_TYPE_PROTOBUF),
+    );
+    // HTTP-4: gzip only when the agent said it takes it.
+    let body = if accept_gzip {
+        headers.insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        wire::gzip(&encoded)
+    } else {
+        encoded
+    };
+    *resp.body_mut() = Full::new(Bytes::from(body));
+    resp
+}

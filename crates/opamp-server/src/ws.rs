@@ -1,0 +1,403 @@
+//! WebSocket transport: one task per connection that both reads and writes, so it is the
+//! connection's single writer; replies and pushes can never interleave on the wire.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use http::header::{CONNECTION, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION, UPGRADE};
+use http::request::Parts;
+use http::{HeaderValue, Method, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use opamp_proto::{AgentToServer, DecodeError, ServerToAgent, framing};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::error::Error as WsError;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tracing::Instrument;
+
+use crate::callbacks::{ConnectionCallbacks, bad_request};
+use crate::connection::{Connection, PeerInfo, merge};
+use crate::core::{AgentSession, SessionConfig};
+use crate::error::ReadMessageError;
+use crate::service::{ResponseBody, Shared, stopped, text_response};
+use crate::wire;
+
+/// Checks that a request is a WebSocket upgrade (RFC 6455 §4.2.1) and returns the
+/// `Sec-WebSocket-Accept` value, or the 4xx answer for a request that is neither plain HTTP
+/// nor an upgrade (HTTP-2). The error is the response itself, built once per bad request.
+#[allow(clippy::result_large_err)]
+pub(crate) fn check_upgrade(parts: &Parts) -> Result<HeaderValue, Response<ResponseBody>> {
+    if parts.method != Method::GET {
+        return Err(text_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "OpAMP takes a POST with Content-Type: application/x-protobuf or a WebSocket upgrade",
+        ));
+    }
+    let has_token = |name: http::header::HeaderName, token: &str| {
+        parts
+            .headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    if !has_token(CONNECTION, "upgrade") || !has_token(UPGRADE, "websocket") {
+        let mut resp = text_response(
+            StatusCode::UPGRADE_REQUIRED,
+            "OpAMP takes a POST with Content-Type: application/x-protobuf or a WebSocket upgrade",
+        );
+        resp.headers_mut()
+            .insert(UPGRADE, HeaderValue::from_static("websocket"));
+        return Err(resp);
+    }
+    if parts
+        .headers
+        .get(SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v.as_bytes() != b"13")
+    {
+        let mut resp = text_response(
+            StatusCode::UPGRADE_REQUIRED,
+            "unsupported WebSocket version",
+        );
+        resp.headers_mut()
+            .insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        return Err(resp);
+    }
+    let Some(key) = parts.headers.get(SEC_WEBSOCKET_KEY) else {
+        return Err(text_response(
+            StatusCode::BAD_REQUEST,
+            "missing Sec-WebSocket-Key",
+        ));
+    };
+    // The accept key is base64, always a valid header value.
+    HeaderValue::from_str(&derive_accept_key(key.as_bytes()))
+        .map_err(|_| text_response(StatusCode::BAD_REQUEST, "invalid Sec-WebSocket-Key"))
+}
+
+/// The settings every server-side WebSocket uses.
+pub(crate) fn config_for(shared: &Shared) -> WebSocketConfig {
+    wire::ws_config(
+        shared.config.ws_read_buffer_size(),
+        shared.config.max_message_size(),
+    )
+}
+
+/// Wraps an upgraded stream as the server side of a WebSocket.
+pub(crate) async fn accept_stream<S>(io: S, config: WebSocketConfig) -> WebSocketStream<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await
+}
+
+/// Runs an accepted WebSocket connection in its own task once hyper hands over the socket.
+pub(crate) fn spawn(
+    shared: Arc<Shared>,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    callbacks: Arc<dyn ConnectionCallbacks>,
+    peer: PeerInfo,
+) {
+    let guard = shared.track();
+    let span = tracing::debug_span!(
+        "opamp.ws",
+        remote = ?peer.remote_addr,
+        instance_uid = tracing::field::Empty,
+    );
+    let (conn, rx) = Connection::websocket(peer, shared.config.outbound_queue_capacity());
+    tokio::spawn(
+        async move {
+            let _guard = guard;
+            let upgraded = match on_upgrade.await {
+                Ok(upgraded) => upgraded,
+                Err(e) => {
+                    tracing::debug!(error = %e, "WebSocket upgrade failed");
+                    return;
+                }
+            };
+            // hyper's connection buffers are gone by now; only the socket remains.
+            let ws = accept_stream(TokioIo::new(upgraded), config_for(&shared)).await;
+            run(&shared, ws, conn, rx, callbacks).await;
+        }
+        .instrument(span),
+    );
+}
+
+type InFlight<'a> = Pin<Box<dyn Future<Output = Option<ServerToAgent>> + Send + 'a>>;
+
+fn poll_in_flight<'a, 'b>(
+    slot: &'a mut Option<InFlight<'b>>,
+) -> impl Future<Output = Option<ServerToAgent>> + 'a {
+    std::future::poll_fn(move |cx| match slot.as_mut() {
+        Some(fut) => fut.as_mut().poll(cx),
+        None => Poll::Pending,
+    })
+}
+
+fn close_frame(code: CloseCode, reason: &'static str) -> CloseFrame {
+    CloseFrame {
+        code,
+        reason: reason.into(),
+    }
+}
+
+/// The connection loop. While `on_message` runs, the socket is not read (callbacks of one
+/// connection never overlap) but pushes keep flowing out.
+pub(crate) async fn run<S>(
+    shared: &Shared,
+    mut ws: WebSocketStream<S>,
+    conn: Connection,
+    mut rx: mpsc::Receiver<Box<ServerToAgent>>,
+    callbacks: Arc<dyn ConnectionCallbacks>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let config = &shared.config;
+    let limit = config.max_message_size();
+    let write_timeout = config.write_timeout();
+    let mut core = AgentSession::new(
+        SessionConfig::websocket(config.server_capabilities())
+            .with_full_state_min_interval(config.full_state_min_interval()),
+    );
+    let mut stop = shared.stop_signal();
+    // Pushes before the agent's first message wait for it: until then its capabilities are
+    // unknown and every offer would be stripped (CAP-4).
+    let mut held: Option<ServerToAgent> = None;
+
+    callbacks.on_connected(&conn).await;
+    let mut in_flight: Option<InFlight<'_>> = None;
+
+    let close = loop {
+        tokio::select! {
+            biased;
+            _ = stopped(&mut stop) => {
+                break Some(close_frame(CloseCode::Away, "server stopping"));
+            }
+            _ = conn.disconnect_requested() => {
+                break Some(close_frame(CloseCode::Normal, ""));
+            }
+            reply = poll_in_flight(&mut in_flight) => {
+                in_flight = None;
+                let reply = match held.take() {
+                    Some(mut first) => {
+                        if let Some(reply) = reply {
+                            merge(&mut first, reply);
+                        }
+                        Some(first)
+                    }
+                    None => reply,
+                };
+                let out = core.prepare_reply(reply, Instant::now());
+                if write(&mut ws, &out, limit, write_timeout).await.is_err() {
+                    break None;
+                }
+            }
+            Some(push) = rx.recv() => {
+                if core.instance_uid().is_none() {
+                    match held.as_mut() {
+                        Some(h) => merge(h, *push),
+                        None => held = Some(*push),
+                    }
+                } else if let Some(out) = core.prepare_push(*push, Instant::now())
+                    && write(&mut ws, &out, limit, write_timeout).await.is_err()
+                {
+                    break None;
+                }
+            }
+            frame = ws.next(), if in_flight.is_none() => match frame {
+                None => break None,
+                Some(Ok(Message::Binary(data))) => {
+                    match framing::decode_bytes::<AgentToServer>(data, limit) {
+                        Ok(msg) => match core.handle_message(&msg, Instant::now()) {
+                            Ok(received) => {
+                                if conn.instance_uid() != Some(received.instance_uid) {
+                                    tracing::Span::current().record(
+                                        "instance_uid",
+                                        tracing::field::display(received.instance_uid),
+                                    );
+                                    conn.set_instance_uid(received.instance_uid);
+                                }
+                                in_flight = Some(callbacks.on_message(&conn, msg));
+                            }
+                            Err(e) => {
+                                if bad_message(&mut ws, &core, &conn, &*callbacks, e, config).await.is_err() {
+                                    break None;
+                                }
+                            }
+                        },
+                        // WS-9: over the limit: malformed, close with 1009.
+                        Err(DecodeError::TooLarge(_)) => {
+                            break Some(close_frame(CloseCode::Size, "message too big"));
+                        }
+                        // WS-4, ERR-1: malformed header or payload: BAD_REQUEST, keep going.
+                        Err(e) => {
+                            if bad_message(&mut ws, &core, &conn, &*callbacks, e.into(), config).await.is_err() {
+                                break None;
+                            }
+                        }
+                    }
+                }
+                // WS-1, WS-7: only binary messages carry OpAMP.
+                Some(Ok(Message::Text(_))) => {
+                    if bad_message(&mut ws, &core, &conn, &*callbacks, ReadMessageError::TextFrame, config).await.is_err() {
+                        break None;
+                    }
+                }
+                // Pings are answered by tungstenite on the next read (WS-15); a Close is
+                // answered too and the stream then ends.
+                Some(Ok(_)) => {}
+                Some(Err(WsError::Capacity(e))) => {
+                    tracing::debug!(error = %e, "message over the limit (WS-9)");
+                    let err = ReadMessageError::Decode(DecodeError::TooLarge(
+                        framing::MessageTooLarge { size: limit.saturating_add(1), limit },
+                    ));
+                    callbacks.on_read_message_error(&conn, &err).await;
+                    break Some(close_frame(CloseCode::Size, "message too big"));
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "WebSocket read failed");
+                    break None;
+                }
+            },
+        }
+    };
+
+    // A callback in progress finishes (never cancelled halfway); its reply goes out if the
+    // socket still takes it.
+    if let Some(pending) = in_flight.take() {
+        let reply = pending.await;
+        let out = core.prepare_reply(reply, Instant::now());
+        if close.is_some() {
+            let _ = write(&mut ws, &out, limit, write_timeout).await;
+        }
+    }
+    if let Some(frame) = close {
+        // WS-17: the server closes with a Close frame and the RFC 6455 handshake.
+        close_gracefully(&mut ws, frame, write_timeout).await;
+    }
+    conn.mark_closed();
+    callbacks.on_connection_close(&conn).await;
+}
+
+/// ERR-1: reports the error to the application and answers `BAD_REQUEST`.
+async fn bad_message<S>(
+    ws: &mut WebSocketStream<S>,
+    core: &AgentSession,
+    conn: &Connection,
+    callbacks: &dyn ConnectionCallbacks,
+    err: ReadMessageError,
+    config: &crate::ServerConfig,
+) -> Result<(), ()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    tracing::debug!(error = %err, "malformed message");
+    callbacks.on_read_message_error(conn, &err).await;
+    let mut reply = bad_request(err.to_string());
+    if let Some(uid) = core.instance_uid() {
+        reply.instance_uid = uid.to_bytes();
+    }
+    write(
+        ws,
+        &reply,
+        config.max_message_size(),
+        config.write_timeout(),
+    )
+    .await
+}
+
+async fn write<S>(
+    ws: &mut WebSocketStream<S>,
+    msg: &ServerToAgent,
+    limit: usize,
+    timeout: Duration,
+) -> Result<(), ()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let frame = match framing::encode_with_limit(msg, limit) {
+        Ok(frame) => frame,
+        Err(e) => {
+            // WS-11: never send a message over the limit; the agent still gets an answer.
+            tracing::warn!(error = %e, "dropping a ServerToAgent over the size limit");
+            framing::encode(&ServerToAgent {
+                instance_uid: msg.instance_uid.clone(),
+                capabilities: msg.capabilities,
+                flags: msg.flags,
+                ..ServerToAgent::default()
+            })
+        }
+    };
+    match tokio::time::timeout(timeout, ws.send(Message::Binary(frame))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "WebSocket write failed");
+            Err(())
+        }
+        Err(_) => {
+            tracing::debug!("WebSocket write timed out; dropping the connection");
+            Err(())
+        }
+    }
+}
+
+async fn close_gracefully<S>(ws: &mut WebSocketStream<S>, frame: CloseFrame, timeout: Duration)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let _ = tokio::time::timeout(timeout, async {
+        if ws.close(Some(frame)).await.is_ok() {
+            // Wait for the peer's Close (RFC 6455 §7.1.1), discarding anything before it.
+            while let Some(Ok(_)) = ws.next().await {}
+        }
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn ws_read_buffer_in_use_is_small() {
+        let service = crate::OpampService::new(
+            crate::ServerConfig::default(),
+            Arc::new(crate::tests_support::Reject),
+        );
+        let (a, _b) = tokio::io::duplex(64);
+        let ws = accept_stream(a, config_for(&service.shared)).await;
+        let c = ws.get_config();
+        assert!(c.read_buffer_size <= 4096, "{}", c.read_buffer_size);
+        assert_eq!(c.write_buffer_size, 0);
+        assert_eq!(
+            c.max_message_size,
+            Some(opamp_proto::DEFAULT_MAX_MESSAGE_SIZE)
+        );
+        assert_eq!(
+            c.max_frame_size,
+            Some(opamp_proto::DEFAULT_MAX_MESSAGE_SIZE)
+        );
+
+        let service = crate::OpampService::new(
+            crate::ServerConfig::builder()
+                .ws_read_buffer_size(1024)
+                .max_message_size(1000)
+                .build()
+                .unwrap(),
+            Arc::new(crate::tests_support::Reject),
+        );
+        let (a, _b) = tokio::io::duplex(64);
+        let ws = accept_stream(a, config_for(&service.shared)).await;
+        assert_eq!(ws.get_config().read_buffer_size, 1024);
+        assert_eq!(ws.get_config().max_message_size, Some(1000));
+    }
+}
