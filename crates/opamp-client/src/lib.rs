@@ -1,1 +1,108 @@
-//! The OpAMP client (work in progress; see the README feature table).
+//! The OpAMP client an agent embeds.
+//!
+//! ```text
+//! opamp-proto  <-  opamp-transport  <-  opamp-client  <-  opamp (facade)
+//! ```
+//!
+//! It connects to an OpAMP server over WebSocket (`ws://`, `wss://`) or plain HTTP
+//! (`http://`, `https://`), reports the agent's status, and hands what the server sends to
+//! the embedder's [`Callbacks`]. It never gives up on its server (exponential backoff with
+//! jitter, `Retry-After` honoured) and never floods it (one coalesced message per burst of
+//! changes, at most one plain-HTTP request in flight, growing delays for servers that keep
+//! failing).
+//!
+//! - [`core`]: the sans-IO protocol core ([`core::ClientCore`]): status compression, sequence
+//!   numbers, `ReportFullState`, heartbeat/poll and backoff timers. No sockets, no clock.
+//! - [`OpampClient`]: the tokio driver over that core, with [`StartSettings`] and setters.
+//! - [`Callbacks`]: the embedder's hooks (`#[async_trait]`, see `docs/ARCHITECTURE.md`).
+//!
+//! # Quick start
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//!
+//! use opamp_client::{Callbacks, MessageData, OpampClient, StartSettings};
+//! use opamp_proto::{AgentCapabilitySet, AgentDescription, AnyValue, KeyValue, any_value};
+//!
+//! struct Agent;
+//!
+//! #[async_trait::async_trait]
+//! impl Callbacks for Agent {
+//!     async fn on_message(&self, data: MessageData) {
+//!         if let Some(config) = data.remote_config {
+//!             println!("new remote config, hash {:?}", config.config_hash);
+//!         }
+//!         if let Some(uid) = data.new_instance_uid {
+//!             println!("persist the new instance uid {uid}");
+//!         }
+//!     }
+//! }
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let settings = StartSettings::new("wss://opamp.example.com:4320/v1/opamp")
+//!     .with_capabilities(
+//!         AgentCapabilitySet::REPORTS_STATUS
+//!             | AgentCapabilitySet::ACCEPTS_REMOTE_CONFIG
+//!             | AgentCapabilitySet::REPORTS_HEALTH
+//!             | AgentCapabilitySet::REPORTS_HEARTBEAT,
+//!     )
+//!     .with_agent_description(AgentDescription {
+//!         identifying_attributes: vec![KeyValue {
+//!             key: "service.name".into(),
+//!             value: Some(AnyValue {
+//!                 value: Some(any_value::Value::StringValue("my-agent".into())),
+//!             }),
+//!         }],
+//!         non_identifying_attributes: vec![],
+//!     });
+//! let client = OpampClient::start(settings, Arc::new(Agent))?;
+//! client.set_health(opamp_proto::ComponentHealth {
+//!     healthy: true,
+//!     ..Default::default()
+//! })?;
+//! // ... run the agent ...
+//! client.stop().await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Behaviour
+//!
+//! - The first message after connecting carries the full status; later ones only what
+//!   changed (REP-1, CMP-1); `sequence_num` goes up by one per message (SEQ-1);
+//!   `ReportFullState` makes the client resend everything (SEQ-3).
+//! - WebSocket heartbeats every 30 s when `ReportsHeartbeat` is declared, or at the server's
+//!   `heartbeat_interval_seconds` (0 switches them off, HB-2). Plain HTTP polls at that
+//!   interval, sends at once when something changed, and keeps one request in flight (HTTP-7,
+//!   HTTP-10).
+//! - Reconnects with [`BackoffPolicy`], honouring `Retry-After` on 429/503 (requests and
+//!   WebSocket handshakes) and `ServerErrorResponse` UNAVAILABLE with `retry_info`; a request
+//!   answered with BAD_REQUEST, HTTP 400 or 413 is not retried (THR-*, RETRY-3).
+//! - A server-assigned instance uid is adopted and reported in
+//!   [`MessageData::new_instance_uid`] (UID-7).
+//! - Messages are limited to 64 MiB both ways by default (WS-10, WS-12, HTTP-15, HTTP-17);
+//!   plain HTTP sends `OpAMP-Instance-UID`, accepts gzip answers and can gzip requests.
+//! - [`OpampClient::stop`] sends `agent_disconnect` and closes the WebSocket with a close
+//!   frame, bounded by a timeout; it is safe to call from inside a callback. Nothing is sent in
+//!   `Drop`.
+//!
+//! # Cancel safety
+//!
+//! [`OpampClient::stop`] is the only async method; dropping its future leaves the stop under
+//! way. The setters are synchronous and never wait for the network.
+
+mod backoff;
+mod callbacks;
+mod client;
+pub mod core;
+mod error;
+mod http;
+mod net;
+mod settings;
+mod ws;
+
+pub use backoff::BackoffPolicy;
+pub use callbacks::{Callbacks, MessageData, SettingsRejected};
+pub use client::OpampClient;
+pub use error::{ClientError, ConnectError, StartError, StopError};
+pub use settings::{HeaderFn, StartSettings};

@@ -1,0 +1,344 @@
+//! The public client handle and what both drivers share.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use opamp_proto::{
+    AgentDescription, AgentToServerFlagSet, AvailableComponents, ComponentHealth,
+    ConnectionSettingsRequest, ConnectionSettingsStatus, CustomCapabilities, CustomMessage,
+    InstanceUid, PackageStatuses, RemoteConfigStatus, ServerCapabilitySet,
+};
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+
+use crate::callbacks::Callbacks;
+use crate::core::{ClientCore, CoreConfig, Event, Failure, TransportKind};
+use crate::error::{ClientError, ConnectError, StartError, StopError};
+use crate::settings::{Endpoint, StartSettings};
+
+/// State shared by the handle and the driver task.
+pub(crate) struct Shared {
+    core: Mutex<ClientCore>,
+    /// Wakes the driver after a setter changed something.
+    pub(crate) wake: Notify,
+    stop_requested: AtomicBool,
+    pub(crate) stop_tx: watch::Sender<bool>,
+    done_tx: watch::Sender<bool>,
+    /// The driver task's id, to recognise `stop()` called from inside a callback.
+    driver_task: OnceLock<tokio::task::Id>,
+}
+
+impl Shared {
+    /// Locks the core. The lock is never held across an `.await`.
+    pub(crate) fn core(&self) -> MutexGuard<'_, ClientCore> {
+        // A panic while holding the lock can only come from a bug in the core; its state is
+        // still a valid (if odd) protocol state, so carry on rather than poison every setter.
+        self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Everything a driver needs.
+pub(crate) struct Driver {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) callbacks: Arc<dyn Callbacks>,
+    pub(crate) settings: StartSettings,
+    pub(crate) endpoint: Endpoint,
+}
+
+impl Driver {
+    /// Fetches the effective config from the embedder when the core asks for it.
+    pub(crate) async fn refresh_effective_config(&self) {
+        let wanted = self.shared.core().take_effective_config_request();
+        if wanted {
+            if let Some(config) = self.callbacks.get_effective_config().await {
+                if let Err(e) = self.shared.core().set_effective_config(config) {
+                    tracing::debug!("effective config not stored: {e}");
+                }
+            }
+        }
+    }
+
+    /// Calls the callbacks for every pending event, one at a time. Returns true when the
+    /// core asked for a WebSocket reconnect (THR-2).
+    pub(crate) async fn dispatch_events(&self) -> bool {
+        let mut reconnect = false;
+        loop {
+            let event = self.shared.core().poll_event();
+            let Some(event) = event else {
+                return reconnect;
+            };
+            match event {
+                Event::Connected => self.callbacks.on_connect().await,
+                Event::ServerError(e) => self.callbacks.on_error(&e).await,
+                Event::Reconnect => reconnect = true,
+                Event::Command(c) => self.callbacks.on_command(&c).await,
+                Event::OpampConnectionSettings(s) => {
+                    match self.callbacks.on_opamp_connection_settings(&s).await {
+                        Ok(()) => tracing::debug!("OpAMP connection settings accepted"),
+                        Err(e) => tracing::info!("{e}"),
+                    }
+                }
+                Event::Message(data) => self.callbacks.on_message(*data).await,
+            }
+        }
+    }
+
+    /// Records a failed attempt and tells the embedder.
+    pub(crate) async fn connect_failed(&self, error: &ConnectError) {
+        let failure = match error.throttling() {
+            Some(retry_after) => Failure::Throttled { retry_after },
+            None => Failure::Transport,
+        };
+        let delay = self
+            .shared
+            .core()
+            .handle_connect_failure(failure, Instant::now());
+        tracing::debug!(?delay, "connection failed: {error}");
+        self.callbacks.on_connect_failed(error).await;
+    }
+
+    /// Resolves once `stop()` was called.
+    pub(crate) async fn stopped(&self) {
+        let mut rx = self.shared.stop_tx.subscribe();
+        // The sender lives in `shared`, which outlives this future.
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    pub(crate) fn stop_requested(&self) -> bool {
+        self.shared.stop_requested.load(Ordering::Acquire)
+    }
+}
+
+/// An OpAMP client: connects, reports the agent's status, and hands what the server sends
+/// to the [`Callbacks`].
+///
+/// One driver task, spawned by [`start`](Self::start), owns the connection; the setters only
+/// update the status held by the protocol core and wake the driver, so they never block on the
+/// network and a burst of them becomes one message (RETRY-4). Each setter returns
+/// [`ClientError::MissingCapability`] when the matching capability was not declared and
+/// [`ClientError::Stopped`] after [`stop`](Self::stop).
+///
+/// The handle is cheap to clone. Dropping the last clone aborts the driver task without any
+/// network I/O (no disconnect message); call [`stop`](Self::stop) for a clean goodbye.
+#[derive(Clone)]
+pub struct OpampClient {
+    shared: Arc<Shared>,
+    task: Arc<TaskGuard>,
+    stop_timeout: Duration,
+}
+
+/// Aborts the driver when the last handle goes away. No I/O in `Drop`.
+struct TaskGuard(JoinHandle<()>);
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl fmt::Debug for OpampClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let core = self.shared.core();
+        f.debug_struct("OpampClient")
+            .field("instance_uid", &core.instance_uid())
+            .field("transport", &core.transport())
+            .field("connected", &core.is_connected())
+            .field("stopped", &core.is_stopped())
+            .finish_non_exhaustive()
+    }
+}
+
+impl OpampClient {
+    /// Starts a client: checks the settings and spawns its driver task on the current tokio
+    /// runtime, which connects right away and keeps reconnecting until [`stop`](Self::stop).
+    ///
+    /// Fails when the settings are invalid or when called outside a tokio runtime.
+    pub fn start(
+        settings: StartSettings,
+        callbacks: Arc<dyn Callbacks>,
+    ) -> Result<Self, StartError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| StartError::NoRuntime)?;
+        let endpoint = settings.resolve()?;
+        let mut config = CoreConfig::new(
+            settings.instance_uid,
+            settings.capabilities,
+            endpoint.transport,
+        );
+        config.heartbeat_interval = settings.heartbeat_interval;
+        config.backoff = settings.backoff.clone();
+        config.max_message_size = settings.max_message_size;
+        config.jitter_seed = settings.jitter_seed;
+        let mut core = ClientCore::new(config, Instant::now());
+        if let Some(description) = settings.agent_description.clone() {
+            core.set_agent_description(description)
+                .map_err(|_| StartError::InvalidSettings("the agent description is empty"))?;
+        }
+        core.set_flags(settings.flags)
+            .map_err(|_| StartError::InvalidSettings("flags"))?;
+
+        let shared = Arc::new(Shared {
+            core: Mutex::new(core),
+            wake: Notify::new(),
+            stop_requested: AtomicBool::new(false),
+            stop_tx: watch::Sender::new(false),
+            done_tx: watch::Sender::new(false),
+            driver_task: OnceLock::new(),
+        });
+        let stop_timeout = settings.stop_timeout;
+        let driver = Driver {
+            shared: shared.clone(),
+            callbacks,
+            settings,
+            endpoint,
+        };
+        let task = runtime.spawn(async move {
+            let _ = driver.shared.driver_task.set(tokio::task::id());
+            match driver.endpoint.transport {
+                TransportKind::WebSocket => crate::ws::run(&driver).await,
+                TransportKind::Http => crate::http::run(&driver).await,
+            }
+            driver.shared.core().stop(Instant::now());
+            driver.shared.done_tx.send_replace(true);
+        });
+        Ok(Self {
+            shared,
+            task: Arc::new(TaskGuard(task)),
+            stop_timeout,
+        })
+    }
+
+    fn update(
+        &self,
+        f: impl FnOnce(&mut ClientCore) -> Result<(), ClientError>,
+    ) -> Result<(), ClientError> {
+        if self.shared.stop_requested.load(Ordering::Acquire) {
+            return Err(ClientError::Stopped);
+        }
+        f(&mut self.shared.core())?;
+        self.shared.wake.notify_one();
+        Ok(())
+    }
+
+    /// Sets the agent description (DESC-*); it must have at least one attribute.
+    pub fn set_agent_description(&self, description: AgentDescription) -> Result<(), ClientError> {
+        self.update(|c| c.set_agent_description(description))
+    }
+
+    /// Sets the agent's health (HLT-*); needs `ReportsHealth`.
+    pub fn set_health(&self, health: ComponentHealth) -> Result<(), ClientError> {
+        self.update(|c| c.set_health(health))
+    }
+
+    /// Reports a changed effective configuration (EFF-2): the client calls
+    /// [`Callbacks::get_effective_config`] and sends the result. Needs
+    /// `ReportsEffectiveConfig`.
+    pub fn update_effective_config(&self) -> Result<(), ClientError> {
+        self.update(|c| c.request_effective_config())
+    }
+
+    /// Sets the remote config status (RC-5, RC-7); needs `ReportsRemoteConfig`.
+    pub fn set_remote_config_status(&self, status: RemoteConfigStatus) -> Result<(), ClientError> {
+        self.update(|c| c.set_remote_config_status(status))
+    }
+
+    /// Sets the package statuses (PKG-13..PKG-19); needs `ReportsPackageStatuses`.
+    pub fn set_package_statuses(&self, statuses: PackageStatuses) -> Result<(), ClientError> {
+        self.update(|c| c.set_package_statuses(statuses))
+    }
+
+    /// Sets the custom capabilities the agent supports (CUS-1).
+    pub fn set_custom_capabilities(
+        &self,
+        capabilities: CustomCapabilities,
+    ) -> Result<(), ClientError> {
+        self.update(|c| c.set_custom_capabilities(capabilities))
+    }
+
+    /// Sends a custom message (CUS-5). Its capability must be declared with
+    /// [`set_custom_capabilities`](Self::set_custom_capabilities); while one message waits to
+    /// be sent, the next fails with [`ClientError::CustomMessagePending`].
+    pub fn send_custom_message(&self, message: CustomMessage) -> Result<(), ClientError> {
+        self.update(|c| c.send_custom_message(message))
+    }
+
+    /// Sets the available components (AVC-*); needs `ReportsAvailableComponents`.
+    pub fn set_available_components(
+        &self,
+        components: AvailableComponents,
+    ) -> Result<(), ClientError> {
+        self.update(|c| c.set_available_components(components))
+    }
+
+    /// Sets the connection settings status (CSS-1); needs `ReportsConnectionSettingsStatus`.
+    pub fn set_connection_settings_status(
+        &self,
+        status: ConnectionSettingsStatus,
+    ) -> Result<(), ClientError> {
+        self.update(|c| c.set_connection_settings_status(status))
+    }
+
+    /// Asks the server for connection settings, e.g. a certificate from a CSR (CSR-2); needs
+    /// `AcceptsOpAMPConnectionSettings`, and the server's `AcceptsConnectionSettingsRequest`
+    /// once its capabilities are known (CAP-4).
+    pub fn request_connection_settings(
+        &self,
+        request: ConnectionSettingsRequest,
+    ) -> Result<(), ClientError> {
+        self.update(|c| c.request_connection_settings(request))
+    }
+
+    /// Sets `AgentToServer.flags` (e.g. `RequestInstanceUid`, UID-5).
+    pub fn set_flags(&self, flags: AgentToServerFlagSet) -> Result<(), ClientError> {
+        self.update(|c| c.set_flags(flags))
+    }
+
+    /// The instance uid in use; it changes when the server assigns one (UID-7).
+    pub fn instance_uid(&self) -> InstanceUid {
+        self.shared.core().instance_uid()
+    }
+
+    /// The server's last non-zero capabilities (CAP-3); empty until it answered.
+    pub fn server_capabilities(&self) -> ServerCapabilitySet {
+        self.shared.core().server_capabilities()
+    }
+
+    /// Whether the client is connected (WebSocket open, or last plain-HTTP request answered).
+    pub fn is_connected(&self) -> bool {
+        self.shared.core().is_connected()
+    }
+
+    /// Stops the client: sends a last message with `agent_disconnect` (WS-16, HTTP-11), closes
+    /// the WebSocket with a close frame and waits for the close handshake, all bounded by the
+    /// stop timeout; after it the driver task is aborted. Setters fail with
+    /// [`ClientError::Stopped`] from the moment this is called.
+    ///
+    /// Called from inside a callback, it only signals the driver and returns at once (the
+    /// goodbye happens when the callback returns), so it never deadlocks.
+    ///
+    /// Cancel safety: dropping the future leaves the stop under way; the driver still says
+    /// goodbye and exits.
+    pub async fn stop(&self) -> Result<(), StopError> {
+        if self.shared.stop_requested.swap(true, Ordering::AcqRel) {
+            return Err(StopError::AlreadyStopped);
+        }
+        self.shared.stop_tx.send_replace(true);
+        self.shared.wake.notify_one();
+        let in_callback =
+            tokio::task::try_id().is_some_and(|id| self.shared.driver_task.get() == Some(&id));
+        if in_callback {
+            return Ok(());
+        }
+        let mut done = self.shared.done_tx.subscribe();
+        // The driver bounds its goodbye by the stop timeout; a little slack lets it finish.
+        let limit = self.stop_timeout + Duration::from_millis(250);
+        match tokio::time::timeout(limit, done.wait_for(|d| *d)).await {
+            Ok(_) => Ok(()),
+            Err(_) => {
+                self.task.0.abort();
+                Err(StopError::Timeout)
+            }
+        }
+    }
+}

@@ -1,0 +1,896 @@
+//! The sans-IO client protocol core, shared by the WebSocket and plain-HTTP drivers.
+//!
+//! [`ClientCore`] holds the agent's status, what the server has been told, the sequence number,
+//! the server's capabilities, the heartbeat interval and the reconnect backoff. It has no
+//! sockets, no tasks and no clock: every input takes `now`, and outputs come out of `poll_*`
+//! methods, as in quinn-proto.
+//!
+//! # Calling contract
+//!
+//! A driver loops:
+//!
+//! 1. feed inputs: [`handle_connected`](ClientCore::handle_connected) /
+//!    [`handle_connect_failure`](ClientCore::handle_connect_failure) /
+//!    [`handle_disconnected`](ClientCore::handle_disconnected) for the link,
+//!    [`handle_message`](ClientCore::handle_message) for every `ServerToAgent`,
+//!    [`handle_request_rejected`](ClientCore::handle_request_rejected) for a plain-HTTP request
+//!    the server refused (413, 400), and the `set_*` methods for the agent's status;
+//! 2. drain [`poll_event`](ClientCore::poll_event) and act on each event;
+//! 3. call [`poll_transmit`](ClientCore::poll_transmit) until it returns `None` and send each
+//!    message (over plain HTTP it returns at most one until the answer came in, HTTP-10);
+//! 4. sleep until [`poll_timeout`](ClientCore::poll_timeout) (or until the next input) and, for
+//!    WebSocket, connect when [`connect_at`](ClientCore::connect_at) has passed.
+//!
+//! Setters only mark state dirty; everything dirty goes out in the next message, so a burst
+//! of setter calls becomes one message (RETRY-4).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use opamp_proto::{
+    AgentCapabilitySet, AgentDescription, AgentDisconnect, AgentToServer, AgentToServerFlagSet,
+    AvailableComponents, ComponentHealth, ConnectionSettingsRequest, ConnectionSettingsStatus,
+    CustomCapabilities, CustomMessage, EffectiveConfig, InstanceUid, Message,
+    OpAmpConnectionSettings, PackageStatuses, RemoteConfigStatus, ServerCapabilitySet,
+    ServerErrorResponse, ServerErrorResponseType, ServerToAgent, ServerToAgentCommand,
+    ServerToAgentFlagSet, server_error_response,
+};
+
+use crate::backoff::{Backoff, BackoffPolicy};
+use crate::callbacks::MessageData;
+use crate::error::ClientError;
+
+/// The default heartbeat and plain-HTTP polling interval: 30 s (WS-14, HTTP-7, HB-3).
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Which transport the core drives; chosen from the endpoint's URL scheme (GEN-4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TransportKind {
+    /// `ws://` or `wss://`: full duplex, heartbeats when `ReportsHeartbeat` is declared.
+    WebSocket,
+    /// `http://` or `https://`: request/response, polling, one request in flight (HTTP-10).
+    Http,
+}
+
+/// The fixed inputs of a [`ClientCore`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct CoreConfig {
+    /// The agent's instance uid (UID-1..UID-4).
+    pub instance_uid: InstanceUid,
+    /// The agent's capabilities. `ReportsStatus` is always added (CAP-1).
+    pub capabilities: AgentCapabilitySet,
+    /// The transport.
+    pub transport: TransportKind,
+    /// The local heartbeat / polling interval until the server offers one (HB-3). Default 30 s.
+    pub heartbeat_interval: Duration,
+    /// The reconnect backoff.
+    pub backoff: BackoffPolicy,
+    /// The largest `AgentToServer` the core emits, framing byte included (WS-12, HTTP-17).
+    pub max_message_size: usize,
+    /// Seed of the jitter source; `None` seeds from the OS. Tests set it for determinism.
+    pub jitter_seed: Option<u64>,
+}
+
+impl CoreConfig {
+    /// A configuration with the defaults: 30 s heartbeat, opamp-go backoff, 64 MiB limit.
+    pub fn new(
+        instance_uid: InstanceUid,
+        capabilities: AgentCapabilitySet,
+        transport: TransportKind,
+    ) -> Self {
+        Self {
+            instance_uid,
+            capabilities,
+            transport,
+            heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
+            backoff: BackoffPolicy::default(),
+            max_message_size: opamp_proto::DEFAULT_MAX_MESSAGE_SIZE,
+            jitter_seed: None,
+        }
+    }
+}
+
+/// Why the link failed, as far as the retry schedule cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Failure {
+    /// The connection could not be made, broke, or the answer was unusable (I/O, TLS,
+    /// timeout, unexpected status, garbage, oversized). Retried with backoff (GEN-8).
+    Transport,
+    /// The server is overloaded: HTTP 429 or 503, on a request or a WebSocket handshake
+    /// (THR-5). `retry_after` is its `Retry-After`, if any.
+    Throttled {
+        /// The parsed `Retry-After` header.
+        retry_after: Option<Duration>,
+    },
+}
+
+/// Something the driver must act on, from [`ClientCore::poll_event`].
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Event {
+    /// The link is up: call `on_connect`.
+    Connected,
+    /// The server answered with an error: call `on_error`.
+    ServerError(ServerErrorResponse),
+    /// WebSocket only: the server is UNAVAILABLE (THR-2). Send the message from
+    /// [`ClientCore::disconnect_message`] (WS-19), close the connection, then reconnect at
+    /// [`ClientCore::connect_at`]. The core is already in the disconnected state.
+    Reconnect,
+    /// The server sent a command: call `on_command` (the rest of the message was ignored,
+    /// S2A-2).
+    Command(ServerToAgentCommand),
+    /// The server offered OpAMP connection settings: call `on_opamp_connection_settings`.
+    OpampConnectionSettings(Box<OpAmpConnectionSettings>),
+    /// The server sent data for the agent: call `on_message`.
+    Message(Box<MessageData>),
+}
+
+/// Where the link stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    /// Not connected; the next attempt (WS connect, HTTP request) is due at `retry_at`.
+    Down { retry_at: Instant },
+    /// WebSocket connected, or the last plain-HTTP request was answered.
+    Up,
+    /// Stopped for good.
+    Stopped,
+}
+
+// Dirty bits of the compressible sub-messages (CMP-1).
+const DESCRIPTION: u16 = 1 << 0;
+const HEALTH: u16 = 1 << 1;
+const EFFECTIVE_CONFIG: u16 = 1 << 2;
+const REMOTE_CONFIG_STATUS: u16 = 1 << 3;
+const PACKAGE_STATUSES: u16 = 1 << 4;
+const CUSTOM_CAPABILITIES: u16 = 1 << 5;
+const AVAILABLE_COMPONENTS: u16 = 1 << 6;
+const CONNECTION_SETTINGS_STATUS: u16 = 1 << 7;
+const FLAGS: u16 = 1 << 8;
+
+/// The agent's current status: every compressible sub-message (CMP-1).
+#[derive(Debug, Clone, Default)]
+struct Status {
+    agent_description: Option<AgentDescription>,
+    health: Option<ComponentHealth>,
+    effective_config: Option<EffectiveConfig>,
+    remote_config_status: Option<RemoteConfigStatus>,
+    package_statuses: Option<PackageStatuses>,
+    custom_capabilities: Option<CustomCapabilities>,
+    available_components: Option<AvailableComponents>,
+    connection_settings_status: Option<ConnectionSettingsStatus>,
+}
+
+/// The OpAMP client protocol state machine. See the [module docs](self) for the calling
+/// contract.
+#[derive(Debug)]
+pub struct ClientCore {
+    uid: InstanceUid,
+    capabilities: AgentCapabilitySet,
+    transport: TransportKind,
+    max_message_size: usize,
+    status: Status,
+    dirty: u16,
+    /// Send every status sub-message in the next message (first message, SEQ-3, recovery).
+    full_state: bool,
+    /// The server asked for the whole available-components map (AVC-4).
+    report_all_components: bool,
+    flags: AgentToServerFlagSet,
+    custom_message: Option<CustomMessage>,
+    connection_settings_request: Option<ConnectionSettingsRequest>,
+    effective_config_requested: bool,
+    next_sequence_num: u64,
+    server_capabilities: ServerCapabilitySet,
+    /// `None`: WebSocket heartbeats switched off by the server (HB-2).
+    heartbeat_interval: Option<Duration>,
+    link: Link,
+    /// Plain HTTP: a request is waiting for its answer (HTTP-10).
+    in_flight: bool,
+    last_sent: Option<Instant>,
+    backoff: Backoff,
+    events: VecDeque<Event>,
+    dropped_outgoing: u64,
+}
+
+impl ClientCore {
+    /// A core that will connect at `now`, with an empty status.
+    pub fn new(config: CoreConfig, now: Instant) -> Self {
+        let capabilities = config.capabilities | AgentCapabilitySet::REPORTS_STATUS;
+        Self {
+            uid: config.instance_uid,
+            capabilities,
+            transport: config.transport,
+            max_message_size: config.max_message_size,
+            status: Status::default(),
+            dirty: 0,
+            // REP-1, REP-3: the first message carries everything.
+            full_state: true,
+            report_all_components: false,
+            flags: AgentToServerFlagSet::empty(),
+            custom_message: None,
+            connection_settings_request: None,
+            effective_config_requested: capabilities
+                .contains(AgentCapabilitySet::REPORTS_EFFECTIVE_CONFIG),
+            next_sequence_num: 0,
+            server_capabilities: ServerCapabilitySet::empty(),
+            heartbeat_interval: Some(config.heartbeat_interval),
+            link: Link::Down { retry_at: now },
+            in_flight: false,
+            last_sent: None,
+            backoff: Backoff::new(config.backoff, config.jitter_seed),
+            events: VecDeque::new(),
+            dropped_outgoing: 0,
+        }
+    }
+
+    // ---- accessors -------------------------------------------------------------------------
+
+    /// The instance uid in use (changes on `agent_identification`, UID-7).
+    pub fn instance_uid(&self) -> InstanceUid {
+        self.uid
+    }
+
+    /// The agent's capabilities as sent.
+    pub fn capabilities(&self) -> AgentCapabilitySet {
+        self.capabilities
+    }
+
+    /// The last non-zero capabilities the server announced (CAP-3); empty until then.
+    pub fn server_capabilities(&self) -> ServerCapabilitySet {
+        self.server_capabilities
+    }
+
+    /// The heartbeat / polling interval in force; `None` when the server switched WebSocket
+    /// heartbeats off (HB-2).
+    pub fn heartbeat_interval(&self) -> Option<Duration> {
+        self.heartbeat_interval
+    }
+
+    /// The sequence number the next message will carry (SEQ-1).
+    pub fn next_sequence_num(&self) -> u64 {
+        self.next_sequence_num
+    }
+
+    /// Whether the link is up.
+    pub fn is_connected(&self) -> bool {
+        self.link == Link::Up
+    }
+
+    /// Whether [`stop`](Self::stop) was called.
+    pub fn is_stopped(&self) -> bool {
+        self.link == Link::Stopped
+    }
+
+    /// How many outgoing messages were over the size limit and had their status parts dropped
+    /// (WS-12, HTTP-17).
+    pub fn dropped_outgoing(&self) -> u64 {
+        self.dropped_outgoing
+    }
+
+    /// The transport this core drives.
+    pub fn transport(&self) -> TransportKind {
+        self.transport
+    }
+
+    // ---- setters (REP-1: a change is reported; CMP-3: an unchanged value is not) -----------
+
+    fn check(&self, needed: AgentCapabilitySet) -> Result<(), ClientError> {
+        if self.link == Link::Stopped {
+            Err(ClientError::Stopped)
+        } else if !self.capabilities.contains(needed) {
+            Err(ClientError::MissingCapability(needed))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn store<T: PartialEq>(slot: &mut Option<T>, dirty: &mut u16, bit: u16, value: T) {
+        if slot.as_ref() != Some(&value) {
+            *slot = Some(value);
+            *dirty |= bit;
+        }
+    }
+
+    /// Sets the agent description (DESC-*). At least one attribute is required.
+    pub fn set_agent_description(&mut self, value: AgentDescription) -> Result<(), ClientError> {
+        self.check(AgentCapabilitySet::REPORTS_STATUS)?;
+        if value.identifying_attributes.is_empty() && value.non_identifying_attributes.is_empty() {
+            return Err(ClientError::InvalidArgument(
+                "the agent description has no attributes",
+            ));
+        }
+        Self::store(
+            &mut self.status.agent_description,
+            &mut self.dirty,
+            DESCRIPTION,
+            value,
+        );
+        Ok(())
+    }
+
+    /// Sets the agent's health (HLT-*); needs `ReportsHealth`.
+    pub fn set_health(&mut self, value: ComponentHealth) -> Result<(), ClientError> {
+        self.check(AgentCapabilitySet::REPORTS_HEALTH)?;
+        Self::store(&mut self.status.health, &mut self.dirty, HEALTH, value);
+        Ok(())
+    }
+
+    /// Sets the effective configuration (EFF-*); needs `ReportsEffectiveConfig`.
+    pub fn set_effective_config(&mut self, value: EffectiveConfig) -> Result<(), ClientError> {
+        self.check(AgentCapabilitySet::REPORTS_EFFECTIVE_CONFIG)?;
+        Self::store(
+            &mut self.status.effective_config,
+            &mut self.dirty,
+            EFFECTIVE_CONFIG,
+            value,
+        );
+        Ok(())
+    }
+
+    /// Asks the driver to fetch the effective configuration from the embedder (it then calls
+    /// [`set_effective_config`](Self::set_effective_config)); needs `ReportsEffectiveConfig`.
+    pub fn request_effective_config(&mut self) -> Result<(), ClientError> {
+        self.check(AgentCapabilitySet::REPORTS_EFFECTIVE_CONFIG)?;
+        self.effective_config_requested = true;
+        Ok(())
+    }
+
+    /// Whether the effective configuration must be fetched; clears the request.
+    pub fn take_effective_config_request(&mut self) -> bool {
+        std::mem::take(&mut self.effective_config_requested)
+    }
+
+    /// Sets the remote config status (RC-7); needs `ReportsRemoteConfig`.
+    pub fn set_remote_config_status(
+        &mut self,
+        value: RemoteConfigStatus,
+    ) -> Result<(), ClientError> {
+        self.check(AgentCapabilitySet::REPORTS_REMOTE_CONFIG)?;
+        Self::store(
+            &mut self.status.remote_config_status,
+            &mut self.dirty,
+            REMOTE_CONFIG_STATUS,
+            value,
+        );
+        Ok(())
+    }
+
+    /// Sets the package statuses (PKG-13..PKG-19); needs `ReportsPackageStatuses`.
+    pub fn set_package_statuses(&mut self, value: PackageStatuses) -> Result<(), ClientError> {
+        self.check(AgentCapabilitySet::REPORTS_PACKAGE_STATUSES)?;
+        Self::store(
+            &mut self.status.package_statuses,
+            &mut self.dirty,
+            PACKAGE_STATUSES,
+            value,
+        );
+        Ok(())
+    }
+
+    /// Sets the custom capabilities the agent supports (CUS-1).
+    pub fn set_custom_capabilities(
+        &mut self,
+        value: CustomCapabilities,
+    ) -> Result<(), ClientError> {
+        self.check(AgentCapabilitySet::REPORTS_STATUS)?;
+        Self::store(
+            &mut self.status.custom_capabilities,
+            &mut self.dirty,
+            CUSTOM_CAPABILITIES,
+            value,
+        );
+        Ok(())
+    }
+
+    /// Queues a custom message (CUS-3, CUS-5). Its capability must have been declared with
+    /// [`set_custom_capabilities`](Self::set_custom_capabilities); only one message waits at a
+    /// time.
+    pub fn send_custom_message(&mut self, value: CustomMessage) -> Result<(), ClientError> {
+        self.check(AgentCapabilitySet::REPORTS_STATUS)?;
+        let declared = self
+            .status
+            .custom_capabilities
+            .as_ref()
+            .is_some_and(|c| c.capabilities.contains(&value.capability));
+        if !declared {
+            return Err(ClientError::UndeclaredCustomCapability(value.capability));
+        }
+        if self.custom_message.is_some() {
+            return Err(ClientError::CustomMessagePending);
+        }
+        self.custom_message = Some(value);
+        Ok(())
+    }
+
+    /// Whether a custom message waits to be sent.
+    pub fn custom_message_pending(&self) -> bool {
+        self.custom_message.is_some()
+    }
+
+    /// Sets the available components (AVC-*); needs `ReportsAvailableComponents`. Messages
+    /// carry only the hash unless the server asks for the whole map (AVC-3, AVC-4).
+    pub fn set_available_components(
+        &mut self,
+        value: AvailableComponents,
+    ) -> Result<(), ClientError> {
+        self.check(AgentCapabilitySet::REPORTS_AVAILABLE_COMPONENTS)?;
+        if value.hash.is_empty() {
+            return Err(ClientError::InvalidArgument(
+                "available components need a hash (AVC-2)",
+            ));
+        }
+        Self::store(
+            &mut self.status.available_components,
+            &mut self.dirty,
+            AVAILABLE_COMPONENTS,
+            value,
+        );
+        Ok(())
+    }
+
+    /// Sets the connection settings status (CSS-1); needs `ReportsConnectionSettingsStatus`.
+    pub fn set_connection_settings_status(
+        &mut self,
+        value: ConnectionSettingsStatus,
+    ) -> Result<(), ClientError> {
+        self.check(AgentCapabilitySet::REPORTS_CONNECTION_SETTINGS_STATUS)?;
+        Self::store(
+            &mut self.status.connection_settings_status,
+            &mut self.dirty,
+            CONNECTION_SETTINGS_STATUS,
+            value,
+        );
+        Ok(())
+    }
+
+    /// Sends a connection settings request (CSR-2) in the next message; needs
+    /// `AcceptsOpAMPConnectionSettings` (to receive the answer) and, once the server's
+    /// capabilities are known, its `AcceptsConnectionSettingsRequest` (CAP-4).
+    pub fn request_connection_settings(
+        &mut self,
+        value: ConnectionSettingsRequest,
+    ) -> Result<(), ClientError> {
+        self.check(AgentCapabilitySet::ACCEPTS_OPAMP_CONNECTION_SETTINGS)?;
+        if value.opamp.is_none() {
+            return Err(ClientError::InvalidArgument(
+                "a connection settings request without `opamp` is not actionable (CSR-2)",
+            ));
+        }
+        let needed = ServerCapabilitySet::ACCEPTS_CONNECTION_SETTINGS_REQUEST;
+        if !self.server_capabilities.is_empty() && !self.server_capabilities.contains(needed) {
+            return Err(ClientError::ServerLacksCapability(needed));
+        }
+        self.connection_settings_request = Some(value);
+        Ok(())
+    }
+
+    /// Sets the `AgentToServer.flags` sent with every message (e.g. `RequestInstanceUid`,
+    /// UID-5).
+    pub fn set_flags(&mut self, flags: AgentToServerFlagSet) -> Result<(), ClientError> {
+        self.check(AgentCapabilitySet::REPORTS_STATUS)?;
+        if self.flags != flags {
+            self.flags = flags;
+            self.dirty |= FLAGS;
+        }
+        Ok(())
+    }
+
+    // ---- link inputs -----------------------------------------------------------------------
+
+    /// WebSocket: the handshake succeeded. The next message carries the full status (REP-1).
+    pub fn handle_connected(&mut self, _now: Instant) {
+        if self.link == Link::Stopped {
+            return;
+        }
+        self.link = Link::Up;
+        self.full_state = true;
+        self.events.push_back(Event::Connected);
+    }
+
+    /// A connection attempt or a plain-HTTP request failed. The next attempt is scheduled
+    /// with backoff (GEN-8), or later if the server asked so (THR-5); the full status is
+    /// sent once the link is back (RETRY-1). Returns the delay.
+    pub fn handle_connect_failure(&mut self, failure: Failure, now: Instant) -> Duration {
+        self.in_flight = false;
+        let delay = match failure {
+            Failure::Transport => self.backoff.delay_after_failure(false, None),
+            Failure::Throttled { retry_after } => {
+                self.backoff.delay_after_failure(true, retry_after)
+            }
+        };
+        self.go_down(now, delay);
+        delay
+    }
+
+    /// WebSocket: an established connection broke (closed by the server, read or write error,
+    /// malformed or oversized message). Reconnects after the current backoff delay: quickly
+    /// after a connection that worked, more and more slowly if the server keeps dropping
+    /// connections before answering (WS-18, GEN-8). Returns the delay.
+    pub fn handle_disconnected(&mut self, now: Instant) -> Duration {
+        self.in_flight = false;
+        let delay = self.backoff.next_delay();
+        self.go_down(now, delay);
+        delay
+    }
+
+    fn go_down(&mut self, now: Instant, delay: Duration) {
+        if self.link == Link::Stopped {
+            return;
+        }
+        self.link = Link::Down {
+            retry_at: add(now, delay),
+        };
+        self.full_state = true;
+    }
+
+    /// Plain HTTP: the server refused the request as malformed or too large (HTTP 400, 413).
+    /// The request is not retried (HTTP-14, RETRY-3); polling goes on at its interval.
+    pub fn handle_request_rejected(&mut self, _now: Instant) {
+        self.in_flight = false;
+    }
+
+    /// When the next connection attempt is due; `None` while connected or stopped.
+    pub fn connect_at(&self) -> Option<Instant> {
+        match self.link {
+            Link::Down { retry_at } => Some(retry_at),
+            _ => None,
+        }
+    }
+
+    /// Processes a `ServerToAgent` (REP-6). Over plain HTTP this is the answer to the request
+    /// in flight.
+    pub fn handle_message(&mut self, msg: ServerToAgent, now: Instant) {
+        if self.link == Link::Stopped {
+            return;
+        }
+        self.in_flight = false;
+
+        // UID-6: a message for another agent (a multiplexing proxy gone wrong) is ignored.
+        if !msg.instance_uid.is_empty() && msg.instance_uid[..] != self.uid.as_array()[..] {
+            tracing::warn!("ignoring a ServerToAgent addressed to another instance uid");
+            self.mark_up();
+            return;
+        }
+
+        if let Some(error) = msg.error_response {
+            self.handle_server_error(error, now);
+            return;
+        }
+        // A proper answer: the server works, so the backoff starts over.
+        self.backoff.reset();
+        self.mark_up();
+
+        // CAP-3: 0 means "unchanged".
+        if msg.capabilities != 0 {
+            self.server_capabilities = ServerCapabilitySet::from_bits_retain(msg.capabilities);
+        }
+
+        // S2A-2, CMD-2: a command stands alone; without the capability it is ignored.
+        if let Some(command) = msg.command {
+            if self
+                .capabilities
+                .contains(AgentCapabilitySet::ACCEPTS_RESTART_COMMAND)
+            {
+                self.events.push_back(Event::Command(command));
+                return;
+            }
+            tracing::debug!("ignoring a command: AcceptsRestartCommand not declared");
+        }
+
+        let mut data = MessageData::default();
+
+        // UID-7: adopt a new uid of exactly 16 bytes, stop asking for one.
+        if let Some(ident) = msg.agent_identification {
+            match InstanceUid::try_from(&ident.new_instance_uid[..]) {
+                Ok(uid) => {
+                    self.uid = uid;
+                    if self
+                        .flags
+                        .contains(AgentToServerFlagSet::REQUEST_INSTANCE_UID)
+                    {
+                        self.flags
+                            .remove(AgentToServerFlagSet::REQUEST_INSTANCE_UID);
+                        self.dirty |= FLAGS;
+                    }
+                    data.new_instance_uid = Some(uid);
+                }
+                Err(e) => tracing::warn!("ignoring agent_identification: {e}"),
+            }
+        }
+
+        if let Some(offers) = msg.connection_settings {
+            data.connection_settings_hash = offers.hash;
+            if let Some(opamp) = offers.opamp {
+                // HB-2: the server's interval, when the agent reports heartbeats.
+                if self
+                    .capabilities
+                    .contains(AgentCapabilitySet::REPORTS_HEARTBEAT)
+                {
+                    self.apply_heartbeat(opamp.heartbeat_interval_seconds);
+                }
+                if self
+                    .capabilities
+                    .contains(AgentCapabilitySet::ACCEPTS_OPAMP_CONNECTION_SETTINGS)
+                {
+                    self.events
+                        .push_back(Event::OpampConnectionSettings(Box::new(opamp)));
+                }
+            }
+            let caps = self.capabilities;
+            // CS-1, CAP-2: only what the agent declared.
+            if caps.contains(AgentCapabilitySet::REPORTS_OWN_METRICS) {
+                data.own_metrics = offers.own_metrics;
+            }
+            if caps.contains(AgentCapabilitySet::REPORTS_OWN_TRACES) {
+                data.own_traces = offers.own_traces;
+            }
+            if caps.contains(AgentCapabilitySet::REPORTS_OWN_LOGS) {
+                data.own_logs = offers.own_logs;
+            }
+            if caps.contains(AgentCapabilitySet::ACCEPTS_OTHER_CONNECTION_SETTINGS) {
+                data.other_connections = offers.other_connections;
+            }
+        }
+
+        if self
+            .capabilities
+            .contains(AgentCapabilitySet::ACCEPTS_REMOTE_CONFIG)
+        {
+            data.remote_config = msg.remote_config;
+        }
+        if self
+            .capabilities
+            .contains(AgentCapabilitySet::ACCEPTS_PACKAGES)
+        {
+            data.packages_available = msg.packages_available;
+        }
+        data.custom_capabilities = msg.custom_capabilities;
+        data.custom_message = msg.custom_message;
+
+        let flags = ServerToAgentFlagSet::from_bits_retain(msg.flags);
+        data.flags = flags;
+        // SEQ-3: resend everything.
+        if flags.contains(ServerToAgentFlagSet::REPORT_FULL_STATE) {
+            self.full_state = true;
+        }
+        // AVC-4: the server does not know our components hash.
+        if flags.contains(ServerToAgentFlagSet::REPORT_AVAILABLE_COMPONENTS)
+            && self
+                .capabilities
+                .contains(AgentCapabilitySet::REPORTS_AVAILABLE_COMPONENTS)
+        {
+            self.report_all_components = true;
+            self.dirty |= AVAILABLE_COMPONENTS;
+        }
+
+        if !data.is_empty() {
+            self.events.push_back(Event::Message(Box::new(data)));
+        }
+    }
+
+    fn mark_up(&mut self) {
+        if let Link::Down { .. } = self.link {
+            // Plain HTTP: the first answered request after none or after a failure.
+            self.link = Link::Up;
+            self.events.push_back(Event::Connected);
+        }
+    }
+
+    fn handle_server_error(&mut self, error: ServerErrorResponse, now: Instant) {
+        let unavailable = error.r#type == ServerErrorResponseType::Unavailable as i32;
+        self.events.push_back(Event::ServerError(error.clone()));
+        if unavailable {
+            // THR-2, THR-3: back off, honouring retry_info; resend everything after (RETRY-1).
+            let retry_after = error.details.map(|d| match d {
+                server_error_response::Details::RetryInfo(info) => {
+                    Duration::from_nanos(info.retry_after_nanoseconds)
+                }
+            });
+            let delay = self.backoff.delay_after_failure(true, retry_after);
+            self.go_down(now, delay);
+            if self.transport == TransportKind::WebSocket {
+                self.events.push_back(Event::Reconnect);
+            }
+        } else {
+            // RETRY-3: BAD_REQUEST and UNKNOWN are not retried. The server answered, so the
+            // link is up.
+            self.mark_up();
+        }
+    }
+
+    /// Applies a server-offered heartbeat interval (HB-2). 0 switches WebSocket heartbeats
+    /// off; plain HTTP must keep polling, so it keeps its current interval (checklist 4.2.2).
+    fn apply_heartbeat(&mut self, seconds: u64) {
+        if seconds > 0 {
+            self.heartbeat_interval = Some(Duration::from_secs(seconds));
+        } else if self.transport == TransportKind::WebSocket {
+            self.heartbeat_interval = None;
+        }
+    }
+
+    // ---- outputs ---------------------------------------------------------------------------
+
+    /// The next event for the driver.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    fn has_pending(&self) -> bool {
+        self.full_state
+            || self.dirty != 0
+            || self.custom_message.is_some()
+            || self.connection_settings_request.is_some()
+    }
+
+    /// When a heartbeat (WS) or poll (HTTP) is due, measured from the last message sent (HB-4).
+    fn heartbeat_due_at(&self) -> Option<Instant> {
+        let interval = match self.transport {
+            // WS-14, HB-1: heartbeats only with ReportsHeartbeat.
+            TransportKind::WebSocket
+                if !self
+                    .capabilities
+                    .contains(AgentCapabilitySet::REPORTS_HEARTBEAT) =>
+            {
+                return None;
+            }
+            _ => self.heartbeat_interval?,
+        };
+        // Nothing sent yet on this link: the pending first message goes at once anyway.
+        self.last_sent.map(|t| add(t, interval))
+    }
+
+    /// The next message to send, if one is due: everything dirty coalesced into one message,
+    /// or a heartbeat / poll (HB-4, HTTP-7). Over plain HTTP at most one request is in flight
+    /// (HTTP-10); a request is also the reconnect attempt while the link is down.
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<AgentToServer> {
+        match self.link {
+            Link::Stopped => return None,
+            Link::Down { retry_at } => {
+                // HB-6, THR-6: nothing but the retry itself while backing off.
+                if self.transport != TransportKind::Http || self.in_flight || now < retry_at {
+                    return None;
+                }
+            }
+            Link::Up => {
+                if self.in_flight {
+                    return None;
+                }
+                let heartbeat_due = self.heartbeat_due_at().is_some_and(|t| now >= t);
+                if !self.has_pending() && !heartbeat_due {
+                    return None;
+                }
+            }
+        }
+        let msg = self.build(false);
+        self.sent(now);
+        Some(msg)
+    }
+
+    /// The earliest time at which something timer-driven happens: a heartbeat or poll, or
+    /// the next connection attempt. `None` when only new input can make progress.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.link {
+            Link::Stopped => None,
+            Link::Down { retry_at } => (!self.in_flight).then_some(retry_at),
+            Link::Up if self.in_flight => None,
+            Link::Up => self.heartbeat_due_at(),
+        }
+    }
+
+    /// Stops the core and returns the last message to send, with `agent_disconnect` set
+    /// (WS-16, HTTP-11, DIS-1), if the link is up. Setters fail with
+    /// [`ClientError::Stopped`] afterwards.
+    pub fn stop(&mut self, now: Instant) -> Option<AgentToServer> {
+        let msg = (self.link == Link::Up).then(|| self.disconnect_message(now));
+        self.link = Link::Stopped;
+        msg
+    }
+
+    /// A message with `agent_disconnect` set and anything pending, sent before closing a
+    /// WebSocket on purpose (WS-19, DIS-1).
+    pub fn disconnect_message(&mut self, now: Instant) -> AgentToServer {
+        let mut msg = self.build(true);
+        self.sent(now);
+        // Whatever goes out with the disconnect is resent in full on the next connection.
+        self.full_state = true;
+        msg.agent_disconnect = Some(AgentDisconnect {});
+        msg
+    }
+
+    fn sent(&mut self, now: Instant) {
+        self.last_sent = Some(now);
+        if self.transport == TransportKind::Http {
+            self.in_flight = true;
+        }
+    }
+
+    /// Builds the next message from everything pending, and marks it sent.
+    fn build(&mut self, disconnect: bool) -> AgentToServer {
+        let full = self.full_state;
+        let dirty = self.dirty;
+        let part = |bit: u16| full || dirty & bit != 0;
+        let s = &self.status;
+        let mut msg = AgentToServer {
+            // UID-4, CAP-1, checklist 4.2.3: uid, sequence number and capabilities always.
+            instance_uid: self.uid.to_bytes(),
+            sequence_num: self.next_sequence_num,
+            capabilities: self.capabilities.bits(),
+            flags: self.flags.bits(),
+            agent_description: part(DESCRIPTION)
+                .then(|| s.agent_description.clone())
+                .flatten(),
+            health: part(HEALTH).then(|| s.health.clone()).flatten(),
+            effective_config: part(EFFECTIVE_CONFIG)
+                .then(|| s.effective_config.clone())
+                .flatten(),
+            remote_config_status: part(REMOTE_CONFIG_STATUS)
+                .then(|| s.remote_config_status.clone())
+                .flatten(),
+            package_statuses: part(PACKAGE_STATUSES)
+                .then(|| s.package_statuses.clone())
+                .flatten(),
+            custom_capabilities: part(CUSTOM_CAPABILITIES)
+                .then(|| s.custom_capabilities.clone())
+                .flatten(),
+            connection_settings_status: part(CONNECTION_SETTINGS_STATUS)
+                .then(|| s.connection_settings_status.clone())
+                .flatten(),
+            // AVC-3, AVC-4: the hash only, unless the server asked for the map.
+            available_components: part(AVAILABLE_COMPONENTS)
+                .then(|| {
+                    s.available_components
+                        .as_ref()
+                        .map(|c| AvailableComponents {
+                            components: if self.report_all_components {
+                                c.components.clone()
+                            } else {
+                                Default::default()
+                            },
+                            hash: c.hash.clone(),
+                        })
+                })
+                .flatten(),
+            custom_message: self.custom_message.take(),
+            connection_settings_request: self.connection_settings_request.take(),
+            agent_disconnect: disconnect.then_some(AgentDisconnect {}),
+        };
+        self.full_state = false;
+        self.dirty = 0;
+        self.report_all_components = false;
+
+        // WS-12, HTTP-17: never emit a message over the limit. The status parts are dropped
+        // (and recorded); the heartbeat / poll itself still goes out.
+        let size = 1 + msg.encoded_len();
+        if size > self.max_message_size {
+            self.dropped_outgoing += 1;
+            tracing::warn!(
+                size,
+                limit = self.max_message_size,
+                "outgoing AgentToServer over the size limit: status parts dropped"
+            );
+            msg = AgentToServer {
+                instance_uid: msg.instance_uid,
+                sequence_num: msg.sequence_num,
+                capabilities: msg.capabilities,
+                flags: msg.flags,
+                agent_disconnect: msg.agent_disconnect,
+                ..Default::default()
+            };
+        }
+        // SEQ-1: one more per message sent.
+        self.next_sequence_num = self.next_sequence_num.wrapping_add(1);
+        msg
+    }
+}
+
+/// `t + d`, saturating far in the future instead of panicking.
+fn add(t: Instant, d: Duration) -> Instant {
+    t.checked_add(d)
+        .or_else(|| t.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
+        .unwrap_or(t)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,816 @@
+//! The core on a virtual clock: a base instant plus offsets, no sleeps.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use opamp_proto::{
+    AgentDescription, AgentIdentification, AnyValue, ComponentDetails, ConnectionSettingsOffers,
+    KeyValue, OpAmpConnectionSettings, RetryInfo, ServerToAgentCommand, any_value,
+};
+
+use super::*;
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s)
+}
+
+fn uid() -> InstanceUid {
+    InstanceUid::from_array([7; 16])
+}
+
+fn core(transport: TransportKind, caps: AgentCapabilitySet, t0: Instant) -> ClientCore {
+    let mut config = CoreConfig::new(uid(), caps, transport);
+    config.jitter_seed = Some(42);
+    ClientCore::new(config, t0)
+}
+
+fn all_caps() -> AgentCapabilitySet {
+    AgentCapabilitySet::all()
+}
+
+fn description(name: &str) -> AgentDescription {
+    AgentDescription {
+        identifying_attributes: vec![KeyValue {
+            key: "service.name".into(),
+            value: Some(AnyValue {
+                value: Some(any_value::Value::StringValue(name.into())),
+            }),
+        }],
+        non_identifying_attributes: vec![],
+    }
+}
+
+fn health(healthy: bool) -> ComponentHealth {
+    ComponentHealth {
+        healthy,
+        ..Default::default()
+    }
+}
+
+fn ack() -> ServerToAgent {
+    ServerToAgent {
+        instance_uid: uid().to_bytes(),
+        capabilities: ServerCapabilitySet::all().bits(),
+        ..Default::default()
+    }
+}
+
+fn events(core: &mut ClientCore) -> Vec<Event> {
+    std::iter::from_fn(|| core.poll_event()).collect()
+}
+
+/// A WebSocket core, connected at `t0`, whose first message has gone out.
+fn ws_up(caps: AgentCapabilitySet, t0: Instant) -> ClientCore {
+    let mut c = core(TransportKind::WebSocket, caps, t0);
+    c.handle_connected(t0);
+    c.poll_transmit(t0).expect("first message");
+    c.handle_message(ack(), t0);
+    events(&mut c);
+    c
+}
+
+/// A plain-HTTP core whose first request has been answered at `t0`.
+fn http_up(caps: AgentCapabilitySet, t0: Instant) -> ClientCore {
+    let mut c = core(TransportKind::Http, caps, t0);
+    c.poll_transmit(t0).expect("first request");
+    c.handle_message(ack(), t0);
+    events(&mut c);
+    c
+}
+
+fn is_heartbeat(m: &AgentToServer) -> bool {
+    m.agent_description.is_none()
+        && m.health.is_none()
+        && m.effective_config.is_none()
+        && m.remote_config_status.is_none()
+        && m.package_statuses.is_none()
+        && m.custom_capabilities.is_none()
+        && m.available_components.is_none()
+        && m.connection_settings_status.is_none()
+        && m.custom_message.is_none()
+}
+
+#[test]
+fn rep_1_first_message_carries_full_state_and_seq_1_counts_up() {
+    let t0 = Instant::now();
+    let mut c = core(TransportKind::WebSocket, all_caps(), t0);
+    c.set_agent_description(description("a")).unwrap();
+    c.set_health(health(true)).unwrap();
+    c.set_effective_config(EffectiveConfig::default()).unwrap();
+    c.set_remote_config_status(RemoteConfigStatus::default())
+        .unwrap();
+    c.set_package_statuses(PackageStatuses::default()).unwrap();
+    c.set_custom_capabilities(CustomCapabilities {
+        capabilities: vec!["io.example.x".into()],
+    })
+    .unwrap();
+    c.set_connection_settings_status(ConnectionSettingsStatus::default())
+        .unwrap();
+    c.set_available_components(AvailableComponents {
+        hash: Bytes::from_static(b"h"),
+        ..Default::default()
+    })
+    .unwrap();
+    // WS: nothing goes out before the connection is up.
+    assert_eq!(c.poll_transmit(t0), None);
+    c.handle_connected(t0);
+    assert_eq!(events(&mut c), vec![Event::Connected]);
+
+    let first = c.poll_transmit(t0).unwrap();
+    assert_eq!(first.sequence_num, 0);
+    assert_eq!(first.instance_uid, uid().to_bytes());
+    assert_eq!(first.capabilities, all_caps().bits());
+    assert!(first.agent_description.is_some());
+    assert!(first.health.is_some());
+    assert!(first.effective_config.is_some());
+    assert!(first.remote_config_status.is_some());
+    assert!(first.package_statuses.is_some());
+    assert!(first.custom_capabilities.is_some());
+    assert!(first.connection_settings_status.is_some());
+    assert!(first.available_components.is_some());
+    // REP-7: nothing changed, nothing more to send.
+    assert_eq!(c.poll_transmit(t0), None);
+
+    // CMP-1: later messages carry only what changed.
+    c.set_health(health(false)).unwrap();
+    let second = c.poll_transmit(t0 + secs(1.0)).unwrap();
+    assert_eq!(second.sequence_num, 1);
+    assert_eq!(second.health, Some(health(false)));
+    assert!(second.agent_description.is_none());
+    assert!(second.effective_config.is_none());
+    assert_eq!(second.capabilities, all_caps().bits(), "CAP-1: always set");
+    assert_eq!(second.instance_uid, uid().to_bytes(), "UID-4: always set");
+}
+
+#[test]
+fn cap_1_reports_status_is_always_declared() {
+    let c = core(
+        TransportKind::Http,
+        AgentCapabilitySet::REPORTS_HEALTH,
+        Instant::now(),
+    );
+    assert!(
+        c.capabilities()
+            .contains(AgentCapabilitySet::REPORTS_STATUS)
+    );
+}
+
+#[test]
+fn retry_4_a_burst_of_setters_becomes_one_message() {
+    let t0 = Instant::now();
+    let mut c = ws_up(all_caps(), t0);
+    let seq = c.next_sequence_num();
+    for i in 0..100 {
+        c.set_health(health(i % 2 == 0)).unwrap();
+        c.set_agent_description(description(&format!("agent-{i}")))
+            .unwrap();
+    }
+    c.set_remote_config_status(RemoteConfigStatus {
+        last_remote_config_hash: Bytes::from_static(b"x"),
+        ..Default::default()
+    })
+    .unwrap();
+    let m = c.poll_transmit(t0).unwrap();
+    assert_eq!(m.sequence_num, seq);
+    assert_eq!(m.health, Some(health(false)), "the latest value wins");
+    assert_eq!(m.agent_description, Some(description("agent-99")));
+    assert!(m.remote_config_status.is_some());
+    assert_eq!(c.poll_transmit(t0), None, "exactly one message");
+}
+
+#[test]
+fn rep_7_setting_an_unchanged_value_sends_nothing() {
+    let t0 = Instant::now();
+    let mut c = core(TransportKind::WebSocket, all_caps(), t0);
+    c.set_health(health(true)).unwrap();
+    c.handle_connected(t0);
+    c.poll_transmit(t0).unwrap();
+    c.set_health(health(true)).unwrap();
+    assert_eq!(c.poll_transmit(t0), None);
+    // Nor does processing a server message that changes nothing.
+    c.handle_message(ack(), t0);
+    assert_eq!(c.poll_transmit(t0), None);
+}
+
+#[test]
+fn seq_3_report_full_state_resends_everything() {
+    let t0 = Instant::now();
+    let mut c = core(TransportKind::WebSocket, all_caps(), t0);
+    c.set_agent_description(description("a")).unwrap();
+    c.set_health(health(true)).unwrap();
+    c.handle_connected(t0);
+    c.poll_transmit(t0).unwrap();
+    c.handle_message(
+        ServerToAgent {
+            flags: ServerToAgentFlagSet::REPORT_FULL_STATE.bits(),
+            ..ack()
+        },
+        t0,
+    );
+    let Some(Event::Message(data)) = events(&mut c).pop() else {
+        panic!("flags are reported")
+    };
+    assert_eq!(data.flags, ServerToAgentFlagSet::REPORT_FULL_STATE);
+    let full = c.poll_transmit(t0).unwrap();
+    assert_eq!(full.agent_description, Some(description("a")));
+    assert_eq!(full.health, Some(health(true)));
+    assert_eq!(full.sequence_num, 1);
+}
+
+#[test]
+fn rep_3_full_state_after_a_websocket_reconnect() {
+    let t0 = Instant::now();
+    let mut c = core(TransportKind::WebSocket, all_caps(), t0);
+    c.set_health(health(true)).unwrap();
+    c.handle_connected(t0);
+    c.poll_transmit(t0).unwrap();
+    let delay = c.handle_disconnected(t0 + secs(5.0));
+    assert_eq!(c.connect_at(), Some(t0 + secs(5.0) + delay));
+    assert!(!c.is_connected());
+    c.handle_connected(t0 + secs(6.0));
+    let m = c.poll_transmit(t0 + secs(6.0)).unwrap();
+    assert_eq!(m.health, Some(health(true)));
+    assert_eq!(m.sequence_num, 1, "SEQ-1: continues across reconnects");
+}
+
+#[test]
+fn hb_3_websocket_heartbeat_every_30s_from_the_last_message() {
+    let t0 = Instant::now();
+    let mut c = ws_up(all_caps(), t0);
+    assert_eq!(c.poll_timeout(), Some(t0 + secs(30.0)));
+    assert_eq!(c.poll_transmit(t0 + secs(29.999)), None);
+    let hb = c.poll_transmit(t0 + secs(30.0)).unwrap();
+    assert!(is_heartbeat(&hb));
+    assert_eq!(hb.sequence_num, 1);
+    assert_eq!(c.poll_timeout(), Some(t0 + secs(60.0)));
+
+    // HB-4: any message resets the timer.
+    c.set_health(health(false)).unwrap();
+    c.poll_transmit(t0 + secs(45.0)).unwrap();
+    assert_eq!(c.poll_timeout(), Some(t0 + secs(75.0)));
+    assert_eq!(c.poll_transmit(t0 + secs(60.0)), None);
+}
+
+#[test]
+fn hb_1_no_websocket_heartbeats_without_the_capability() {
+    let t0 = Instant::now();
+    let caps = all_caps() - AgentCapabilitySet::REPORTS_HEARTBEAT;
+    let mut c = ws_up(caps, t0);
+    assert_eq!(c.poll_timeout(), None);
+    assert_eq!(c.poll_transmit(t0 + secs(3600.0)), None);
+}
+
+fn offer(heartbeat_seconds: u64) -> ServerToAgent {
+    ServerToAgent {
+        connection_settings: Some(ConnectionSettingsOffers {
+            hash: Bytes::from_static(b"offer"),
+            opamp: Some(OpAmpConnectionSettings {
+                heartbeat_interval_seconds: heartbeat_seconds,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..ack()
+    }
+}
+
+#[test]
+fn hb_2_server_offered_interval_is_honoured_and_0_turns_ws_heartbeats_off() {
+    let t0 = Instant::now();
+    let mut c = ws_up(all_caps(), t0);
+    c.handle_message(offer(5), t0);
+    let ev = events(&mut c);
+    assert!(ev.iter().any(
+        |e| matches!(e, Event::OpampConnectionSettings(s) if s.heartbeat_interval_seconds == 5)
+    ));
+    assert_eq!(c.heartbeat_interval(), Some(secs(5.0)));
+    assert_eq!(c.poll_timeout(), Some(t0 + secs(5.0)));
+    assert!(c.poll_transmit(t0 + secs(5.0)).is_some());
+
+    c.handle_message(offer(0), t0 + secs(5.0));
+    assert_eq!(c.heartbeat_interval(), None);
+    assert_eq!(c.poll_timeout(), None);
+    assert_eq!(c.poll_transmit(t0 + secs(1000.0)), None);
+}
+
+#[test]
+fn hb_2_offer_ignored_without_reports_heartbeat() {
+    let t0 = Instant::now();
+    let caps = AgentCapabilitySet::REPORTS_STATUS;
+    let mut c = http_up(caps, t0);
+    c.handle_message(offer(5), t0);
+    assert_eq!(c.heartbeat_interval(), Some(secs(30.0)));
+    // Nor is the offer passed on without AcceptsOpAMPConnectionSettings.
+    let ev = events(&mut c);
+    assert!(
+        !ev.iter()
+            .any(|e| matches!(e, Event::OpampConnectionSettings(_)))
+    );
+}
+
+#[test]
+fn http_7_polls_at_the_interval_and_keeps_polling_when_offered_0() {
+    let t0 = Instant::now();
+    let mut c = http_up(all_caps(), t0);
+    assert_eq!(c.poll_timeout(), Some(t0 + secs(30.0)));
+    assert_eq!(c.poll_transmit(t0 + secs(29.0)), None);
+    let poll = c.poll_transmit(t0 + secs(30.0)).unwrap();
+    assert!(is_heartbeat(&poll));
+    assert_eq!(poll.instance_uid, uid().to_bytes());
+    c.handle_message(offer(10), t0 + secs(30.1));
+    assert_eq!(c.poll_timeout(), Some(t0 + secs(40.0)), "HB-5");
+    c.poll_transmit(t0 + secs(40.0)).unwrap();
+    // Checklist 4.2.2: 0 does not stop HTTP polling.
+    c.handle_message(offer(0), t0 + secs(40.1));
+    assert_eq!(c.heartbeat_interval(), Some(secs(10.0)));
+    assert_eq!(c.poll_timeout(), Some(t0 + secs(50.0)));
+}
+
+#[test]
+fn http_10_at_most_one_request_in_flight_and_changes_go_at_once_after() {
+    let t0 = Instant::now();
+    let mut c = http_up(all_caps(), t0);
+    c.set_health(health(true)).unwrap();
+    // Changes go at once, without waiting for the poll interval.
+    let first = c.poll_transmit(t0 + secs(1.0)).unwrap();
+    assert_eq!(first.health, Some(health(true)));
+    // In flight: nothing else, even when something changes or the poll is due.
+    c.set_health(health(false)).unwrap();
+    assert_eq!(c.poll_transmit(t0 + secs(2.0)), None);
+    assert_eq!(c.poll_transmit(t0 + secs(100.0)), None);
+    assert_eq!(c.poll_timeout(), None);
+    // The answer arrives: the change goes immediately.
+    c.handle_message(ack(), t0 + secs(100.0));
+    let next = c.poll_transmit(t0 + secs(100.0)).unwrap();
+    assert_eq!(next.health, Some(health(false)));
+    assert_eq!(next.sequence_num, first.sequence_num + 1);
+}
+
+#[test]
+fn gen_8_backoff_sequence_within_jitter_bounds_and_no_traffic_while_down() {
+    let t0 = Instant::now();
+    let mut c = core(TransportKind::Http, all_caps(), t0);
+    let mut now = t0;
+    let mut base: f64 = 0.5;
+    for _ in 0..20 {
+        let m = c.poll_transmit(now).expect("the retry is due");
+        assert!(m.sequence_num < 100);
+        let delay = c.handle_connect_failure(Failure::Transport, now);
+        let d = delay.as_secs_f64();
+        assert!(
+            d >= base * 0.5 - 1e-9 && d <= base * 1.5 + 1e-9,
+            "{d} vs {base}"
+        );
+        assert_eq!(c.connect_at(), Some(now + delay));
+        assert_eq!(c.poll_timeout(), Some(now + delay));
+        // HB-6, THR-6: nothing at all before the retry time, even with changes.
+        c.set_health(health(now == t0)).unwrap();
+        assert_eq!(c.poll_transmit(now + delay - secs(0.001)), None);
+        now += delay;
+        base = (base * 1.5).min(60.0);
+    }
+    // The retry after recovery carries the full state (RETRY-1).
+    let m = c.poll_transmit(now).unwrap();
+    assert!(m.health.is_some());
+    c.handle_message(ack(), now);
+    assert_eq!(events(&mut c), vec![Event::Connected]);
+    // A valid answer resets the backoff.
+    c.poll_transmit(now + secs(30.0)).unwrap();
+    let d = c.handle_connect_failure(Failure::Transport, now + secs(30.0));
+    assert!(d <= secs(0.75));
+}
+
+#[test]
+fn ws_18_accept_and_drop_servers_see_growing_delays() {
+    let t0 = Instant::now();
+    let mut c = core(TransportKind::WebSocket, all_caps(), t0);
+    let mut now = t0;
+    let mut delays = vec![];
+    for _ in 0..12 {
+        c.handle_connected(now);
+        c.poll_transmit(now).unwrap();
+        // Dropped before any answer.
+        let d = c.handle_disconnected(now);
+        delays.push(d);
+        now = c.connect_at().unwrap();
+    }
+    assert!(delays[11] > secs(20.0), "{delays:?}");
+}
+
+#[test]
+fn thr_5_retry_after_is_honoured_and_thr_7_minimum_without_it() {
+    let t0 = Instant::now();
+    let mut c = core(TransportKind::Http, all_caps(), t0);
+    c.poll_transmit(t0).unwrap();
+    let d = c.handle_connect_failure(
+        Failure::Throttled {
+            retry_after: Some(secs(120.0)),
+        },
+        t0,
+    );
+    assert_eq!(d, secs(120.0));
+    assert_eq!(c.poll_transmit(t0 + secs(119.9)), None);
+    assert!(c.poll_transmit(t0 + secs(120.0)).is_some());
+    let d = c.handle_connect_failure(Failure::Throttled { retry_after: None }, t0 + secs(120.0));
+    assert!(d >= secs(30.0));
+}
+
+#[test]
+fn thr_2_unavailable_with_retry_info_disconnects_and_waits() {
+    let t0 = Instant::now();
+    let mut c = ws_up(all_caps(), t0);
+    c.handle_message(
+        ServerToAgent {
+            instance_uid: uid().to_bytes(),
+            error_response: Some(ServerErrorResponse {
+                r#type: ServerErrorResponseType::Unavailable as i32,
+                error_message: "busy".into(),
+                details: Some(server_error_response::Details::RetryInfo(RetryInfo {
+                    retry_after_nanoseconds: 90_000_000_000,
+                })),
+            }),
+            ..Default::default()
+        },
+        t0,
+    );
+    let ev = events(&mut c);
+    assert!(matches!(ev[0], Event::ServerError(_)));
+    assert_eq!(ev[1], Event::Reconnect);
+    assert_eq!(c.connect_at(), Some(t0 + secs(90.0)));
+    assert_eq!(c.poll_transmit(t0 + secs(89.0)), None);
+    // WS-19: the driver sends agent_disconnect before closing.
+    let bye = c.disconnect_message(t0);
+    assert_eq!(bye.agent_disconnect, Some(AgentDisconnect {}));
+}
+
+#[test]
+fn retry_3_bad_request_is_not_retried() {
+    let t0 = Instant::now();
+    let mut c = http_up(all_caps(), t0);
+    c.set_health(health(true)).unwrap();
+    let m = c.poll_transmit(t0).unwrap();
+    assert!(m.health.is_some());
+    c.handle_message(
+        ServerToAgent {
+            error_response: Some(ServerErrorResponse {
+                r#type: ServerErrorResponseType::BadRequest as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        t0 + secs(1.0),
+    );
+    assert!(matches!(events(&mut c)[..], [Event::ServerError(_)]));
+    assert!(c.is_connected());
+    // No resend: the next message is the regular poll, without the rejected health.
+    assert_eq!(c.poll_transmit(t0 + secs(2.0)), None);
+    let poll = c.poll_transmit(t0 + secs(30.0)).unwrap();
+    assert!(is_heartbeat(&poll));
+
+    // HTTP-14: the same after a 413.
+    c.handle_request_rejected(t0 + secs(31.0));
+    assert_eq!(c.poll_transmit(t0 + secs(31.0)), None);
+    assert_eq!(c.poll_timeout(), Some(t0 + secs(60.0)));
+}
+
+#[test]
+fn uid_7_new_instance_uid_is_adopted_and_reported() {
+    let t0 = Instant::now();
+    let mut c = ws_up(all_caps(), t0);
+    c.set_flags(AgentToServerFlagSet::REQUEST_INSTANCE_UID)
+        .unwrap();
+    let m = c.poll_transmit(t0).unwrap();
+    assert_eq!(m.flags, AgentToServerFlagSet::REQUEST_INSTANCE_UID.bits());
+    let new = InstanceUid::from_array([9; 16]);
+    c.handle_message(
+        ServerToAgent {
+            agent_identification: Some(AgentIdentification {
+                new_instance_uid: new.to_bytes(),
+            }),
+            ..ack()
+        },
+        t0,
+    );
+    let Some(Event::Message(data)) = events(&mut c).pop() else {
+        panic!()
+    };
+    assert_eq!(data.new_instance_uid, Some(new));
+    assert_eq!(c.instance_uid(), new);
+    let m = c.poll_transmit(t0).unwrap();
+    assert_eq!(m.instance_uid, new.to_bytes());
+    assert_eq!(m.flags, 0, "RequestInstanceUid cleared");
+
+    // Not 16 bytes: ignored.
+    c.handle_message(
+        ServerToAgent {
+            instance_uid: Bytes::new(),
+            agent_identification: Some(AgentIdentification {
+                new_instance_uid: Bytes::from_static(&[1; 5]),
+            }),
+            ..ack()
+        },
+        t0,
+    );
+    assert_eq!(c.instance_uid(), new);
+}
+
+#[test]
+fn uid_6_message_for_another_agent_is_ignored() {
+    let t0 = Instant::now();
+    let mut c = ws_up(AgentCapabilitySet::all(), t0);
+    c.handle_message(
+        ServerToAgent {
+            instance_uid: Bytes::from_static(&[1; 16]),
+            flags: ServerToAgentFlagSet::REPORT_FULL_STATE.bits(),
+            ..Default::default()
+        },
+        t0,
+    );
+    assert!(events(&mut c).is_empty());
+    assert_eq!(c.poll_transmit(t0), None);
+}
+
+#[test]
+fn cap_3_last_non_zero_server_capabilities_are_kept() {
+    let t0 = Instant::now();
+    let mut c = ws_up(all_caps(), t0);
+    assert_eq!(c.server_capabilities(), ServerCapabilitySet::all());
+    c.handle_message(
+        ServerToAgent {
+            capabilities: 0,
+            ..ack()
+        },
+        t0,
+    );
+    assert_eq!(c.server_capabilities(), ServerCapabilitySet::all());
+    c.handle_message(
+        ServerToAgent {
+            capabilities: ServerCapabilitySet::ACCEPTS_STATUS.bits(),
+            ..ack()
+        },
+        t0,
+    );
+    assert_eq!(c.server_capabilities(), ServerCapabilitySet::ACCEPTS_STATUS);
+    // CAP-4: the CSR flow needs the server's capability.
+    let req = ConnectionSettingsRequest {
+        opamp: Some(Default::default()),
+    };
+    assert_eq!(
+        c.request_connection_settings(req),
+        Err(ClientError::ServerLacksCapability(
+            ServerCapabilitySet::ACCEPTS_CONNECTION_SETTINGS_REQUEST
+        ))
+    );
+}
+
+#[test]
+fn setters_check_capabilities_and_stop() {
+    let t0 = Instant::now();
+    let mut c = core(
+        TransportKind::WebSocket,
+        AgentCapabilitySet::REPORTS_STATUS,
+        t0,
+    );
+    assert_eq!(
+        c.set_health(health(true)),
+        Err(ClientError::MissingCapability(
+            AgentCapabilitySet::REPORTS_HEALTH
+        ))
+    );
+    assert!(matches!(
+        c.set_effective_config(EffectiveConfig::default()),
+        Err(ClientError::MissingCapability(_))
+    ));
+    assert!(matches!(
+        c.request_effective_config(),
+        Err(ClientError::MissingCapability(_))
+    ));
+    assert!(matches!(
+        c.set_remote_config_status(RemoteConfigStatus::default()),
+        Err(ClientError::MissingCapability(_))
+    ));
+    assert!(matches!(
+        c.set_package_statuses(PackageStatuses::default()),
+        Err(ClientError::MissingCapability(_))
+    ));
+    assert!(matches!(
+        c.set_available_components(AvailableComponents::default()),
+        Err(ClientError::MissingCapability(_))
+    ));
+    assert!(matches!(
+        c.set_connection_settings_status(ConnectionSettingsStatus::default()),
+        Err(ClientError::MissingCapability(_))
+    ));
+    assert!(matches!(
+        c.request_connection_settings(ConnectionSettingsRequest::default()),
+        Err(ClientError::MissingCapability(_))
+    ));
+    assert!(matches!(
+        c.set_agent_description(AgentDescription::default()),
+        Err(ClientError::InvalidArgument(_))
+    ));
+    c.set_agent_description(description("x")).unwrap();
+    assert_eq!(c.stop(t0), None, "not connected: nothing to say goodbye on");
+    assert!(c.is_stopped());
+    assert_eq!(
+        c.set_agent_description(description("y")),
+        Err(ClientError::Stopped)
+    );
+    assert_eq!(c.set_flags(Default::default()), Err(ClientError::Stopped));
+    assert_eq!(c.poll_transmit(t0), None);
+    assert_eq!(c.poll_timeout(), None);
+}
+
+#[test]
+fn dis_1_stop_returns_a_disconnect_message_when_connected() {
+    let t0 = Instant::now();
+    let mut c = ws_up(all_caps(), t0);
+    c.set_health(health(false)).unwrap();
+    let bye = c.stop(t0).unwrap();
+    assert_eq!(bye.agent_disconnect, Some(AgentDisconnect {}));
+    assert_eq!(
+        bye.health,
+        Some(health(false)),
+        "pending status goes with it"
+    );
+    assert_eq!(bye.sequence_num, 1);
+}
+
+#[test]
+fn cus_custom_messages_need_a_declared_capability_and_one_waits_at_a_time() {
+    let t0 = Instant::now();
+    let mut c = ws_up(all_caps(), t0);
+    let msg = CustomMessage {
+        capability: "io.example.pause".into(),
+        r#type: "pause".into(),
+        data: Bytes::new(),
+    };
+    assert_eq!(
+        c.send_custom_message(msg.clone()),
+        Err(ClientError::UndeclaredCustomCapability(
+            "io.example.pause".into()
+        ))
+    );
+    c.set_custom_capabilities(CustomCapabilities {
+        capabilities: vec!["io.example.pause".into()],
+    })
+    .unwrap();
+    c.send_custom_message(msg.clone()).unwrap();
+    assert_eq!(
+        c.send_custom_message(msg.clone()),
+        Err(ClientError::CustomMessagePending)
+    );
+    let m = c.poll_transmit(t0).unwrap();
+    assert_eq!(m.custom_message, Some(msg.clone()));
+    assert!(m.custom_capabilities.is_some());
+    assert!(!c.custom_message_pending());
+    c.send_custom_message(msg).unwrap();
+}
+
+#[test]
+fn avc_3_hash_only_until_the_server_asks_for_the_map() {
+    let t0 = Instant::now();
+    let mut c = ws_up(all_caps(), t0);
+    let mut components = AvailableComponents {
+        hash: Bytes::from_static(b"h1"),
+        ..Default::default()
+    };
+    components
+        .components
+        .insert("receiver/otlp".into(), ComponentDetails::default());
+    c.set_available_components(components.clone()).unwrap();
+    let m = c.poll_transmit(t0).unwrap();
+    let sent = m.available_components.unwrap();
+    assert_eq!(sent.hash, components.hash);
+    assert!(sent.components.is_empty());
+    c.handle_message(
+        ServerToAgent {
+            flags: ServerToAgentFlagSet::REPORT_AVAILABLE_COMPONENTS.bits(),
+            ..ack()
+        },
+        t0,
+    );
+    let m = c.poll_transmit(t0).unwrap();
+    assert_eq!(m.available_components, Some(components));
+    // Only once.
+    c.set_health(health(true)).unwrap();
+    assert!(c.poll_transmit(t0).unwrap().available_components.is_none());
+}
+
+#[test]
+fn s2a_2_command_stands_alone() {
+    let t0 = Instant::now();
+    let mut c = ws_up(all_caps(), t0);
+    c.handle_message(
+        ServerToAgent {
+            command: Some(ServerToAgentCommand::default()),
+            flags: ServerToAgentFlagSet::REPORT_FULL_STATE.bits(),
+            ..ack()
+        },
+        t0,
+    );
+    assert_eq!(
+        events(&mut c),
+        vec![Event::Command(ServerToAgentCommand::default())]
+    );
+    assert_eq!(c.poll_transmit(t0), None, "the flag was ignored");
+
+    // CMD-2: without the capability the command is ignored and the rest processed.
+    let mut c = ws_up(all_caps() - AgentCapabilitySet::ACCEPTS_RESTART_COMMAND, t0);
+    c.handle_message(
+        ServerToAgent {
+            command: Some(ServerToAgentCommand::default()),
+            flags: ServerToAgentFlagSet::REPORT_FULL_STATE.bits(),
+            ..ack()
+        },
+        t0,
+    );
+    assert!(matches!(events(&mut c)[..], [Event::Message(_)]));
+}
+
+#[test]
+fn cap_2_offers_for_undeclared_capabilities_are_dropped() {
+    let t0 = Instant::now();
+    let mut c = ws_up(AgentCapabilitySet::REPORTS_STATUS, t0);
+    c.handle_message(
+        ServerToAgent {
+            remote_config: Some(Default::default()),
+            packages_available: Some(Default::default()),
+            connection_settings: Some(ConnectionSettingsOffers {
+                own_metrics: Some(Default::default()),
+                ..Default::default()
+            }),
+            ..ack()
+        },
+        t0,
+    );
+    assert!(events(&mut c).is_empty());
+
+    let mut c = ws_up(all_caps(), t0);
+    c.handle_message(
+        ServerToAgent {
+            remote_config: Some(Default::default()),
+            packages_available: Some(Default::default()),
+            ..ack()
+        },
+        t0,
+    );
+    let Some(Event::Message(data)) = events(&mut c).pop() else {
+        panic!()
+    };
+    assert!(data.remote_config.is_some());
+    assert!(data.packages_available.is_some());
+}
+
+#[test]
+fn ws_12_oversized_outgoing_status_is_dropped_but_the_message_goes() {
+    let t0 = Instant::now();
+    let mut config = CoreConfig::new(uid(), all_caps(), TransportKind::Http);
+    config.max_message_size = 200;
+    let mut c = ClientCore::new(config, t0);
+    let mut cfg = EffectiveConfig {
+        config_map: Some(Default::default()),
+    };
+    if let Some(map) = cfg.config_map.as_mut() {
+        map.config_map.insert(
+            String::new(),
+            opamp_proto::AgentConfigObject {
+                body: Bytes::from(vec![b'x'; 1000]),
+                content_type: String::new(),
+            },
+        );
+    }
+    c.set_effective_config(cfg).unwrap();
+    let m = c.poll_transmit(t0).unwrap();
+    assert!(m.effective_config.is_none());
+    assert!(m.encoded_len() < 200);
+    assert_eq!(c.dropped_outgoing(), 1);
+    assert_eq!(m.sequence_num, 0);
+}
+
+#[test]
+fn effective_config_is_requested_at_start_and_on_demand() {
+    let t0 = Instant::now();
+    let mut c = core(TransportKind::Http, all_caps(), t0);
+    assert!(c.take_effective_config_request());
+    assert!(!c.take_effective_config_request());
+    c.request_effective_config().unwrap();
+    assert!(c.take_effective_config_request());
+    let c = core(TransportKind::Http, AgentCapabilitySet::REPORTS_STATUS, t0);
+    let mut c = c;
+    assert!(!c.take_effective_config_request());
+}
+
+#[test]
+fn disconnect_then_reconnect_sends_full_state_again() {
+    let t0 = Instant::now();
+    let mut c = core(TransportKind::WebSocket, all_caps(), t0);
+    c.set_health(health(true)).unwrap();
+    c.handle_connected(t0);
+    c.poll_transmit(t0).unwrap();
+    let bye = c.disconnect_message(t0);
+    assert!(bye.health.is_none());
+    c.handle_disconnected(t0);
+    c.handle_connected(t0 + secs(1.0));
+    assert!(c.poll_transmit(t0 + secs(1.0)).unwrap().health.is_some());
+}

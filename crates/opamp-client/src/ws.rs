@@ -1,0 +1,247 @@
+//! The WebSocket driver: a loop over the core, on tokio-tungstenite.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use futures_util::{SinkExt, StreamExt};
+use opamp_proto::{AgentToServer, ServerToAgent, framing};
+use opamp_transport::ws as wsconf;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message};
+
+use crate::client::Driver;
+use crate::error::ConnectError;
+use crate::net::{self, BoxedIo};
+
+type Ws = WebSocketStream<BoxedIo>;
+
+/// How a connection ended.
+enum End {
+    /// `stop()`: the goodbye has been said.
+    Stopped,
+    /// The server is UNAVAILABLE: reconnect at the core's `connect_at` (THR-2).
+    Reconnect,
+    /// The connection broke.
+    Broken(ConnectError),
+}
+
+/// Runs until `stop()`.
+pub(crate) async fn run(d: &Driver) {
+    loop {
+        if d.stop_requested() {
+            return;
+        }
+        d.refresh_effective_config().await;
+        let Some(at) = d.shared.core().connect_at() else {
+            return;
+        };
+        // HB-6: nothing is sent while waiting to reconnect.
+        tokio::select! {
+            _ = d.stopped() => return,
+            _ = tokio::time::sleep_until(at.into()) => {}
+        }
+        let result = tokio::select! {
+            _ = d.stopped() => return,
+            r = connect(d) => r,
+        };
+        let ws = match result {
+            Ok(ws) => ws,
+            Err(e) => {
+                d.connect_failed(&e).await;
+                continue;
+            }
+        };
+        d.shared.core().handle_connected(Instant::now());
+        match connection(d, ws).await {
+            End::Stopped => return,
+            End::Reconnect => {}
+            End::Broken(e) => {
+                let delay = d.shared.core().handle_disconnected(Instant::now());
+                tracing::info!(?delay, "OpAMP WebSocket connection lost: {e}");
+            }
+        }
+    }
+}
+
+/// TCP, TLS, then the WebSocket handshake with the configured headers and limits.
+async fn connect(d: &Driver) -> Result<Ws, ConnectError> {
+    let timeout = d.settings.connect_timeout;
+    let handshake = async {
+        let io = net::connect(&d.endpoint, timeout).await?;
+        let mut request = d.endpoint.uri.clone().into_client_request()?;
+        request
+            .headers_mut()
+            .extend(net::extra_headers(&d.settings));
+        let config = ws_config(d.settings.max_message_size);
+        tokio_tungstenite::client_async_with_config(request, io, Some(config))
+            .await
+            .map(|(ws, _response)| ws)
+            .map_err(handshake_error)
+    };
+    tokio::time::timeout(timeout, handshake)
+        .await
+        .map_err(|_| ConnectError::Timeout)?
+}
+
+/// Small buffers, and the OpAMP limit as the message and frame limit, so an oversized
+/// message is refused from its frame header, before its payload is buffered (WS-10).
+fn ws_config(max_message_size: usize) -> wsconf::WebSocketConfig {
+    wsconf::client_config(max_message_size)
+}
+
+/// THR-5: a refused upgrade (e.g. 503 with `Retry-After`) becomes a status error.
+fn handshake_error(e: tungstenite::Error) -> ConnectError {
+    match e {
+        tungstenite::Error::Http(response) => ConnectError::Status {
+            status: response.status(),
+            retry_after: response
+                .headers()
+                .get(http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| opamp_transport::http::parse_retry_after(v, SystemTime::now())),
+        },
+        other => other.into(),
+    }
+}
+
+/// Drives one open connection.
+async fn connection(d: &Driver, mut ws: Ws) -> End {
+    let limit = d.settings.max_message_size;
+    loop {
+        d.refresh_effective_config().await;
+        if d.dispatch_events().await {
+            // THR-2, WS-19: agent_disconnect first, then close, then wait and reconnect.
+            let bye = d.shared.core().disconnect_message(Instant::now());
+            goodbye(&mut ws, Some(bye), d.settings.stop_timeout).await;
+            return End::Reconnect;
+        }
+        if d.stop_requested() {
+            return stop(d, ws).await;
+        }
+        // Everything due goes out now; the core coalesces pending changes into one message.
+        loop {
+            let msg = d.shared.core().poll_transmit(Instant::now());
+            let Some(msg) = msg else { break };
+            if let Err(e) = send(&mut ws, &msg, d.settings.request_timeout).await {
+                return End::Broken(e);
+            }
+        }
+        let deadline = d.shared.core().poll_timeout();
+        tokio::select! {
+            biased;
+            _ = d.stopped() => return stop(d, ws).await,
+            frame = ws.next() => match frame {
+                Some(Ok(Message::Binary(data))) => {
+                    // WS-10: the size was checked by tungstenite before buffering (the
+                    // frame and message limits equal ours); the header and payload here.
+                    match framing::decode_bytes::<ServerToAgent>(data, limit) {
+                        Ok(msg) => d.shared.core().handle_message(msg, Instant::now()),
+                        Err(e) => {
+                            close(&mut ws, close_code_for(&e)).await;
+                            return End::Broken(e.into());
+                        }
+                    }
+                }
+                Some(Ok(Message::Text(_))) => {
+                    // WS-1: only binary messages exist in OpAMP.
+                    close(&mut ws, wsconf::CLOSE_UNSUPPORTED_DATA).await;
+                    return End::Broken(ConnectError::Decode(
+                        opamp_proto::DecodeError::MalformedHeader,
+                    ));
+                }
+                Some(Ok(Message::Close(_))) | None => return End::Broken(ConnectError::Closed),
+                // Pings are answered by tungstenite itself (WS-15).
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    if matches!(e, tungstenite::Error::Capacity(_)) {
+                        // WS-10: oversized: close with 1009.
+                        close(&mut ws, wsconf::CLOSE_MESSAGE_TOO_BIG).await;
+                    }
+                    return End::Broken(e.into());
+                }
+            },
+            _ = sleep_until(deadline) => {}
+            _ = d.shared.wake.notified() => {}
+        }
+    }
+}
+
+fn close_code_for(e: &opamp_proto::DecodeError) -> CloseCode {
+    match e {
+        opamp_proto::DecodeError::TooLarge(_) => wsconf::CLOSE_MESSAGE_TOO_BIG,
+        _ => wsconf::CLOSE_INVALID_PAYLOAD,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn send(ws: &mut Ws, msg: &AgentToServer, timeout: Duration) -> Result<(), ConnectError> {
+    // The core never emits a message over the limit (WS-12).
+    let frame = framing::encode(msg);
+    match tokio::time::timeout(timeout, ws.send(Message::Binary(frame))).await {
+        Ok(r) => r.map_err(Into::into),
+        Err(_) => Err(ConnectError::Timeout),
+    }
+}
+
+/// WS-16: agent_disconnect, then the close handshake, all within `timeout`.
+async fn stop(d: &Driver, mut ws: Ws) -> End {
+    let bye = d.shared.core().stop(Instant::now());
+    goodbye(&mut ws, bye, d.settings.stop_timeout).await;
+    End::Stopped
+}
+
+async fn goodbye(ws: &mut Ws, bye: Option<AgentToServer>, timeout: Duration) {
+    let steps = async {
+        if let Some(bye) = bye {
+            if ws
+                .send(Message::Binary(framing::encode(&bye)))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        let _ = ws
+            .close(Some(CloseFrame {
+                code: wsconf::CLOSE_NORMAL,
+                reason: "".into(),
+            }))
+            .await;
+        // RFC 6455: wait for the server's close frame; discard anything before it.
+        while let Some(Ok(_)) = ws.next().await {}
+    };
+    if tokio::time::timeout(timeout, steps).await.is_err() {
+        tracing::debug!("WebSocket close handshake timed out");
+    }
+}
+
+/// Closes after a protocol error, briefly: the connection is being dropped anyway.
+async fn close(ws: &mut Ws, code: CloseCode) {
+    let frame = CloseFrame {
+        code,
+        reason: "".into(),
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(Some(frame))).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ws_10_limits_and_small_buffers_are_set() {
+        let c = ws_config(1024);
+        assert_eq!(c.max_message_size, Some(1024));
+        assert_eq!(c.max_frame_size, Some(1024));
+        assert!(c.read_buffer_size <= 4096);
+        assert!(c.max_write_buffer_size < usize::MAX);
+    }
+}
