@@ -3,6 +3,7 @@
 //! This is the facade crate: add `opamp` as your one dependency. It re-exports
 //!
 //! - [`proto`]: every OpAMP message (spec v0.20.0) with typed helpers, always;
+//! - [`transport`]: wire helpers (WebSocket settings, bounded gzip, TLS configuration), always;
 //! - [`client`]: the agent side, with the `client` feature (on by default);
 //! - [`server`]: the server side, with the `server` feature (on by default).
 //!
@@ -13,6 +14,9 @@
 //! ```
 
 pub use opamp_proto as proto;
+
+/// Wire helpers shared by client and server: WebSocket settings, gzip, headers, TLS.
+pub use opamp_transport as transport;
 
 #[cfg(feature = "client")]
 pub use opamp_client as client;

@@ -1,0 +1,251 @@
+//! The reference OpAMP server: a control plane with a web UI.
+//!
+//! ```sh
+//! cargo run --release --example server
+//! # OpAMP (WebSocket and plain HTTP): 127.0.0.1:4320/v1/opamp
+//! # web UI and JSON API:               http://127.0.0.1:4321/
+//! ```
+//!
+//! Flags: `--opamp-addr ADDR` (default 127.0.0.1:4320), `--ui-addr ADDR` (default
+//! 127.0.0.1:4321), `--tls-cert PEM --tls-key PEM` to serve OpAMP over TLS, `--tls-client-ca PEM`
+//! to require client certificates (mTLS). State is kept in memory only.
+
+mod api;
+mod store;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use opamp::proto::{AgentToServer, CommandType, InstanceUid, ServerToAgent, ServerToAgentCommand};
+use opamp::server::{
+    Connection, ConnectionCallbacks, ConnectionResponse, Server, ServerCallbacks, ServerConfig,
+    Transport,
+};
+
+use crate::store::Fleet;
+
+const USAGE: &str = "usage: server [--opamp-addr ADDR] [--ui-addr ADDR] \
+                     [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]]";
+
+struct Args {
+    opamp_addr: SocketAddr,
+    ui_addr: SocketAddr,
+    tls_cert: Option<String>,
+    tls_key: Option<String>,
+    tls_client_ca: Option<String>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        opamp_addr: SocketAddr::from(([127, 0, 0, 1], 4320)),
+        ui_addr: SocketAddr::from(([127, 0, 0, 1], 4321)),
+        tls_cert: None,
+        tls_key: None,
+        tls_client_ca: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || {
+            it.next()
+                .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))
+        };
+        match flag.as_str() {
+            "--opamp-addr" => {
+                args.opamp_addr = value()?.parse().map_err(|e| format!("--opamp-addr: {e}"))?
+            }
+            "--ui-addr" => {
+                args.ui_addr = value()?.parse().map_err(|e| format!("--ui-addr: {e}"))?
+            }
+            "--tls-cert" => args.tls_cert = Some(value()?),
+            "--tls-key" => args.tls_key = Some(value()?),
+            "--tls-client-ca" => args.tls_client_ca = Some(value()?),
+            "-h" | "--help" => return Err(USAGE.into()),
+            other => return Err(format!("unknown flag {other}\n{USAGE}")),
+        }
+    }
+    if args.tls_cert.is_some() != args.tls_key.is_some() {
+        return Err("--tls-cert and --tls-key go together".into());
+    }
+    Ok(args)
+}
+
+/// Shared state: the fleet and a live connection per agent, to push configs.
+#[derive(Debug, Default)]
+pub(crate) struct State {
+    pub(crate) fleet: Fleet,
+    connections: Mutex<HashMap<InstanceUid, Connection>>,
+}
+
+impl State {
+    /// Pushes `message` to the agent now if it is connected (over plain HTTP it rides on the
+    /// next poll response); otherwise it gets it when it next reports.
+    pub(crate) fn push(&self, uid: InstanceUid, message: ServerToAgent) {
+        let conn = self
+            .connections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&uid)
+            .cloned();
+        if let Some(conn) = conn {
+            if let Err(e) = conn.send(message) {
+                tracing::warn!(%uid, "push failed, the agent gets the config on its next report: {e}");
+            }
+        }
+    }
+}
+
+impl State {
+    /// Closes every live connection (WebSocket close frame; plain-HTTP sessions end). Agents
+    /// reconnect by themselves; the fleet benchmark uses this for its reconnect storm.
+    pub(crate) fn disconnect_all(&self) -> usize {
+        let conns: Vec<Connection> = self
+            .connections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for conn in &conns {
+            conn.disconnect();
+        }
+        conns.len()
+    }
+}
+
+impl State {
+    /// Sends the Restart command to a connected agent that declared AcceptsRestartCommand.
+    pub(crate) fn restart(&self, uid: InstanceUid) -> Result<(), String> {
+        if !self.fleet.accepts_restart(uid) {
+            return Err(format!(
+                "agent {uid} is unknown or does not accept the Restart command"
+            ));
+        }
+        let conn = self
+            .connections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&uid)
+            .cloned();
+        let conn = conn.ok_or_else(|| format!("agent {uid} is not connected"))?;
+        let command = ServerToAgent {
+            command: Some(ServerToAgentCommand {
+                r#type: CommandType::Restart as i32,
+            }),
+            ..Default::default()
+        };
+        conn.send(command).map_err(|e| format!("agent {uid}: {e}"))
+    }
+}
+
+struct Callbacks(Arc<State>);
+
+#[async_trait]
+impl ServerCallbacks for Callbacks {
+    async fn on_connecting(&self, _request: &http::request::Parts) -> ConnectionResponse {
+        // The reference server admits every agent; see the opamp-server docs to authenticate.
+        ConnectionResponse::accept(Arc::new(AgentHandler(self.0.clone())))
+    }
+}
+
+struct AgentHandler(Arc<State>);
+
+#[async_trait]
+impl ConnectionCallbacks for AgentHandler {
+    async fn on_message(&self, conn: &Connection, msg: AgentToServer) -> Option<ServerToAgent> {
+        let uid = InstanceUid::try_from(&msg.instance_uid[..]).ok()?;
+        let known = {
+            let mut conns = self.0.connections.lock().unwrap_or_else(|e| e.into_inner());
+            let known = conns.get(&uid).is_some_and(|c| c.same_connection(conn));
+            conns.insert(uid, conn.clone());
+            known
+        };
+        if !known {
+            let transport = match conn.transport() {
+                Transport::WebSocket => "websocket",
+                _ => "http",
+            };
+            self.0
+                .fleet
+                .connected(uid, transport, conn.remote_addr().map(|a| a.to_string()));
+        }
+        self.0.fleet.report(uid, &msg)
+    }
+
+    async fn on_connection_close(&self, conn: &Connection) {
+        let Some(uid) = conn.instance_uid() else {
+            return;
+        };
+        let mut conns = self.0.connections.lock().unwrap_or_else(|e| e.into_inner());
+        if conns.get(&uid).is_some_and(|c| c.same_connection(conn)) {
+            conns.remove(&uid);
+            self.0.fleet.disconnected(uid);
+        }
+    }
+}
+
+fn tls_config(
+    args: &Args,
+) -> Result<Option<Arc<rustls::ServerConfig>>, Box<dyn std::error::Error>> {
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok(None);
+    };
+    let identity = opamp::transport::tls::CertifiedKeyPem {
+        cert_chain: std::fs::read(cert)?,
+        private_key: std::fs::read(key)?,
+    };
+    let client_ca = args.tls_client_ca.as_ref().map(std::fs::read).transpose()?;
+    Ok(Some(opamp::transport::tls::server_config(
+        &identity,
+        client_ca.as_deref(),
+    )?))
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = match parse_args() {
+        Ok(args) => args,
+        Err(msg) => {
+            eprintln!("{msg}");
+            std::process::exit(2);
+        }
+    };
+
+    let state = Arc::new(State::default());
+    let mut config = ServerConfig::builder().listen_addr(args.opamp_addr);
+    let tls = tls_config(&args)?;
+    if let Some(tls) = tls.clone() {
+        config = config.tls(tls);
+    }
+    let server = Server::bind(config.build()?, Arc::new(Callbacks(state.clone()))).await?;
+    let scheme = if tls.is_some() {
+        ("wss", "https")
+    } else {
+        ("ws", "http")
+    };
+    let addr = server.local_addr();
+    println!(
+        "OpAMP endpoint: {}://{addr}/v1/opamp (WebSocket), {}://{addr}/v1/opamp (plain HTTP)",
+        scheme.0, scheme.1
+    );
+
+    let ui = tokio::net::TcpListener::bind(args.ui_addr).await?;
+    println!("web UI: http://{}/", ui.local_addr()?);
+    let ui_task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(ui, api::router(state)).await {
+            tracing::error!("UI server failed: {e}");
+        }
+    });
+
+    tokio::signal::ctrl_c().await?;
+    println!("stopping");
+    ui_task.abort();
+    server.shutdown().await;
+    Ok(())
+}
