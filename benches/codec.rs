@@ -8,18 +8,9 @@ use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use opamp::proto::{
     AgentCapabilitySet, AgentConfigMap, AgentConfigObject, AgentDescription, AgentRemoteConfig,
-    AgentToServer, AnyValue, ComponentHealth, EffectiveConfig, InstanceUid, KeyValue, Message,
-    RemoteConfigStatus, ServerToAgent, any_value, framing,
+    AgentToServer, ComponentHealth, EffectiveConfig, InstanceUid, KeyValue, Message,
+    RemoteConfigStatus, ServerToAgent, framing,
 };
-
-fn kv(key: &str, value: &str) -> KeyValue {
-    KeyValue {
-        key: key.into(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(value.into())),
-        }),
-    }
-}
 
 fn config_map(size: usize) -> AgentConfigMap {
     let line = "receivers: { otlp: { protocols: { grpc: {}, http: {} } } }\n";
@@ -48,16 +39,18 @@ fn heartbeat() -> AgentToServer {
 /// A full status: 20-attribute description, health with components, 10 KiB effective config.
 fn full_status() -> AgentToServer {
     let mut ident = vec![
-        kv("service.name", "io.opentelemetry.collector"),
-        kv("service.version", "0.115.0"),
-        kv(
+        KeyValue::new("service.name", "io.opentelemetry.collector"),
+        KeyValue::new("service.version", "0.115.0"),
+        KeyValue::new(
             "service.instance.id",
             "5d1c3a9e-1c55-4a3e-8f0e-2b1b1a2c3d4e",
         ),
     ];
-    ident.extend((0..7).map(|i| kv(&format!("deployment.label.{i}"), "production-eu-west-1")));
+    ident.extend(
+        (0..7).map(|i| KeyValue::new(format!("deployment.label.{i}"), "production-eu-west-1")),
+    );
     let non_ident = (0..10)
-        .map(|i| kv(&format!("host.attr.{i}"), "ip-10-0-0-1.internal"))
+        .map(|i| KeyValue::new(format!("host.attr.{i}"), "ip-10-0-0-1.internal"))
         .collect();
     let mut health = ComponentHealth {
         healthy: true,

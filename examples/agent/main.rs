@@ -22,8 +22,8 @@ use http::{HeaderName, HeaderValue};
 use opamp::client::{Callbacks, MessageData, OpampClient, StartSettings};
 use opamp::proto::{
     AgentCapabilitySet, AgentConfigMap, AgentConfigObject, AgentDescription, AgentRemoteConfig,
-    AnyValue, ComponentHealth, EffectiveConfig, InstanceUid, KeyValue, Message, RemoteConfigStatus,
-    RemoteConfigStatuses, ServerToAgentCommand, any_value,
+    ComponentHealth, EffectiveConfig, InstanceUid, KeyValue, Message, RemoteConfigStatus,
+    RemoteConfigStatuses, ServerToAgentCommand,
 };
 use tokio::sync::mpsc;
 
@@ -105,15 +105,6 @@ fn parse_args() -> Result<Args, String> {
         return Err("--tls-cert and --tls-key go together".into());
     }
     Ok(args)
-}
-
-fn kv(key: &str, value: &str) -> KeyValue {
-    KeyValue {
-        key: key.into(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(value.into())),
-        }),
-    }
 }
 
 fn unix_nanos(t: SystemTime) -> u64 {
@@ -321,13 +312,13 @@ fn settings(args: &Args, index: usize, uid: InstanceUid) -> Result<StartSettings
         .unwrap_or_else(|_| "localhost".into());
     let description = AgentDescription {
         identifying_attributes: vec![
-            kv("service.name", &name),
-            kv("service.version", env!("CARGO_PKG_VERSION")),
-            kv("service.instance.id", &uid.to_string()),
+            KeyValue::new("service.name", &name),
+            KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+            KeyValue::new("service.instance.id", uid.to_string()),
         ],
         non_identifying_attributes: vec![
-            kv("host.name", &host),
-            kv("os.type", std::env::consts::OS),
+            KeyValue::new("host.name", &host),
+            KeyValue::new("os.type", std::env::consts::OS),
         ],
     };
     let capabilities = AgentCapabilitySet::REPORTS_STATUS

@@ -82,12 +82,7 @@ impl State {
     /// Pushes `message` to the agent now if it is connected (over plain HTTP it rides on the
     /// next poll response); otherwise it gets it when it next reports.
     pub(crate) fn push(&self, uid: InstanceUid, message: ServerToAgent) {
-        let conn = self
-            .connections
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&uid)
-            .cloned();
+        let conn = store::lock(&self.connections).get(&uid).cloned();
         if let Some(conn) = conn {
             if let Err(e) = conn.send(message) {
                 tracing::warn!(%uid, "push failed, the agent gets the config on its next report: {e}");
@@ -100,13 +95,7 @@ impl State {
     /// Closes every live connection (WebSocket close frame; plain-HTTP sessions end). Agents
     /// reconnect by themselves; the fleet benchmark uses this for its reconnect storm.
     pub(crate) fn disconnect_all(&self) -> usize {
-        let conns: Vec<Connection> = self
-            .connections
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let conns: Vec<Connection> = store::lock(&self.connections).values().cloned().collect();
         for conn in &conns {
             conn.disconnect();
         }
@@ -122,12 +111,7 @@ impl State {
                 "agent {uid} is unknown or does not accept the Restart command"
             ));
         }
-        let conn = self
-            .connections
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&uid)
-            .cloned();
+        let conn = store::lock(&self.connections).get(&uid).cloned();
         let conn = conn.ok_or_else(|| format!("agent {uid} is not connected"))?;
         let command = ServerToAgent {
             command: Some(ServerToAgentCommand {
@@ -156,7 +140,7 @@ impl ConnectionCallbacks for AgentHandler {
     async fn on_message(&self, conn: &Connection, msg: AgentToServer) -> Option<ServerToAgent> {
         let uid = InstanceUid::try_from(&msg.instance_uid[..]).ok()?;
         let known = {
-            let mut conns = self.0.connections.lock().unwrap_or_else(|e| e.into_inner());
+            let mut conns = store::lock(&self.0.connections);
             let known = conns.get(&uid).is_some_and(|c| c.same_connection(conn));
             conns.insert(uid, conn.clone());
             known
@@ -177,7 +161,7 @@ impl ConnectionCallbacks for AgentHandler {
         let Some(uid) = conn.instance_uid() else {
             return;
         };
-        let mut conns = self.0.connections.lock().unwrap_or_else(|e| e.into_inner());
+        let mut conns = store::lock(&self.0.connections);
         if conns.get(&uid).is_some_and(|c| c.same_connection(conn)) {
             conns.remove(&uid);
             self.0.fleet.disconnected(uid);

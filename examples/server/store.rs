@@ -3,7 +3,7 @@
 //! the server forgets the fleet, and agents re-report in full when asked (SEQ-2).
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -63,6 +63,11 @@ impl AgentRecord {
     }
 }
 
+/// Locks `m`. A panic while holding the lock leaves plain data behind; keep serving it.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The fleet: every agent seen since the server started, by instance uid.
 #[derive(Debug, Default)]
 pub(crate) struct Fleet {
@@ -70,9 +75,8 @@ pub(crate) struct Fleet {
 }
 
 impl Fleet {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<InstanceUid, AgentRecord>> {
-        // A panic while holding the lock leaves plain data behind; keep serving it.
-        self.agents.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<InstanceUid, AgentRecord>> {
+        lock(&self.agents)
     }
 
     /// Marks an agent connected over `transport` from `remote_addr`.
@@ -196,10 +200,8 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 }
 
 fn any_to_string(v: &AnyValue) -> String {
-    match &v.value {
-        Some(any_value::Value::StringValue(s)) => s.clone(),
-        _ => any_to_json(v).to_string(),
-    }
+    v.as_str()
+        .map_or_else(|| any_to_json(v).to_string(), str::to_owned)
 }
 
 fn any_to_json(v: &AnyValue) -> Value {

@@ -63,6 +63,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod caps;
+mod ext;
 pub mod framing;
 mod redact;
 mod uid;

@@ -1,0 +1,71 @@
+//! Small constructors on the generated types, for the attributes every agent reports.
+
+use bytes::Bytes;
+
+use crate::v1::{AnyValue, KeyValue, any_value};
+
+impl KeyValue {
+    /// An attribute with any value: `KeyValue::new("service.name", "collector")`,
+    /// `KeyValue::new("process.pid", 42_i64)`.
+    pub fn new(key: impl Into<String>, value: impl Into<AnyValue>) -> Self {
+        Self {
+            key: key.into(),
+            value: Some(value.into()),
+        }
+    }
+
+    /// The value as a string, if it is a string value.
+    pub fn str_value(&self) -> Option<&str> {
+        self.value.as_ref().and_then(AnyValue::as_str)
+    }
+}
+
+impl AnyValue {
+    /// The string, if this is a string value.
+    pub fn as_str(&self) -> Option<&str> {
+        match &self.value {
+            Some(any_value::Value::StringValue(s)) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+macro_rules! any_value_from {
+    ($($ty:ty => $variant:ident $(via $conv:path)?),* $(,)?) => {$(
+        impl From<$ty> for AnyValue {
+            fn from(v: $ty) -> Self {
+                Self { value: Some(any_value::Value::$variant($($conv)?(v))) }
+            }
+        }
+    )*};
+}
+
+any_value_from! {
+    String => StringValue,
+    &str => StringValue via String::from,
+    &String => StringValue via String::clone,
+    bool => BoolValue,
+    i64 => IntValue,
+    f64 => DoubleValue,
+    Bytes => BytesValue,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attribute_constructors() {
+        let kv = KeyValue::new("service.name", "collector");
+        assert_eq!(kv.key, "service.name");
+        assert_eq!(kv.str_value(), Some("collector"));
+        assert_eq!(
+            KeyValue::new("n", 3_i64).value,
+            Some(AnyValue {
+                value: Some(any_value::Value::IntValue(3))
+            })
+        );
+        assert_eq!(KeyValue::new("b", true).str_value(), None);
+        assert_eq!(AnyValue::from(String::from("x")).as_str(), Some("x"));
+    }
+}
