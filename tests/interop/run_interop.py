@@ -268,6 +268,14 @@ def browser_check(ui_port, agents, state):
     missing = [a["instance_uid"] for a in agents if a["instance_uid"] not in dom]
     check("UI in chromium lists every agent", dom and not missing and 'id="agents"' in dom,
           f"{len(missing)} missing of {len(agents)}; DOM {len(dom)} chars")
+    # Clicks through the UI: agent page, push to one agent, push by selector, statuses shown.
+    try:
+        ui = subprocess.run(["node", os.path.join(HERE, "ui_test.mjs"), f"http://127.0.0.1:{ui_port}"],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "CHROMIUM": chromium})
+        print(ui.stdout + ui.stderr, end="")
+        check("UI flows in chromium (ui_test.mjs)", ui.returncode == 0, f"exit {ui.returncode}")
+    except subprocess.TimeoutExpired:
+        check("UI flows in chromium (ui_test.mjs)", False, "timed out")
     if os.environ.get("OPAMP_UI_SCREENSHOT"):
         shot = [c for c in cmd if c != "--dump-dom"]
         shot.insert(-1, f"--screenshot={os.environ['OPAMP_UI_SCREENSHOT']}")

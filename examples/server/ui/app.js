@@ -93,8 +93,8 @@ async function agentView(uid) {
   <section><h2>Remote config status</h2>${rcsCell(a.remote_config_status)} ${short(a.remote_config_status && a.remote_config_status.hash)}</section>
   <section><h2>Remote config offered</h2>${a.remote_config ? `<p>hash ${short(a.remote_config.hash)}</p>${configMap(a.remote_config.config)}` : '<p class="muted">none</p>'}</section>
   <section><h2>Effective config</h2>${configMap(a.effective_config)}</section>
-  <section><h2>Push a config to this agent</h2>${editor(`/api/agents/${encodeURIComponent(a.instance_uid)}/config`)}</section>`;
-  wireEditor();
+  <section><h2>Push a config to this agent</h2>${editor(`/api/agents/${encodeURIComponent(a.instance_uid)}/config`)}<div id="acks"></div></section>`;
+  wireEditor(false);
   const restart = document.getElementById("restart");
   if (restart) restart.addEventListener("click", async () => {
     const out = document.getElementById("restart-result");
@@ -134,7 +134,7 @@ function wireEditor(withSelector) {
     try {
       const r = await api(target, { method: "PUT", headers: { "content-type": "text/yaml" }, body: document.getElementById("body").value });
       result.innerHTML = `pushed, hash ${short(r.config_hash)} to ${r.agents.length} agent(s)`;
-      if (withSelector) watchAcks(r);
+      watchAcks(r);
     } catch (e) {
       result.innerHTML = `<span class="bad">${esc(e.message)}</span>`;
     }
