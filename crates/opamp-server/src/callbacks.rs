@@ -150,6 +150,10 @@ pub trait ConnectionCallbacks: Send + Sync + 'static {
     /// capabilities, flags, uid assignment, capability gating, see
     /// [`AgentSession`](crate::AgentSession)). A reply whose `error_response` is
     /// `UNAVAILABLE` becomes HTTP 503 with `Retry-After` on plain HTTP (THR-5).
+    ///
+    /// The message owns its data: its `bytes` fields are exact-size copies, not views into
+    /// the connection's receive buffer, so keeping them (a config hash, an effective config)
+    /// costs their size and nothing more.
     async fn on_message(&self, conn: &Connection, message: AgentToServer) -> Option<ServerToAgent>;
 
     /// The connection (or plain-HTTP session) ended. Called exactly once.

@@ -266,7 +266,9 @@ where
         raw
     };
 
-    let msg = match AgentToServer::decode(body) {
+    // Decoded by copying, so `bytes` fields the application keeps do not pin the request
+    // body's buffer.
+    let msg = match AgentToServer::decode(&body[..]) {
         Ok(msg) => msg,
         Err(e) => {
             let err = ReadMessageError::Decode(DecodeError::from(e));

@@ -226,8 +226,11 @@ pub(crate) async fn run<S>(
             frame = ws.next(), if in_flight.is_none() => match frame {
                 None => break None,
                 Some(Ok(Message::Binary(data))) => {
-                    // Boxed: the match keeps its scrutinee in storage through the arms' awaits.
-                    match framing::decode_bytes::<AgentToServer>(data, limit).map(Box::new) {
+                    // Decoded by copying: a zero-copy decode would make every `bytes` field the
+                    // application keeps (a config hash, a config body) pin this connection's
+                    // whole receive buffer. Boxed: the match keeps its scrutinee in storage
+                    // through the arms' awaits.
+                    match framing::decode::<AgentToServer>(&data, limit).map(Box::new) {
                         Ok(msg) => match core.handle_message(&msg, Instant::now()) {
                             Ok(received) => {
                                 if conn.instance_uid() != Some(received.instance_uid) {
