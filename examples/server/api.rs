@@ -10,6 +10,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post, put};
 use opamp::proto::{InstanceUid, ServerToAgent};
+use opamp::server::SharedMessage;
 use serde_json::json;
 
 use crate::State;
@@ -137,15 +138,13 @@ async fn put_config(
     };
     let config = remote_config(body, content_type(&headers));
     let targeted = state.fleet.offer_matching(selector, &config);
+    // Encoded once; each agent gets the same bytes behind its own uid.
+    let shared = SharedMessage::new(ServerToAgent {
+        remote_config: Some(config.clone()),
+        ..Default::default()
+    });
     for uid in &targeted {
-        // Cloning an AgentRemoteConfig clones `Bytes` handles, not the config body.
-        state.push(
-            *uid,
-            ServerToAgent {
-                remote_config: Some(config.clone()),
-                ..Default::default()
-            },
-        );
+        state.push_shared(*uid, &shared);
     }
     Json(json!({
         "config_hash": hex(&config.config_hash),

@@ -21,7 +21,7 @@ use async_trait::async_trait;
 use opamp::proto::{AgentToServer, CommandType, InstanceUid, ServerToAgent, ServerToAgentCommand};
 use opamp::server::{
     Connection, ConnectionCallbacks, ConnectionResponse, Server, ServerCallbacks, ServerConfig,
-    Transport,
+    SharedMessage, Transport,
 };
 
 use crate::store::Fleet;
@@ -85,6 +85,16 @@ impl State {
         let conn = store::lock(&self.connections).get(&uid).cloned();
         if let Some(conn) = conn {
             if let Err(e) = conn.send(message) {
+                tracing::warn!(%uid, "push failed, the agent gets the config on its next report: {e}");
+            }
+        }
+    }
+
+    /// Like [`push`](Self::push), for a message encoded once for many agents.
+    pub(crate) fn push_shared(&self, uid: InstanceUid, message: &SharedMessage) {
+        let conn = store::lock(&self.connections).get(&uid).cloned();
+        if let Some(conn) = conn {
+            if let Err(e) = conn.send_shared(message) {
                 tracing::warn!(%uid, "push failed, the agent gets the config on its next report: {e}");
             }
         }

@@ -9,8 +9,13 @@ use opamp_proto::{DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_PATH, DEFAULT_PORT, ServerCa
 
 use crate::error::ConfigError;
 
-/// Default WebSocket read buffer: 4 KiB, small because a fleet is mostly idle sockets.
-pub const DEFAULT_WS_READ_BUFFER_SIZE: usize = 4 * 1024;
+/// Default WebSocket read buffer: 2 KiB, allocated up front for every connection, so kept
+/// small: a fleet is mostly idle sockets. Larger messages are read in 2 KiB steps.
+pub const DEFAULT_WS_READ_BUFFER_SIZE: usize = 2 * 1024;
+/// Default largest WebSocket frame the server writes: 4 KiB. Larger messages go out as
+/// several frames of one message (RFC 6455 fragmentation), because the WebSocket layer keeps
+/// a write buffer as large as the largest frame it ever wrote, for the life of the connection.
+pub const DEFAULT_WS_WRITE_FRAGMENT_SIZE: usize = 4 * 1024;
 /// Default capacity of a WebSocket connection's outbound queue, in messages.
 pub const DEFAULT_OUTBOUND_QUEUE_CAPACITY: usize = 16;
 /// Default time after which an idle plain-HTTP session is forgotten (four 30 s poll intervals).
@@ -43,6 +48,7 @@ pub struct ServerConfig {
     path: String,
     max_message_size: usize,
     ws_read_buffer_size: usize,
+    ws_write_fragment_size: usize,
     outbound_queue_capacity: usize,
     server_capabilities: ServerCapabilitySet,
     http_idle_timeout: Duration,
@@ -59,6 +65,7 @@ impl Default for ServerConfig {
             path: DEFAULT_PATH.to_owned(),
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             ws_read_buffer_size: DEFAULT_WS_READ_BUFFER_SIZE,
+            ws_write_fragment_size: DEFAULT_WS_WRITE_FRAGMENT_SIZE,
             outbound_queue_capacity: DEFAULT_OUTBOUND_QUEUE_CAPACITY,
             server_capabilities: DEFAULT_SERVER_CAPABILITIES,
             http_idle_timeout: DEFAULT_HTTP_IDLE_TIMEOUT,
@@ -95,9 +102,14 @@ impl ServerConfig {
         self.max_message_size
     }
 
-    /// Initial read buffer of each WebSocket connection (default 4 KiB).
+    /// Initial read buffer of each WebSocket connection (default 2 KiB).
     pub fn ws_read_buffer_size(&self) -> usize {
         self.ws_read_buffer_size
+    }
+
+    /// Largest WebSocket frame written; larger messages are fragmented (default 4 KiB).
+    pub fn ws_write_fragment_size(&self) -> usize {
+        self.ws_write_fragment_size
     }
 
     /// Capacity of each WebSocket connection's outbound queue (default 16 messages).
@@ -176,6 +188,14 @@ impl ServerConfigBuilder {
         self
     }
 
+    /// Sets the largest WebSocket frame the server writes (at least 64 bytes); larger
+    /// messages are sent as several frames of one message. Larger values mean fewer frames
+    /// per big message but a larger write buffer kept per connection after one is sent.
+    pub fn ws_write_fragment_size(mut self, bytes: usize) -> Self {
+        self.config.ws_write_fragment_size = bytes;
+        self
+    }
+
     /// Sets the plain-HTTP session idle timeout; must be non-zero.
     pub fn http_idle_timeout(mut self, timeout: Duration) -> Self {
         self.config.http_idle_timeout = timeout;
@@ -221,6 +241,9 @@ impl ServerConfigBuilder {
         }
         if c.ws_read_buffer_size < 64 {
             return Err(ConfigError::ReadBufferTooSmall(c.ws_read_buffer_size));
+        }
+        if c.ws_write_fragment_size < 64 {
+            return Err(ConfigError::FragmentTooSmall(c.ws_write_fragment_size));
         }
         Ok(ServerConfig {
             server_capabilities: ServerCapabilitySet::from_bits_truncate(

@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use opamp_proto::{InstanceUid, ServerToAgent};
+use bytes::Bytes;
+use opamp_proto::{InstanceUid, Message, ServerToAgent};
 use tokio::sync::{Notify, mpsc};
 
 use crate::error::SendError;
@@ -68,9 +69,79 @@ struct Inner {
     outlet: Outlet,
 }
 
+/// A message to push to many agents, encoded once.
+///
+/// [`Connection::send_shared`] queues it without copying: every agent whose session leaves
+/// the message as it is gets the same encoded bytes, behind a few bytes of its own
+/// (`instance_uid`, `capabilities`, `flags`, `agent_identification`, which the protocol core
+/// sets per agent). Where the core must change the message for one agent (an offer the
+/// agent has no capability for, a config it already reports), that agent gets its own
+/// encoding, as with [`Connection::send`]. Cloning is cheap (two reference counts).
+#[derive(Clone)]
+pub struct SharedMessage {
+    message: Arc<ServerToAgent>,
+    /// The message without its per-agent fields, encoded.
+    encoded: Bytes,
+}
+
+impl SharedMessage {
+    /// Encodes `message` once for sending to many agents.
+    pub fn new(message: ServerToAgent) -> Self {
+        let shared = ServerToAgent {
+            instance_uid: Bytes::new(),
+            capabilities: 0,
+            flags: 0,
+            agent_identification: None,
+            ..message.clone()
+        };
+        Self {
+            encoded: Bytes::from(shared.encode_to_vec()),
+            message: Arc::new(message),
+        }
+    }
+
+    /// The message.
+    pub fn message(&self) -> &ServerToAgent {
+        &self.message
+    }
+
+    /// The encoded message without its per-agent fields.
+    pub(crate) fn encoded(&self) -> &Bytes {
+        &self.encoded
+    }
+
+    fn to_owned_message(&self) -> Box<ServerToAgent> {
+        Box::new((*self.message).clone())
+    }
+}
+
+impl fmt::Debug for SharedMessage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedMessage")
+            .field("message", &self.message)
+            .field("encoded_len", &self.encoded.len())
+            .finish()
+    }
+}
+
+/// An item of a WebSocket connection's outbound queue.
+pub(crate) enum Outbound {
+    Message(Box<ServerToAgent>),
+    Shared(SharedMessage),
+}
+
+impl Outbound {
+    fn into_message(self) -> Box<ServerToAgent> {
+        match self {
+            Self::Message(m) => m,
+            Self::Shared(s) => s.to_owned_message(),
+        }
+    }
+}
+
 enum Outlet {
     WebSocket {
-        queue: mpsc::Sender<Box<ServerToAgent>>,
+        queue: mpsc::Sender<Outbound>,
         disconnect: Notify,
     },
     Http {
@@ -111,10 +182,7 @@ impl PeerInfo {
 }
 
 impl Connection {
-    pub(crate) fn websocket(
-        peer: PeerInfo,
-        capacity: usize,
-    ) -> (Self, mpsc::Receiver<Box<ServerToAgent>>) {
+    pub(crate) fn websocket(peer: PeerInfo, capacity: usize) -> (Self, mpsc::Receiver<Outbound>) {
         let (queue, rx) = mpsc::channel(capacity);
         let conn = Self::new(
             Transport::WebSocket,
@@ -159,16 +227,27 @@ impl Connection {
     /// agent cannot make the server buffer without bound). Plain HTTP: never full; the
     /// message waits for the next poll, merged with any message already pending.
     pub fn send(&self, message: ServerToAgent) -> Result<(), SendError> {
-        let message = Box::new(message);
+        self.enqueue(Outbound::Message(Box::new(message)))
+    }
+
+    /// Sends a message encoded once for many agents (see [`SharedMessage`]), without
+    /// waiting; errors as [`send`](Self::send), handing back a copy of the message.
+    pub fn send_shared(&self, message: &SharedMessage) -> Result<(), SendError> {
+        self.enqueue(Outbound::Shared(message.clone()))
+    }
+
+    fn enqueue(&self, item: Outbound) -> Result<(), SendError> {
         if self.is_closed() {
-            return Err(SendError::Closed(message));
+            return Err(SendError::Closed(item.into_message()));
         }
         match &self.inner.outlet {
-            Outlet::WebSocket { queue, .. } => queue.try_send(message).map_err(|e| match e {
-                mpsc::error::TrySendError::Full(m) => SendError::QueueFull(m),
-                mpsc::error::TrySendError::Closed(m) => SendError::Closed(m),
+            Outlet::WebSocket { queue, .. } => queue.try_send(item).map_err(|e| match e {
+                mpsc::error::TrySendError::Full(m) => SendError::QueueFull(m.into_message()),
+                mpsc::error::TrySendError::Closed(m) => SendError::Closed(m.into_message()),
             }),
             Outlet::Http { pending } => {
+                // Plain HTTP encodes each response anyway: the message joins the pending one.
+                let message = item.into_message();
                 let mut slot = lock(pending);
                 match slot.as_mut() {
                     Some(existing) => merge(existing, *message),
@@ -189,9 +268,9 @@ impl Connection {
     pub async fn send_async(&self, message: ServerToAgent) -> Result<(), SendError> {
         match &self.inner.outlet {
             Outlet::WebSocket { queue, .. } if !self.is_closed() => queue
-                .send(Box::new(message))
+                .send(Outbound::Message(Box::new(message)))
                 .await
-                .map_err(|e| SendError::Closed(e.0)),
+                .map_err(|e| SendError::Closed(e.0.into_message())),
             _ => self.send(message),
         }
     }

@@ -69,6 +69,44 @@ pub struct Received {
     pub switched_from: Option<InstanceUid>,
 }
 
+/// How to send a shared message to one agent; from
+/// [`AgentSession::prepare_shared_push`].
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum PushPlan {
+    /// Nothing to send: the agent cannot take it or already has it.
+    Skip,
+    /// Send these per-agent fields followed by the shared encoding.
+    Shared(ServerToAgent),
+    /// The session changed the message for this agent: send this one instead.
+    Owned(ServerToAgent),
+}
+
+/// Whether `a` and `b` differ at most in the fields the session sets per agent.
+fn same_except_per_agent_fields(a: &ServerToAgent, b: &ServerToAgent) -> bool {
+    // Destructured in full so that a field added to the schema is a compile error here.
+    let ServerToAgent {
+        instance_uid: _,
+        capabilities: _,
+        flags: _,
+        agent_identification: _,
+        error_response,
+        remote_config,
+        connection_settings,
+        packages_available,
+        command,
+        custom_capabilities,
+        custom_message,
+    } = a;
+    *error_response == b.error_response
+        && *remote_config == b.remote_config
+        && *connection_settings == b.connection_settings
+        && *packages_available == b.packages_available
+        && *command == b.command
+        && *custom_capabilities == b.custom_capabilities
+        && *custom_message == b.custom_message
+}
+
 /// The protocol state of one agent, free of I/O.
 ///
 /// # Calling contract
@@ -310,6 +348,27 @@ impl AgentSession {
         }
         self.finish(&mut msg, now);
         Some(msg)
+    }
+
+    /// Plans sending a message shared by many agents (see
+    /// [`SharedMessage`](crate::SharedMessage)): the same decisions as
+    /// [`prepare_push`](Self::prepare_push), then whether the agent can take the shared
+    /// encoding as it is, behind its own per-agent fields.
+    pub fn prepare_shared_push(&mut self, shared: &ServerToAgent, now: Instant) -> PushPlan {
+        let Some(out) = self.prepare_push(shared.clone(), now) else {
+            return PushPlan::Skip;
+        };
+        if same_except_per_agent_fields(&out, shared) {
+            PushPlan::Shared(ServerToAgent {
+                instance_uid: out.instance_uid,
+                capabilities: out.capabilities,
+                flags: out.flags,
+                agent_identification: out.agent_identification,
+                ..ServerToAgent::default()
+            })
+        } else {
+            PushPlan::Owned(out)
+        }
     }
 
     /// Fills in what the session owes and removes what must not go out.

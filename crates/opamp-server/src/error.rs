@@ -20,6 +20,10 @@ pub enum ConfigError {
     /// The WebSocket read buffer is below the 64-byte minimum.
     #[error("WebSocket read buffer of {0} bytes is below the 64-byte minimum")]
     ReadBufferTooSmall(usize),
+
+    /// The WebSocket write fragment size is below the 64-byte minimum.
+    #[error("WebSocket write fragment size of {0} bytes is below the 64-byte minimum")]
+    FragmentTooSmall(usize),
 }
 
 /// The standalone server could not start.

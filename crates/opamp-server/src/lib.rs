@@ -71,11 +71,18 @@
 //! # Memory and backpressure
 //!
 //! A WebSocket connection is one task that both reads and writes (the single writer), with a
-//! 4 KiB read buffer and a bounded outbound queue (16 messages by default):
+//! 2 KiB read buffer and a bounded outbound queue (16 messages by default):
 //! [`Connection::send`] fails with [`SendError::QueueFull`] instead of buffering without
 //! bound, and [`Connection::send_async`] waits for room. Plain-HTTP pushes coalesce into one
 //! pending message per agent. Incoming messages are limited to 64 MiB by default (WS-9
-//! closes with 1009; HTTP-14 answers 413, measured after decompression).
+//! closes with 1009; HTTP-14 answers 413, measured after decompression). An idle WebSocket
+//! agent costs about 7 KiB of server memory (BENCHMARKS.md).
+//!
+//! Messages larger than 4 KiB go out as several WebSocket frames of one message, so that no
+//! connection keeps a write buffer as large as the largest config it was ever sent. To push
+//! one message to many agents, build a [`SharedMessage`] once and call
+//! [`Connection::send_shared`] for each: the message is encoded once and every agent gets
+//! the same bytes behind its own instance uid and capabilities.
 //!
 //! # Cancel safety
 //!
@@ -105,13 +112,13 @@ pub use callbacks::{
 };
 pub use config::{
     DEFAULT_FULL_STATE_MIN_INTERVAL, DEFAULT_HTTP_IDLE_TIMEOUT, DEFAULT_OUTBOUND_QUEUE_CAPACITY,
-    DEFAULT_SERVER_CAPABILITIES, DEFAULT_WRITE_TIMEOUT, DEFAULT_WS_READ_BUFFER_SIZE, ServerConfig,
-    ServerConfigBuilder,
+    DEFAULT_SERVER_CAPABILITIES, DEFAULT_WRITE_TIMEOUT, DEFAULT_WS_READ_BUFFER_SIZE,
+    DEFAULT_WS_WRITE_FRAGMENT_SIZE, ServerConfig, ServerConfigBuilder,
 };
 #[cfg(feature = "tls")]
 pub use connection::PeerCertificates;
-pub use connection::{Connection, Transport};
-pub use core::{AgentSession, Received, SessionConfig};
+pub use connection::{Connection, SharedMessage, Transport};
+pub use core::{AgentSession, PushPlan, Received, SessionConfig};
 pub use error::{ConfigError, ReadMessageError, SendError, ServerError};
 pub use server::{Server, ServerHandle};
 

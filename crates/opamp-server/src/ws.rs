@@ -20,14 +20,15 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::error::Error as WsError;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data as OpData, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::{CloseFrame, Frame};
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tracing::Instrument;
 
 use crate::callbacks::{ConnectionCallbacks, bad_request};
-use crate::connection::{Connection, PeerInfo, merge};
-use crate::core::{AgentSession, SessionConfig};
+use crate::connection::{Connection, Outbound, PeerInfo, SharedMessage, merge};
+use crate::core::{AgentSession, PushPlan, SessionConfig};
 use crate::error::ReadMessageError;
 use crate::service::{ResponseBody, Shared, stopped, text_response};
 use crate::wire;
@@ -159,7 +160,7 @@ pub(crate) async fn run<S>(
     shared: &Shared,
     mut ws: WebSocketStream<S>,
     conn: Connection,
-    mut rx: mpsc::Receiver<Box<ServerToAgent>>,
+    mut rx: mpsc::Receiver<Outbound>,
     callbacks: Arc<dyn ConnectionCallbacks>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -167,6 +168,7 @@ pub(crate) async fn run<S>(
     let config = &shared.config;
     let limit = config.max_message_size();
     let write_timeout = config.write_timeout();
+    let fragment = config.ws_write_fragment_size();
     let mut core = AgentSession::new(
         SessionConfig::websocket(config.server_capabilities())
             .with_full_state_min_interval(config.full_state_min_interval()),
@@ -202,12 +204,16 @@ pub(crate) async fn run<S>(
                 };
                 // Encoded before the write is awaited, so no message is held across it.
                 let frame = encode_frame(&core.prepare_reply(reply, Instant::now()), limit);
-                if send_frame(&mut ws, frame, write_timeout).await.is_err() {
+                if send_parts(&mut ws, Outgoing::one(frame), fragment, write_timeout).await.is_err() {
                     break None;
                 }
             }
             Some(push) = rx.recv() => {
                 if core.instance_uid().is_none() {
+                    let push = match push {
+                        Outbound::Message(m) => m,
+                        Outbound::Shared(shared) => Box::new(shared.message().clone()),
+                    };
                     match held.as_mut() {
                         Some(h) => merge(h, *push),
                         None => held = Some(push),
@@ -215,9 +221,14 @@ pub(crate) async fn run<S>(
                 } else {
                     // Encoded in its own statement: temporaries of a let-chain's scrutinee
                     // would stay in the future's storage across the write.
-                    let frame = core.prepare_push(*push, Instant::now()).map(|out| encode_frame(&out, limit));
-                    if let Some(frame) = frame
-                        && send_frame(&mut ws, frame, write_timeout).await.is_err()
+                    let parts = match push {
+                        Outbound::Message(m) => core
+                            .prepare_push(*m, Instant::now())
+                            .map(|out| Outgoing::one(encode_frame(&out, limit))),
+                        Outbound::Shared(shared) => shared_parts(&mut core, &shared, limit),
+                    };
+                    if let Some(parts) = parts
+                        && send_parts(&mut ws, parts, fragment, write_timeout).await.is_err()
                     {
                         break None;
                     }
@@ -291,7 +302,7 @@ pub(crate) async fn run<S>(
         let reply = pending.await;
         let frame = encode_frame(&core.prepare_reply(reply, Instant::now()), limit);
         if close.is_some() {
-            let _ = send_frame(&mut ws, frame, write_timeout).await;
+            let _ = send_parts(&mut ws, Outgoing::one(frame), fragment, write_timeout).await;
         }
     }
     if let Some(frame) = close {
@@ -322,7 +333,13 @@ where
         reply.instance_uid = uid.to_bytes();
     }
     let frame = encode_frame(&reply, config.max_message_size());
-    send_frame(ws, frame, config.write_timeout()).await
+    send_parts(
+        ws,
+        Outgoing::one(frame),
+        config.ws_write_fragment_size(),
+        config.write_timeout(),
+    )
+    .await
 }
 
 /// Frames `msg` for sending. WS-11: a message over the limit is never sent; the agent gets a
@@ -339,15 +356,117 @@ fn encode_frame(msg: &ServerToAgent, limit: usize) -> Bytes {
     })
 }
 
-async fn send_frame<S>(
+/// One WebSocket message as the concatenation of up to two byte strings: a frame from
+/// [`encode_frame`], or per-agent fields followed by a shared encoding.
+struct Outgoing {
+    head: Bytes,
+    tail: Bytes,
+}
+
+impl Outgoing {
+    fn one(frame: Bytes) -> Self {
+        Self {
+            head: frame,
+            tail: Bytes::new(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.head.len() + self.tail.len()
+    }
+
+    /// Splits the message into frame payloads of at most `size` bytes. Only a payload that
+    /// straddles `head` and `tail` is copied; every other one is a slice of the originals.
+    fn fragments(self, size: usize) -> Vec<Bytes> {
+        let mut out = Vec::with_capacity(self.len().div_ceil(size.max(1)));
+        let mut carry = bytes::BytesMut::new();
+        for mut part in [self.head, self.tail] {
+            if !carry.is_empty() {
+                let take = (size - carry.len()).min(part.len());
+                carry.extend_from_slice(&part.split_to(take));
+                if carry.len() == size {
+                    out.push(std::mem::take(&mut carry).freeze());
+                }
+            }
+            while part.len() >= size {
+                out.push(part.split_to(size));
+            }
+            if !part.is_empty() {
+                carry.extend_from_slice(&part);
+            }
+        }
+        if !carry.is_empty() || out.is_empty() {
+            out.push(carry.freeze());
+        }
+        out
+    }
+}
+
+/// The per-agent plan for a shared message, as bytes to send.
+fn shared_parts(core: &mut AgentSession, shared: &SharedMessage, limit: usize) -> Option<Outgoing> {
+    match core.prepare_shared_push(shared.message(), Instant::now()) {
+        PushPlan::Shared(own) => {
+            // The per-agent fields, framed (header 0x00), then the shared fields: protobuf
+            // fields may come in any order, and these two sets never overlap.
+            let head = framing::encode(&own);
+            if head.len() + shared.encoded().len() > limit {
+                // WS-11: too large for this agent; encode_frame answers with a bare ack.
+                let mut full = shared.message().clone();
+                full.instance_uid = own.instance_uid;
+                return Some(Outgoing::one(encode_frame(&full, limit)));
+            }
+            Some(Outgoing {
+                head,
+                tail: shared.encoded().clone(),
+            })
+        }
+        PushPlan::Owned(out) => Some(Outgoing::one(encode_frame(&out, limit))),
+        _ => None,
+    }
+}
+
+/// Sends one WebSocket message, fragmented into frames of at most `fragment` bytes (RFC 6455
+/// section 5.4): the WebSocket layer keeps a write buffer as large as the largest frame it
+/// ever wrote, so big configs must not go out as one frame to every agent.
+async fn send_parts<S>(
     ws: &mut WebSocketStream<S>,
-    frame: Bytes,
+    parts: Outgoing,
+    fragment: usize,
     timeout: Duration,
 ) -> Result<(), ()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    match tokio::time::timeout(timeout, ws.send(Message::Binary(frame))).await {
+    let write = async {
+        if parts.len() <= fragment {
+            let frame = if parts.tail.is_empty() {
+                parts.head
+            } else {
+                let mut one = bytes::BytesMut::with_capacity(parts.len());
+                one.extend_from_slice(&parts.head);
+                one.extend_from_slice(&parts.tail);
+                one.freeze()
+            };
+            return ws.send(Message::Binary(frame)).await;
+        }
+        let fragments = parts.fragments(fragment);
+        let last = fragments.len() - 1;
+        for (i, payload) in fragments.into_iter().enumerate() {
+            let opcode = if i == 0 {
+                OpData::Binary
+            } else {
+                OpData::Continue
+            };
+            ws.feed(Message::Frame(Frame::message(
+                payload,
+                OpCode::Data(opcode),
+                i == last,
+            )))
+            .await?;
+        }
+        ws.flush().await
+    };
+    match tokio::time::timeout(timeout, write).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "WebSocket write failed");
@@ -376,6 +495,41 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn concat(frames: &[Bytes]) -> Vec<u8> {
+        frames.iter().flat_map(|b| b.iter().copied()).collect()
+    }
+
+    #[test]
+    fn fragments_cover_the_message_in_order_within_the_size() {
+        let head = Bytes::from((0u8..10).collect::<Vec<_>>());
+        let tail = Bytes::from((10u8..=255).collect::<Vec<_>>());
+        let whole: Vec<u8> = (0u8..=255).collect();
+        for size in [1, 3, 10, 64, 100, 255, 256, 1000] {
+            let frames = Outgoing {
+                head: head.clone(),
+                tail: tail.clone(),
+            }
+            .fragments(size);
+            assert_eq!(concat(&frames), whole, "size {size}");
+            assert!(
+                frames.iter().all(|f| f.len() <= size && !f.is_empty()),
+                "size {size}"
+            );
+            assert_eq!(frames.len(), 256usize.div_ceil(size), "size {size}");
+        }
+        // The shared tail is sliced, not copied, where a frame does not straddle the head.
+        let frames = Outgoing {
+            head: head.clone(),
+            tail: tail.clone(),
+        }
+        .fragments(10);
+        assert_eq!(frames[1].as_ptr(), tail.as_ptr());
+        assert_eq!(
+            concat(&Outgoing::one(Bytes::new()).fragments(4)),
+            Vec::<u8>::new()
+        );
+    }
 
     /// The connection future lives as long as the agent: its size is server memory per idle
     /// agent (BENCHMARKS.md). Messages held across awaits once made it 8.5 KiB; now ~1.5 KiB.

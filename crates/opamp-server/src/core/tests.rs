@@ -617,3 +617,64 @@ fn cap_1_zero_capabilities_keep_the_last_set() {
     s.handle_message(&poll, clock.now()).unwrap();
     assert_eq!(s.agent_capabilities(), caps());
 }
+
+#[test]
+fn shared_push_goes_out_shared_behind_per_agent_fields() {
+    let clock = Clock::new();
+    let mut s = ws_session();
+    exchange(&mut s, &full_report(0), clock.now());
+    let shared = remote_config(b"h1");
+    match s.prepare_shared_push(&shared, clock.now()) {
+        PushPlan::Shared(own) => {
+            assert_eq!(&own.instance_uid[..], &UID, "UID-6: the agent's own uid");
+            assert!(
+                own.remote_config.is_none(),
+                "the offer itself is in the shared bytes"
+            );
+        }
+        other => panic!("expected a shared plan, got {other:?}"),
+    }
+    // RC-4: the same config again is not re-sent.
+    assert_eq!(s.prepare_shared_push(&shared, clock.now()), PushPlan::Skip);
+}
+
+#[test]
+fn shared_push_is_skipped_when_the_agent_reports_the_hash_rc_6() {
+    let clock = Clock::new();
+    let mut s = ws_session();
+    let mut msg = full_report(0);
+    msg.remote_config_status = Some(RemoteConfigStatus {
+        last_remote_config_hash: Bytes::from_static(b"h1"),
+        ..Default::default()
+    });
+    exchange(&mut s, &msg, clock.now());
+    assert_eq!(
+        s.prepare_shared_push(&remote_config(b"h1"), clock.now()),
+        PushPlan::Skip
+    );
+}
+
+#[test]
+fn shared_push_changed_for_one_agent_is_sent_as_its_own_message_cap_4() {
+    let clock = Clock::new();
+    let mut s = ws_session();
+    // This agent does not accept remote config: the config is stripped, the command stays.
+    let mut msg = full_report(0);
+    msg.capabilities = (A::REPORTS_STATUS | A::ACCEPTS_RESTART_COMMAND).bits();
+    exchange(&mut s, &msg, clock.now());
+    let mut shared = remote_config(b"h1");
+    shared.custom_capabilities = Some(opamp_proto::CustomCapabilities {
+        capabilities: vec!["io.example.cap".into()],
+    });
+    match s.prepare_shared_push(&shared, clock.now()) {
+        PushPlan::Owned(out) => {
+            assert!(
+                out.remote_config.is_none(),
+                "stripped: no AcceptsRemoteConfig"
+            );
+            assert!(out.custom_capabilities.is_some());
+            assert_eq!(&out.instance_uid[..], &UID);
+        }
+        other => panic!("expected an owned plan, got {other:?}"),
+    }
+}
