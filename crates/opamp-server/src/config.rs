@@ -12,10 +12,11 @@ use crate::error::ConfigError;
 /// Default WebSocket read buffer: 2 KiB, allocated up front for every connection, so kept
 /// small: a fleet is mostly idle sockets. Larger messages are read in 2 KiB steps.
 pub const DEFAULT_WS_READ_BUFFER_SIZE: usize = 2 * 1024;
-/// Default largest WebSocket frame the server writes: 4 KiB. Larger messages go out as
+/// Default largest WebSocket frame the server writes: 8 KiB. Larger messages go out as
 /// several frames of one message (RFC 6455 fragmentation), because the WebSocket layer keeps
 /// a write buffer as large as the largest frame it ever wrote, for the life of the connection.
-pub const DEFAULT_WS_WRITE_FRAGMENT_SIZE: usize = 4 * 1024;
+/// 8 KiB sends typical configs in one frame (one write) and caps that buffer for big ones.
+pub const DEFAULT_WS_WRITE_FRAGMENT_SIZE: usize = 8 * 1024;
 /// Default capacity of a WebSocket connection's outbound queue, in messages.
 pub const DEFAULT_OUTBOUND_QUEUE_CAPACITY: usize = 16;
 /// Default time after which an idle plain-HTTP session is forgotten (four 30 s poll intervals).
@@ -107,7 +108,7 @@ impl ServerConfig {
         self.ws_read_buffer_size
     }
 
-    /// Largest WebSocket frame written; larger messages are fragmented (default 4 KiB).
+    /// Largest WebSocket frame written; larger messages are fragmented (default 8 KiB).
     pub fn ws_write_fragment_size(&self) -> usize {
         self.ws_write_fragment_size
     }

@@ -124,16 +124,18 @@ impl fmt::Debug for SharedMessage {
     }
 }
 
-/// An item of a WebSocket connection's outbound queue.
+/// An item of a WebSocket connection's outbound queue. Queued boxed: tokio's channel
+/// allocates its first block of 32 slots up front for every connection, so a slot must stay
+/// one pointer wide.
 pub(crate) enum Outbound {
-    Message(Box<ServerToAgent>),
+    Message(ServerToAgent),
     Shared(SharedMessage),
 }
 
 impl Outbound {
-    fn into_message(self) -> Box<ServerToAgent> {
-        match self {
-            Self::Message(m) => m,
+    fn into_message(self: Box<Self>) -> Box<ServerToAgent> {
+        match *self {
+            Self::Message(m) => Box::new(m),
             Self::Shared(s) => s.to_owned_message(),
         }
     }
@@ -141,7 +143,7 @@ impl Outbound {
 
 enum Outlet {
     WebSocket {
-        queue: mpsc::Sender<Outbound>,
+        queue: mpsc::Sender<Box<Outbound>>,
         disconnect: Notify,
     },
     Http {
@@ -182,7 +184,10 @@ impl PeerInfo {
 }
 
 impl Connection {
-    pub(crate) fn websocket(peer: PeerInfo, capacity: usize) -> (Self, mpsc::Receiver<Outbound>) {
+    pub(crate) fn websocket(
+        peer: PeerInfo,
+        capacity: usize,
+    ) -> (Self, mpsc::Receiver<Box<Outbound>>) {
         let (queue, rx) = mpsc::channel(capacity);
         let conn = Self::new(
             Transport::WebSocket,
@@ -227,16 +232,16 @@ impl Connection {
     /// agent cannot make the server buffer without bound). Plain HTTP: never full; the
     /// message waits for the next poll, merged with any message already pending.
     pub fn send(&self, message: ServerToAgent) -> Result<(), SendError> {
-        self.enqueue(Outbound::Message(Box::new(message)))
+        self.enqueue(Box::new(Outbound::Message(message)))
     }
 
     /// Sends a message encoded once for many agents (see [`SharedMessage`]), without
     /// waiting; errors as [`send`](Self::send), handing back a copy of the message.
     pub fn send_shared(&self, message: &SharedMessage) -> Result<(), SendError> {
-        self.enqueue(Outbound::Shared(message.clone()))
+        self.enqueue(Box::new(Outbound::Shared(message.clone())))
     }
 
-    fn enqueue(&self, item: Outbound) -> Result<(), SendError> {
+    fn enqueue(&self, item: Box<Outbound>) -> Result<(), SendError> {
         if self.is_closed() {
             return Err(SendError::Closed(item.into_message()));
         }
@@ -268,7 +273,7 @@ impl Connection {
     pub async fn send_async(&self, message: ServerToAgent) -> Result<(), SendError> {
         match &self.inner.outlet {
             Outlet::WebSocket { queue, .. } if !self.is_closed() => queue
-                .send(Outbound::Message(Box::new(message)))
+                .send(Box::new(Outbound::Message(message)))
                 .await
                 .map_err(|e| SendError::Closed(e.0.into_message())),
             _ => self.send(message),

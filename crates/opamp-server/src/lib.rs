@@ -78,7 +78,7 @@
 //! closes with 1009; HTTP-14 answers 413, measured after decompression). An idle WebSocket
 //! agent costs about 7 KiB of server memory (BENCHMARKS.md).
 //!
-//! Messages larger than 4 KiB go out as several WebSocket frames of one message, so that no
+//! Messages larger than 8 KiB go out as several WebSocket frames of one message, so that no
 //! connection keeps a write buffer as large as the largest config it was ever sent. To push
 //! one message to many agents, build a [`SharedMessage`] once and call
 //! [`Connection::send_shared`] for each: the message is encoded once and every agent gets

@@ -160,7 +160,7 @@ pub(crate) async fn run<S>(
     shared: &Shared,
     mut ws: WebSocketStream<S>,
     conn: Connection,
-    mut rx: mpsc::Receiver<Outbound>,
+    mut rx: mpsc::Receiver<Box<Outbound>>,
     callbacks: Arc<dyn ConnectionCallbacks>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -210,8 +210,8 @@ pub(crate) async fn run<S>(
             }
             Some(push) = rx.recv() => {
                 if core.instance_uid().is_none() {
-                    let push = match push {
-                        Outbound::Message(m) => m,
+                    let push = match *push {
+                        Outbound::Message(m) => Box::new(m),
                         Outbound::Shared(shared) => Box::new(shared.message().clone()),
                     };
                     match held.as_mut() {
@@ -221,9 +221,9 @@ pub(crate) async fn run<S>(
                 } else {
                     // Encoded in its own statement: temporaries of a let-chain's scrutinee
                     // would stay in the future's storage across the write.
-                    let parts = match push {
+                    let parts = match *push {
                         Outbound::Message(m) => core
-                            .prepare_push(*m, Instant::now())
+                            .prepare_push(m, Instant::now())
                             .map(|out| Outgoing::one(encode_frame(&out, limit))),
                         Outbound::Shared(shared) => shared_parts(&mut core, &shared, limit),
                     };
@@ -549,6 +549,11 @@ mod tests {
         let (a, _b) = tokio::io::duplex(64);
         let ws = accept_stream(a, config_for(&service.shared)).await;
         let (conn, rx) = Connection::websocket(PeerInfo::default(), 4);
+        assert_eq!(
+            std::mem::size_of::<Box<Outbound>>(),
+            8,
+            "queue slots stay one pointer wide"
+        );
         let fut = run(&service.shared, ws, conn, rx, Arc::new(Quiet));
         let size = std::mem::size_of_val(&fut);
         println!("ws::run future: {size} bytes");

@@ -521,8 +521,8 @@ async fn ws_1000_concurrent_agents_exchange_messages() {
 }
 
 /// A config encoded once reaches every agent with the agent's own uid, and a large one goes
-/// out in frames no larger than the configured fragment size: these clients refuse any
-/// frame over 5 KiB, yet receive a 64 KiB config whole.
+/// out in frames no larger than the default fragment size: these clients refuse any frame
+/// over it, yet receive a 64 KiB config whole.
 #[tokio::test]
 async fn shared_push_reaches_every_agent_fragmented_and_intact() {
     use opamp_proto::{AgentConfigMap, AgentConfigObject, Message};
@@ -535,7 +535,7 @@ async fn shared_push_reaches_every_agent_fragmented_and_intact() {
     for n in 0..3u8 {
         let tcp = within(tokio::net::TcpStream::connect(addr)).await.unwrap();
         let config = WebSocketConfig::default()
-            .max_frame_size(Some(5 * 1024))
+            .max_frame_size(Some(opamp_server::DEFAULT_WS_WRITE_FRAGMENT_SIZE))
             .max_message_size(Some(1 << 20));
         let (mut ws, _) = within(tokio_tungstenite::client_async_with_config(
             format!("ws://{addr}{PATH}"),
