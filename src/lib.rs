@@ -7,6 +7,10 @@
 //! - [`client`]: the agent side, with the `client` feature (on by default);
 //! - [`server`]: the server side, with the `server` feature (on by default).
 //!
+//! Each side starts from its crate's quick start: [`server`] (a control plane: accept agents,
+//! receive their status, push configs) and [`client`] (an agent: report status, take remote
+//! configs). Callback traits are implemented with [`macro@async_trait`].
+//!
 //! The workspace is layered, each crate with one job, dependencies pointing one way:
 //!
 //! ```text
@@ -14,6 +18,10 @@
 //! ```
 
 pub use opamp_proto as proto;
+
+/// The attribute for implementing the async callback traits of [`client`] and [`server`]
+/// (`#[opamp::async_trait]`); see `docs/ARCHITECTURE.md` for why callbacks use it.
+pub use async_trait::async_trait;
 
 /// Wire helpers shared by client and server: WebSocket settings, gzip, headers, TLS.
 pub use opamp_transport as transport;

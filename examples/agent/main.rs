@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
+use opamp::async_trait;
 use opamp::client::{Callbacks, MessageData, OpampClient, StartSettings};
 use opamp::proto::{
     AgentCapabilitySet, AgentConfigMap, AgentConfigObject, AgentDescription, AgentRemoteConfig,

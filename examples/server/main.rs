@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use async_trait::async_trait;
+use opamp::async_trait;
 use opamp::proto::{AgentToServer, CommandType, InstanceUid, ServerToAgent, ServerToAgentCommand};
 use opamp::server::{
     Connection, ConnectionCallbacks, ConnectionResponse, Server, ServerCallbacks, ServerConfig,

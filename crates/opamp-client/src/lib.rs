@@ -101,6 +101,8 @@ mod net;
 mod settings;
 mod ws;
 
+/// Re-exported: implementations of [`Callbacks`] use it.
+pub use async_trait::async_trait;
 pub use backoff::BackoffPolicy;
 pub use callbacks::{Callbacks, MessageData, SettingsRejected};
 pub use client::OpampClient;
