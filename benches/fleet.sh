@@ -5,6 +5,7 @@
 #
 #   benches/fleet.sh --agents 10000 --procs 2          # all phases
 #   benches/fleet.sh --agents 19900 --procs 2 --phases connect,hold
+#   benches/fleet.sh --agents 10000 --procs 2 --transport http   # plain-HTTP polling agents
 #
 # Flags go to the generator (`fleet --help`). Environment: CARGO_TARGET_DIR (default target),
 # OPAMP_PORT (14320) and UI_PORT (14321), SERVER_LOG (RUST_LOG of the server, default warn),

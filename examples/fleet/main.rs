@@ -1,4 +1,5 @@
-//! The fleet load generator: N lightweight OpAMP agents over WebSocket against one server.
+//! The fleet load generator: N lightweight OpAMP agents over WebSocket (default) or plain
+//! HTTP (`--transport http`: polling, one keep-alive connection per agent) against one server.
 //!
 //! ```sh
 //! # the reference server, with its soft file limit raised to the hard one:
@@ -16,9 +17,12 @@
 //! - `throughput`: every agent sends status reports in a closed loop for `--duration` seconds
 //!   (messages per second, round-trip p50/p99, server CPU time per message);
 //! - `config`: `PUT /api/config` of a `--config-size` config to every agent, timed until every
-//!   agent has the server's reply to its APPLIED report;
+//!   agent has the server's reply to its APPLIED report (plain HTTP: the agents poll every
+//!   `--poll-during-config` seconds meanwhile, which bounds the time from below);
 //! - `storm`: `POST /api/agents/disconnect`, timed until every agent is admitted again;
-//!   handshake failures, HTTP rejections and errors are counted, and the fleet must then hold.
+//!   handshake failures, HTTP rejections and errors are counted, and the fleet must then hold
+//!   (plain HTTP: the server ends the sessions; each agent's next poll opens a new one, which
+//!   asks for a full report, and its answer is the re-admission).
 //!
 //! The agents run in `--procs` worker processes (this program started again with
 //! `--worker`), each with its own file limit and its own share of agents; each worker is a
@@ -29,20 +33,53 @@
 mod agent;
 mod control;
 mod hist;
+mod http_agent;
 mod orchestrator;
 mod worker;
+mod ws_agent;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-const USAGE: &str = "usage: fleet [--url ws://HOST:PORT/PATH] [--api http://HOST:PORT]
+const USAGE: &str = "usage: fleet [--url ws://HOST:PORT/PATH] [--api http://HOST:PORT] [--transport ws|http]
              [--agents N] [--procs K] [--server-pid PID] [--phases connect,hold,throughput,config,storm]
              [--heartbeat SECS] [--settle SECS] [--hold SECS] [--duration SECS]
              [--config-size BYTES] [--connect-concurrency N] [--max-attempts N]
-  defaults: --url ws://127.0.0.1:4320/v1/opamp --api http://127.0.0.1:4321 --agents 1000
-            --procs 1 --heartbeat 30 --settle 5 --hold 35 --duration 10 --config-size 4096
-            --connect-concurrency 256 --max-attempts 20; every phase.
+             [--poll-during-config SECS]
+  defaults: --url ws://127.0.0.1:4320/v1/opamp --api http://127.0.0.1:4321 --transport ws
+            --agents 1000 --procs 1 --heartbeat 30 --settle 5 --hold 35 --duration 10
+            --config-size 4096 --connect-concurrency 256 --max-attempts 20
+            --poll-during-config 1; every phase.
+  --url takes ws:// or http:// (host, port and path; --transport picks the protocol).
+  --heartbeat is the plain-HTTP polling interval too; --poll-during-config is the plain-HTTP
+  polling interval while a config push or a storm is measured.
   Loopback only: the server and the API must be on 127.0.0.0/8.";
+
+/// How the agents reach the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Transport {
+    /// One WebSocket per agent.
+    Ws,
+    /// Plain-HTTP polling, one keep-alive connection per agent.
+    Http,
+}
+
+impl Transport {
+    pub(crate) fn flag(self) -> &'static str {
+        match self {
+            Self::Ws => "ws",
+            Self::Http => "http",
+        }
+    }
+
+    /// For tables and logs.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Ws => "WebSocket",
+            Self::Http => "plain-HTTP",
+        }
+    }
+}
 
 /// Settings of the whole run.
 #[derive(Debug, Clone)]
@@ -50,6 +87,7 @@ pub(crate) struct Args {
     pub(crate) server: SocketAddr,
     pub(crate) path: String,
     pub(crate) api: SocketAddr,
+    pub(crate) transport: Transport,
     pub(crate) agents: u32,
     pub(crate) procs: u32,
     pub(crate) server_pid: Option<u32>,
@@ -61,6 +99,7 @@ pub(crate) struct Args {
     pub(crate) config_size: usize,
     pub(crate) connect_concurrency: usize,
     pub(crate) max_attempts: u32,
+    pub(crate) poll_during_config: Duration,
     /// Set in worker processes: the number of the first agent of this worker.
     pub(crate) worker_first_agent: Option<u32>,
 }
@@ -88,6 +127,7 @@ fn parse_args() -> Result<Args, String> {
         server: SocketAddr::from(([127, 0, 0, 1], 4320)),
         path: "/v1/opamp".into(),
         api: SocketAddr::from(([127, 0, 0, 1], 4321)),
+        transport: Transport::Ws,
         agents: 1000,
         procs: 1,
         server_pid: None,
@@ -101,6 +141,7 @@ fn parse_args() -> Result<Args, String> {
         config_size: 4096,
         connect_concurrency: 256,
         max_attempts: 20,
+        poll_during_config: Duration::from_secs(1),
         worker_first_agent: None,
     };
     let mut it = std::env::args().skip(1);
@@ -117,7 +158,8 @@ fn parse_args() -> Result<Args, String> {
                 let url = value()?;
                 let rest = url
                     .strip_prefix("ws://")
-                    .ok_or("--url: only ws:// URLs are supported")?;
+                    .or_else(|| url.strip_prefix("http://"))
+                    .ok_or("--url: only ws:// and http:// URLs are supported")?;
                 let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
                 args.server = parse_host_port(host, "--url")?;
                 args.path = if path.is_empty() {
@@ -130,6 +172,16 @@ fn parse_args() -> Result<Args, String> {
                 let api = value()?;
                 let host = api.strip_prefix("http://").unwrap_or(&api);
                 args.api = parse_host_port(host.trim_end_matches('/'), "--api")?;
+            }
+            "--transport" => {
+                args.transport = match value()?.as_str() {
+                    "ws" => Transport::Ws,
+                    "http" => Transport::Http,
+                    other => return Err(format!("--transport: ws or http, not {other}")),
+                }
+            }
+            "--poll-during-config" => {
+                args.poll_during_config = secs(&value()?, &flag)?.max(Duration::from_millis(1))
             }
             "--agents" => args.agents = number(value()?)? as u32,
             "--procs" => args.procs = (number(value()?)? as u32).max(1),
@@ -188,8 +240,10 @@ fn main() {
         Some(first_agent) => runtime.block_on(worker::run(worker::WorkerArgs {
             server: args.server,
             path: args.path.clone(),
+            transport: args.transport,
             first_agent,
             heartbeat: args.heartbeat,
+            poll_during_config: args.poll_during_config,
             connect_concurrency: args.connect_concurrency,
             max_attempts: args.max_attempts,
         })),

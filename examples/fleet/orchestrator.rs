@@ -8,9 +8,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout};
 
-use crate::Args;
 use crate::control::{self, json_array_len, json_str, proc_cpu_secs, proc_status_kib};
 use crate::hist::Hist;
+use crate::{Args, Transport};
 
 type Error = Box<dyn std::error::Error>;
 
@@ -105,8 +105,13 @@ fn mib(kib: u64) -> f64 {
 pub(crate) async fn run(args: Args) -> Result<(), Error> {
     let (soft, hard) = crate::raise_nofile();
     let pid = args.server_pid;
+    let scheme = match args.transport {
+        Transport::Ws => "ws",
+        Transport::Http => "http",
+    };
+    let transport = args.transport.name();
     println!(
-        "fleet: {} agents over {} worker process(es) -> ws://{}{}; API http://{}; server pid {}",
+        "fleet: {} {transport} agents over {} worker process(es) -> {scheme}://{}{}; API http://{}; server pid {}",
         args.agents,
         args.procs,
         args.server,
@@ -141,9 +146,13 @@ pub(crate) async fn run(args: Args) -> Result<(), Error> {
             .arg("--worker")
             .arg(first.to_string())
             .arg("--url")
-            .arg(format!("ws://{}{}", args.server, args.path))
+            .arg(format!("{scheme}://{}{}", args.server, args.path))
+            .arg("--transport")
+            .arg(args.transport.flag())
             .arg("--heartbeat")
             .arg(args.heartbeat.as_secs_f64().to_string())
+            .arg("--poll-during-config")
+            .arg(args.poll_during_config.as_secs_f64().to_string())
             .arg("--connect-concurrency")
             .arg(args.connect_concurrency.to_string())
             .arg("--max-attempts")
@@ -213,7 +222,7 @@ pub(crate) async fn run(args: Args) -> Result<(), Error> {
             );
             let projected = rss0 as f64 + slope * 1_000_000.0;
             rows.push(Row {
-                what: "server RSS per idle WebSocket agent".into(),
+                what: format!("server RSS per idle {transport} agent"),
                 target: "<= 8 KiB".into(),
                 measured: format!(
                     "{slope:.2} KiB (slope {n1}->{n2}); 1M agents -> {:.1} GiB",
@@ -227,13 +236,27 @@ pub(crate) async fn run(args: Args) -> Result<(), Error> {
         {
             println!("fleet: server open file descriptors: {fds}");
         }
+        // The generator's own memory, to check that ~10k agents fit in one worker.
+        for (i, w) in workers.iter().enumerate() {
+            let kib = w
+                .child
+                .id()
+                .and_then(|p| proc_status_kib(p, "VmRSS"))
+                .unwrap_or(0);
+            let per_agent = kib as f64 / f64::from(w.agents.max(1));
+            println!(
+                "fleet: worker {i} VmRSS {kib} KiB ({:.1} MiB) for {} agents = {per_agent:.1} KiB per agent",
+                mib(kib),
+                w.agents
+            );
+        }
     }
 
     // Phase: idle hold with heartbeats, then a probe every agent must answer.
     if phase("hold") && live > 0 {
         let before = counters(&all(&mut workers, |_| "counters".into()).await?);
         println!(
-            "fleet: holding {live} idle agents for {:.0} s (heartbeat every {:.0} s)",
+            "fleet: holding {live} idle agents for {:.0} s (heartbeat/poll every {:.0} s)",
             args.hold.as_secs_f64(),
             args.heartbeat.as_secs_f64()
         );
@@ -247,6 +270,7 @@ pub(crate) async fn run(args: Args) -> Result<(), Error> {
         let hb_ok = delta("heartbeats_ok");
         errors_during_hold = delta("drops")
             + delta("ws_errors")
+            + delta("http_errors")
             + delta("error_responses")
             + delta("connect_failed")
             + delta("rejected")
@@ -257,6 +281,16 @@ pub(crate) async fn run(args: Args) -> Result<(), Error> {
             delta("ws_errors"),
             delta("error_responses")
         );
+        if args.transport == Transport::Http {
+            println!(
+                "fleet: hold (plain HTTP): {} HTTP errors, {} rejections; {} keep-alive connections closed by the server while idle, {} requests re-sent on a new connection, {} failed attempts",
+                delta("http_errors"),
+                delta("rejected"),
+                delta("http_idle_closed"),
+                delta("http_resent"),
+                delta("connect_failed")
+            );
+        }
         rss("after the hold");
     }
     if phase("connect") {
@@ -268,7 +302,7 @@ pub(crate) async fn run(args: Args) -> Result<(), Error> {
             0,
             Row {
                 what: format!(
-                    "concurrent WebSocket agents, {:.0} s heartbeats, held {:.0} s",
+                    "concurrent {transport} agents, {:.0} s heartbeats, held {:.0} s",
                     args.heartbeat.as_secs_f64(),
                     args.hold.as_secs_f64()
                 ),
@@ -324,6 +358,12 @@ pub(crate) async fn run(args: Args) -> Result<(), Error> {
     // Phase: a config pushed to every agent, until every APPLIED report is answered.
     if phase("config") && live > 0 {
         all(&mut workers, |_| "quiet".into()).await?;
+        if args.transport == Transport::Http {
+            println!(
+                "fleet: config (plain HTTP): agents poll every {:.3} s now; the server can only deliver the config in the answer to a poll, so the push takes at least up to one poll interval",
+                args.poll_during_config.as_secs_f64()
+            );
+        }
         // Heartbeats in flight get their replies before the push.
         tokio::time::sleep(Duration::from_millis(300)).await;
         let line = "receivers: { otlp: { protocols: { grpc: {}, http: {} } } } # fleet bench\n";
@@ -368,6 +408,12 @@ pub(crate) async fn run(args: Args) -> Result<(), Error> {
     if phase("storm") && live > 0 {
         let before = counters(&all(&mut workers, |_| "counters".into()).await?);
         all(&mut workers, |_| "storm".into()).await?;
+        if args.transport == Transport::Http {
+            println!(
+                "fleet: storm (plain HTTP): the server ends every session; agents poll every {:.3} s, and a poll after the end opens a new session, which asks for a full report; re-admitted = that report answered",
+                args.poll_during_config.as_secs_f64()
+            );
+        }
         tokio::time::sleep(Duration::from_millis(300)).await;
         let t0 = unix_nanos();
         let (status, response) = control::request(
@@ -403,7 +449,13 @@ pub(crate) async fn run(args: Args) -> Result<(), Error> {
              {dropped} dropped after re-admission; probe answered by {answered}"
         );
         rows.push(Row {
-            what: format!("reconnect storm of {live} agents re-admitted"),
+            what: match args.transport {
+                Transport::Ws => format!("reconnect storm of {live} agents re-admitted"),
+                Transport::Http => format!(
+                    "{live} sessions ended by the server, re-admitted at the next poll ({:.0} ms interval)",
+                    args.poll_during_config.as_secs_f64() * 1000.0
+                ),
+            },
             target: "<= 5 s at 10k agents, none dropped".into(),
             measured: format!(
                 "{ms:.0} ms ({readmitted}/{live}); {rejections} rejected, {failed} failed attempts, {dropped} dropped, probe {answered}/{live}"
@@ -443,6 +495,7 @@ pub(crate) async fn run(args: Args) -> Result<(), Error> {
     println!("|---|---|---|---|");
     for r in &rows {
         let result = match r.pass {
+            _ if args.transport == Transport::Http => "n/a (targets are for WebSocket)",
             Some(true) => "PASS",
             Some(false) => "MISS",
             None => "n/a (fewer than 10k agents)",

@@ -1,5 +1,5 @@
-//! A worker process: holds a range of agents and obeys one command per line on stdin,
-//! answering one line on stdout. The orchestrator (`orchestrator.rs`) drives one or more
+//! A worker process: holds a range of agents (WebSocket or plain HTTP, `--transport`) and
+//! obeys one command per line on stdin, answering one line on stdout. The orchestrator (`orchestrator.rs`) drives one or more
 //! workers, so that the load can be split over processes (each has its own file limit).
 //!
 //! Commands and answers (numbers are decimal, times are Unix nanoseconds):
@@ -8,10 +8,11 @@
 //! connect N          -> ok <admitted now> <gave up> <elapsed ms>
 //! probe SECS         -> ok <answered> <live>           every live agent sends one heartbeat
 //! throughput SECS    -> ok <replies> <histogram>       closed loop of status reports
-//! quiet              -> ok                             heartbeats pause (config push)
-//! storm              -> ok                             heartbeats pause, closes are expected
+//! quiet              -> ok                             heartbeats pause (config push); plain
+//!                                                      HTTP: polls every --poll-during-config
+//! storm              -> ok                             as quiet; closes are expected
 //! wait_config SECS   -> ok <done> <received> <last done ns>
-//! wait_storm SECS    -> ok <readmitted> <last admit ns>
+//! wait_storm SECS    -> ok <readmitted> <closed> <last admit ns>
 //! idle               -> ok                             heartbeats resume
 //! counters           -> ok <name=value ...>
 //! quit               -> ok
@@ -26,21 +27,25 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::{mpsc, watch};
 
-use crate::agent::Agent;
+use crate::Transport;
+use crate::agent::{self, Agent};
 use crate::hist::AtomicHist;
+use crate::http_agent::HttpAgent;
+use crate::ws_agent::WsAgent;
 
 /// What every agent of the worker is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Phase {
-    /// Heartbeats every interval.
+    /// Heartbeats (plain HTTP: polls) every interval.
     Idle,
     /// Status reports in a closed loop until `until`.
     Throughput { until: Instant },
     /// Every live agent sends one heartbeat (the generation tells answers apart).
     Probe(u32),
-    /// No heartbeats: a config push is being measured.
+    /// No heartbeats: a config push is being measured (plain HTTP: fast polls).
     Quiet,
-    /// No heartbeats, and a closed connection is expected: a reconnect storm.
+    /// No heartbeats, and a closed connection is expected: a reconnect storm (plain HTTP:
+    /// fast polls; the server ends the sessions).
     Storm,
     /// Close and stop.
     Quit,
@@ -68,6 +73,12 @@ pub(crate) struct Counters {
     pub(crate) config_done: AtomicU64,
     pub(crate) config_last_ns: AtomicU64,
     pub(crate) full_state_requests: AtomicU64,
+    /// Plain HTTP: non-200 answers other than 429/503, and undecodable bodies.
+    pub(crate) http_errors: AtomicU64,
+    /// Plain HTTP: keep-alive connections the server closed while the agent was idle.
+    pub(crate) http_idle_closed: AtomicU64,
+    /// Plain HTTP: requests sent again because their connection closed before the answer.
+    pub(crate) http_resent: AtomicU64,
 }
 
 impl Counters {
@@ -86,6 +97,9 @@ impl Counters {
             ("heartbeats_ok", &self.heartbeats_ok),
             ("pushes", &self.pushes),
             ("full_state_requests", &self.full_state_requests),
+            ("http_errors", &self.http_errors),
+            ("http_idle_closed", &self.http_idle_closed),
+            ("http_resent", &self.http_resent),
         ];
         all.iter()
             .map(|(k, v)| format!("{k}={}", v.load(Relaxed)))
@@ -98,8 +112,14 @@ impl Counters {
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) server: SocketAddr,
+    /// The WebSocket URL.
     pub(crate) url: String,
+    /// Plain HTTP: the request target (the OpAMP path) and the `Host` header.
+    pub(crate) path_uri: http::Uri,
+    pub(crate) host: http::HeaderValue,
     pub(crate) heartbeat: Duration,
+    /// Plain HTTP: the polling interval while a push or a storm is measured.
+    pub(crate) poll_during_config: Duration,
     pub(crate) max_attempts: u32,
     pub(crate) started_unix_nanos: u64,
     pub(crate) phase: watch::Sender<Phase>,
@@ -113,8 +133,10 @@ pub(crate) struct Shared {
 pub(crate) struct WorkerArgs {
     pub(crate) server: SocketAddr,
     pub(crate) path: String,
+    pub(crate) transport: Transport,
     pub(crate) first_agent: u32,
     pub(crate) heartbeat: Duration,
+    pub(crate) poll_during_config: Duration,
     pub(crate) connect_concurrency: usize,
     pub(crate) max_attempts: u32,
 }
@@ -129,10 +151,15 @@ fn unix_nanos() -> u64 {
 pub(crate) async fn run(args: WorkerArgs) -> Result<(), Box<dyn std::error::Error>> {
     let (soft, hard) = crate::raise_nofile();
     let (phase, _) = watch::channel(Phase::Idle);
+    let path_uri: http::Uri = args.path.parse()?;
+    let host = http::HeaderValue::from_str(&args.server.to_string())?;
     let shared = Arc::new(Shared {
         server: args.server,
         url: format!("ws://{}{}", args.server, args.path),
+        path_uri,
+        host,
         heartbeat: args.heartbeat,
+        poll_during_config: args.poll_during_config,
         max_attempts: args.max_attempts,
         started_unix_nanos: unix_nanos(),
         phase,
@@ -166,7 +193,12 @@ pub(crate) async fn run(args: WorkerArgs) -> Result<(), Box<dyn std::error::Erro
                         done += 1;
                     }
                     let agent = Agent::new(next_agent + i, shared.clone());
-                    tokio::spawn(agent.run(tx.clone()));
+                    match args.transport {
+                        Transport::Ws => tokio::spawn(agent::run(WsAgent(agent), tx.clone())),
+                        Transport::Http => {
+                            tokio::spawn(agent::run(HttpAgent::new(agent), tx.clone()))
+                        }
+                    };
                     in_flight += 1;
                 }
                 next_agent += n;
