@@ -197,7 +197,9 @@ impl ServerConfigBuilder {
         self
     }
 
-    /// Sets the plain-HTTP session idle timeout; must be non-zero.
+    /// Sets the plain-HTTP session idle timeout; must be non-zero. The standalone server
+    /// also keeps an idle keep-alive connection open this long (it should exceed the agents'
+    /// polling interval, 30 s by default, HTTP-7).
     pub fn http_idle_timeout(mut self, timeout: Duration) -> Self {
         self.config.http_idle_timeout = timeout;
         self

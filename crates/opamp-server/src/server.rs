@@ -19,7 +19,7 @@ use crate::connection::PeerInfo;
 use crate::error::ServerError;
 use crate::service::{OpampService, stopped, text_response};
 
-/// Time a client gets to send its request headers (and, with TLS, finish its handshake).
+/// Time a client gets to finish its TLS handshake.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A running standalone OpAMP server.
@@ -166,7 +166,9 @@ where
     let handler = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let service = path_service.clone();
         let peer = peer.clone();
-        async move {
+        // Boxed: hyper keeps a slot the size of this future for every connection, idle ones
+        // included, and unboxed it is several KiB.
+        Box::pin(async move {
             if req.uri().path() != service.config().path() {
                 return Ok::<_, std::convert::Infallible>(text_response(
                     StatusCode::NOT_FOUND,
@@ -181,11 +183,15 @@ where
                 req.extensions_mut().insert(certs);
             }
             Ok(service.handle(req).await)
-        }
+        })
     });
+    // hyper's header-read timeout also runs while a kept-alive connection waits for its next
+    // request: at 30 s it closed connections just as agents polling every 30 s (HTTP-7)
+    // reused them. Idle connections live as long as idle plain-HTTP sessions.
+    let idle = service.config().http_idle_timeout();
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(idle)
         .serve_connection(TokioIo::new(io), handler)
         .with_upgrades();
     tokio::pin!(conn);
