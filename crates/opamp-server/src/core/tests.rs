@@ -678,3 +678,237 @@ fn shared_push_changed_for_one_agent_is_sent_as_its_own_message_cap_4() {
         other => panic!("expected an owned plan, got {other:?}"),
     }
 }
+
+/// splitmix64, for the seeded operation sequences below.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[(self.next() % items.len() as u64) as usize]
+    }
+}
+
+fn random_server_message(rng: &mut Rng) -> Option<ServerToAgent> {
+    let hashes: [&'static [u8]; 3] = [b"h1", b"h2", b"h3"];
+    let mut m = ServerToAgent::default();
+    match rng.next() % 9 {
+        0 => return None,
+        1 => m = remote_config(rng.pick(&hashes)),
+        2 => m = bad_request("no"),
+        3 => m = crate::unavailable("busy", Some(Duration::from_secs(rng.next() % 100))),
+        4 => m.command = Some(ServerToAgentCommand::default()),
+        5 => {
+            m.connection_settings = Some(ConnectionSettingsOffers {
+                hash: Bytes::from_static(rng.pick(&hashes)),
+                opamp: Some(OpAmpConnectionSettings {
+                    heartbeat_interval_seconds: rng.next() % 3 * 30,
+                    ..Default::default()
+                }),
+                own_metrics: rng.chance(50).then(TelemetryConnectionSettings::default),
+                ..Default::default()
+            })
+        }
+        6 => {
+            m.packages_available = Some(PackagesAvailable {
+                all_packages_hash: Bytes::from_static(rng.pick(&hashes)),
+                ..Default::default()
+            })
+        }
+        7 => m.flags = F::REPORT_FULL_STATE.bits(),
+        _ => {
+            m = remote_config(rng.pick(&hashes));
+            m.custom_message = Some(opamp_proto::CustomMessage::default());
+        }
+    }
+    Some(m)
+}
+
+fn random_agent_message(rng: &mut Rng, seq: &mut u64) -> AgentToServer {
+    let uids: [&'static [u8]; 3] = [&[1; 16], &[2; 16], &[3; 5]];
+    let hashes: [&'static [u8]; 4] = [b"", b"h1", b"h2", b"h3"];
+    *seq = match rng.next() % 10 {
+        0 => *seq,                      // a repeat (RETRY-2)
+        1 => rng.next() % 1000,         // a jump, backwards or forwards
+        2 => u64::MAX - rng.next() % 2, // the edge of the counter
+        _ => seq.wrapping_add(1),
+    };
+    let mut caps = A::from_bits_truncate(rng.next()) | A::REPORTS_STATUS;
+    if rng.chance(20) {
+        caps = A::from_bits_retain(rng.next()); // undefined bits from a newer agent
+    }
+    AgentToServer {
+        instance_uid: Bytes::from_static(if rng.chance(95) {
+            rng.pick(&uids[..2])
+        } else {
+            uids[2]
+        }),
+        sequence_num: *seq,
+        capabilities: caps.bits(),
+        flags: if rng.chance(10) {
+            AgentToServerFlagSet::REQUEST_INSTANCE_UID.bits()
+        } else {
+            0
+        },
+        agent_description: rng.chance(30).then(AgentDescription::default),
+        remote_config_status: rng.chance(30).then(|| RemoteConfigStatus {
+            last_remote_config_hash: Bytes::from_static(rng.pick(&hashes)),
+            ..Default::default()
+        }),
+        package_statuses: rng.chance(10).then(|| PackageStatuses {
+            server_provided_all_packages_hash: Bytes::from_static(rng.pick(&hashes)),
+            ..Default::default()
+        }),
+        agent_disconnect: rng.chance(3).then(AgentDisconnect::default),
+        ..Default::default()
+    }
+}
+
+/// The rules every message the core lets out must keep, whatever came before.
+fn check_outgoing(s: &AgentSession, m: &ServerToAgent, agent_caps: A, step: usize) {
+    let ctx = || format!("step {step}: {m:?}");
+    if let Some(uid) = s.instance_uid() {
+        assert_eq!(&m.instance_uid[..], uid.as_array(), "UID-6 {}", ctx());
+    }
+    assert!(
+        S::all().contains(S::from_bits_retain(m.capabilities)),
+        "CAP-3 undefined bits {}",
+        ctx()
+    );
+    assert!(
+        F::all().contains(F::from_bits_retain(m.flags)),
+        "undefined flags {}",
+        ctx()
+    );
+    if m.error_response.is_some() {
+        let rest = ServerToAgent {
+            instance_uid: Bytes::new(),
+            error_response: None,
+            ..m.clone()
+        };
+        assert_eq!(
+            rest,
+            ServerToAgent::default(),
+            "S2A-1 error is exclusive {}",
+            ctx()
+        );
+    }
+    if m.command.is_some() {
+        let rest = ServerToAgent {
+            instance_uid: Bytes::new(),
+            capabilities: 0,
+            command: None,
+            ..m.clone()
+        };
+        assert_eq!(
+            rest,
+            ServerToAgent::default(),
+            "S2A-2 command goes alone {}",
+            ctx()
+        );
+    }
+    if m.remote_config.is_some() {
+        assert!(
+            agent_caps.contains(A::ACCEPTS_REMOTE_CONFIG),
+            "CAP-4 remote config {}",
+            ctx()
+        );
+    }
+    if m.packages_available.is_some() {
+        assert!(
+            agent_caps.contains(A::ACCEPTS_PACKAGES),
+            "CAP-4 packages {}",
+            ctx()
+        );
+    }
+    if let Some(cs) = &m.connection_settings {
+        if cs.opamp.is_some() {
+            assert!(
+                agent_caps.contains(A::ACCEPTS_OPAMP_CONNECTION_SETTINGS),
+                "CAP-4 opamp {}",
+                ctx()
+            );
+        }
+        if cs.own_metrics.is_some() {
+            assert!(
+                agent_caps.contains(A::REPORTS_OWN_METRICS),
+                "CAP-4 own metrics {}",
+                ctx()
+            );
+        }
+    }
+    if let Some(id) = &m.agent_identification {
+        assert_eq!(id.new_instance_uid.len(), 16, "UID-7 {}", ctx());
+    }
+}
+
+/// Sequences of session operations (messages, replies, pushes, shared pushes, time) in a
+/// seeded random order: the core never panics and every message it produces keeps the rules.
+#[test]
+fn random_operation_sequences_keep_the_protocol_rules() {
+    for seed in 0..40u64 {
+        let mut rng = Rng(seed);
+        let mut clock = Clock::new();
+        let mut s = if seed % 2 == 0 {
+            ws_session()
+        } else {
+            AgentSession::new(SessionConfig::plain_http(
+                crate::DEFAULT_SERVER_CAPABILITIES,
+            ))
+        };
+        let mut seq = 0;
+        let mut agent_caps = A::empty();
+        for step in 0..2_000 {
+            match rng.next() % 4 {
+                0 | 1 => {
+                    let msg = random_agent_message(&mut rng, &mut seq);
+                    if s.handle_message(&msg, clock.now()).is_ok() {
+                        if msg.capabilities != 0 {
+                            agent_caps = A::from_bits_retain(msg.capabilities);
+                        }
+                        let reply = random_server_message(&mut rng);
+                        let out = s.prepare_reply(reply, clock.now());
+                        check_outgoing(&s, &out, agent_caps, step);
+                    }
+                }
+                2 => {
+                    if let Some(push) = random_server_message(&mut rng)
+                        && s.instance_uid().is_some()
+                        && let Some(out) = s.prepare_push(push, clock.now())
+                    {
+                        check_outgoing(&s, &out, agent_caps, step);
+                    }
+                }
+                _ => {
+                    if let Some(push) = random_server_message(&mut rng)
+                        && s.instance_uid().is_some()
+                    {
+                        match s.prepare_shared_push(&push, clock.now()) {
+                            PushPlan::Shared(own) => {
+                                // What the agent receives: its own fields, then the shared ones.
+                                let mut full = push.clone();
+                                full.instance_uid = own.instance_uid.clone();
+                                full.capabilities = own.capabilities;
+                                full.flags = own.flags;
+                                full.agent_identification = own.agent_identification.clone();
+                                check_outgoing(&s, &full, agent_caps, step);
+                            }
+                            PushPlan::Owned(out) => check_outgoing(&s, &out, agent_caps, step),
+                            _ => {}
+                        }
+                    }
+                }
+            }
+            clock.advance(Duration::from_millis(rng.next() % 40_000));
+        }
+    }
+}
