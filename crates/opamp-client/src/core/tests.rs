@@ -814,3 +814,148 @@ fn disconnect_then_reconnect_sends_full_state_again() {
     c.handle_connected(t0 + secs(1.0));
     assert!(c.poll_transmit(t0 + secs(1.0)).unwrap().health.is_some());
 }
+
+/// splitmix64, for the seeded operation sequences below.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+}
+
+/// What a hostile or careless server may send, extreme durations included.
+fn random_server_message(rng: &mut Rng) -> ServerToAgent {
+    let mut m = ack();
+    match rng.next() % 8 {
+        0 => m.capabilities = 0,
+        1 => {
+            m.connection_settings = Some(ConnectionSettingsOffers {
+                opamp: Some(OpAmpConnectionSettings {
+                    heartbeat_interval_seconds: match rng.next() % 4 {
+                        0 => 0,
+                        1 => u64::MAX,
+                        2 => u64::MAX / 1_000_000_000 + 1,
+                        _ => rng.next() % 100,
+                    },
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+        }
+        2 => {
+            m = ServerToAgent {
+                instance_uid: uid().to_bytes(),
+                error_response: Some(opamp_proto::ServerErrorResponse {
+                    r#type: (rng.next() % 4) as i32,
+                    error_message: String::new(),
+                    details: rng.chance(70).then(|| {
+                        opamp_proto::server_error_response::Details::RetryInfo(RetryInfo {
+                            retry_after_nanoseconds: if rng.chance(30) {
+                                u64::MAX
+                            } else {
+                                rng.next() % 10_000_000_000
+                            },
+                        })
+                    }),
+                }),
+                ..Default::default()
+            }
+        }
+        3 => {
+            let len = if rng.chance(50) {
+                16
+            } else {
+                (rng.next() % 20) as usize
+            };
+            m.agent_identification = Some(AgentIdentification {
+                new_instance_uid: Bytes::from(vec![9u8; len]),
+            })
+        }
+        4 => m.flags = rng.next(),
+        5 => {
+            m.command = Some(ServerToAgentCommand {
+                r#type: (rng.next() % 3) as i32,
+            })
+        }
+        6 => m.instance_uid = Bytes::from_static(b"short"),
+        _ => {}
+    }
+    m
+}
+
+/// Seeded sequences of setters, messages from a hostile server, failures with extreme
+/// Retry-After values, and time: the core never panics (no `Instant` overflow), every
+/// message it sends keeps the rules, and sequence numbers go up by exactly one.
+#[test]
+fn random_operation_sequences_keep_the_client_rules() {
+    for seed in 0..40u64 {
+        let mut rng = Rng(seed);
+        let transport = if seed % 2 == 0 {
+            TransportKind::WebSocket
+        } else {
+            TransportKind::Http
+        };
+        let mut now = Instant::now();
+        let mut c = core(transport, all_caps(), now);
+        let mut last_seq: Option<u64> = None;
+        c.handle_connected(now);
+        for step in 0..1_500 {
+            match rng.next() % 7 {
+                0 => {
+                    let _ = c.set_health(health(rng.chance(50)));
+                }
+                1 => {
+                    let _ = c.set_agent_description(description(if rng.chance(50) {
+                        "a"
+                    } else {
+                        "b"
+                    }));
+                }
+                2 => c.handle_message(random_server_message(&mut rng), now),
+                3 => {
+                    let failure = if rng.chance(50) {
+                        Failure::Transport
+                    } else {
+                        Failure::Throttled {
+                            retry_after: rng.chance(70).then(|| match rng.next() % 3 {
+                                0 => Duration::MAX,
+                                1 => Duration::from_secs(u64::MAX),
+                                _ => Duration::from_secs(rng.next() % 120),
+                            }),
+                        }
+                    };
+                    let _ = c.handle_connect_failure(failure, now);
+                }
+                4 => {
+                    let _ = c.handle_disconnected(now);
+                }
+                5 => c.handle_connected(now),
+                _ => {}
+            }
+            while let Some(msg) = c.poll_transmit(now) {
+                let ctx = format!("seed {seed} step {step}: {msg:?}");
+                assert_eq!(msg.instance_uid.len(), 16, "UID-2 {ctx}");
+                assert!(
+                    AgentCapabilitySet::from_bits_retain(msg.capabilities)
+                        .contains(AgentCapabilitySet::REPORTS_STATUS),
+                    "CAP-1 {ctx}"
+                );
+                if let Some(prev) = last_seq {
+                    assert_eq!(msg.sequence_num, prev.wrapping_add(1), "SEQ-1 {ctx}");
+                }
+                last_seq = Some(msg.sequence_num);
+            }
+            let _ = c.poll_timeout();
+            while c.poll_event().is_some() {}
+            now += Duration::from_millis(rng.next() % 20_000);
+        }
+    }
+}
