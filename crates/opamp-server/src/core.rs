@@ -125,8 +125,9 @@ fn same_except_per_agent_fields(a: &ServerToAgent, b: &ServerToAgent) -> bool {
 /// - sets `capabilities` in the first message (every message for plain HTTP) (CAP-3);
 /// - sets the `ReportFullState` flag when a message was lost: a gap in `sequence_num`, or
 ///   the first message of an agent the server does not know that lacks full state (SEQ-2).
-///   A repeated number is a retry and triggers nothing; a skip asks once, and no second
-///   request follows within [`SessionConfig::full_state_min_interval`];
+///   A repeated number is a retry and triggers nothing; a skip asks once; a gap within
+///   [`SessionConfig::full_state_min_interval`] of the last request is asked for when that
+///   interval has passed, with the next message the agent gets (never dropped, never a loop);
 /// - answers `RequestInstanceUid` with `agent_identification.new_instance_uid` (UID-5),
 ///   unless the application already set one; a `new_instance_uid` that is not 16 bytes is
 ///   dropped (UID-7);
@@ -154,6 +155,9 @@ pub struct AgentSession {
 struct Owed {
     capabilities: bool,
     full_state: bool,
+    /// A gap was seen while a recent request was still in its rate-limit window: ask once
+    /// the window has passed (SEQ-2 is a MUST; the window only prevents loops).
+    full_state_deferred: bool,
     uid: bool,
 }
 
@@ -314,12 +318,17 @@ impl AgentSession {
     }
 
     fn request_full_state(&mut self, now: Instant) {
-        let recent = self.last_full_state_request.is_some_and(|at| {
-            now.saturating_duration_since(at) < self.config.full_state_min_interval
-        });
-        if !recent {
+        if self.full_state_requested_recently(now) {
+            self.owe.full_state_deferred = true;
+        } else {
             self.owe.full_state = true;
         }
+    }
+
+    fn full_state_requested_recently(&self, now: Instant) -> bool {
+        self.last_full_state_request.is_some_and(|at| {
+            now.saturating_duration_since(at) < self.config.full_state_min_interval
+        })
     }
 
     /// Completes the reply to the last handled message. `reply` is what the application
@@ -401,6 +410,10 @@ impl AgentSession {
 
         self.attach_capabilities(msg);
         let mut flags = ServerToAgentFlagSet::from_bits_retain(msg.flags);
+        if self.owe.full_state_deferred && !self.full_state_requested_recently(now) {
+            self.owe.full_state_deferred = false;
+            self.owe.full_state = true;
+        }
         if self.owe.full_state {
             flags |= ServerToAgentFlagSet::REPORT_FULL_STATE;
             self.owe.full_state = false;

@@ -218,6 +218,33 @@ fn seq_2_skip_asks_once_not_in_a_loop() {
 }
 
 #[test]
+fn seq_2_gap_inside_the_rate_limit_window_is_asked_for_later_not_dropped() {
+    // The first message lacks a description: full state is asked for. Five seconds later a
+    // message is lost. That gap MUST still be asked for (SEQ-2): once the window has passed,
+    // with the next message the agent gets, even if it arrives in order.
+    let mut clock = Clock::new();
+    let mut s = ws_session();
+    assert!(full_state(&exchange(&mut s, &report(0), clock.now())));
+    clock.advance(Duration::from_secs(1));
+    exchange(&mut s, &full_report(1), clock.now());
+    clock.advance(Duration::from_secs(4));
+    assert!(
+        !full_state(&exchange(&mut s, &report(3), clock.now())),
+        "inside the window"
+    );
+    clock.advance(crate::DEFAULT_FULL_STATE_MIN_INTERVAL);
+    assert!(
+        full_state(&exchange(&mut s, &report(4), clock.now())),
+        "asked once the window passed"
+    );
+    clock.advance(Duration::from_secs(1));
+    assert!(
+        !full_state(&exchange(&mut s, &report(5), clock.now())),
+        "and only once"
+    );
+}
+
+#[test]
 fn seq_2_full_state_request_waits_behind_an_error_reply() {
     // S2A-1: an error reply carries nothing else; the owed flag goes with the next reply.
     let clock = Clock::new();
