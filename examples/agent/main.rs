@@ -383,10 +383,12 @@ async fn run_agent(
                 ..Default::default()
             })
             .map_err(|e| format!("agent {index}: {e}"))?;
-        if let Some(status) = files.status() {
+        let _ = agent.client.set(client);
+        // After the handle is set: a config applied by `on_message` before that (the client
+        // connects at once) saved its status but could not report it.
+        if let (Some(status), Some(client)) = (files.status(), agent.client()) {
             let _ = client.set_remote_config_status(status);
         }
-        let _ = agent.client.set(client);
         eprintln!("agent {index}: started as {uid}");
 
         let restart = tokio::select! {

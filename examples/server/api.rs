@@ -49,6 +49,23 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
+/// POST actions take `Content-Type: application/json`: a page on another site can make a
+/// browser send a "simple" cross-site POST, but not with this content type (that needs a CORS
+/// preflight, which this server never grants).
+fn require_json(headers: &HeaderMap) -> Option<Response> {
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    (!json).then(|| {
+        error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "POST requests need Content-Type: application/json",
+        )
+    })
+}
+
 fn bad_uid(text: &str) -> Response {
     error(
         StatusCode::BAD_REQUEST,
@@ -61,7 +78,10 @@ async fn list_agents(AxumState(state): AxumState<Shared>) -> Response {
 }
 
 /// `POST /api/agents/disconnect`: closes every agent's connection; they reconnect.
-async fn disconnect_all(AxumState(state): AxumState<Shared>) -> Response {
+async fn disconnect_all(AxumState(state): AxumState<Shared>, headers: HeaderMap) -> Response {
+    if let Some(refused) = require_json(&headers) {
+        return refused;
+    }
     Json(json!({ "disconnected": state.disconnect_all() })).into_response()
 }
 
@@ -85,7 +105,14 @@ fn content_type(headers: &HeaderMap) -> String {
 
 /// `POST /api/agents/{uid}/restart`: sends the Restart command (CMD-1) to a connected agent
 /// that accepts it (CMD-2).
-async fn restart_agent(AxumState(state): AxumState<Shared>, Path(uid): Path<String>) -> Response {
+async fn restart_agent(
+    AxumState(state): AxumState<Shared>,
+    Path(uid): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(refused) = require_json(&headers) {
+        return refused;
+    }
     let Ok(uid) = uid.parse::<InstanceUid>() else {
         return bad_uid(&uid);
     };

@@ -139,18 +139,41 @@ struct Callbacks(Arc<State>);
 impl ServerCallbacks for Callbacks {
     async fn on_connecting(&self, _request: &http::request::Parts) -> ConnectionResponse {
         // The reference server admits every agent; see the opamp-server docs to authenticate.
-        ConnectionResponse::accept(Arc::new(AgentHandler(self.0.clone())))
+        ConnectionResponse::accept(Arc::new(AgentHandler {
+            state: self.0.clone(),
+            uid: std::sync::Mutex::new(None),
+        }))
     }
 }
 
-struct AgentHandler(Arc<State>);
+/// One connection's callbacks (plain HTTP: one session's).
+struct AgentHandler {
+    state: Arc<State>,
+    /// The uid this connection last spoke for: a switch (UID-7) releases the old one.
+    uid: std::sync::Mutex<Option<InstanceUid>>,
+}
+
+impl AgentHandler {
+    /// Forgets `uid`'s live connection if it is `conn`, and marks the agent disconnected.
+    fn release(&self, uid: InstanceUid, conn: &Connection) {
+        let mut conns = store::lock(&self.state.connections);
+        if conns.get(&uid).is_some_and(|c| c.same_connection(conn)) {
+            conns.remove(&uid);
+            self.state.fleet.disconnected(uid);
+        }
+    }
+}
 
 #[async_trait]
 impl ConnectionCallbacks for AgentHandler {
     async fn on_message(&self, conn: &Connection, msg: AgentToServer) -> Option<ServerToAgent> {
         let uid = InstanceUid::try_from(&msg.instance_uid[..]).ok()?;
+        let previous = store::lock(&self.uid).replace(uid);
+        if let Some(old) = previous.filter(|old| *old != uid) {
+            self.release(old, conn);
+        }
         let known = {
-            let mut conns = store::lock(&self.0.connections);
+            let mut conns = store::lock(&self.state.connections);
             let known = conns.get(&uid).is_some_and(|c| c.same_connection(conn));
             conns.insert(uid, conn.clone());
             known
@@ -160,21 +183,17 @@ impl ConnectionCallbacks for AgentHandler {
                 Transport::WebSocket => "websocket",
                 _ => "http",
             };
-            self.0
+            self.state
                 .fleet
                 .connected(uid, transport, conn.remote_addr().map(|a| a.to_string()));
         }
-        self.0.fleet.report(uid, &msg)
+        self.state.fleet.report(uid, &msg)
     }
 
     async fn on_connection_close(&self, conn: &Connection) {
-        let Some(uid) = conn.instance_uid() else {
-            return;
-        };
-        let mut conns = store::lock(&self.0.connections);
-        if conns.get(&uid).is_some_and(|c| c.same_connection(conn)) {
-            conns.remove(&uid);
-            self.0.fleet.disconnected(uid);
+        let last = *store::lock(&self.uid);
+        if let Some(uid) = last {
+            self.release(uid, conn);
         }
     }
 }

@@ -68,7 +68,11 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The fleet: every agent seen since the server started, by instance uid.
+/// At most this many agents are remembered; past it, the disconnected agent seen longest ago
+/// is forgotten to make room (connected agents are bounded by the server's own limits).
+const MAX_AGENTS: usize = 100_000;
+
+/// The fleet: every agent seen since the server started (up to [`MAX_AGENTS`]), by uid.
 #[derive(Debug, Default)]
 pub(crate) struct Fleet {
     agents: Mutex<BTreeMap<InstanceUid, AgentRecord>>,
@@ -79,6 +83,24 @@ impl Fleet {
         lock(&self.agents)
     }
 
+    /// The record of `uid`, made room for if it is new.
+    fn record(
+        agents: &mut BTreeMap<InstanceUid, AgentRecord>,
+        uid: InstanceUid,
+    ) -> &mut AgentRecord {
+        if !agents.contains_key(&uid) && agents.len() >= MAX_AGENTS {
+            let oldest = agents
+                .iter()
+                .filter(|(_, a)| !a.connected)
+                .min_by_key(|(_, a)| a.last_seen)
+                .map(|(uid, _)| *uid);
+            if let Some(oldest) = oldest {
+                agents.remove(&oldest);
+            }
+        }
+        agents.entry(uid).or_default()
+    }
+
     /// Marks an agent connected over `transport` from `remote_addr`.
     pub(crate) fn connected(
         &self,
@@ -87,7 +109,7 @@ impl Fleet {
         remote_addr: Option<String>,
     ) {
         let mut agents = self.lock();
-        let agent = agents.entry(uid).or_default();
+        let agent = Self::record(&mut agents, uid);
         agent.connected = true;
         agent.transport = Some(transport);
         agent.remote_addr = remote_addr;
@@ -107,7 +129,7 @@ impl Fleet {
     /// config when the agent does not report its hash yet (RC-6).
     pub(crate) fn report(&self, uid: InstanceUid, msg: &AgentToServer) -> Option<ServerToAgent> {
         let mut agents = self.lock();
-        let agent = agents.entry(uid).or_default();
+        let agent = Self::record(&mut agents, uid);
         agent.connected = msg.agent_disconnect.is_none();
         agent.last_seen = Some(SystemTime::now());
         agent.sequence_num = msg.sequence_num;

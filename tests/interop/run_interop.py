@@ -209,7 +209,7 @@ def main():
         # 4. The reference agent honours Restart: it goes away and comes back as the same agent.
         target = groups["rs-ws-agent"][-1]
         before = api(ui_port, "GET", f"/api/agents/{target['instance_uid']}")["sequence_num"]
-        api(ui_port, "POST", f"/api/agents/{target['instance_uid']}/restart")
+        api(ui_port, "POST", f"/api/agents/{target['instance_uid']}/restart", b"{}", "application/json")
 
         def restarted(uid=target["instance_uid"]):
             with open(logs["rs-ws-agent"], errors="replace") as f:

@@ -99,7 +99,7 @@ async function agentView(uid) {
   if (restart) restart.addEventListener("click", async () => {
     const out = document.getElementById("restart-result");
     try {
-      await api(`/api/agents/${encodeURIComponent(a.instance_uid)}/restart`, { method: "POST" });
+      await api(`/api/agents/${encodeURIComponent(a.instance_uid)}/restart`, { method: "POST", headers: { "content-type": "application/json" }, body: "{}" });
       out.textContent = "restart sent";
     } catch (e) {
       out.innerHTML = `<span class="bad">${esc(e.message)}</span>`;
