@@ -112,13 +112,10 @@ impl Rejection {
     }
 }
 
-/// `Retry-After` in delay-seconds form, rounded up, at least 1.
+/// `Retry-After` in delay-seconds form, rounded up (by the transport's one implementation),
+/// at least 1: "0" would invite an immediate retry storm.
 pub(crate) fn retry_after_value(after: Duration) -> HeaderValue {
-    let secs = after
-        .as_secs()
-        .saturating_add(u64::from(after.subsec_nanos() > 0))
-        .max(1);
-    HeaderValue::from(secs)
+    HeaderValue::from(opamp_transport::http::retry_after_seconds(after).max(1))
 }
 
 /// Per-connection hooks. The driver never runs two of them concurrently for one connection.
@@ -134,6 +131,21 @@ pub(crate) fn retry_after_value(after: Duration) -> HeaderValue {
 /// sent `agent_disconnect` (DIS-2), it stopped polling for longer than the idle timeout, the
 /// application called [`Connection::disconnect`], or the server stopped. The callbacks used
 /// are those returned by `on_connecting` for the request that created the session.
+///
+/// Likewise, such a [`Connection`]'s [`remote_addr`](Connection::remote_addr) and
+/// `peer_certificates` (mTLS) are those of the request that created the session; later polls
+/// may come from other addresses (new keep-alive connections, NAT). A later request must
+/// still pass `on_connecting` itself, and it reaches the session only if
+///
+/// - its `OpAMP-Instance-UID` header, when present, equals the body's `instance_uid`
+///   (HTTP-5); otherwise it gets 400 and `on_read_message_error` sees
+///   [`ReadMessageError::InstanceUidHeader`](crate::ReadMessageError::InstanceUidHeader);
+/// - its client certificate chain (the [`PeerCertificates`](crate::PeerCertificates) request
+///   extension, feature `tls`) is the session's; otherwise it gets 403 and no callback runs.
+///
+/// A request that would create a session while
+/// [`max_http_sessions`](crate::ServerConfig::max_http_sessions) are alive gets 503 with
+/// `Retry-After` (THR-5), and no callback runs.
 ///
 /// # Blocking
 ///
@@ -208,6 +220,10 @@ mod tests {
         assert_eq!(retry_after_value(Duration::from_millis(1500)), "2");
         assert_eq!(retry_after_value(Duration::from_secs(30)), "30");
         assert_eq!(retry_after_value(Duration::ZERO), "1");
+        assert_eq!(
+            retry_after_value(Duration::MAX),
+            u64::MAX.to_string().as_str()
+        );
         let r = Rejection::unavailable(Some(Duration::from_secs(30)));
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(r.headers()[http::header::RETRY_AFTER], "30");

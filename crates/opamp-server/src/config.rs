@@ -25,6 +25,20 @@ pub const DEFAULT_HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default minimum time between two `ReportFullState` requests to one agent (SEQ-2).
 pub const DEFAULT_FULL_STATE_MIN_INTERVAL: Duration = Duration::from_secs(30);
+/// Default limit on live plain-HTTP sessions: 100 000.
+///
+/// Each session costs a few KiB (its protocol core, connection handle and map entries), so
+/// 100 000 of them stay within a few hundred MiB, while a fleet that size polling every 30 s
+/// (HTTP-7) is already over 3 000 requests a second, about what one server instance takes.
+/// Without a limit, a client posting fresh instance uids grows memory without bound.
+pub const DEFAULT_MAX_HTTP_SESSIONS: usize = 100_000;
+/// Default time a plain-HTTP request body has to arrive in full, from the end of its headers:
+/// 30 s, which a 64 MiB body meets at about 2.2 MB/s. A client that sends slower gets 408.
+pub const DEFAULT_HTTP_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Upper bound on every timeout of a [`ServerConfig`]: one day. Longer values are refused by
+/// [`ServerConfigBuilder::build`] ([`ConfigError::TooLong`]): deadlines are computed as
+/// `Instant + timeout`, which overflows (and panics) for values like [`Duration::MAX`].
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// The server capabilities advertised by default (CAP-3): every stable and Beta capability.
 ///
@@ -55,6 +69,8 @@ pub struct ServerConfig {
     http_idle_timeout: Duration,
     write_timeout: Duration,
     full_state_min_interval: Duration,
+    max_http_sessions: usize,
+    http_body_timeout: Duration,
     #[cfg(feature = "tls")]
     tls: Option<Arc<rustls::ServerConfig>>,
 }
@@ -72,6 +88,8 @@ impl Default for ServerConfig {
             http_idle_timeout: DEFAULT_HTTP_IDLE_TIMEOUT,
             write_timeout: DEFAULT_WRITE_TIMEOUT,
             full_state_min_interval: DEFAULT_FULL_STATE_MIN_INTERVAL,
+            max_http_sessions: DEFAULT_MAX_HTTP_SESSIONS,
+            http_body_timeout: DEFAULT_HTTP_BODY_TIMEOUT,
             #[cfg(feature = "tls")]
             tls: None,
         }
@@ -138,6 +156,19 @@ impl ServerConfig {
         self.full_state_min_interval
     }
 
+    /// Limit on live plain-HTTP sessions (default 100 000, [`DEFAULT_MAX_HTTP_SESSIONS`]).
+    /// When it is reached, a request that would start a new session gets 503 with
+    /// `Retry-After` (THR-5); agents with a session keep polling.
+    pub fn max_http_sessions(&self) -> usize {
+        self.max_http_sessions
+    }
+
+    /// Time a plain-HTTP request body has to arrive in full; a slower one gets 408 (default
+    /// 30 s, [`DEFAULT_HTTP_BODY_TIMEOUT`]).
+    pub fn http_body_timeout(&self) -> Duration {
+        self.http_body_timeout
+    }
+
     /// The TLS configuration of the standalone server, if any.
     #[cfg(feature = "tls")]
     pub fn tls(&self) -> Option<&Arc<rustls::ServerConfig>> {
@@ -197,7 +228,8 @@ impl ServerConfigBuilder {
         self
     }
 
-    /// Sets the plain-HTTP session idle timeout; must be non-zero. The standalone server
+    /// Sets the plain-HTTP session idle timeout; must be non-zero and at most
+    /// [`MAX_TIMEOUT`]. The standalone server
     /// also keeps an idle keep-alive connection open this long (it should exceed the agents'
     /// polling interval, 30 s by default, HTTP-7).
     pub fn http_idle_timeout(mut self, timeout: Duration) -> Self {
@@ -205,9 +237,27 @@ impl ServerConfigBuilder {
         self
     }
 
-    /// Sets the socket write timeout; must be non-zero.
+    /// Sets the socket write timeout; must be non-zero and at most [`MAX_TIMEOUT`].
     pub fn write_timeout(mut self, timeout: Duration) -> Self {
         self.config.write_timeout = timeout;
+        self
+    }
+
+    /// Sets the limit on live plain-HTTP sessions; must be non-zero. Sessions idle for longer
+    /// than [`http_idle_timeout`](Self::http_idle_timeout) or ended count until the
+    /// periodic sweep forgets them.
+    pub fn max_http_sessions(mut self, sessions: usize) -> Self {
+        self.config.max_http_sessions = sessions;
+        self
+    }
+
+    /// Sets the time a plain-HTTP request body has to arrive in full, counted from the end of
+    /// its headers; must be non-zero and at most [`MAX_TIMEOUT`]. A body that takes longer is
+    /// answered with 408 Request Timeout. It bounds what a client that trickles its body
+    /// holds (a task and up to [`max_message_size`](Self::max_message_size) of buffer); a
+    /// graceful stop does not wait for it.
+    pub fn http_body_timeout(mut self, timeout: Duration) -> Self {
+        self.config.http_body_timeout = timeout;
         self
     }
 
@@ -242,6 +292,24 @@ impl ServerConfigBuilder {
         if c.write_timeout.is_zero() {
             return Err(ConfigError::Zero("write_timeout"));
         }
+        if c.http_body_timeout.is_zero() {
+            return Err(ConfigError::Zero("http_body_timeout"));
+        }
+        if c.max_http_sessions == 0 {
+            return Err(ConfigError::Zero("max_http_sessions"));
+        }
+        for (name, value) in [
+            ("http_idle_timeout", c.http_idle_timeout),
+            ("write_timeout", c.write_timeout),
+            ("http_body_timeout", c.http_body_timeout),
+        ] {
+            if value > MAX_TIMEOUT {
+                return Err(ConfigError::TooLong {
+                    name,
+                    max: MAX_TIMEOUT,
+                });
+            }
+        }
         if c.ws_read_buffer_size < 64 {
             return Err(ConfigError::ReadBufferTooSmall(c.ws_read_buffer_size));
         }
@@ -269,6 +337,8 @@ mod tests {
         assert_eq!(c.max_message_size(), 64 * 1024 * 1024, "WS-8, HTTP-13");
         assert!(c.ws_read_buffer_size() <= 4096);
         assert_eq!(c.outbound_queue_capacity(), 16);
+        assert_eq!(c.max_http_sessions(), DEFAULT_MAX_HTTP_SESSIONS);
+        assert_eq!(c.http_body_timeout(), DEFAULT_HTTP_BODY_TIMEOUT);
         assert!(
             c.server_capabilities()
                 .contains(ServerCapabilitySet::ACCEPTS_STATUS)
@@ -297,6 +367,44 @@ mod tests {
             c.server_capabilities(),
             ServerCapabilitySet::OFFERS_REMOTE_CONFIG | ServerCapabilitySet::ACCEPTS_STATUS,
             "CAP-3: AcceptsStatus is always set"
+        );
+    }
+
+    #[test]
+    fn timeouts_over_one_day_are_refused() {
+        // Review finding 9: hyper computes `Instant + header_read_timeout` (our idle timeout)
+        // for every connection, which panics for Duration::MAX.
+        type Set = fn(ServerConfigBuilder, Duration) -> ServerConfigBuilder;
+        let setters: [(&str, Set); 3] = [
+            ("http_idle_timeout", ServerConfigBuilder::http_idle_timeout),
+            ("write_timeout", ServerConfigBuilder::write_timeout),
+            ("http_body_timeout", ServerConfigBuilder::http_body_timeout),
+        ];
+        for (name, set) in setters {
+            for too_long in [Duration::MAX, MAX_TIMEOUT + Duration::from_nanos(1)] {
+                assert_eq!(
+                    set(ServerConfig::builder(), too_long).build().unwrap_err(),
+                    ConfigError::TooLong {
+                        name,
+                        max: MAX_TIMEOUT
+                    },
+                    "{name}"
+                );
+            }
+            assert!(set(ServerConfig::builder(), MAX_TIMEOUT).build().is_ok());
+            assert_eq!(
+                set(ServerConfig::builder(), Duration::ZERO)
+                    .build()
+                    .unwrap_err(),
+                ConfigError::Zero(name)
+            );
+        }
+        assert_eq!(
+            ServerConfig::builder()
+                .max_http_sessions(0)
+                .build()
+                .unwrap_err(),
+            ConfigError::Zero("max_http_sessions")
         );
     }
 }

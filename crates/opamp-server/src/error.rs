@@ -4,6 +4,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use opamp_proto::{DecodeError, InvalidInstanceUid, ServerToAgent};
 
@@ -24,6 +25,15 @@ pub enum ConfigError {
     /// The WebSocket write fragment size is below the 64-byte minimum.
     #[error("WebSocket write fragment size of {0} bytes is below the 64-byte minimum")]
     FragmentTooSmall(usize),
+    /// A timeout is longer than [`MAX_TIMEOUT`](crate::MAX_TIMEOUT) (one day): deadlines
+    /// are `Instant + timeout`, which overflows for values like `Duration::MAX`.
+    #[error("{name} must be at most {max:?}")]
+    TooLong {
+        /// The setting's name.
+        name: &'static str,
+        /// The largest accepted value.
+        max: Duration,
+    },
 }
 
 /// The standalone server could not start.
@@ -86,4 +96,10 @@ pub enum ReadMessageError {
     /// A plain-HTTP body claims `Content-Encoding: gzip` but is not valid gzip (HTTP-3).
     #[error("invalid gzip body")]
     Gzip,
+    /// A plain-HTTP request's `OpAMP-Instance-UID` header is not a canonical UUID or differs
+    /// from the body's `instance_uid` (HTTP-5 says they are equal). The request was answered
+    /// with 400 and reached no session: the header may be what `on_connecting` authorized,
+    /// while the body names the session.
+    #[error("OpAMP-Instance-UID header does not match instance_uid")]
+    InstanceUidHeader,
 }

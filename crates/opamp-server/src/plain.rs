@@ -2,6 +2,7 @@
 //! `ServerToAgent` (HTTP-1); a session per instance uid stands in for the connection.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -11,7 +12,7 @@ use http::request::Parts;
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use opamp_proto::{
-    AgentToServer, CONTENT_TYPE_PROTOBUF, DecodeError, INSTANCE_UID_HEADER, InstanceUid, Message,
+    AgentToServer, CONTENT_TYPE_PROTOBUF, DecodeError, InstanceUid, Message,
     ServerErrorResponseType, ServerToAgent, framing::MessageTooLarge,
     server_error_response::Details,
 };
@@ -24,17 +25,75 @@ use crate::error::ReadMessageError;
 use crate::service::{ResponseBody, Shared, text_response};
 use crate::wire;
 
+/// `Retry-After` of a request refused because the session table is full: the recommended
+/// minimum retry interval (THR-7).
+const SESSIONS_FULL_RETRY_AFTER: Duration = Duration::from_secs(30);
+
 /// The plain-HTTP sessions of one server, by instance uid.
 #[derive(Default)]
 pub(crate) struct Sessions {
     map: Mutex<HashMap<InstanceUid, Arc<Session>>>,
+    /// Sessions alive (in the map, or still held by a request or the sweeper); each
+    /// [`Session`] holds one count until it is dropped, so memory stays bounded by
+    /// `max_http_sessions`.
+    live: Arc<AtomicUsize>,
     sweeper_started: std::sync::atomic::AtomicBool,
 }
 
 pub(crate) struct Session {
     conn: Connection,
+    /// The mTLS chain of the request that created the session; a request with another
+    /// chain is refused (it could otherwise take this agent's pushes).
+    #[cfg(feature = "tls")]
+    certificates: Option<crate::PeerCertificates>,
     last_seen: Mutex<Instant>,
     state: tokio::sync::Mutex<State>,
+    _slot: Slot,
+}
+
+/// One count in [`Sessions::live`], given back on drop.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Session {
+    /// Whether a request from `peer` may use this session: under mTLS, only with the chain
+    /// that created it (review finding 2b).
+    fn admits(&self, peer: &PeerInfo) -> bool {
+        #[cfg(feature = "tls")]
+        {
+            same_certificates(self.certificates.as_ref(), peer.certificates.as_ref())
+        }
+        #[cfg(not(feature = "tls"))]
+        {
+            let _ = peer;
+            true
+        }
+    }
+}
+
+#[cfg(feature = "tls")]
+fn same_certificates(
+    a: Option<&crate::PeerCertificates>,
+    b: Option<&crate::PeerCertificates>,
+) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => a.as_slice() == b.as_slice(),
+        _ => false,
+    }
+}
+
+/// Why no session serves a request.
+enum NoSession {
+    /// `max_http_sessions` are alive; the request would have created another.
+    Full,
+    /// The uid's session belongs to another client certificate chain.
+    Forbidden,
 }
 
 struct State {
@@ -49,23 +108,35 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Sessions {
-    /// The live session of `uid`, or a new one.
+    /// The live session of `uid`, or a new one if there is room for it.
     fn get_or_create(
         &self,
         uid: InstanceUid,
         shared: &Shared,
         callbacks: &Arc<dyn ConnectionCallbacks>,
         peer: &PeerInfo,
-    ) -> Arc<Session> {
+    ) -> Result<Arc<Session>, NoSession> {
         let mut map = lock(&self.map);
         if let Some(s) = map.get(&uid)
             && !s.conn.is_closed()
         {
-            return s.clone();
+            if !s.admits(peer) {
+                return Err(NoSession::Forbidden);
+            }
+            return Ok(s.clone());
         }
         let config = &shared.config;
+        // Counted up only here, under the map lock, so the count never passes the limit.
+        if self.live.load(Ordering::Acquire) >= config.max_http_sessions() {
+            return Err(NoSession::Full);
+        }
+        self.live.fetch_add(1, Ordering::AcqRel);
+        let slot = Slot(self.live.clone());
         let session = Arc::new(Session {
             conn: Connection::http(peer.clone(), Some(uid)),
+            #[cfg(feature = "tls")]
+            certificates: peer.certificates.clone(),
+            _slot: slot,
             last_seen: Mutex::new(Instant::now()),
             state: tokio::sync::Mutex::new(State {
                 core: AgentSession::new(
@@ -85,7 +156,7 @@ impl Sessions {
             let old = old.clone();
             tokio::spawn(async move { end(&old).await });
         }
-        session
+        Ok(session)
     }
 
     fn remove_if_same(&self, uid: &InstanceUid, session: &Arc<Session>) {
@@ -219,14 +290,31 @@ where
     let gzipped = wire::is_gzip_encoded(&parts.headers);
 
     // The header uid, if valid, names the agent for errors before the body is decoded.
-    let header_uid = parts
-        .headers
-        .get(INSTANCE_UID_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<InstanceUid>().ok());
+    let header = wire::instance_uid(&parts.headers);
+    let header_uid = header.clone().and_then(Result::ok);
 
-    // HTTP-14: the limit holds for the raw body and again after decompression.
-    let raw = match Limited::new(body, limit).collect().await {
+    // HTTP-14: the limit holds for the raw body and again after decompression. The whole
+    // body must arrive within `http_body_timeout`, and a stop does not wait for it: a client
+    // trickling its body would otherwise hold this task and its buffer (and a graceful
+    // shutdown) forever.
+    let mut stop = shared.stop_signal();
+    let read = tokio::time::timeout(
+        shared.config.http_body_timeout(),
+        Limited::new(body, limit).collect(),
+    );
+    let collected = tokio::select! {
+        read = read => match read {
+            Ok(collected) => collected,
+            Err(_) => {
+                tracing::debug!("request body not received within http_body_timeout");
+                return text_response(StatusCode::REQUEST_TIMEOUT, "request body too slow");
+            }
+        },
+        () = crate::service::stopped(&mut stop) => {
+            return text_response(StatusCode::SERVICE_UNAVAILABLE, "server is stopping");
+        }
+    };
+    let raw = match collected {
         Ok(collected) => collected.to_bytes(),
         Err(e) => {
             if e.downcast_ref::<http_body_util::LengthLimitError>()
@@ -285,9 +373,20 @@ where
         }
     };
     tracing::Span::current().record("instance_uid", tracing::field::display(uid));
-    if header_uid.is_some_and(|h| h != uid) {
-        // HTTP-5 says they are equal; the body is authoritative.
-        tracing::debug!(header = ?header_uid, "OpAMP-Instance-UID header differs from instance_uid");
+    if header.is_some() && header_uid != Some(uid) {
+        // HTTP-5 says they are equal. `on_connecting` may have authorized the header, the
+        // body names the session: a mismatch could reach another agent's session.
+        report_error(
+            &callbacks,
+            &peer,
+            header_uid,
+            &ReadMessageError::InstanceUidHeader,
+        )
+        .await;
+        return text_response(
+            StatusCode::BAD_REQUEST,
+            "OpAMP-Instance-UID header differs from instance_uid",
+        );
     }
 
     start_sweeper(shared);
@@ -295,9 +394,29 @@ where
 
     // A session found here may end before its lock is ours; then take a fresh one.
     for _ in 0..3 {
-        let session = shared
+        let session = match shared
             .sessions
-            .get_or_create(uid, shared, &callbacks, &peer);
+            .get_or_create(uid, shared, &callbacks, &peer)
+        {
+            Ok(session) => session,
+            Err(NoSession::Full) => {
+                tracing::debug!("plain-HTTP session limit reached; new agent refused");
+                let mut resp = text_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many plain-HTTP sessions, retry later",
+                );
+                resp.headers_mut()
+                    .insert(RETRY_AFTER, retry_after_value(SESSIONS_FULL_RETRY_AFTER));
+                return resp;
+            }
+            Err(NoSession::Forbidden) => {
+                tracing::debug!("plain-HTTP session belongs to another client certificate");
+                return text_response(
+                    StatusCode::FORBIDDEN,
+                    "instance_uid belongs to another client certificate",
+                );
+            }
+        };
         let mut state = session.state.lock().await;
         if state.ended {
             continue;

@@ -20,6 +20,7 @@ use crate::error::ServerError;
 use crate::service::{OpampService, stopped, text_response};
 
 /// Time a client gets to finish its TLS handshake.
+#[cfg(feature = "tls")]
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A running standalone OpAMP server.

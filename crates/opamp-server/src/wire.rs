@@ -3,7 +3,7 @@
 
 pub(crate) use opamp_transport::gzip::{GzipError, compress as gzip, decompress_limited};
 pub(crate) use opamp_transport::http::{
-    accepts_gzip, has_unsupported_encoding, is_gzip_encoded, is_protobuf,
+    accepts_gzip, has_unsupported_encoding, instance_uid, is_gzip_encoded, is_protobuf,
 };
 use opamp_transport::ws::WebSocketConfig;
 

@@ -374,3 +374,211 @@ async fn shutdown_closes_plain_http_sessions() {
     }
     assert!(closed);
 }
+
+/// Review finding 1 / THR-5: a client posting fresh instance uids cannot grow the session map
+/// without bound; over `max_http_sessions` a new uid gets 503 with `Retry-After` and no
+/// session, while agents that have one keep polling.
+#[tokio::test]
+async fn thr_5_new_sessions_over_max_http_sessions_get_503_existing_keep_polling() {
+    let (rec, mut events) = Recorder::new();
+    let config = loopback_config().max_http_sessions(2).build().unwrap();
+    let server = Server::bind(config, rec.server_callbacks()).await.unwrap();
+    let addr = server.local_addr();
+    poll(addr, PATH, &first_report(uid(1))).await;
+    poll(addr, PATH, &first_report(uid(2))).await;
+    for n in 3..6 {
+        let resp = http_post(addr, post(PATH, first_report(uid(n)).encode_to_vec(), &[])).await;
+        assert_eq!(resp.status, StatusCode::SERVICE_UNAVAILABLE, "THR-5");
+        let secs: u64 = resp.headers["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(secs >= 1, "THR-5, THR-7");
+    }
+    // A RequestInstanceUid poll of a known agent adds no session either.
+    let mut msg = report(uid(1), 1);
+    msg.flags = AgentToServerFlagSet::REQUEST_INSTANCE_UID.bits();
+    poll(addr, PATH, &msg).await;
+    assert_eq!(server.service().plain_http_sessions(), 2);
+    poll(addr, PATH, &report(uid(2), 1)).await;
+
+    // Only the two admitted agents connected.
+    let mut connected = 0;
+    while let Ok(e) = events.try_recv() {
+        connected += usize::from(matches!(e, Event::Connected(_)));
+    }
+    assert_eq!(connected, 2);
+
+    // DIS-2: a session that ends frees its place.
+    let mut bye = report(uid(2), 2);
+    bye.agent_disconnect = Some(AgentDisconnect {});
+    poll(addr, PATH, &bye).await;
+    poll(addr, PATH, &first_report(uid(3))).await;
+    assert_eq!(server.service().plain_http_sessions(), 2);
+    server.shutdown().await;
+}
+
+/// Review finding 2a / HTTP-5: the header uid (which `on_connecting` may have authorized)
+/// must equal the body uid, or a tenant could poll another agent's session and take its push.
+#[tokio::test]
+async fn http_5_header_uid_differing_from_body_gets_400_and_push_stays() {
+    let (rec, mut events) = Recorder::new();
+    let server = start(&rec).await;
+    let addr = server.local_addr();
+    poll(addr, PATH, &first_report(uid(1))).await;
+    let Event::Connected(conn) = next_event(&mut events).await else {
+        panic!("expected Connected")
+    };
+    next_event(&mut events).await;
+    conn.send(remote_config(b"secret", 10)).unwrap();
+
+    let body = report(uid(1), 1).encode_to_vec();
+    let other = uid(2).to_string();
+    for header in [other.as_str(), "not-a-uuid"] {
+        let resp = http_post(
+            addr,
+            post(PATH, body.clone(), &[("opamp-instance-uid", header)]),
+        )
+        .await;
+        assert_eq!(resp.status, StatusCode::BAD_REQUEST, "HTTP-5: {header}");
+        assert!(matches!(
+            next_event(&mut events).await,
+            Event::ReadError(opamp_server::ReadMessageError::InstanceUidHeader)
+        ));
+    }
+    // The real agent still gets its push.
+    let reply = poll(addr, PATH, &report(uid(1), 1)).await;
+    assert_eq!(
+        reply.remote_config.expect("HTTP-9: push kept").config_hash,
+        Bytes::from_static(b"secret")
+    );
+    assert_eq!(server.service().plain_http_sessions(), 1);
+    server.shutdown().await;
+}
+
+/// Review finding 2b (AUTH): a session created under one mTLS client certificate is not
+/// served to a request with another chain (or none): 403, and the session is untouched.
+#[cfg(feature = "tls")]
+#[tokio::test]
+async fn auth_plain_http_session_is_bound_to_the_peer_certificates() {
+    use http_body_util::BodyExt;
+    use opamp_server::{OpampService, PeerCertificates};
+    use rustls_pki_types::CertificateDer;
+
+    let (rec, mut events) = Recorder::new();
+    let service = OpampService::new(
+        opamp_server::ServerConfig::default(),
+        rec.server_callbacks(),
+    );
+    let certs = |b: u8| PeerCertificates::new(vec![CertificateDer::from(vec![b; 8])]);
+    let request = |msg: &opamp_proto::AgentToServer, peer: Option<PeerCertificates>| {
+        let mut req = post(PATH, msg.encode_to_vec(), &[]);
+        if let Some(peer) = peer {
+            req.extensions_mut().insert(peer);
+        }
+        req
+    };
+    let resp = within(service.handle(request(&first_report(uid(1)), Some(certs(1))))).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let Event::Connected(conn) = next_event(&mut events).await else {
+        panic!("expected Connected")
+    };
+    next_event(&mut events).await;
+    conn.send(remote_config(b"secret", 10)).unwrap();
+
+    for other in [Some(certs(2)), None] {
+        let resp = within(service.handle(request(&report(uid(1), 1), other))).await;
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    }
+    assert!(
+        events.try_recv().is_err(),
+        "no callback for a refused request"
+    );
+
+    let resp = within(service.handle(request(&report(uid(1), 1), Some(certs(1))))).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let reply = ServerToAgent::decode(body).unwrap();
+    assert_eq!(
+        reply.remote_config.expect("push kept").config_hash,
+        Bytes::from_static(b"secret")
+    );
+    service.shutdown().await;
+}
+
+/// Sends the head of a POST declaring 1000 body bytes, and 500 of them; then stalls.
+async fn stalled_post(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut tcp = within(tokio::net::TcpStream::connect(addr)).await.unwrap();
+    let head = format!(
+        "POST {PATH} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/x-protobuf\r\n\
+         content-length: 1000\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp.write_all(&[0u8; 500]).await.unwrap();
+    tcp.flush().await.unwrap();
+    tcp
+}
+
+/// Reads what the server sends until it closes (or `limit` passes).
+async fn read_response(tcp: &mut tokio::net::TcpStream, limit: Duration) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(limit, async {
+        let mut chunk = [0u8; 1024];
+        loop {
+            match tcp.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    buf.extend_from_slice(&chunk[..n]);
+                    if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// Review finding 3 (HTTP-14 resources): a body that stalls half way gets 408 once
+/// `http_body_timeout` passes, instead of pinning a task and its buffer forever.
+#[tokio::test]
+async fn http_14_stalled_body_gets_408_after_http_body_timeout() {
+    let (rec, _events) = Recorder::new();
+    let config = loopback_config()
+        .http_body_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let server = Server::bind(config, rec.server_callbacks()).await.unwrap();
+    let mut tcp = stalled_post(server.local_addr()).await;
+    let response = read_response(&mut tcp, Duration::from_secs(5)).await;
+    assert!(
+        response.starts_with("HTTP/1.1 408"),
+        "expected 408, got {response:?}"
+    );
+    assert_eq!(server.service().plain_http_sessions(), 0);
+    tokio::time::timeout(Duration::from_secs(5), server.shutdown())
+        .await
+        .expect("shutdown completes");
+}
+
+/// Review finding 3: a graceful stop does not wait for a stalled body (default timeout).
+#[tokio::test]
+async fn shutdown_is_not_held_by_a_stalled_body() {
+    let (rec, _events) = Recorder::new();
+    let server = start(&rec).await;
+    let mut tcp = stalled_post(server.local_addr()).await;
+    // Let the server start reading the body.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::timeout(Duration::from_secs(5), server.shutdown())
+        .await
+        .expect("shutdown must not wait for the stalled body");
+    let response = read_response(&mut tcp, Duration::from_secs(5)).await;
+    assert!(
+        response.is_empty() || response.starts_with("HTTP/1.1 503"),
+        "{response:?}"
+    );
+}

@@ -89,10 +89,18 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
-/// Formats a delay as a `Retry-After` delay-seconds value, rounding up to whole seconds.
+/// A delay in whole seconds for `Retry-After` (THR-5), rounded up; saturates at `u64::MAX`
+/// (for [`Duration::MAX`]) instead of overflowing.
+pub fn retry_after_seconds(delay: Duration) -> u64 {
+    delay
+        .as_secs()
+        .saturating_add(u64::from(delay.subsec_nanos() > 0))
+}
+
+/// Formats a delay as a `Retry-After` delay-seconds value, rounding up to whole seconds
+/// (see [`retry_after_seconds`]).
 pub fn format_retry_after(delay: Duration) -> String {
-    let secs = delay.as_secs() + u64::from(delay.subsec_nanos() > 0);
-    secs.to_string()
+    retry_after_seconds(delay).to_string()
 }
 
 #[cfg(test)]
@@ -207,5 +215,15 @@ mod tests {
         assert_eq!(format_retry_after(Duration::from_secs(30)), "30");
         assert_eq!(format_retry_after(Duration::from_millis(1500)), "2");
         assert_eq!(format_retry_after(Duration::ZERO), "0");
+    }
+
+    #[test]
+    fn thr_5_retry_after_saturates_for_duration_max() {
+        // Review finding 10: `as_secs() + 1` overflowed (panic in debug, "0" in release).
+        assert_eq!(format_retry_after(Duration::MAX), u64::MAX.to_string());
+        assert_eq!(
+            format_retry_after(Duration::from_secs(u64::MAX)),
+            u64::MAX.to_string()
+        );
     }
 }
