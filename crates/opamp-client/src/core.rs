@@ -178,6 +178,12 @@ pub struct ClientCore {
     /// The server asked for the whole available-components map (AVC-4).
     report_all_components: bool,
     flags: AgentToServerFlagSet,
+    /// The uid replaced by a server-assigned one (UID-7, UID-8), while the server may still
+    /// address it: messages to it are accepted until the server addresses the new uid or a
+    /// new WebSocket connection starts. At most one.
+    previous_uid: Option<InstanceUid>,
+    /// The new uid has not been sent yet: the next message goes at once (UID-7).
+    announce_uid: bool,
     custom_message: Option<CustomMessage>,
     connection_settings_request: Option<ConnectionSettingsRequest>,
     effective_config_requested: bool,
@@ -209,6 +215,8 @@ impl ClientCore {
             full_state: true,
             report_all_components: false,
             flags: AgentToServerFlagSet::empty(),
+            previous_uid: None,
+            announce_uid: false,
             custom_message: None,
             connection_settings_request: None,
             effective_config_requested: capabilities
@@ -486,6 +494,9 @@ impl ClientCore {
         }
         self.link = Link::Up;
         self.full_state = true;
+        // The first message on this connection carries the current uid, before the server
+        // can push anything on it.
+        self.previous_uid = None;
         self.events.push_back(Event::Connected);
     }
 
@@ -527,8 +538,20 @@ impl ClientCore {
 
     /// Plain HTTP: the server refused the request as malformed or too large (HTTP 400, 413).
     /// The request is not retried (HTTP-14, RETRY-3); polling goes on at its interval.
-    pub fn handle_request_rejected(&mut self, _now: Instant) {
+    ///
+    /// While the link is down (no request answered yet, or none since a failure) the request
+    /// was also the connection attempt: the next attempt waits for the next backoff delay
+    /// (GEN-8, THR-8), so a server that refuses every request sees growing delays, never a
+    /// burst. That attempt carries only what changed since, not the refused message.
+    pub fn handle_request_rejected(&mut self, now: Instant) {
         self.in_flight = false;
+        if let Link::Down { .. } = self.link {
+            // Not `go_down`: the full state is not queued again (RETRY-3).
+            let delay = self.backoff.next_delay();
+            self.link = Link::Down {
+                retry_at: add(now, delay),
+            };
+        }
     }
 
     /// When the next connection attempt is due; `None` while connected or stopped.
@@ -548,10 +571,20 @@ impl ClientCore {
         self.in_flight = false;
 
         // UID-6: a message for another agent (a multiplexing proxy gone wrong) is ignored.
-        if !msg.instance_uid.is_empty() && msg.instance_uid[..] != self.uid.as_array()[..] {
-            tracing::warn!("ignoring a ServerToAgent addressed to another instance uid");
-            self.mark_up();
-            return;
+        // Until the server has learned a uid it assigned, it may still address the previous
+        // one (UID-7, UID-8).
+        if !msg.instance_uid.is_empty() {
+            if msg.instance_uid[..] == self.uid.as_array()[..] {
+                // The server knows the current uid.
+                self.previous_uid = None;
+            } else if self
+                .previous_uid
+                .is_none_or(|p| msg.instance_uid[..] != p.as_array()[..])
+            {
+                tracing::warn!("ignoring a ServerToAgent addressed to another instance uid");
+                self.mark_up();
+                return;
+            }
         }
 
         if let Some(error) = msg.error_response {
@@ -585,7 +618,14 @@ impl ClientCore {
         if let Some(ident) = msg.agent_identification {
             match InstanceUid::try_from(&ident.new_instance_uid[..]) {
                 Ok(uid) => {
-                    self.uid = uid;
+                    if uid != self.uid {
+                        // The server learns the new uid only from the agent's next message:
+                        // send one now (over WebSocket the agent may otherwise stay silent
+                        // for long), and accept its messages to the old uid until then.
+                        self.previous_uid = Some(self.uid);
+                        self.uid = uid;
+                        self.announce_uid = true;
+                    }
                     if self
                         .flags
                         .contains(AgentToServerFlagSet::REQUEST_INSTANCE_UID)
@@ -722,6 +762,7 @@ impl ClientCore {
             || self.dirty != 0
             || self.custom_message.is_some()
             || self.connection_settings_request.is_some()
+            || self.announce_uid
     }
 
     /// When a heartbeat (WS) or poll (HTTP) is due, measured from the last message sent (HB-4).
@@ -859,6 +900,7 @@ impl ClientCore {
         self.full_state = false;
         self.dirty = 0;
         self.report_all_components = false;
+        self.announce_uid = false;
 
         // WS-12, HTTP-17: never emit a message over the limit. The status parts are dropped
         // (and recorded); the heartbeat / poll itself still goes out.

@@ -17,6 +17,10 @@ use crate::net::{self, BoxedIo};
 
 type Ws = WebSocketStream<BoxedIo>;
 
+/// How long closing takes at most after a protocol error or a Close from the server: the
+/// connection is being dropped anyway.
+const ERROR_CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// How a connection ended.
 enum End {
     /// `stop()`: the goodbye has been said.
@@ -114,7 +118,13 @@ async fn connection(d: &Driver, mut ws: Ws) -> End {
         if d.dispatch_events().await {
             // THR-2, WS-19: agent_disconnect first, then close, then wait and reconnect.
             let bye = d.shared.core().disconnect_message(Instant::now());
-            goodbye(&mut ws, Some(bye), d.settings.stop_timeout).await;
+            goodbye(
+                &mut ws,
+                Some(bye),
+                wsconf::CLOSE_NORMAL,
+                d.settings.stop_timeout,
+            )
+            .await;
             return End::Reconnect;
         }
         if d.stop_requested() {
@@ -139,25 +149,36 @@ async fn connection(d: &Driver, mut ws: Ws) -> End {
                     match framing::decode_bytes::<ServerToAgent>(data, limit) {
                         Ok(msg) => d.shared.core().handle_message(msg, Instant::now()),
                         Err(e) => {
-                            close(&mut ws, close_code_for(&e)).await;
+                            close(d, &mut ws, close_code_for(&e)).await;
                             return End::Broken(e.into());
                         }
                     }
                 }
                 Some(Ok(Message::Text(_))) => {
                     // WS-1: only binary messages exist in OpAMP.
-                    close(&mut ws, wsconf::CLOSE_UNSUPPORTED_DATA).await;
+                    close(d, &mut ws, wsconf::CLOSE_UNSUPPORTED_DATA).await;
                     return End::Broken(ConnectError::Decode(
                         opamp_proto::DecodeError::MalformedHeader,
                     ));
                 }
-                Some(Ok(Message::Close(_))) | None => return End::Broken(ConnectError::Closed),
+                Some(Ok(Message::Close(_))) => {
+                    // WS-17, RFC 6455: tungstenite queued the Close reply; send it, then
+                    // wait (briefly) for the server to end the connection.
+                    let finish = async {
+                        if ws.flush().await.is_ok() {
+                            while let Some(Ok(_)) = ws.next().await {}
+                        }
+                    };
+                    let _ = tokio::time::timeout(ERROR_CLOSE_TIMEOUT, finish).await;
+                    return End::Broken(ConnectError::Closed);
+                }
+                None => return End::Broken(ConnectError::Closed),
                 // Pings are answered by tungstenite itself (WS-15).
                 Some(Ok(_)) => {}
                 Some(Err(e)) => {
                     if matches!(e, tungstenite::Error::Capacity(_)) {
                         // WS-10: oversized: close with 1009.
-                        close(&mut ws, wsconf::CLOSE_MESSAGE_TOO_BIG).await;
+                        close(d, &mut ws, wsconf::CLOSE_MESSAGE_TOO_BIG).await;
                     }
                     return End::Broken(e.into());
                 }
@@ -194,11 +215,13 @@ async fn send(ws: &mut Ws, msg: &AgentToServer, timeout: Duration) -> Result<(),
 /// WS-16: agent_disconnect, then the close handshake, all within `timeout`.
 async fn stop(d: &Driver, mut ws: Ws) -> End {
     let bye = d.shared.core().stop(Instant::now());
-    goodbye(&mut ws, bye, d.settings.stop_timeout).await;
+    goodbye(&mut ws, bye, wsconf::CLOSE_NORMAL, d.settings.stop_timeout).await;
     End::Stopped
 }
 
-async fn goodbye(ws: &mut Ws, bye: Option<AgentToServer>, timeout: Duration) {
+/// WS-16, WS-19: `bye` (the agent_disconnect message), then a Close frame with `code` and the
+/// RFC 6455 closing handshake, all within `timeout`.
+async fn goodbye(ws: &mut Ws, bye: Option<AgentToServer>, code: CloseCode, timeout: Duration) {
     let steps = async {
         if let Some(bye) = bye {
             if ws
@@ -211,7 +234,7 @@ async fn goodbye(ws: &mut Ws, bye: Option<AgentToServer>, timeout: Duration) {
         }
         let _ = ws
             .close(Some(CloseFrame {
-                code: wsconf::CLOSE_NORMAL,
+                code,
                 reason: "".into(),
             }))
             .await;
@@ -223,13 +246,12 @@ async fn goodbye(ws: &mut Ws, bye: Option<AgentToServer>, timeout: Duration) {
     }
 }
 
-/// Closes after a protocol error, briefly: the connection is being dropped anyway.
-async fn close(ws: &mut Ws, code: CloseCode) {
-    let frame = CloseFrame {
-        code,
-        reason: "".into(),
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(Some(frame))).await;
+/// Closes after a protocol error (malformed, text or oversized message), briefly: the
+/// connection is being dropped anyway. WS-16, WS-19: agent_disconnect first, then the Close
+/// frame with `code`; the full status goes again on the next connection.
+async fn close(d: &Driver, ws: &mut Ws, code: CloseCode) {
+    let bye = d.shared.core().disconnect_message(Instant::now());
+    goodbye(ws, Some(bye), code, ERROR_CLOSE_TIMEOUT).await;
 }
 
 #[cfg(test)]

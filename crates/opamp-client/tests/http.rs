@@ -570,3 +570,52 @@ async fn http_12_idle_keep_alive_connections_closed_by_the_server_are_not_failur
     }
     assert_eq!(connects, 1);
 }
+
+/// GEN-8, THR-8 with RETRY-3 / HTTP-14: an endpoint that answers 400 to every POST from the
+/// start (the link never comes up) gets requests at growing, backed-off intervals, not a
+/// tight loop; and the refused status is not resent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gen_8_retry_3_server_refusing_every_request_is_not_flooded() {
+    let (tx, mut seen) = mpsc::unbounded_channel::<Seen>();
+    let addr = http_server(move |n, parts, body| {
+        let tx = tx.clone();
+        async move {
+            let msg = decode_request(&parts, &body);
+            let _ = tx.send((n, parts, msg, Instant::now()));
+            Response::builder()
+                .status(400)
+                .body(Full::default())
+                .unwrap()
+        }
+    })
+    .await;
+    let (cb, _cbs) = Recorder::new();
+    let client = OpampClient::start(
+        settings(format!("http://{addr}/"))
+            .with_capabilities(caps())
+            .with_agent_description(description()),
+        cb,
+    )
+    .unwrap();
+    let (_, _, first, _) = recv(&mut seen).await;
+    assert!(first.agent_description.is_some());
+    // fast_backoff(): 10 ms growing to 50 ms, ±50 %: a couple of dozen requests in 700 ms.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    client.stop().await.unwrap();
+    let mut requests = vec![];
+    while let Ok((_, _, m, at)) = seen.try_recv() {
+        requests.push((m, at));
+    }
+    assert!(
+        requests.len() < 60,
+        "{} requests in 700 ms: the server is flooded",
+        requests.len() + 1
+    );
+    assert!(requests.len() >= 3, "the client kept trying");
+    for (m, _) in &requests {
+        assert!(
+            m.agent_description.is_none(),
+            "RETRY-3: the refused status resent"
+        );
+    }
+}

@@ -352,6 +352,24 @@ async fn read_client_frame(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
     Some((h[0] & 0x0f, payload))
 }
 
+/// Reads client frames until its Close frame (or the end of the connection): the OpAMP
+/// messages seen before it, and the close code, if a Close frame came.
+async fn read_until_close(s: &mut TcpStream) -> (Vec<AgentToServer>, Option<u16>) {
+    let mut msgs = vec![];
+    while let Some((op, payload)) = read_client_frame(s).await {
+        match op {
+            2 => msgs.push(framing::decode(&payload, 1 << 20).unwrap()),
+            8 => {
+                let code =
+                    (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+                return (msgs, code);
+            }
+            _ => {}
+        }
+    }
+    (msgs, None)
+}
+
 /// A raw WebSocket handshake, so hostile frames can be written by hand.
 async fn raw_handshake(s: &mut TcpStream) {
     let mut buf = Vec::new();
@@ -376,6 +394,8 @@ async fn raw_handshake(s: &mut TcpStream) {
     s.write_all(resp.as_bytes()).await.unwrap();
 }
 
+/// WS-10, and WS-16 / WS-19 for the way out: each protocol error ends with agent_disconnect,
+/// then a Close frame with the matching code.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_ws_server_drops_garbage_and_oversized_then_client_recovers() {
     // Connection 0: accepted and dropped at once. 1: garbage binary (non-zero header).
@@ -405,10 +425,11 @@ async fn hostile_ws_server_drops_garbage_and_oversized_then_client_recovers() {
                             s.write_all(&frame).await.unwrap();
                         }
                     }
-                    // The client answers with a close frame carrying a code.
-                    if let Some((8, payload)) = read_client_frame(&mut s).await {
-                        let code = u16::from_be_bytes([payload[0], payload[1]]);
-                        let _ = close_tx.send((n, code));
+                    // WS-16, WS-19: agent_disconnect, then a close frame carrying a code.
+                    let (msgs, code) = read_until_close(&mut s).await;
+                    let bye = msgs.last().is_some_and(|m| m.agent_disconnect.is_some());
+                    if let Some(code) = code {
+                        let _ = close_tx.send((n, code, bye));
                     }
                 }
                 _ => well_behaved(n, s, tx).await,
@@ -428,7 +449,11 @@ async fn hostile_ws_server_drops_garbage_and_oversized_then_client_recovers() {
         recv(&mut closes).await,
     ];
     codes.sort();
-    assert_eq!(codes, vec![(1, 1007), (2, 1003), (3, 1009)]);
+    assert_eq!(
+        codes,
+        vec![(1, 1007, true), (2, 1003, true), (3, 1009, true)],
+        "(connection, close code, agent_disconnect before the close)"
+    );
     let (n, m) = next_msg(&mut seen).await;
     assert_eq!(n, 4);
     assert!(m.capabilities != 0);
@@ -478,5 +503,86 @@ async fn header_fn_is_called_for_every_handshake() {
         }
     }
     assert_eq!(tokens, vec!["Bearer token-0", "Bearer token-1"]);
+    client.stop().await.unwrap();
+}
+
+/// WS-16, WS-19 (MUST): a server that sends a text frame (WS-1) makes the client drop the
+/// connection; it says agent_disconnect first, then sends the Close frame (1003).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_16_ws_19_text_frame_gets_agent_disconnect_before_close() {
+    let (tx, mut seen) = mpsc::unbounded_channel();
+    let (out_tx, mut outs) = mpsc::unbounded_channel();
+    let addr = tcp_server(move |n, mut s| {
+        let tx = tx.clone();
+        let out_tx = out_tx.clone();
+        async move {
+            if n > 0 {
+                return well_behaved(n, s, tx).await;
+            }
+            raw_handshake(&mut s).await;
+            let (op, _) = read_client_frame(&mut s).await.unwrap();
+            assert_eq!(op, 2);
+            s.write_all(&[0x81, 2, b'h', b'i']).await.unwrap();
+            let _ = out_tx.send(read_until_close(&mut s).await);
+        }
+    })
+    .await;
+    let (cb, _cbs) = Recorder::new();
+    let client = OpampClient::start(settings(format!("ws://{addr}/")), cb).unwrap();
+    let (msgs, code) = recv(&mut outs).await;
+    assert_eq!(
+        code,
+        Some(1003),
+        "a Close frame with 1003 (unsupported data)"
+    );
+    assert_eq!(
+        msgs.len(),
+        1,
+        "exactly one message before the Close: {msgs:?}"
+    );
+    assert!(
+        msgs[0].agent_disconnect.is_some(),
+        "WS-16: agent_disconnect first"
+    );
+    // The client reconnects, and the next connection starts with the next sequence number.
+    let (n, m) = next_msg(&mut seen).await;
+    assert_eq!(n, 1);
+    assert_eq!(m.sequence_num, msgs[0].sequence_num + 1);
+    client.stop().await.unwrap();
+}
+
+/// WS-17 (RFC 6455 closing handshake): a Close frame from the server is answered with the
+/// client's Close frame before the client drops the connection and reconnects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_17_server_close_is_answered_with_a_close_frame() {
+    let (tx, mut seen) = mpsc::unbounded_channel();
+    let (out_tx, mut outs) = mpsc::unbounded_channel();
+    let addr = tcp_server(move |n, mut s| {
+        let tx = tx.clone();
+        let out_tx = out_tx.clone();
+        async move {
+            if n > 0 {
+                return well_behaved(n, s, tx).await;
+            }
+            raw_handshake(&mut s).await;
+            let (op, _) = read_client_frame(&mut s).await.unwrap();
+            assert_eq!(op, 2);
+            // Close, 1001 (going away). Then keep the TCP connection open: the client must
+            // answer without waiting for the end of the connection.
+            s.write_all(&[0x88, 2, 0x03, 0xe9]).await.unwrap();
+            let _ = out_tx.send(read_until_close(&mut s).await);
+        }
+    })
+    .await;
+    let (cb, _cbs) = Recorder::new();
+    let client = OpampClient::start(settings(format!("ws://{addr}/")), cb).unwrap();
+    let (msgs, code) = recv(&mut outs).await;
+    assert!(
+        msgs.is_empty(),
+        "no data after the server's Close: {msgs:?}"
+    );
+    assert!(code.is_some(), "the client's Close frame never came");
+    let (n, _) = next_msg(&mut seen).await;
+    assert_eq!(n, 1);
     client.stop().await.unwrap();
 }

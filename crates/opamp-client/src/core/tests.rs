@@ -959,3 +959,157 @@ fn random_operation_sequences_keep_the_client_rules() {
         }
     }
 }
+
+/// Finding 4 (GEN-8, THR-8, RETRY-3, HTTP-14): a server that answers 400/413 to every request
+/// while the link is down is not flooded. Each rejection reschedules the next attempt with
+/// backoff (growing delays within the jitter bounds), never two requests at the same instant,
+/// and the rejected message itself is not retried.
+#[test]
+fn gen_8_retry_3_rejections_while_down_back_off_instead_of_flooding() {
+    let t0 = Instant::now();
+    let mut c = core(TransportKind::Http, all_caps(), t0);
+    c.set_health(health(true)).unwrap();
+    let mut now = t0;
+    let mut base: f64 = 0.5;
+    let mut sent_at: Vec<Instant> = vec![];
+    for i in 0..20 {
+        let m = c.poll_transmit(now).expect("the attempt is due");
+        if i == 0 {
+            assert!(
+                m.health.is_some(),
+                "the first request carries the full state"
+            );
+        } else {
+            // RETRY-3: the rejected message is not retried; the next attempt is a bare poll.
+            assert!(
+                is_heartbeat(&m),
+                "attempt {i} resent the rejected status: {m:?}"
+            );
+        }
+        sent_at.push(now);
+        c.handle_request_rejected(now);
+        assert!(!c.is_connected());
+        // No second request at the same instant.
+        assert_eq!(c.poll_transmit(now), None, "attempt {i}: flooding");
+        let next = c.poll_timeout().expect("a next attempt is scheduled");
+        assert_eq!(c.connect_at(), Some(next));
+        let d = (next - now).as_secs_f64();
+        assert!(
+            d >= base * 0.5 - 1e-9 && d <= base * 1.5 + 1e-9,
+            "attempt {i}: delay {d} vs {base}"
+        );
+        assert_eq!(c.poll_transmit(next - secs(0.001)), None);
+        now = next;
+        base = (base * 1.5).min(60.0);
+    }
+    sent_at.dedup();
+    assert_eq!(sent_at.len(), 20, "two requests at the same instant");
+    // A change made meanwhile goes with the next attempt, after the backoff.
+    c.set_health(health(false)).unwrap();
+    let m = c.poll_transmit(now).unwrap();
+    assert_eq!(m.health, Some(health(false)));
+    // Once the server answers, the link is up and the backoff starts over.
+    c.handle_message(ack(), now);
+    assert!(c.is_connected());
+    assert!(c.poll_transmit(now + secs(1.0)).is_none());
+    c.poll_transmit(now + secs(30.0)).unwrap();
+    let d = c.handle_connect_failure(Failure::Transport, now + secs(30.0));
+    assert!(d <= secs(0.75));
+}
+
+/// Finding 5 (UID-7, UID-8, UID-6): a server-assigned uid, even unprompted, is announced at
+/// once, and pushes the server addresses to the previous uid until it has learned the new one
+/// are processed, not dropped.
+#[test]
+fn uid_7_uid_8_unprompted_new_uid_is_announced_at_once_and_old_uid_pushes_accepted() {
+    let t0 = Instant::now();
+    // WebSocket without ReportsHeartbeat: the agent would otherwise send nothing for long.
+    let caps = all_caps() - AgentCapabilitySet::REPORTS_HEARTBEAT;
+    let mut c = ws_up(caps, t0);
+    assert_eq!(c.poll_transmit(t0), None);
+    let old = uid();
+    let new = InstanceUid::from_array([9; 16]);
+    // UID-8: unprompted (RequestInstanceUid was never set).
+    c.handle_message(
+        ServerToAgent {
+            agent_identification: Some(AgentIdentification {
+                new_instance_uid: new.to_bytes(),
+            }),
+            ..ack()
+        },
+        t0,
+    );
+    events(&mut c);
+    assert_eq!(c.instance_uid(), new);
+
+    // A push addressed to the old uid, before the server learned the new one: processed.
+    let config = opamp_proto::AgentRemoteConfig {
+        config_hash: Bytes::from_static(b"h1"),
+        ..Default::default()
+    };
+    c.handle_message(
+        ServerToAgent {
+            instance_uid: old.to_bytes(),
+            remote_config: Some(config.clone()),
+            ..Default::default()
+        },
+        t0,
+    );
+    let Some(Event::Message(data)) = events(&mut c).pop() else {
+        panic!("a push addressed to the previous uid was dropped")
+    };
+    assert_eq!(data.remote_config, Some(config));
+
+    // The new uid goes out at once (UID-7), although nothing else changed.
+    let m = c
+        .poll_transmit(t0)
+        .expect("the new uid is announced at once");
+    assert_eq!(m.instance_uid, new.to_bytes());
+    assert!(is_heartbeat(&m));
+    assert_eq!(c.poll_transmit(t0), None, "announced once");
+
+    // Once the server addresses the new uid, the old one is another agent's again (UID-6).
+    c.handle_message(ack_for(new), t0);
+    events(&mut c);
+    c.handle_message(
+        ServerToAgent {
+            instance_uid: old.to_bytes(),
+            flags: ServerToAgentFlagSet::REPORT_FULL_STATE.bits(),
+            ..Default::default()
+        },
+        t0,
+    );
+    assert!(events(&mut c).is_empty());
+    assert_eq!(c.poll_transmit(t0), None);
+}
+
+/// Finding 5 over plain HTTP: the uid change is reported by the very next request, without
+/// waiting for the polling interval.
+#[test]
+fn uid_7_http_new_uid_is_reported_without_waiting_for_the_poll() {
+    let t0 = Instant::now();
+    let mut c = http_up(all_caps(), t0);
+    let new = InstanceUid::from_array([9; 16]);
+    assert_eq!(c.poll_transmit(t0 + secs(1.0)), None);
+    c.poll_transmit(t0 + secs(30.0)).unwrap();
+    c.handle_message(
+        ServerToAgent {
+            agent_identification: Some(AgentIdentification {
+                new_instance_uid: new.to_bytes(),
+            }),
+            ..ack()
+        },
+        t0 + secs(30.0),
+    );
+    let m = c
+        .poll_transmit(t0 + secs(30.0))
+        .expect("the new uid is reported at once");
+    assert_eq!(m.instance_uid, new.to_bytes());
+}
+
+fn ack_for(uid: InstanceUid) -> ServerToAgent {
+    ServerToAgent {
+        instance_uid: uid.to_bytes(),
+        ..ack()
+    }
+}
