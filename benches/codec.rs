@@ -2,99 +2,16 @@
 //!
 //! Run: `cargo bench --bench codec`. Figures and the machine are in BENCHMARKS.md.
 
+// Each bench uses part of the shared fixtures.
+#[allow(dead_code)]
+mod common;
+
 use std::hint::black_box;
 
 use bytes::Bytes;
+use common::{full_status, heartbeat, remote_config};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use opamp::proto::{
-    AgentCapabilitySet, AgentConfigMap, AgentConfigObject, AgentDescription, AgentRemoteConfig,
-    AgentToServer, ComponentHealth, EffectiveConfig, InstanceUid, KeyValue, Message,
-    RemoteConfigStatus, ServerToAgent, framing,
-};
-
-fn config_map(size: usize) -> AgentConfigMap {
-    let line = "receivers: { otlp: { protocols: { grpc: {}, http: {} } } }\n";
-    let body = line.repeat(size / line.len() + 1)[..size].to_owned();
-    let mut map = AgentConfigMap::default();
-    map.config_map.insert(
-        String::new(),
-        AgentConfigObject {
-            body: Bytes::from(body),
-            content_type: "text/yaml".into(),
-        },
-    );
-    map
-}
-
-/// A heartbeat: instance uid, sequence number and capabilities only (HB-4).
-fn heartbeat() -> AgentToServer {
-    AgentToServer {
-        instance_uid: InstanceUid::new_v7().to_bytes(),
-        sequence_num: 12345,
-        capabilities: AgentCapabilitySet::all().bits(),
-        ..Default::default()
-    }
-}
-
-/// A full status: 20-attribute description, health with components, 10 KiB effective config.
-fn full_status() -> AgentToServer {
-    let mut ident = vec![
-        KeyValue::new("service.name", "io.opentelemetry.collector"),
-        KeyValue::new("service.version", "0.115.0"),
-        KeyValue::new(
-            "service.instance.id",
-            "5d1c3a9e-1c55-4a3e-8f0e-2b1b1a2c3d4e",
-        ),
-    ];
-    ident.extend(
-        (0..7).map(|i| KeyValue::new(format!("deployment.label.{i}"), "production-eu-west-1")),
-    );
-    let non_ident = (0..10)
-        .map(|i| KeyValue::new(format!("host.attr.{i}"), "ip-10-0-0-1.internal"))
-        .collect();
-    let mut health = ComponentHealth {
-        healthy: true,
-        status: "StatusOK".into(),
-        ..Default::default()
-    };
-    for name in ["receiver/otlp", "processor/batch", "exporter/otlphttp"] {
-        health.component_health_map.insert(
-            name.into(),
-            ComponentHealth {
-                healthy: true,
-                status: "StatusOK".into(),
-                ..Default::default()
-            },
-        );
-    }
-    AgentToServer {
-        agent_description: Some(AgentDescription {
-            identifying_attributes: ident,
-            non_identifying_attributes: non_ident,
-        }),
-        health: Some(health),
-        effective_config: Some(EffectiveConfig {
-            config_map: Some(config_map(10 * 1024)),
-        }),
-        remote_config_status: Some(RemoteConfigStatus {
-            last_remote_config_hash: Bytes::from_static(&[7; 32]),
-            status: 1,
-            error_message: String::new(),
-        }),
-        ..heartbeat()
-    }
-}
-
-fn remote_config(size: usize) -> ServerToAgent {
-    ServerToAgent {
-        instance_uid: InstanceUid::new_v7().to_bytes(),
-        remote_config: Some(AgentRemoteConfig {
-            config: Some(config_map(size)),
-            config_hash: Bytes::from_static(&[9; 32]),
-        }),
-        ..Default::default()
-    }
-}
+use opamp::proto::{AgentToServer, InstanceUid, Message, framing};
 
 fn bench_message<M: Message + Default>(c: &mut Criterion, name: &str, msg: &M) {
     let encoded = Bytes::from(msg.encode_to_vec());
@@ -115,14 +32,14 @@ fn bench_message<M: Message + Default>(c: &mut Criterion, name: &str, msg: &M) {
 }
 
 fn codec(c: &mut Criterion) {
-    bench_message(c, "heartbeat", &heartbeat());
-    bench_message(c, "full_status_10k", &full_status());
-    bench_message(c, "remote_config_4k", &remote_config(4 * 1024));
-    bench_message(c, "remote_config_64k", &remote_config(64 * 1024));
+    bench_message(c, "heartbeat", &heartbeat(InstanceUid::new_v7()));
+    bench_message(c, "full_status_10k", &full_status(InstanceUid::new_v7()));
+    bench_message(c, "remote_config_4k", &remote_config(4 * 1024, "a"));
+    bench_message(c, "remote_config_64k", &remote_config(64 * 1024, "a"));
 }
 
 fn framing(c: &mut Criterion) {
-    let msg = full_status();
+    let msg = full_status(InstanceUid::new_v7());
     let frame = framing::encode(&msg);
     let mut group = c.benchmark_group("ws_framing_full_status");
     group.throughput(Throughput::Bytes(frame.len() as u64));

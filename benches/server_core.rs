@@ -6,109 +6,20 @@
 //!
 //! Run: `cargo bench --bench server_core`. Figures and the machine are in BENCHMARKS.md.
 
+// Each bench uses part of the shared fixtures.
+#[allow(dead_code)]
+mod common;
+
 use std::hint::black_box;
 use std::time::Instant;
 
 use bytes::Bytes;
+use common::{config_map, full_status, heartbeat};
 use criterion::{Criterion, criterion_group, criterion_main};
 use opamp::proto::{
-    AgentCapabilitySet, AgentConfigMap, AgentConfigObject, AgentDescription, AgentRemoteConfig,
-    AgentToServer, AnyValue, ComponentHealth, EffectiveConfig, InstanceUid, KeyValue,
-    RemoteConfigStatus, ServerCapabilitySet, ServerToAgent, any_value, framing,
+    AgentRemoteConfig, AgentToServer, InstanceUid, ServerCapabilitySet, ServerToAgent, framing,
 };
 use opamp::server::{AgentSession, DEFAULT_SERVER_CAPABILITIES, SessionConfig};
-
-fn kv(key: &str, value: &str) -> KeyValue {
-    KeyValue {
-        key: key.into(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(value.into())),
-        }),
-    }
-}
-
-fn config_map(size: usize, salt: &str) -> AgentConfigMap {
-    let line = "exporters: { otlphttp: { endpoint: https://collector.example:4318 } }\n";
-    let mut body = format!("# {salt}\n");
-    while body.len() < size {
-        body.push_str(line);
-    }
-    body.truncate(size);
-    let mut map = AgentConfigMap::default();
-    map.config_map.insert(
-        String::new(),
-        AgentConfigObject {
-            body: Bytes::from(body),
-            content_type: "text/yaml".into(),
-        },
-    );
-    map
-}
-
-fn capabilities() -> u64 {
-    (AgentCapabilitySet::REPORTS_STATUS
-        | AgentCapabilitySet::ACCEPTS_REMOTE_CONFIG
-        | AgentCapabilitySet::REPORTS_REMOTE_CONFIG
-        | AgentCapabilitySet::REPORTS_EFFECTIVE_CONFIG
-        | AgentCapabilitySet::REPORTS_HEALTH
-        | AgentCapabilitySet::REPORTS_HEARTBEAT)
-        .bits()
-}
-
-/// A heartbeat: instance uid, sequence number and capabilities (HB-4).
-fn heartbeat(uid: InstanceUid) -> AgentToServer {
-    AgentToServer {
-        instance_uid: uid.to_bytes(),
-        sequence_num: 1,
-        capabilities: capabilities(),
-        ..Default::default()
-    }
-}
-
-/// A full status: 20-attribute description, health with 3 components, 10 KiB effective
-/// config, remote config status.
-fn full_status(uid: InstanceUid) -> AgentToServer {
-    let mut ident = vec![
-        kv("service.name", "io.opentelemetry.collector"),
-        kv("service.version", "0.115.0"),
-        kv("service.instance.id", &uid.to_string()),
-    ];
-    ident.extend((0..7).map(|i| kv(&format!("deployment.label.{i}"), "production-eu-west-1")));
-    let non_ident = (0..10)
-        .map(|i| kv(&format!("host.attr.{i}"), "ip-10-0-0-1.internal"))
-        .collect();
-    let mut health = ComponentHealth {
-        healthy: true,
-        status: "StatusOK".into(),
-        ..Default::default()
-    };
-    for name in ["receiver/otlp", "processor/batch", "exporter/otlphttp"] {
-        health.component_health_map.insert(
-            name.into(),
-            ComponentHealth {
-                healthy: true,
-                status: "StatusOK".into(),
-                ..Default::default()
-            },
-        );
-    }
-    AgentToServer {
-        agent_description: Some(AgentDescription {
-            identifying_attributes: ident,
-            non_identifying_attributes: non_ident,
-        }),
-        health: Some(health),
-        effective_config: Some(EffectiveConfig {
-            config_map: Some(config_map(10 * 1024, "effective")),
-        }),
-        remote_config_status: Some(RemoteConfigStatus {
-            last_remote_config_hash: Bytes::from_static(&[7; 32]),
-            status: 1,
-            error_message: String::new(),
-        }),
-        ..heartbeat(uid)
-    }
-}
 
 fn session() -> AgentSession {
     AgentSession::new(SessionConfig::websocket(

@@ -16,14 +16,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 use opamp::async_trait;
 use opamp::client::{Callbacks, MessageData, OpampClient, StartSettings};
 use opamp::proto::{
-    AgentCapabilitySet, AgentConfigMap, AgentConfigObject, AgentDescription, AgentRemoteConfig,
-    ComponentHealth, EffectiveConfig, InstanceUid, KeyValue, Message, RemoteConfigStatus,
-    RemoteConfigStatuses, ServerToAgentCommand,
+    AgentCapabilitySet, AgentConfigMap, AgentDescription, AgentRemoteConfig, ComponentHealth,
+    EffectiveConfig, InstanceUid, KeyValue, Message, RemoteConfigStatus, RemoteConfigStatuses,
+    ServerToAgentCommand,
 };
 use tokio::sync::mpsc;
 
@@ -157,16 +156,8 @@ impl AgentFiles {
 
     fn effective_config(&self) -> EffectiveConfig {
         let body = std::fs::read(self.config_path()).unwrap_or_else(|_| LOCAL_CONFIG.into());
-        let mut map = AgentConfigMap::default();
-        map.config_map.insert(
-            String::new(),
-            AgentConfigObject {
-                body: Bytes::from(body),
-                content_type: "text/yaml".into(),
-            },
-        );
         EffectiveConfig {
-            config_map: Some(map),
+            config_map: Some(AgentConfigMap::single(body, "text/yaml")),
         }
     }
 }

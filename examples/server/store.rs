@@ -8,8 +8,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use opamp::proto::{
-    AgentCapabilitySet, AgentConfigMap, AgentConfigObject, AgentDescription, AgentRemoteConfig,
-    AgentToServer, AnyValue, ComponentHealth, InstanceUid, KeyValue, Message, RemoteConfigStatus,
+    AgentCapabilitySet, AgentConfigMap, AgentDescription, AgentRemoteConfig, AgentToServer,
+    AnyValue, ComponentHealth, InstanceUid, KeyValue, Message, RemoteConfigStatus,
     RemoteConfigStatuses, ServerToAgent, any_value,
 };
 use serde_json::{Map, Value, json};
@@ -207,9 +207,7 @@ impl Fleet {
 /// A remote config of one object under the key `""` (RC-9: single-file agents use one entry),
 /// with its hash: SHA-256 of the deterministic encoding of the config map (RC-4).
 pub(crate) fn remote_config(body: Bytes, content_type: String) -> AgentRemoteConfig {
-    let mut map = AgentConfigMap::default();
-    map.config_map
-        .insert(String::new(), AgentConfigObject { body, content_type });
+    let map = AgentConfigMap::single(body, content_type);
     let hash = Sha256::digest(map.encode_to_vec());
     AgentRemoteConfig {
         config: Some(map),

@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 
-use crate::v1::{AnyValue, KeyValue, any_value};
+use crate::v1::{AgentConfigMap, AgentConfigObject, AnyValue, KeyValue, any_value};
 
 impl KeyValue {
     /// An attribute with any value: `KeyValue::new("service.name", "collector")`,
@@ -17,6 +17,21 @@ impl KeyValue {
     /// The value as a string, if it is a string value.
     pub fn str_value(&self) -> Option<&str> {
         self.value.as_ref().and_then(AnyValue::as_str)
+    }
+}
+
+impl AgentConfigMap {
+    /// A config of one object under the name `""`, as single-file agents use (RC-9).
+    pub fn single(body: impl Into<Bytes>, content_type: impl Into<String>) -> Self {
+        let mut map = Self::default();
+        map.config_map.insert(
+            String::new(),
+            AgentConfigObject {
+                body: body.into(),
+                content_type: content_type.into(),
+            },
+        );
+        map
     }
 }
 
@@ -67,5 +82,13 @@ mod tests {
         );
         assert_eq!(KeyValue::new("b", true).str_value(), None);
         assert_eq!(AnyValue::from(String::from("x")).as_str(), Some("x"));
+    }
+
+    #[test]
+    fn rc_9_single_object_config_uses_the_empty_name() {
+        let map = AgentConfigMap::single(Bytes::from_static(b"a: 1"), "text/yaml");
+        assert_eq!(map.config_map.len(), 1);
+        assert_eq!(map.config_map[""].body, Bytes::from_static(b"a: 1"));
+        assert_eq!(map.config_map[""].content_type, "text/yaml");
     }
 }
