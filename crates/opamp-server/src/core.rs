@@ -26,6 +26,14 @@ pub struct SessionConfig {
     /// Minimum time between two `ReportFullState` requests (SEQ-2): the answer to a request,
     /// or a client that skips sequence numbers, does not trigger another one in a loop.
     pub full_state_min_interval: Duration,
+    /// Whether an offer (`remote_config`, `connection_settings`, `packages_available`)
+    /// already sent in this session is not sent again until the agent reports another hash.
+    ///
+    /// True for a WebSocket connection: one ordered stream that delivers every message or
+    /// breaks, and a new connection is a new session. False for plain HTTP: a response can
+    /// be lost without the server noticing, so only the agent's own report of the offered
+    /// hash stops the offer (RC-6: while they differ, the server MUST include it).
+    pub sent_offers_suppress_resend: bool,
 }
 
 impl SessionConfig {
@@ -35,13 +43,16 @@ impl SessionConfig {
             server_capabilities: server_capabilities | ServerCapabilitySet::ACCEPTS_STATUS,
             capabilities_in_every_reply: false,
             full_state_min_interval: crate::config::DEFAULT_FULL_STATE_MIN_INTERVAL,
+            sent_offers_suppress_resend: true,
         }
     }
 
-    /// Settings for a plain-HTTP session: capabilities in every response.
+    /// Settings for a plain-HTTP session: capabilities in every response, offers repeated
+    /// until the agent reports their hash (RC-6).
     pub fn plain_http(server_capabilities: ServerCapabilitySet) -> Self {
         Self {
             capabilities_in_every_reply: true,
+            sent_offers_suppress_resend: false,
             ..Self::websocket(server_capabilities)
         }
     }
@@ -67,7 +78,44 @@ pub struct Received {
     pub repeated: bool,
     /// The agent switched to a uid the server assigned (UID-7); this was its old uid.
     pub switched_from: Option<InstanceUid>,
+    /// The message comes from a **second agent** using this session's uid (UID-8): its
+    /// sequence numbers interleave with the session's own (see
+    /// [`AgentSession`], "Duplicate uids"). The session's state was left as it was; do not
+    /// hand the message to the application as the session's agent's. Answer it with
+    /// [`reassign_reply`] (or per the application's policy).
+    pub duplicate: bool,
 }
+
+/// Whether `uid` can identify an agent: the all-zero (nil) and all-one (max) UUIDs are
+/// what broken generators and zeroed buffers produce, never a real uid (UID-1, UID-2 say
+/// 16 bytes and SHOULD be a UUID v7), and two agents sending one of them would share one
+/// session. The drivers answer such a uid with a new one ([`reassign_reply`], UID-8).
+pub fn is_usable_instance_uid(uid: &InstanceUid) -> bool {
+    uid.as_array() != &[0; 16] && uid.as_array() != &[0xff; 16]
+}
+
+/// The answer to a message whose uid cannot be kept (UID-8: a duplicate or unusable uid):
+/// the message's own uid (UID-6), `new_instance_uid` (UID-7) and the server capabilities.
+/// Stateless: the agent switches to `new_uid` and is a new agent from then on, asked for
+/// its full state by the session that its next message finds or creates (SEQ-2).
+pub fn reassign_reply(
+    sent_uid: InstanceUid,
+    new_uid: InstanceUid,
+    server_capabilities: ServerCapabilitySet,
+) -> ServerToAgent {
+    ServerToAgent {
+        instance_uid: sent_uid.to_bytes(),
+        capabilities: (server_capabilities | ServerCapabilitySet::ACCEPTS_STATUS).bits(),
+        agent_identification: Some(AgentIdentification {
+            new_instance_uid: new_uid.to_bytes(),
+        }),
+        ..ServerToAgent::default()
+    }
+}
+
+/// Messages of a new lineage after a jump in sequence numbers during which the old lineage
+/// is still watched for (UID-8 detection); a real restart or loss never returns to it.
+const LINEAGE_WATCH_STEPS: u8 = 8;
 
 /// How to send a shared message to one agent; from
 /// [`AgentSession::prepare_shared_push`].
@@ -134,15 +182,40 @@ fn same_except_per_agent_fields(a: &ServerToAgent, b: &ServerToAgent) -> bool {
 /// - removes offers the agent has no capability for, or the server did not advertise (CAP-4);
 /// - removes a `remote_config`, `connection_settings` or `packages_available` whose hash the
 ///   agent already reports, or that was already sent and not contradicted since (RC-4, RC-6,
-///   PKG-15, CS hashes);
+///   PKG-15, CS hashes); "already sent" counts only within one WebSocket connection
+///   ([`SessionConfig::sent_offers_suppress_resend`]): over plain HTTP a lost response
+///   must not strand an offer, so it goes out until the agent reports its hash (RC-6);
 /// - keeps `error_response` exclusive (S2A-1) and `command` alone with the capabilities
 ///   (S2A-2); anything owed (flags, capabilities, uid) then goes out with the next message.
+///
+/// # Duplicate uids (UID-8)
+///
+/// A session serves one uid. If two live agents share it (a cloned VM, a bad generator),
+/// their messages reach the same session over plain HTTP, each with its own sequence
+/// numbers. The session tells them apart by their numbers: after a jump (a number that is
+/// not the last + 1 nor a repeat), it remembers where the old sequence stood; if a later
+/// message continues that old sequence, two counters are interleaving. The agent of the
+/// older sequence keeps the session; from then on, a message that continues the other
+/// sequence is flagged [`Received::duplicate`] and leaves the session untouched. A restart
+/// (counter reset) or lost messages never return to the old sequence, so they are not
+/// mistaken for a duplicate; the old sequence is only watched for a few messages.
+///
+/// Limits: the first message(s) of the second agent are taken for the first agent's (they
+/// look like a restart) until the interleaving shows; two agents whose numbers stay equal
+/// (same counter at the same time) look like retries and are not told apart. WebSocket
+/// duplicates (two connections, one uid) are detected by the drivers across connections.
 #[derive(Debug)]
 pub struct AgentSession {
     config: SessionConfig,
     uid: Option<InstanceUid>,
     assigned_uid: Option<InstanceUid>,
     last_seq: Option<u64>,
+    /// UID-8: the last number of the sequence before the latest jump, while watched.
+    jumped_from: Option<u64>,
+    /// Messages since the latest jump (the watch ends at [`LINEAGE_WATCH_STEPS`]).
+    steps_since_jump: u8,
+    /// UID-8: the last number of the second agent's sequence, once detected.
+    intruder_seq: Option<u64>,
     agent_capabilities: AgentCapabilitySet,
     owe: Owed,
     last_full_state_request: Option<Instant>,
@@ -185,9 +258,10 @@ impl OfferHashes {
 
     /// An offer with this hash would tell the agent nothing new. An empty hash is never
     /// redundant: without a hash nothing can be compared.
-    fn is_redundant(&self, hash: &[u8]) -> bool {
+    fn is_redundant(&self, hash: &[u8], sent_counts: bool) -> bool {
         !hash.is_empty()
-            && (self.reported.as_deref() == Some(hash) || self.sent.as_deref() == Some(hash))
+            && (self.reported.as_deref() == Some(hash)
+                || (sent_counts && self.sent.as_deref() == Some(hash)))
     }
 
     fn on_sent(&mut self, hash: &Bytes) {
@@ -205,6 +279,9 @@ impl AgentSession {
             uid: None,
             assigned_uid: None,
             last_seq: None,
+            jumped_from: None,
+            steps_since_jump: 0,
+            intruder_seq: None,
             agent_capabilities: AgentCapabilitySet::empty(),
             owe: Owed {
                 capabilities: true,
@@ -263,6 +340,25 @@ impl AgentSession {
         }
         self.uid = Some(uid);
 
+        // UID-8: a message continuing the second agent's sequence leaves the session alone.
+        let seq = msg.sequence_num;
+        if let (Some(intruder), Some(last)) = (self.intruder_seq, self.last_seq)
+            && seq != last.wrapping_add(1)
+            && seq != last
+            && (seq == intruder.wrapping_add(1) || seq == intruder)
+        {
+            self.intruder_seq = Some(seq);
+            self.steps_since_jump = 0;
+            return Ok(Received {
+                instance_uid: uid,
+                first: false,
+                disconnect: msg.agent_disconnect.is_some(),
+                repeated: seq == intruder,
+                switched_from,
+                duplicate: true,
+            });
+        }
+
         // CAP-1 says capabilities are always set; a sloppy poll with 0 keeps the last set
         // rather than revoking everything (CAP-2 applies to real changes).
         if msg.capabilities != 0 {
@@ -279,13 +375,28 @@ impl AgentSession {
                     self.request_full_state(now);
                 }
             }
-            Some(last) if msg.sequence_num == last.wrapping_add(1) => {}
+            Some(last) if seq == last.wrapping_add(1) => self.step_after_jump(),
             // RETRY-2: the same message again; answer it, ask for nothing.
-            Some(last) if msg.sequence_num == last => repeated = true,
+            Some(last) if seq == last => repeated = true,
             // SEQ-2: a gap (or a restart that reset the counter): something was lost.
-            Some(_) => self.request_full_state(now),
+            Some(last) => {
+                if self
+                    .jumped_from
+                    .is_some_and(|j| seq == j.wrapping_add(1) || seq == j)
+                {
+                    // UID-8: back on the sequence from before the jump: two counters
+                    // interleave. This message is the older agent's; the jump was the other's.
+                    self.intruder_seq = Some(last);
+                    self.jumped_from = None;
+                } else {
+                    self.jumped_from = Some(last);
+                }
+                self.steps_since_jump = 0;
+                // Either way the state may be incomplete (or another agent's): SEQ-2.
+                self.request_full_state(now);
+            }
         }
-        self.last_seq = Some(msg.sequence_num);
+        self.last_seq = Some(seq);
 
         if AgentToServerFlagSet::from_bits_retain(msg.flags)
             .contains(AgentToServerFlagSet::REQUEST_INSTANCE_UID)
@@ -314,7 +425,19 @@ impl AgentSession {
             disconnect: msg.agent_disconnect.is_some(),
             repeated,
             switched_from,
+            duplicate: false,
         })
+    }
+
+    /// One more message in order; ends the UID-8 watch after a few.
+    fn step_after_jump(&mut self) {
+        if self.jumped_from.is_some() || self.intruder_seq.is_some() {
+            self.steps_since_jump = self.steps_since_jump.saturating_add(1);
+            if self.steps_since_jump >= LINEAGE_WATCH_STEPS {
+                self.jumped_from = None;
+                self.intruder_seq = None;
+            }
+        }
     }
 
     fn request_full_state(&mut self, now: Instant) {
@@ -477,6 +600,9 @@ impl AgentSession {
     fn strip(&self, msg: &mut ServerToAgent) {
         let agent = self.agent_capabilities;
         let server = self.config.server_capabilities;
+        // RC-6: within one WebSocket stream "sent" means delivered; otherwise only the
+        // agent's report of the hash does.
+        let sent_counts = self.config.sent_offers_suppress_resend;
         let able =
             |a: AgentCapabilitySet, s: ServerCapabilitySet| agent.contains(a) && server.contains(s);
 
@@ -484,7 +610,9 @@ impl AgentSession {
             && (!able(
                 AgentCapabilitySet::ACCEPTS_REMOTE_CONFIG,
                 ServerCapabilitySet::OFFERS_REMOTE_CONFIG,
-            ) || self.remote_config.is_redundant(&rc.config_hash))
+            ) || self
+                .remote_config
+                .is_redundant(&rc.config_hash, sent_counts))
         {
             msg.remote_config = None;
         }
@@ -492,13 +620,15 @@ impl AgentSession {
             && (!able(
                 AgentCapabilitySet::ACCEPTS_PACKAGES,
                 ServerCapabilitySet::OFFERS_PACKAGES,
-            ) || self.packages.is_redundant(&pkgs.all_packages_hash))
+            ) || self
+                .packages
+                .is_redundant(&pkgs.all_packages_hash, sent_counts))
         {
             msg.packages_available = None;
         }
         if let Some(cs) = &mut msg.connection_settings {
             let keep = server.contains(ServerCapabilitySet::OFFERS_CONNECTION_SETTINGS)
-                && !self.connection_settings.is_redundant(&cs.hash);
+                && !self.connection_settings.is_redundant(&cs.hash, sent_counts);
             if keep {
                 if !agent.contains(AgentCapabilitySet::ACCEPTS_OPAMP_CONNECTION_SETTINGS) {
                     cs.opamp = None;

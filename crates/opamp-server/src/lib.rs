@@ -119,7 +119,9 @@ pub use config::{
 #[cfg(feature = "tls")]
 pub use connection::PeerCertificates;
 pub use connection::{Connection, SharedMessage, Transport};
-pub use core::{AgentSession, PushPlan, Received, SessionConfig};
+pub use core::{
+    AgentSession, PushPlan, Received, SessionConfig, is_usable_instance_uid, reassign_reply,
+};
 pub use error::{ConfigError, ReadMessageError, SendError, ServerError};
 pub use server::{Server, ServerHandle};
 

@@ -582,3 +582,40 @@ async fn shutdown_is_not_held_by_a_stalled_body() {
         "{response:?}"
     );
 }
+
+/// RC-6 over the wire: an application that offers its config while the agent reports
+/// another hash (as the reference server does). The response carrying it is lost once;
+/// the next poll must carry it again.
+#[tokio::test]
+async fn rc6_config_reoffered_after_lost_http_response() {
+    let (rec, _events) = Recorder::with_reply(|_, msg| {
+        let reported = msg
+            .remote_config_status
+            .as_ref()
+            .map(|s| s.last_remote_config_hash.clone());
+        (reported.as_deref() != Some(b"h1".as_slice())).then(|| remote_config(b"h1", 10))
+    });
+    let server = start(&rec).await;
+    let addr = server.local_addr();
+    let lost = poll(addr, PATH, &first_report(uid(1))).await;
+    assert!(lost.remote_config.is_some(), "offered (and then lost)");
+    for seq in 1..3 {
+        let reply = poll(addr, PATH, &report(uid(1), seq)).await;
+        assert_eq!(
+            reply
+                .remote_config
+                .expect("RC-6: offered again")
+                .config_hash,
+            Bytes::from_static(b"h1"),
+            "poll {seq}"
+        );
+    }
+    let mut applied = report(uid(1), 3);
+    applied.remote_config_status = Some(opamp_proto::RemoteConfigStatus {
+        last_remote_config_hash: Bytes::from_static(b"h1"),
+        status: opamp_proto::RemoteConfigStatuses::Applied as i32,
+        ..Default::default()
+    });
+    assert!(poll(addr, PATH, &applied).await.remote_config.is_none());
+    server.shutdown().await;
+}

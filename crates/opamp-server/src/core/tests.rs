@@ -939,3 +939,226 @@ fn random_operation_sequences_keep_the_protocol_rules() {
         }
     }
 }
+
+fn http_session() -> AgentSession {
+    AgentSession::new(SessionConfig::plain_http(
+        crate::DEFAULT_SERVER_CAPABILITIES,
+    ))
+}
+
+fn with_rc_hash(mut msg: AgentToServer, hash: &'static [u8]) -> AgentToServer {
+    msg.remote_config_status = Some(RemoteConfigStatus {
+        last_remote_config_hash: Bytes::from_static(hash),
+        ..Default::default()
+    });
+    msg
+}
+
+/// RC-6: over plain HTTP a response can be lost; the offer goes out with every reply
+/// until the agent reports its hash, with or without an (UNSET) status before.
+#[test]
+fn rc_6_config_reoffered_after_lost_http_response() {
+    let clock = Clock::new();
+    for unset_first in [false, true] {
+        let mut s = http_session();
+        let first = if unset_first {
+            with_rc_hash(full_report(0), b"")
+        } else {
+            full_report(0)
+        };
+        s.handle_message(&first, clock.now()).unwrap();
+        let r = s.prepare_reply(Some(remote_config(b"h1")), clock.now());
+        assert!(r.remote_config.is_some(), "offered");
+        // That response is lost: the agent polls again without the hash.
+        for seq in 1..3 {
+            s.handle_message(&report(seq), clock.now()).unwrap();
+            let r = s.prepare_reply(Some(remote_config(b"h1")), clock.now());
+            assert!(r.remote_config.is_some(), "RC-6: reoffered at poll {seq}");
+        }
+        // An agent still reporting its old config gets it too.
+        s.handle_message(&with_rc_hash(report(3), b"old"), clock.now())
+            .unwrap();
+        let r = s.prepare_reply(Some(remote_config(b"h1")), clock.now());
+        assert!(r.remote_config.is_some());
+        // Once it reports h1, it is not sent again (RC-4).
+        s.handle_message(&with_rc_hash(report(4), b"h1"), clock.now())
+            .unwrap();
+        let r = s.prepare_reply(Some(remote_config(b"h1")), clock.now());
+        assert!(r.remote_config.is_none());
+    }
+    // Within one WebSocket stream, sent is delivered: no resend (RC-4).
+    let mut s = ws_session();
+    exchange(&mut s, &full_report(0), clock.now());
+    assert!(
+        s.prepare_push(remote_config(b"h1"), clock.now())
+            .is_some_and(|m| m.remote_config.is_some())
+    );
+    s.handle_message(&report(1), clock.now()).unwrap();
+    let r = s.prepare_reply(Some(remote_config(b"h1")), clock.now());
+    assert!(r.remote_config.is_none());
+}
+
+/// RC-6's reasoning for the other hashed offers: over plain HTTP, connection settings and
+/// packages are offered until the agent reports their hash.
+#[test]
+fn rc_6_connection_settings_and_packages_reoffered_over_http() {
+    let clock = Clock::new();
+    let mut s = http_session();
+    let caps = caps() | A::ACCEPTS_PACKAGES | A::ACCEPTS_OPAMP_CONNECTION_SETTINGS;
+    let offer = ServerToAgent {
+        connection_settings: Some(ConnectionSettingsOffers {
+            hash: Bytes::from_static(b"c1"),
+            opamp: Some(OpAmpConnectionSettings::default()),
+            ..Default::default()
+        }),
+        packages_available: Some(PackagesAvailable {
+            all_packages_hash: Bytes::from_static(b"p1"),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    for seq in 0..3 {
+        let mut msg = full_report(seq);
+        msg.capabilities = caps.bits();
+        s.handle_message(&msg, clock.now()).unwrap();
+        let r = s.prepare_reply(Some(offer.clone()), clock.now());
+        assert!(r.connection_settings.is_some(), "poll {seq}");
+        assert!(r.packages_available.is_some(), "poll {seq}");
+    }
+    let mut msg = report(3);
+    msg.capabilities = caps.bits();
+    msg.package_statuses = Some(PackageStatuses {
+        server_provided_all_packages_hash: Bytes::from_static(b"p1"),
+        ..Default::default()
+    });
+    msg.connection_settings_status = Some(opamp_proto::ConnectionSettingsStatus {
+        last_connection_settings_hash: Bytes::from_static(b"c1"),
+        ..Default::default()
+    });
+    s.handle_message(&msg, clock.now()).unwrap();
+    let r = s.prepare_reply(Some(offer), clock.now());
+    assert!(r.connection_settings.is_none());
+    assert!(r.packages_available.is_none());
+}
+
+/// UID-8: two agents polling with one uid interleave their sequence numbers; the second
+/// one's messages are flagged and leave the first one's session alone.
+#[test]
+fn uid_8_interleaving_sequences_flag_the_second_agent() {
+    let mut clock = Clock::new();
+    let mut s = http_session();
+    // Agent A polls 10, 11; its clone B starts at 3 (looks like a restart).
+    exchange(&mut s, &full_report(10), clock.now());
+    exchange(&mut s, &report(11), clock.now());
+    let r = s.handle_message(&full_report(3), clock.now()).unwrap();
+    assert!(!r.duplicate, "a jump alone is a restart");
+    s.prepare_reply(None, clock.now());
+    // A continues its sequence: the interleaving shows.
+    clock.advance(Duration::from_secs(60));
+    let r = s.handle_message(&report(12), clock.now()).unwrap();
+    assert!(!r.duplicate, "A keeps the session");
+    let reply = s.prepare_reply(None, clock.now());
+    assert!(full_state(&reply), "A's state may have been overwritten");
+    // B's next messages (and retries) are flagged; A's are not, and no full-state loop.
+    for round in 0..20u64 {
+        let r = s.handle_message(&report(4 + round), clock.now()).unwrap();
+        assert!(r.duplicate, "B round {round}");
+        let r = s.handle_message(&report(4 + round), clock.now()).unwrap();
+        assert!(r.duplicate && r.repeated, "B retry round {round}");
+        let r = s.handle_message(&report(13 + round), clock.now()).unwrap();
+        assert!(!r.duplicate, "A round {round}");
+        let reply = s.prepare_reply(None, clock.now());
+        assert!(
+            !full_state(&reply),
+            "no ReportFullState loop (round {round})"
+        );
+    }
+    let reassign = reassign_reply(
+        InstanceUid::from_array(UID),
+        InstanceUid::from_array([9; 16]),
+        S::OFFERS_REMOTE_CONFIG,
+    );
+    assert_eq!(&reassign.instance_uid[..], &UID, "UID-6");
+    assert_eq!(
+        &reassign.agent_identification.unwrap().new_instance_uid[..],
+        &[9; 16],
+        "UID-7"
+    );
+    assert_eq!(
+        reassign.capabilities,
+        (S::ACCEPTS_STATUS | S::OFFERS_REMOTE_CONFIG).bits()
+    );
+}
+
+/// UID-8 detection never mistakes one agent for two: a restart (counter reset), lost
+/// messages and retries do not return to an old sequence.
+#[test]
+fn uid_8_restart_loss_and_retries_are_not_duplicates() {
+    let clock = Clock::new();
+    let mut s = http_session();
+    let mut seqs: Vec<u64> = vec![100, 101, 101, 105, 106, 0, 1, 2, 2, 3, 9, 10];
+    // Counting back up past the old numbers after a restart is no duplicate either.
+    seqs.extend(11..120);
+    for seq in seqs {
+        let r = s.handle_message(&full_report(seq), clock.now()).unwrap();
+        assert!(!r.duplicate, "seq {seq}");
+        s.prepare_reply(None, clock.now());
+    }
+}
+
+/// SEQ-2 at the edges: numbers going backwards ask for full state; u64::MAX wraps to 0
+/// as the next number (no panic, no request).
+#[test]
+fn seq_2_backwards_and_u64_max_sequence_numbers() {
+    let mut clock = Clock::new();
+    let mut s = ws_session();
+    exchange(&mut s, &full_report(u64::MAX - 1), clock.now());
+    assert!(!full_state(&exchange(
+        &mut s,
+        &report(u64::MAX),
+        clock.now()
+    )));
+    assert!(
+        !full_state(&exchange(&mut s, &report(0), clock.now())),
+        "wraps"
+    );
+    clock.advance(Duration::from_secs(60));
+    assert!(
+        full_state(&exchange(&mut s, &report(u64::MAX), clock.now())),
+        "backwards: SEQ-2"
+    );
+    let mut s = ws_session();
+    exchange(&mut s, &full_report(50), clock.now());
+    clock.advance(Duration::from_secs(60));
+    assert!(full_state(&exchange(&mut s, &report(49), clock.now())));
+    assert_eq!(
+        &exchange(&mut s, &report(50), clock.now()).instance_uid[..],
+        &UID
+    );
+}
+
+/// UID-2: the nil and max UUIDs are 16 bytes but identify no agent; wrong lengths are
+/// errors (BAD_REQUEST), of every length around 16.
+#[test]
+fn uid_2_nil_uid_is_unusable_and_wrong_lengths_are_errors() {
+    assert!(!is_usable_instance_uid(&InstanceUid::from_array([0; 16])));
+    assert!(!is_usable_instance_uid(&InstanceUid::from_array(
+        [0xff; 16]
+    )));
+    assert!(is_usable_instance_uid(&InstanceUid::from_array(UID)));
+    assert!(is_usable_instance_uid(&InstanceUid::new_v7()));
+    let clock = Clock::new();
+    let mut s = ws_session();
+    for len in [0usize, 1, 15, 17, 32] {
+        let mut msg = report(0);
+        msg.instance_uid = Bytes::from(vec![1; len]);
+        assert!(
+            matches!(
+                s.handle_message(&msg, clock.now()),
+                Err(crate::ReadMessageError::InstanceUid(_))
+            ),
+            "{len}"
+        );
+    }
+    assert_eq!(s.instance_uid(), None, "no state from bad messages");
+}
