@@ -6,8 +6,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use opamp_proto::{
-    AgentToServer, RetryInfo, ServerErrorResponse, ServerErrorResponseType, ServerToAgent,
-    server_error_response::Details,
+    AgentToServer, InstanceUid, RetryInfo, ServerErrorResponse, ServerErrorResponseType,
+    ServerToAgent, server_error_response::Details,
 };
 
 use crate::connection::Connection;
@@ -22,6 +22,60 @@ use crate::error::ReadMessageError;
 pub trait ServerCallbacks: Send + Sync + 'static {
     /// Accepts the request with the callbacks of its connection, or rejects it.
     async fn on_connecting(&self, request: &http::request::Parts) -> ConnectionResponse;
+
+    /// Two live agents use one instance uid (UID-8: a cloned VM, a bad generator). The
+    /// answer decides what happens to the newcomer; the default is
+    /// [`DuplicateUidPolicy::Reassign`], which the spec recommends.
+    ///
+    /// How duplicates are detected, and the limits:
+    ///
+    /// - **Two connections** (WebSocket, or WebSocket and a plain-HTTP session): the newer
+    ///   one takes the uid over at its first message; the older one is only *suspected*,
+    ///   since it may be the same agent's dead connection (half-open TCP, a rebooted host).
+    ///   When the older one then sends a message, both are proven live and this hook runs;
+    ///   a dead connection never sends, so a reconnect is never taken for a duplicate.
+    ///   The newcomer's own message(s) until then are served normally.
+    /// - **Two plain-HTTP pollers** share one session: their sequence numbers interleave
+    ///   ([`AgentSession`](crate::AgentSession), "Duplicate uids"); the agent that jumped
+    ///   into the other's sequence is the newcomer. Its first message(s) are taken for the
+    ///   other's until the interleaving shows; two pollers whose numbers stay equal are not
+    ///   told apart.
+    /// - Agents behind a proxy that multiplexes several agents on one WebSocket are not
+    ///   supported either way.
+    ///
+    /// Runs on the task of the connection whose message proved the duplicate; keep it short.
+    async fn on_duplicate_uid(&self, _duplicate: &DuplicateUid) -> DuplicateUidPolicy {
+        DuplicateUidPolicy::Reassign
+    }
+}
+
+/// What [`ServerCallbacks::on_duplicate_uid`] learns about a duplicate uid (UID-8).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct DuplicateUid {
+    /// The uid both agents use.
+    pub instance_uid: InstanceUid,
+    /// The connection (or plain-HTTP session) of the agent that keeps the uid.
+    pub kept: Connection,
+    /// The newcomer's connection; `None` when it polls over plain HTTP into the kept
+    /// agent's own session (it then has no connection of its own).
+    pub newcomer: Option<Connection>,
+}
+
+/// What to do with the newcomer of a duplicate uid (UID-8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum DuplicateUidPolicy {
+    /// Send the newcomer a fresh uid in `agent_identification.new_instance_uid` (UID-8,
+    /// UID-7); it becomes a new agent. The default.
+    #[default]
+    Reassign,
+    /// Refuse the newcomer (UID-8 allows it): its WebSocket connection is closed, or its
+    /// plain-HTTP session ended; a poll into the kept agent's session gets `BAD_REQUEST`.
+    Reject,
+    /// Let both agents share the uid, as if nothing was detected (no further disputes
+    /// between these two).
+    Allow,
 }
 
 /// The answer of [`ServerCallbacks::on_connecting`].

@@ -102,13 +102,15 @@ mod connection;
 mod core;
 mod error;
 mod plain;
+mod registry;
 mod server;
 mod service;
 mod wire;
 mod ws;
 
 pub use callbacks::{
-    ConnectionCallbacks, ConnectionResponse, Rejection, ServerCallbacks, bad_request, unavailable,
+    ConnectionCallbacks, ConnectionResponse, DuplicateUid, DuplicateUidPolicy, Rejection,
+    ServerCallbacks, bad_request, unavailable,
 };
 pub use config::{
     DEFAULT_FULL_STATE_MIN_INTERVAL, DEFAULT_HTTP_BODY_TIMEOUT, DEFAULT_HTTP_IDLE_TIMEOUT,

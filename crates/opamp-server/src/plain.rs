@@ -18,10 +18,13 @@ use opamp_proto::{
 };
 use tracing::Instrument;
 
-use crate::callbacks::{ConnectionCallbacks, retry_after_value};
+use crate::callbacks::{
+    ConnectionCallbacks, DuplicateUid, DuplicateUidPolicy, bad_request, retry_after_value,
+};
 use crate::connection::{Connection, PeerInfo, merge};
-use crate::core::{AgentSession, SessionConfig};
+use crate::core::{AgentSession, SessionConfig, reassign_reply};
 use crate::error::ReadMessageError;
+use crate::registry::{self, Claim, UidRegistry};
 use crate::service::{ResponseBody, Shared, text_response};
 use crate::wire;
 
@@ -48,6 +51,8 @@ pub(crate) struct Session {
     certificates: Option<crate::PeerCertificates>,
     last_seen: Mutex<Instant>,
     state: tokio::sync::Mutex<State>,
+    /// Where the session's uid claim is given back when it ends (UID-8).
+    uids: Arc<UidRegistry>,
     _slot: Slot,
 }
 
@@ -101,6 +106,8 @@ struct State {
     callbacks: Arc<dyn ConnectionCallbacks>,
     connected: bool,
     ended: bool,
+    /// The session's claim on its agent's uid (UID-8).
+    claim: Option<Claim>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -137,6 +144,7 @@ impl Sessions {
             #[cfg(feature = "tls")]
             certificates: peer.certificates.clone(),
             _slot: slot,
+            uids: shared.uids.clone(),
             last_seen: Mutex::new(Instant::now()),
             state: tokio::sync::Mutex::new(State {
                 core: AgentSession::new(
@@ -146,6 +154,7 @@ impl Sessions {
                 callbacks: callbacks.clone(),
                 connected: false,
                 ended: false,
+                claim: None,
             }),
         });
         // A closed session under this uid is replaced; it is ended by whoever holds it, or
@@ -185,6 +194,9 @@ async fn end(session: &Arc<Session>) {
         return;
     }
     state.ended = true;
+    if let Some(claim) = state.claim.take() {
+        session.uids.release(&claim);
+    }
     if state.connected {
         let callbacks = state.callbacks.clone();
         callbacks.on_connection_close(&session.conn).await;
@@ -389,8 +401,16 @@ where
         );
     }
 
-    start_sweeper(shared);
     let accept_gzip = wire::accepts_gzip(&parts.headers);
+    if registry::is_unusable_uid(&msg.instance_uid) {
+        // UID-8: a nil uid gets a new one, statelessly: no session is keyed by it.
+        return respond(
+            registry::unusable_uid_reply(&msg.instance_uid, shared),
+            limit,
+            accept_gzip,
+        );
+    }
+    start_sweeper(shared);
 
     // A session found here may end before its lock is ours; then take a fresh one.
     for _ in 0..3 {
@@ -438,6 +458,39 @@ where
                 return text_response(StatusCode::BAD_REQUEST, "invalid AgentToServer message");
             }
         };
+        if received.duplicate {
+            // UID-8: a second agent polls with this session's uid; it is not this
+            // session's agent, so neither the session nor the application sees it.
+            let duplicate = DuplicateUid {
+                instance_uid: uid,
+                kept: conn.clone(),
+                newcomer: None,
+            };
+            let policy = shared.callbacks.on_duplicate_uid(&duplicate).await;
+            tracing::info!(instance_uid = %uid, ?policy, "duplicate instance uid (UID-8)");
+            let reply = match policy {
+                DuplicateUidPolicy::Allow => None,
+                DuplicateUidPolicy::Reject => {
+                    let mut reply = bad_request("instance_uid is in use by another agent");
+                    reply.instance_uid = uid.to_bytes();
+                    Some(reply)
+                }
+                _ => Some(reassign_reply(
+                    uid,
+                    InstanceUid::new_v7(),
+                    shared.config.server_capabilities(),
+                )),
+            };
+            if let Some(reply) = reply {
+                drop(state);
+                return respond(reply, limit, accept_gzip);
+            }
+        } else if registry::note(shared, &conn, &mut state.claim, received.instance_uid)
+            && let Some(claim) = state.claim.as_mut()
+        {
+            // UID-8: the uid was taken over by another connection, and this agent is live.
+            registry::resolve(shared, &conn, claim).await;
+        }
         if let Some(old) = received.switched_from {
             // UID-7: the agent now uses the assigned uid; drop the old key.
             shared.sessions.remove_if_same(&old, &session);
@@ -463,6 +516,9 @@ where
             // DIS-2: forget the agent once it has its answer.
             state.ended = true;
             conn.mark_closed();
+            if let Some(claim) = state.claim.take() {
+                shared.uids.release(&claim);
+            }
             shared.sessions.remove_if_same(&uid, &session);
             if let Some(assigned) = state.core.assigned_instance_uid() {
                 shared.sessions.remove_if_same(&assigned, &session);

@@ -17,6 +17,7 @@ use crate::callbacks::{ConnectionResponse, ServerCallbacks};
 use crate::config::ServerConfig;
 use crate::connection::PeerInfo;
 use crate::plain::Sessions;
+use crate::registry::UidRegistry;
 use crate::{plain, wire, ws};
 
 /// The response body type of [`OpampService`].
@@ -46,6 +47,8 @@ pub(crate) struct Shared {
     pub(crate) config: ServerConfig,
     pub(crate) callbacks: Arc<dyn ServerCallbacks>,
     pub(crate) sessions: Sessions,
+    /// Live instance uids across connections (UID-8).
+    pub(crate) uids: Arc<UidRegistry>,
     stop_tx: watch::Sender<bool>,
     active: AtomicUsize,
     idle: Notify,
@@ -105,6 +108,7 @@ impl OpampService {
                 config,
                 callbacks,
                 sessions: Sessions::default(),
+                uids: Arc::default(),
                 stop_tx,
                 active: AtomicUsize::new(0),
                 idle: Notify::new(),

@@ -31,7 +31,7 @@ use crate::connection::{Connection, Outbound, PeerInfo, SharedMessage, merge};
 use crate::core::{AgentSession, PushPlan, SessionConfig};
 use crate::error::ReadMessageError;
 use crate::service::{ResponseBody, Shared, stopped, text_response};
-use crate::wire;
+use crate::{registry, wire};
 
 /// Checks that a request is a WebSocket upgrade (RFC 6455 §4.2.1) and returns the
 /// `Sec-WebSocket-Accept` value, or the 4xx answer for a request that is neither plain HTTP
@@ -181,6 +181,8 @@ pub(crate) async fn run<S>(
 
     callbacks.on_connected(&conn).await;
     let mut in_flight: Option<InFlight<'_>> = None;
+    // This connection's claim on its agent's uid (UID-8).
+    let mut claim: Option<registry::Claim> = None;
 
     let close = loop {
         tokio::select! {
@@ -242,6 +244,13 @@ pub(crate) async fn run<S>(
                     // whole receive buffer. Boxed: the match keeps its scrutinee in storage
                     // through the arms' awaits.
                     match framing::decode::<AgentToServer>(&data, limit).map(Box::new) {
+                        // UID-8: a nil uid gets a new one and reaches no session.
+                        Ok(msg) if registry::is_unusable_uid(&msg.instance_uid) => {
+                            let frame = encode_frame(&registry::unusable_uid_reply(&msg.instance_uid, shared), limit);
+                            if send_parts(&mut ws, Outgoing::one(frame), fragment, write_timeout).await.is_err() {
+                                break None;
+                            }
+                        }
                         Ok(msg) => match core.handle_message(&msg, Instant::now()) {
                             Ok(received) => {
                                 if conn.instance_uid() != Some(received.instance_uid) {
@@ -250,6 +259,12 @@ pub(crate) async fn run<S>(
                                         tracing::field::display(received.instance_uid),
                                     );
                                     conn.set_instance_uid(received.instance_uid);
+                                }
+                                // UID-8: a message on a displaced connection proves a duplicate.
+                                if registry::note(shared, &conn, &mut claim, received.instance_uid) {
+                                    if let Some(c) = claim.as_mut() {
+                                        Box::pin(registry::resolve(shared, &conn, c)).await;
+                                    }
                                 }
                                 in_flight = Some(callbacks.on_message(&conn, *msg));
                             }
@@ -311,6 +326,9 @@ pub(crate) async fn run<S>(
         Box::pin(close_gracefully(&mut ws, frame, write_timeout)).await;
     }
     conn.mark_closed();
+    if let Some(claim) = &claim {
+        shared.uids.release(claim);
+    }
     callbacks.on_connection_close(&conn).await;
 }
 
