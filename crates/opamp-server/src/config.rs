@@ -73,7 +73,13 @@ pub struct ServerConfig {
     http_body_timeout: Duration,
     #[cfg(feature = "tls")]
     tls: Option<Arc<rustls::ServerConfig>>,
+    // --- Agent identity and admission (UID-8, plain-HTTP session table) ---
+    remote_addr_from: Option<RemoteAddrFn>,
 }
+
+/// Finds the peer's address in a request's extensions; see
+/// [`ServerConfigBuilder::remote_addr_from`].
+pub type RemoteAddrFn = fn(&http::Extensions) -> Option<SocketAddr>;
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -92,6 +98,7 @@ impl Default for ServerConfig {
             http_body_timeout: DEFAULT_HTTP_BODY_TIMEOUT,
             #[cfg(feature = "tls")]
             tls: None,
+            remote_addr_from: None,
         }
     }
 }
@@ -173,6 +180,12 @@ impl ServerConfig {
     #[cfg(feature = "tls")]
     pub fn tls(&self) -> Option<&Arc<rustls::ServerConfig>> {
         self.tls.as_ref()
+    }
+
+    /// How the embeddable service finds the peer's address in a request's extensions, if
+    /// set (see [`ServerConfigBuilder::remote_addr_from`]).
+    pub fn remote_addr_from(&self) -> Option<RemoteAddrFn> {
+        self.remote_addr_from
     }
 }
 
@@ -271,6 +284,26 @@ impl ServerConfigBuilder {
     #[cfg(feature = "tls")]
     pub fn tls(mut self, tls: Arc<rustls::ServerConfig>) -> Self {
         self.config.tls = Some(tls);
+        self
+    }
+
+    /// Sets how [`OpampService`](crate::OpampService) finds the peer's address (what
+    /// [`Connection::remote_addr`](crate::Connection::remote_addr) returns) in a request's
+    /// extensions, for stacks that store it under their own type. Without it (or when it
+    /// returns `None`) the service takes a [`SocketAddr`] extension, as the standalone
+    /// server inserts. With axum's `into_make_service_with_connect_info::<SocketAddr>()`:
+    ///
+    /// ```
+    /// # use std::net::SocketAddr;
+    /// use axum::extract::ConnectInfo;
+    ///
+    /// let config = opamp_server::ServerConfig::builder()
+    ///     .remote_addr_from(|ext| ext.get::<ConnectInfo<SocketAddr>>().map(|info| info.0))
+    ///     .build()?;
+    /// # Ok::<(), opamp_server::ConfigError>(())
+    /// ```
+    pub fn remote_addr_from(mut self, find: RemoteAddrFn) -> Self {
+        self.config.remote_addr_from = Some(find);
         self
     }
 

@@ -66,7 +66,11 @@
 //! ```
 //!
 //! To share an axum router's listener instead, mount the service at any path:
-//! `Router::new().route_service("/opamp", OpampService::new(config, callbacks))`.
+//! `Router::new().route_service("/opamp", OpampService::new(config, callbacks))`. For
+//! [`Connection::remote_addr`] to be known there, serve the router with
+//! `into_make_service_with_connect_info::<SocketAddr>()` and tell the service where axum
+//! keeps the address, [`ServerConfigBuilder::remote_addr_from`]; or insert the
+//! `SocketAddr` into the request extensions from a layer of your own.
 //!
 //! # Memory and backpressure
 //!
@@ -116,7 +120,7 @@ pub use config::{
     DEFAULT_FULL_STATE_MIN_INTERVAL, DEFAULT_HTTP_BODY_TIMEOUT, DEFAULT_HTTP_IDLE_TIMEOUT,
     DEFAULT_MAX_HTTP_SESSIONS, DEFAULT_OUTBOUND_QUEUE_CAPACITY, DEFAULT_SERVER_CAPABILITIES,
     DEFAULT_WRITE_TIMEOUT, DEFAULT_WS_READ_BUFFER_SIZE, DEFAULT_WS_WRITE_FRAGMENT_SIZE,
-    MAX_TIMEOUT, ServerConfig, ServerConfigBuilder,
+    MAX_TIMEOUT, RemoteAddrFn, ServerConfig, ServerConfigBuilder,
 };
 #[cfg(feature = "tls")]
 pub use connection::PeerCertificates;

@@ -33,7 +33,10 @@ pub type ResponseBody = Full<Bytes>;
 /// valid upgrade gets 400 or 426.
 ///
 /// The service reads two optional request extensions: a [`std::net::SocketAddr`] (the
-/// peer's address, see [`Connection::remote_addr`](crate::Connection::remote_addr)) and,
+/// peer's address, see [`Connection::remote_addr`](crate::Connection::remote_addr); a stack
+/// that stores it under its own type, like axum's `ConnectInfo`, is served by
+/// [`ServerConfigBuilder::remote_addr_from`](crate::ServerConfigBuilder::remote_addr_from)
+/// or by a layer that inserts the `SocketAddr`) and,
 /// with the `tls` feature, [`PeerCertificates`](crate::PeerCertificates). WebSocket upgrades
 /// need hyper's `OnUpgrade` extension, which hyper's HTTP/1 server (and so axum) provides.
 ///
@@ -181,7 +184,12 @@ impl OpampService {
             }
         };
 
-        let peer = PeerInfo::from_extensions(&parts.extensions);
+        let mut peer = PeerInfo::from_extensions(&parts.extensions);
+        if let Some(find) = shared.config.remote_addr_from()
+            && let Some(addr) = find(&parts.extensions)
+        {
+            peer.remote_addr = Some(addr);
+        }
         let callbacks = match shared.callbacks.on_connecting(&parts).await {
             ConnectionResponse::Accept(callbacks) => callbacks,
             ConnectionResponse::Reject(rejection) => {
