@@ -35,6 +35,12 @@ pub const DEFAULT_MAX_HTTP_SESSIONS: usize = 100_000;
 /// Default time a plain-HTTP request body has to arrive in full, from the end of its headers:
 /// 30 s, which a 64 MiB body meets at about 2.2 MB/s. A client that sends slower gets 408.
 pub const DEFAULT_HTTP_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default number of plain-HTTP sessions one source address may create at once: 1000 (see
+/// [`ServerConfig::http_new_session_burst`]).
+pub const DEFAULT_HTTP_NEW_SESSION_BURST: u32 = 1000;
+/// Default number of plain-HTTP sessions one source address may create per second once its
+/// burst is spent: 100 (see [`ServerConfig::http_new_session_rate`]).
+pub const DEFAULT_HTTP_NEW_SESSION_RATE: u32 = 100;
 /// Upper bound on every timeout of a [`ServerConfig`]: one day. Longer values are refused by
 /// [`ServerConfigBuilder::build`] ([`ConfigError::TooLong`]): deadlines are computed as
 /// `Instant + timeout`, which overflows (and panics) for values like [`Duration::MAX`].
@@ -75,6 +81,8 @@ pub struct ServerConfig {
     tls: Option<Arc<rustls::ServerConfig>>,
     // --- Agent identity and admission (UID-8, plain-HTTP session table) ---
     remote_addr_from: Option<RemoteAddrFn>,
+    http_new_session_burst: u32,
+    http_new_session_rate: u32,
 }
 
 /// Finds the peer's address in a request's extensions; see
@@ -99,6 +107,8 @@ impl Default for ServerConfig {
             #[cfg(feature = "tls")]
             tls: None,
             remote_addr_from: None,
+            http_new_session_burst: DEFAULT_HTTP_NEW_SESSION_BURST,
+            http_new_session_rate: DEFAULT_HTTP_NEW_SESSION_RATE,
         }
     }
 }
@@ -164,8 +174,14 @@ impl ServerConfig {
     }
 
     /// Limit on live plain-HTTP sessions (default 100 000, [`DEFAULT_MAX_HTTP_SESSIONS`]).
-    /// When it is reached, a request that would start a new session gets 503 with
-    /// `Retry-After` (THR-5); agents with a session keep polling.
+    /// When it is reached, a request that would start a new session takes the place of the
+    /// oldest session that has served one poll only (a stranger that never came back);
+    /// sessions that served two polls or more (known agents) are never displaced, and only
+    /// when all sessions are known does a new one get 503 with `Retry-After` (THR-5). New
+    /// sessions are also rate-limited per source address
+    /// ([`http_new_session_burst`](Self::http_new_session_burst)), so that a flood of
+    /// strangers from a few addresses cannot push out other new agents before their
+    /// second poll.
     pub fn max_http_sessions(&self) -> usize {
         self.max_http_sessions
     }
@@ -186,6 +202,22 @@ impl ServerConfig {
     /// set (see [`ServerConfigBuilder::remote_addr_from`]).
     pub fn remote_addr_from(&self) -> Option<RemoteAddrFn> {
         self.remote_addr_from
+    }
+
+    /// New plain-HTTP sessions one source address (IP, IPv6 /64) may create at once
+    /// (default 1000, [`DEFAULT_HTTP_NEW_SESSION_BURST`]); beyond it and
+    /// [`http_new_session_rate`](Self::http_new_session_rate), a request that would create
+    /// a session gets 429 with `Retry-After` (THR-5). Polls of existing sessions are never
+    /// limited. How sessions are admitted when the table is full: see
+    /// [`max_http_sessions`](Self::max_http_sessions).
+    pub fn http_new_session_burst(&self) -> u32 {
+        self.http_new_session_burst
+    }
+
+    /// New plain-HTTP sessions per second one source address may create once its burst is
+    /// spent (default 100, [`DEFAULT_HTTP_NEW_SESSION_RATE`]).
+    pub fn http_new_session_rate(&self) -> u32 {
+        self.http_new_session_rate
     }
 }
 
@@ -307,6 +339,21 @@ impl ServerConfigBuilder {
         self
     }
 
+    /// Sets how many plain-HTTP sessions one source address may create at once; must be
+    /// non-zero. Agents behind one NAT address share it: size it for the largest group
+    /// that starts (or re-registers after a server restart) together.
+    pub fn http_new_session_burst(mut self, sessions: u32) -> Self {
+        self.config.http_new_session_burst = sessions;
+        self
+    }
+
+    /// Sets how many plain-HTTP sessions per second one source address may create once its
+    /// burst is spent; must be non-zero.
+    pub fn http_new_session_rate(mut self, per_second: u32) -> Self {
+        self.config.http_new_session_rate = per_second;
+        self
+    }
+
     /// Checks the values and returns the configuration.
     pub fn build(self) -> Result<ServerConfig, ConfigError> {
         let c = self.config;
@@ -330,6 +377,12 @@ impl ServerConfigBuilder {
         }
         if c.max_http_sessions == 0 {
             return Err(ConfigError::Zero("max_http_sessions"));
+        }
+        if c.http_new_session_burst == 0 {
+            return Err(ConfigError::Zero("http_new_session_burst"));
+        }
+        if c.http_new_session_rate == 0 {
+            return Err(ConfigError::Zero("http_new_session_rate"));
         }
         for (name, value) in [
             ("http_idle_timeout", c.http_idle_timeout),

@@ -2,7 +2,7 @@
 //! `ServerToAgent` (HTTP-1); a session per instance uid stands in for the connection.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,7 @@ use opamp_proto::{
 };
 use tracing::Instrument;
 
+use crate::admission::{Probation, SourceBuckets};
 use crate::callbacks::{
     ConnectionCallbacks, DuplicateUid, DuplicateUidPolicy, bad_request, retry_after_value,
 };
@@ -41,6 +42,15 @@ pub(crate) struct Sessions {
     /// `max_http_sessions`.
     live: Arc<AtomicUsize>,
     sweeper_started: std::sync::atomic::AtomicBool,
+    /// Admission of new sessions (see the `admission` module); locked after `map`, only
+    /// when a session is created or swept.
+    admission: Mutex<Admission>,
+}
+
+#[derive(Default)]
+struct Admission {
+    sources: SourceBuckets,
+    probation: Probation<Session>,
 }
 
 pub(crate) struct Session {
@@ -53,8 +63,15 @@ pub(crate) struct Session {
     state: tokio::sync::Mutex<State>,
     /// Where the session's uid claim is given back when it ends (UID-8).
     uids: Arc<UidRegistry>,
-    _slot: Slot,
+    /// Polls served, counted up to [`KNOWN_AFTER_POLLS`]: a known agent is never evicted.
+    polls: AtomicU32,
+    /// The session's count in [`Sessions::live`]; an evicted session hands it over to the
+    /// session that takes its place.
+    slot: Mutex<Option<Slot>>,
 }
+
+/// Polls after which a session's agent is known (it came back): admission never evicts it.
+const KNOWN_AFTER_POLLS: u32 = 2;
 
 /// One count in [`Sessions::live`], given back on drop.
 struct Slot(Arc<AtomicUsize>);
@@ -95,8 +112,11 @@ fn same_certificates(
 
 /// Why no session serves a request.
 enum NoSession {
-    /// `max_http_sessions` are alive; the request would have created another.
+    /// `max_http_sessions` are alive, all of known agents; the request would have created
+    /// another.
     Full,
+    /// The source address spent its new-session budget; one is available after this long.
+    RateLimited(Duration),
     /// The uid's session belongs to another client certificate chain.
     Forbidden,
 }
@@ -133,17 +153,44 @@ impl Sessions {
             return Ok(s.clone());
         }
         let config = &shared.config;
+        let mut admission = lock(&self.admission);
+        // The source's budget first: a refused stranger displaces nobody.
+        admission
+            .sources
+            .take(
+                peer.remote_addr,
+                Instant::now(),
+                config.http_new_session_burst(),
+                config.http_new_session_rate(),
+            )
+            .map_err(NoSession::RateLimited)?;
         // Counted up only here, under the map lock, so the count never passes the limit.
-        if self.live.load(Ordering::Acquire) >= config.max_http_sessions() {
-            return Err(NoSession::Full);
+        let slot = if self.live.load(Ordering::Acquire) < config.max_http_sessions() {
+            self.live.fetch_add(1, Ordering::AcqRel);
+            Slot(self.live.clone())
+        } else {
+            // Full: take the place of the oldest stranger (one poll, never seen again).
+            let mut freed = None;
+            admission
+                .probation
+                .evict_oldest(|old| match evict(&mut map, old) {
+                    Some(slot) => {
+                        freed = Some(slot);
+                        true
+                    }
+                    None => false,
+                });
+            freed.ok_or(NoSession::Full)?
+        };
+        if admission.probation.len() > config.max_http_sessions().saturating_mul(2) {
+            admission.probation.retain(|s| on_probation(s));
         }
-        self.live.fetch_add(1, Ordering::AcqRel);
-        let slot = Slot(self.live.clone());
         let session = Arc::new(Session {
             conn: Connection::http(peer.clone(), Some(uid)),
             #[cfg(feature = "tls")]
             certificates: peer.certificates.clone(),
-            _slot: slot,
+            slot: Mutex::new(Some(slot)),
+            polls: AtomicU32::new(0),
             uids: shared.uids.clone(),
             last_seen: Mutex::new(Instant::now()),
             state: tokio::sync::Mutex::new(State {
@@ -157,6 +204,8 @@ impl Sessions {
                 claim: None,
             }),
         });
+        admission.probation.push(Arc::downgrade(&session));
+        drop(admission);
         // A closed session under this uid is replaced; it is ended by whoever holds it, or
         // by the sweeper below, which ends sessions that left the map too.
         if let Some(old) = map.insert(uid, session.clone())
@@ -184,6 +233,42 @@ impl Sessions {
         seen.dedup();
         seen.len()
     }
+}
+
+/// Whether a session is a stranger's: one poll at most, still open.
+fn on_probation(session: &Session) -> bool {
+    session.polls.load(Ordering::Relaxed) < KNOWN_AFTER_POLLS && !session.conn.is_closed()
+}
+
+/// Evicts a stranger's session to make room (admission, step 2): takes it out of the map,
+/// ends it, and returns its count in [`Sessions::live`]. `None` if it is known, ended, or
+/// in a request right now (then it is not idle: it stays).
+fn evict(map: &mut HashMap<InstanceUid, Arc<Session>>, session: &Arc<Session>) -> Option<Slot> {
+    if !on_probation(session) {
+        return None;
+    }
+    let state = session.state.try_lock().ok()?;
+    if state.ended {
+        return None;
+    }
+    let slot = lock(&session.slot).take()?;
+    for key in [
+        session.conn.instance_uid(),
+        state.core.assigned_instance_uid(),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if map.get(&key).is_some_and(|s| Arc::ptr_eq(s, session)) {
+            map.remove(&key);
+        }
+    }
+    drop(state);
+    tracing::debug!(instance_uid = ?session.conn.instance_uid(), "plain-HTTP session table full; oldest one-poll session evicted");
+    session.conn.mark_closed();
+    let session = session.clone();
+    tokio::spawn(async move { end(&session).await });
+    Some(slot)
 }
 
 /// Ends a session once: `on_connection_close` runs, later sends fail.
@@ -248,6 +333,9 @@ fn start_sweeper(shared: &Arc<Shared>) {
                     }
                     !stale
                 });
+                lock(&shared.sessions.admission)
+                    .probation
+                    .retain(|s| on_probation(s));
                 out
             };
             for s in dedup(expired) {
@@ -429,6 +517,16 @@ where
                     .insert(RETRY_AFTER, retry_after_value(SESSIONS_FULL_RETRY_AFTER));
                 return resp;
             }
+            Err(NoSession::RateLimited(wait)) => {
+                tracing::debug!("new plain-HTTP sessions from this source over budget");
+                let mut resp = text_response(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too many new plain-HTTP sessions from this address, retry later",
+                );
+                resp.headers_mut()
+                    .insert(RETRY_AFTER, retry_after_value(wait));
+                return resp;
+            }
             Err(NoSession::Forbidden) => {
                 tracing::debug!("plain-HTTP session belongs to another client certificate");
                 return text_response(
@@ -440,6 +538,9 @@ where
         let mut state = session.state.lock().await;
         if state.ended {
             continue;
+        }
+        if session.polls.load(Ordering::Relaxed) < KNOWN_AFTER_POLLS {
+            session.polls.fetch_add(1, Ordering::Relaxed);
         }
         let now = Instant::now();
         *lock(&session.last_seen) = now;

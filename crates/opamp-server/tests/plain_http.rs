@@ -376,8 +376,8 @@ async fn shutdown_closes_plain_http_sessions() {
 }
 
 /// Review finding 1 / THR-5: a client posting fresh instance uids cannot grow the session map
-/// without bound; over `max_http_sessions` a new uid gets 503 with `Retry-After` and no
-/// session, while agents that have one keep polling.
+/// without bound; over `max_http_sessions` of known agents (two polls or more) a new uid
+/// gets 503 with `Retry-After` and no session, while agents that have one keep polling.
 #[tokio::test]
 async fn thr_5_new_sessions_over_max_http_sessions_get_503_existing_keep_polling() {
     let (rec, mut events) = Recorder::new();
@@ -386,6 +386,9 @@ async fn thr_5_new_sessions_over_max_http_sessions_get_503_existing_keep_polling
     let addr = server.local_addr();
     poll(addr, PATH, &first_report(uid(1))).await;
     poll(addr, PATH, &first_report(uid(2))).await;
+    // Both come back: known agents, never displaced by strangers.
+    poll(addr, PATH, &report(uid(1), 1)).await;
+    poll(addr, PATH, &report(uid(2), 1)).await;
     for n in 3..6 {
         let resp = http_post(addr, post(PATH, first_report(uid(n)).encode_to_vec(), &[])).await;
         assert_eq!(resp.status, StatusCode::SERVICE_UNAVAILABLE, "THR-5");
@@ -397,11 +400,11 @@ async fn thr_5_new_sessions_over_max_http_sessions_get_503_existing_keep_polling
         assert!(secs >= 1, "THR-5, THR-7");
     }
     // A RequestInstanceUid poll of a known agent adds no session either.
-    let mut msg = report(uid(1), 1);
+    let mut msg = report(uid(1), 2);
     msg.flags = AgentToServerFlagSet::REQUEST_INSTANCE_UID.bits();
     poll(addr, PATH, &msg).await;
     assert_eq!(server.service().plain_http_sessions(), 2);
-    poll(addr, PATH, &report(uid(2), 1)).await;
+    poll(addr, PATH, &report(uid(2), 2)).await;
 
     // Only the two admitted agents connected.
     let mut connected = 0;
@@ -411,7 +414,7 @@ async fn thr_5_new_sessions_over_max_http_sessions_get_503_existing_keep_polling
     assert_eq!(connected, 2);
 
     // DIS-2: a session that ends frees its place.
-    let mut bye = report(uid(2), 2);
+    let mut bye = report(uid(2), 3);
     bye.agent_disconnect = Some(AgentDisconnect {});
     poll(addr, PATH, &bye).await;
     poll(addr, PATH, &first_report(uid(3))).await;
@@ -617,5 +620,117 @@ async fn rc6_config_reoffered_after_lost_http_response() {
         ..Default::default()
     });
     assert!(poll(addr, PATH, &applied).await.remote_config.is_none());
+    server.shutdown().await;
+}
+
+/// Posts `msg` from a client socket bound to `source` (another loopback address is another
+/// source for the per-source budget).
+async fn post_from(
+    source: [u8; 4],
+    addr: std::net::SocketAddr,
+    msg: &opamp_proto::AgentToServer,
+) -> HttpResponse {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(std::net::SocketAddr::from((source, 0)))
+        .unwrap();
+    let tcp = within(socket.connect(addr)).await.unwrap();
+    http_request(tcp, post(PATH, msg.encode_to_vec(), &[])).await
+}
+
+fn stranger(n: u32) -> opamp_proto::AgentToServer {
+    let mut bytes = [0xAB; 16];
+    bytes[..4].copy_from_slice(&n.to_be_bytes());
+    first_report(opamp_proto::InstanceUid::from_array(bytes))
+}
+
+/// Session-table admission: with a small table, a flood of strangers (fresh uids that poll
+/// once) takes the places of older strangers, never of a known agent, and a new agent's
+/// first poll is admitted at once instead of getting 503.
+#[tokio::test]
+async fn thr_5_stranger_flood_does_not_lock_out_known_or_new_agents() {
+    let (rec, mut events) = Recorder::new();
+    let config = loopback_config().max_http_sessions(4).build().unwrap();
+    let server = Server::bind(config, rec.server_callbacks()).await.unwrap();
+    let addr = server.local_addr();
+    poll(addr, PATH, &first_report(uid(1))).await;
+    poll(addr, PATH, &report(uid(1), 1)).await;
+    let Event::Connected(known) = next_event(&mut events).await else {
+        panic!("expected Connected")
+    };
+    for n in 0..50 {
+        let resp = http_post(addr, post(PATH, stranger(n).encode_to_vec(), &[])).await;
+        assert_eq!(resp.status, StatusCode::OK, "stranger {n}");
+        assert!(server.service().plain_http_sessions() <= 4);
+    }
+    // The known agent still has its session: no new on_connected, no full-state request.
+    let reply = poll(addr, PATH, &report(uid(1), 2)).await;
+    assert_eq!(reply.flags, 0);
+    assert!(!known.is_closed());
+    // A new agent is admitted at once, and is known from its second poll.
+    poll(addr, PATH, &first_report(uid(2))).await;
+    poll(addr, PATH, &report(uid(2), 1)).await;
+    for n in 50..60 {
+        let resp = http_post(addr, post(PATH, stranger(n).encode_to_vec(), &[])).await;
+        assert_eq!(resp.status, StatusCode::OK, "stranger {n}");
+    }
+    assert_eq!(poll(addr, PATH, &report(uid(2), 2)).await.flags, 0, "kept");
+    assert_eq!(server.service().plain_http_sessions(), 4);
+    // Evicted strangers are ended properly: 60 strangers, 2 places left for them.
+    let mut closed = 0;
+    while closed < 58 {
+        closed += usize::from(matches!(next_event(&mut events).await, Event::Closed(_)));
+    }
+    assert!(!known.is_closed());
+    server.shutdown().await;
+}
+
+/// Session-table admission: new sessions are rate-limited per source address, so a flood
+/// from one address gets 429 with `Retry-After` past its burst, while a new agent at another
+/// address is admitted at once and keeps its session to its second poll.
+#[tokio::test]
+async fn thr_5_new_sessions_are_rate_limited_per_source_address() {
+    let (rec, _events) = Recorder::new();
+    let config = loopback_config()
+        .max_http_sessions(100)
+        .http_new_session_burst(5)
+        .http_new_session_rate(1)
+        .build()
+        .unwrap();
+    let server = Server::bind(config, rec.server_callbacks()).await.unwrap();
+    let addr = server.local_addr();
+    let mut refused = 0;
+    let started = std::time::Instant::now();
+    for n in 0..20 {
+        let resp = post_from([127, 0, 0, 1], addr, &stranger(n)).await;
+        if resp.status == StatusCode::TOO_MANY_REQUESTS {
+            refused += 1;
+            let secs: u64 = resp.headers["retry-after"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!((1..=2).contains(&secs), "one token at 1/s: {secs}");
+        } else {
+            assert_eq!(resp.status, StatusCode::OK);
+        }
+    }
+    // 5 at once, plus one per second the loop took (a slow machine refills more).
+    let refills = usize::try_from(started.elapsed().as_secs()).unwrap() + 1;
+    let accepted = 20 - refused;
+    assert!(
+        (5..=5 + refills).contains(&accepted),
+        "{accepted} in {refills} s"
+    );
+    let sessions = server.service().plain_http_sessions();
+    // Another address is not held back, and its second poll finds its session.
+    let resp = post_from([127, 0, 0, 2], addr, &first_report(uid(9))).await;
+    assert_eq!(resp.status, StatusCode::OK);
+    let resp = post_from([127, 0, 0, 2], addr, &report(uid(9), 1)).await;
+    assert_eq!(resp.message().flags, 0, "same session, in sequence");
+    assert_eq!(server.service().plain_http_sessions(), sessions + 1);
+    // Polls of existing sessions are never limited, whatever the source.
+    let resp = post_from([127, 0, 0, 1], addr, &report(uid(9), 2)).await;
+    assert_eq!(resp.status, StatusCode::OK);
     server.shutdown().await;
 }
