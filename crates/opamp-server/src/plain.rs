@@ -485,7 +485,11 @@ where
         .await;
         return text_response(
             StatusCode::BAD_REQUEST,
-            "OpAMP-Instance-UID header differs from instance_uid",
+            if header_uid.is_some() {
+                "OpAMP-Instance-UID header differs from instance_uid"
+            } else {
+                "OpAMP-Instance-UID header is not a hyphenated UUID (8-4-4-4-12 hex digits)"
+            },
         );
     }
 

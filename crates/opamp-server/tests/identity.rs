@@ -331,20 +331,38 @@ async fn http5_bad_instance_uid_header_gets_400_and_session_is_unharmed() {
     })
     .unwrap();
     let body = report(uid(7), 1).encode_to_vec();
-    let bad: Vec<http::HeaderValue> = vec![
-        http::HeaderValue::from_bytes(b"\xff\xfe-not-text").unwrap(),
-        http::HeaderValue::from_static("07070707070707070707070707070707"),
-        http::HeaderValue::from_static("{07070707-0707-0707-0707-070707070707}"),
-        http::HeaderValue::from_static(""),
-        http::HeaderValue::from_str(&uid(8).to_string()).unwrap(),
+    let malformed = "not a hyphenated UUID";
+    let bad: Vec<(http::HeaderValue, &str)> = vec![
+        (
+            http::HeaderValue::from_bytes(b"\xff\xfe-not-text").unwrap(),
+            malformed,
+        ),
+        (
+            http::HeaderValue::from_static("07070707070707070707070707070707"),
+            malformed,
+        ),
+        (
+            http::HeaderValue::from_static("{07070707-0707-0707-0707-070707070707}"),
+            malformed,
+        ),
+        (http::HeaderValue::from_static(""), malformed),
+        (
+            http::HeaderValue::from_str(&uid(8).to_string()).unwrap(),
+            "differs from instance_uid",
+        ),
     ];
-    for value in bad {
+    for (value, says) in bad {
         let mut request = post(PATH, body.clone(), &[]);
         request
             .headers_mut()
             .insert("opamp-instance-uid", value.clone());
         let resp = http_post(addr, request).await;
         assert_eq!(resp.status, http::StatusCode::BAD_REQUEST, "{value:?}");
+        let text = String::from_utf8_lossy(&resp.body);
+        assert!(
+            text.contains(says),
+            "{value:?}: a clear answer, got {text:?}"
+        );
     }
     let r = poll(addr, PATH, &report(uid(7), 1)).await;
     assert_eq!(r.flags, 0, "sequence intact: no ReportFullState");
