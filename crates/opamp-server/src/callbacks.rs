@@ -197,9 +197,18 @@ pub(crate) fn retry_after_value(after: Duration) -> HeaderValue {
 /// - its client certificate chain (the [`PeerCertificates`](crate::PeerCertificates) request
 ///   extension, feature `tls`) is the session's; otherwise it gets 403 and no callback runs.
 ///
-/// A request that would create a session while
-/// [`max_http_sessions`](crate::ServerConfig::max_http_sessions) are alive gets 503 with
-/// `Retry-After` (THR-5), and no callback runs.
+/// A request that would create a session when
+/// [`max_http_sessions`](crate::ServerConfig::max_http_sessions) are alive takes the place
+/// of the oldest session that has served one poll only (that session ends:
+/// `on_connection_close`); when every session has served two polls or more, it gets 503
+/// with `Retry-After` (THR-5). A source address over its new-session budget
+/// ([`http_new_session_burst`](crate::ServerConfig::http_new_session_burst)) gets 429 with
+/// `Retry-After`. In both refusals no callback runs.
+///
+/// A body whose `instance_uid` is the nil (or max) UUID gets a new uid
+/// (`agent_identification.new_instance_uid`, UID-8) and creates no session; a second agent
+/// polling with a session's uid is handled by
+/// [`ServerCallbacks::on_duplicate_uid`].
 ///
 /// # Blocking
 ///
