@@ -34,6 +34,12 @@ pub struct SessionConfig {
     /// be lost without the server noticing, so only the agent's own report of the offered
     /// hash stops the offer (RC-6: while they differ, the server MUST include it).
     pub sent_offers_suppress_resend: bool,
+    /// Whether messages of a second agent with this session's uid are told apart by their
+    /// interleaving sequence numbers and flagged [`Received::duplicate`] (UID-8). True for
+    /// plain HTTP, where every poller with one uid lands in one session; false for a
+    /// WebSocket connection, which carries one agent (duplicates across connections are
+    /// the drivers' to detect).
+    pub detect_interleaved_sequences: bool,
 }
 
 impl SessionConfig {
@@ -44,6 +50,7 @@ impl SessionConfig {
             capabilities_in_every_reply: false,
             full_state_min_interval: crate::config::DEFAULT_FULL_STATE_MIN_INTERVAL,
             sent_offers_suppress_resend: true,
+            detect_interleaved_sequences: false,
         }
     }
 
@@ -53,6 +60,7 @@ impl SessionConfig {
         Self {
             capabilities_in_every_reply: true,
             sent_offers_suppress_resend: false,
+            detect_interleaved_sequences: true,
             ..Self::websocket(server_capabilities)
         }
     }
@@ -202,7 +210,8 @@ fn same_except_per_agent_fields(a: &ServerToAgent, b: &ServerToAgent) -> bool {
 ///
 /// Limits: the first message(s) of the second agent are taken for the first agent's (they
 /// look like a restart) until the interleaving shows; two agents whose numbers stay equal
-/// (same counter at the same time) look like retries and are not told apart. WebSocket
+/// (same counter at the same time) look like retries and are not told apart. Only sessions
+/// with [`SessionConfig::detect_interleaved_sequences`] (plain HTTP) do this; WebSocket
 /// duplicates (two connections, one uid) are detected by the drivers across connections.
 #[derive(Debug)]
 pub struct AgentSession {
@@ -342,7 +351,8 @@ impl AgentSession {
 
         // UID-8: a message continuing the second agent's sequence leaves the session alone.
         let seq = msg.sequence_num;
-        if let (Some(intruder), Some(last)) = (self.intruder_seq, self.last_seq)
+        if self.config.detect_interleaved_sequences
+            && let (Some(intruder), Some(last)) = (self.intruder_seq, self.last_seq)
             && seq != last.wrapping_add(1)
             && seq != last
             && (seq == intruder.wrapping_add(1) || seq == intruder)
@@ -380,9 +390,10 @@ impl AgentSession {
             Some(last) if seq == last => repeated = true,
             // SEQ-2: a gap (or a restart that reset the counter): something was lost.
             Some(last) => {
-                if self
-                    .jumped_from
-                    .is_some_and(|j| seq == j.wrapping_add(1) || seq == j)
+                if self.config.detect_interleaved_sequences
+                    && self
+                        .jumped_from
+                        .is_some_and(|j| seq == j.wrapping_add(1) || seq == j)
                 {
                     // UID-8: back on the sequence from before the jump: two counters
                     // interleave. This message is the older agent's; the jump was the other's.

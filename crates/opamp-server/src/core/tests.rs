@@ -898,7 +898,11 @@ fn random_operation_sequences_keep_the_protocol_rules() {
             match rng.next() % 4 {
                 0 | 1 => {
                     let msg = random_agent_message(&mut rng, &mut seq);
-                    if s.handle_message(&msg, clock.now()).is_ok() {
+                    // A message flagged as a second agent's (UID-8) is answered by the
+                    // driver without the session (reassign_reply).
+                    if s.handle_message(&msg, clock.now())
+                        .is_ok_and(|r| !r.duplicate)
+                    {
                         if msg.capabilities != 0 {
                             agent_caps = A::from_bits_retain(msg.capabilities);
                         }
@@ -1072,6 +1076,16 @@ fn uid_8_interleaving_sequences_flag_the_second_agent() {
             !full_state(&reply),
             "no ReportFullState loop (round {round})"
         );
+    }
+    // A WebSocket session carries one agent: it does not do this.
+    let mut s = ws_session();
+    for seq in [10, 11, 3, 12, 4, 13, 5] {
+        assert!(
+            !s.handle_message(&full_report(seq), clock.now())
+                .unwrap()
+                .duplicate
+        );
+        s.prepare_reply(None, clock.now());
     }
     let reassign = reassign_reply(
         InstanceUid::from_array(UID),
