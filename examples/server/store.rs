@@ -268,7 +268,7 @@ fn config_map_json(map: &AgentConfigMap) -> Value {
             let body = String::from_utf8_lossy(&obj.body).into_owned();
             (
                 name.clone(),
-                json!({ "content_type": obj.content_type, "body": body }),
+                json!({ "content_type": obj.content_type, "role": obj.role, "body": body }),
             )
         })
         .collect::<Map<_, _>>()

@@ -75,7 +75,7 @@ function healthTree(h) {
 function configMap(map) {
   const entries = Object.entries(map || {});
   if (entries.length === 0) return '<p class="muted">none</p>';
-  return entries.map(([name, f]) => `<p><b>${esc(name || '""')}</b> <span class="muted">${esc(f.content_type)}</span></p><pre>${esc(f.body)}</pre>`).join("");
+  return entries.map(([name, f]) => `<p><b>${esc(name || '""')}</b> <span class="muted">${esc(f.content_type)}</span>${f.role ? ` <span class="pill">role ${esc(f.role)}</span>` : ""}</p><pre>${esc(f.body)}</pre>`).join("");
 }
 
 async function agentView(uid) {
