@@ -182,8 +182,49 @@ fn bad_uid(text: &str) -> Response {
     )
 }
 
+/// Agents per chunk of the listing: the lock is held for one page at a time, and no more
+/// than one page of JSON is in memory.
+const LIST_PAGE: usize = 256;
+
+/// `GET /api/agents`: the slim listing (no config bodies, see README), written page by page.
 async fn list_agents(AxumState(state): AxumState<Shared>) -> Response {
-    Json(state.fleet.list_json()).into_response()
+    enum Next {
+        Start,
+        After(InstanceUid),
+        Done,
+    }
+    let chunks = futures_util::stream::unfold(Next::Start, move |next| {
+        let state = state.clone();
+        async move {
+            let after = match next {
+                Next::Start => None,
+                Next::After(uid) => Some(uid),
+                Next::Done => return None,
+            };
+            let (page, last) = state.fleet.list_page(after, LIST_PAGE);
+            let mut chunk =
+                String::with_capacity(page.iter().map(|j| j.len() + 1).sum::<usize>() + 2);
+            if after.is_none() {
+                chunk.push('[');
+            } else if !page.is_empty() {
+                chunk.push(',');
+            }
+            chunk.push_str(&page.join(","));
+            let next = match last {
+                Some(uid) if !page.is_empty() => Next::After(uid),
+                _ => {
+                    chunk.push(']');
+                    Next::Done
+                }
+            };
+            Some((Ok::<_, std::convert::Infallible>(Bytes::from(chunk)), next))
+        }
+    });
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        axum::body::Body::from_stream(chunks),
+    )
+        .into_response()
 }
 
 /// `POST /api/agents/disconnect`: closes every agent's connection; they reconnect.
@@ -298,10 +339,14 @@ mod tests {
 
     /// Serves the UI on a loopback port with `extra` allowed hosts; returns its address.
     async fn serve(extra: &[&str]) -> SocketAddr {
+        serve_state(extra, Arc::new(State::default())).await
+    }
+
+    async fn serve_state(extra: &[&str], state: Shared) -> SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
-        let app = router(Arc::new(State::default()), HostPolicy::new(addr, &extra));
+        let app = router(state, HostPolicy::new(addr, &extra));
         tokio::spawn(async move { axum::serve(listener, app).await });
         addr
     }
@@ -313,6 +358,17 @@ mod tests {
         path: &str,
         headers: &[&str],
     ) -> (u16, String) {
+        let (status, head, _) = exchange(addr, method, path, headers).await;
+        (status, head)
+    }
+
+    /// Like [`request`], with the body (de-chunked).
+    async fn exchange(
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        headers: &[&str],
+    ) -> (u16, String, Vec<u8>) {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         let mut req = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
         for h in headers {
@@ -327,14 +383,26 @@ mod tests {
         s.write_all(req.as_bytes()).await.unwrap();
         let mut answer = Vec::new();
         s.read_to_end(&mut answer).await.unwrap();
-        let answer = String::from_utf8_lossy(&answer).into_owned();
-        let status = answer[9..12].parse().unwrap();
-        let head = answer
-            .split("\r\n\r\n")
-            .next()
-            .unwrap()
-            .to_ascii_lowercase();
-        (status, head)
+        let split = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let head = String::from_utf8_lossy(&answer[..split]).to_ascii_lowercase();
+        let status = head[9..12].parse().unwrap();
+        let mut rest = &answer[split + 4..];
+        let body = if head.contains("transfer-encoding: chunked") {
+            let mut body = Vec::new();
+            loop {
+                let eol = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+                let size = std::str::from_utf8(&rest[..eol]).unwrap();
+                let size = usize::from_str_radix(size.trim(), 16).unwrap();
+                if size == 0 {
+                    break body;
+                }
+                body.extend_from_slice(&rest[eol + 2..eol + 2 + size]);
+                rest = &rest[eol + 2 + size + 2..];
+            }
+        } else {
+            rest.to_vec()
+        };
+        (status, head, body)
     }
 
     fn hardened(head: &str) -> bool {
@@ -440,6 +508,48 @@ mod tests {
             let (status, head) = request(addr, "GET", path, &[&host]).await;
             assert_eq!(status, want, "{path}");
             assert!(hardened(&head), "{path}: {head}");
+        }
+    }
+
+    /// The listing is written page by page: every agent once, valid JSON at any page boundary,
+    /// and no config body in it.
+    #[tokio::test]
+    async fn the_agent_list_streams_a_slim_listing_in_pages() {
+        use opamp::proto::{AgentConfigMap, AgentToServer, EffectiveConfig};
+        for agents in [0, 1, LIST_PAGE, 2 * LIST_PAGE + 3] {
+            let state = Arc::new(State::default());
+            for n in 0..agents {
+                let mut b = [0u8; 16];
+                b[0] = 1;
+                b[14..].copy_from_slice(&u16::try_from(n).unwrap().to_be_bytes());
+                let msg = AgentToServer {
+                    instance_uid: bytes::Bytes::copy_from_slice(&b),
+                    effective_config: Some(EffectiveConfig {
+                        config_map: Some(AgentConfigMap::single("secret-body", "text/yaml")),
+                    }),
+                    ..Default::default()
+                };
+                state
+                    .fleet
+                    .report(InstanceUid::try_from(&b[..]).unwrap(), &msg);
+            }
+            let addr = serve_state(&[], state).await;
+            let host = format!("Host: 127.0.0.1:{}", addr.port());
+            let (status, head, body) = exchange(addr, "GET", "/api/agents", &[&host]).await;
+            assert_eq!(status, 200);
+            assert!(head.contains("content-type: application/json"), "{head}");
+            let list: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let list = list.as_array().unwrap();
+            assert_eq!(list.len(), agents);
+            let uids: std::collections::BTreeSet<_> = list
+                .iter()
+                .map(|a| a["instance_uid"].as_str().unwrap())
+                .collect();
+            assert_eq!(uids.len(), agents, "each agent once");
+            assert!(!String::from_utf8_lossy(&body).contains("secret-body"));
+            if let Some(a) = list.first() {
+                assert_eq!(a["effective_config"][""]["size"], 11);
+            }
         }
     }
 
