@@ -12,6 +12,16 @@ echo "== facade without default features"
 cargo check -p opamp --no-default-features --locked
 echo "== tests";   cargo test --workspace --locked
 
+echo "== MSRV"
+msrv=$(sed -n 's/^rust-version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+msrv_toolchain=$(rustup toolchain list 2>/dev/null | awk '{print $1}' | grep -E "^${msrv//./\\.}(\.0)?-" | head -n 1 || true)
+if [ -n "$msrv_toolchain" ]; then
+    cargo "+$msrv_toolchain" check --workspace --all-targets --locked
+else
+    echo "MSRV: Rust toolchain $msrv is not installed; checking only that no dependency needs a newer Rust"
+    python3 scripts/check_msrv_deps.py
+fi
+
 echo "== interop: third-party clients against the reference server"
 bash tests/interop/install.sh
 cargo build --locked --example server --example agent

@@ -1,12 +1,14 @@
 //! The web UI and the JSON API behind it (documented in README.md).
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State as AxumState};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{Path, Query, Request, State as AxumState};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post, put};
 use opamp::proto::{InstanceUid, ServerToAgent};
@@ -18,7 +20,113 @@ use crate::store::{hex, remote_config};
 
 type Shared = Arc<State>;
 
-pub(crate) fn router(state: Shared) -> Router {
+/// Which `Host` names the UI answers to. A page on another site can make a browser resolve
+/// its own name to this server's address (DNS rebinding); the browser then sends that name as
+/// `Host`, so answering only known names keeps such pages from reading the fleet or pushing
+/// configs.
+#[derive(Debug, Clone)]
+pub(crate) struct HostPolicy {
+    /// Lowercase `host` or `host:port`; an entry without a port matches any port.
+    allowed: Vec<String>,
+}
+
+impl HostPolicy {
+    /// The UI bound at `addr` answers to `addr` itself, to `localhost`, `127.0.0.1` and
+    /// `[::1]` with its port when `addr` is a loopback address, and to every `extra` entry
+    /// (`--ui-allowed-host`, `NAME` or `NAME:PORT`).
+    pub(crate) fn new(addr: SocketAddr, extra: &[String]) -> Self {
+        let port = addr.port();
+        let mut allowed = vec![addr.to_string()];
+        if addr.ip().is_loopback() {
+            for name in ["localhost", "127.0.0.1", "[::1]"] {
+                allowed.push(format!("{name}:{port}"));
+            }
+        }
+        allowed.extend(extra.iter().map(|h| h.trim().to_ascii_lowercase()));
+        Self { allowed }
+    }
+
+    fn allows(&self, host: &str) -> bool {
+        let host = host.trim().to_ascii_lowercase();
+        // `name:port` or `[v6]:port` -> `name` / `[v6]`; a bare name stays as it is.
+        let name = match host.rsplit_once(':') {
+            Some((name, port)) if !port.contains(']') => name,
+            _ => host.as_str(),
+        };
+        let portless = |a: &str| !a.contains(':') || a.ends_with(']');
+        self.allowed
+            .iter()
+            .any(|a| *a == host || (portless(a) && *a == name))
+    }
+}
+
+/// Headers on every answer: no framing (clickjacking), no sniffing, no referrer, and a CSP
+/// that lets the UI load only its own script and style (the UI has no inline script).
+fn harden(headers: &mut HeaderMap) {
+    const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+                       connect-src 'self'; img-src 'self'; base-uri 'none'; \
+                       form-action 'self'; frame-ancestors 'none'";
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+}
+
+/// Checks `Host` on every request (421 for a name the UI does not answer to) and `Origin` on
+/// every mutation (403 unless absent or this same origin), and hardens every answer.
+async fn guard(
+    AxumState(policy): AxumState<Arc<HostPolicy>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let mut response = match host {
+        None => error(StatusCode::BAD_REQUEST, "a Host header is required"),
+        Some(host) if !policy.allows(&host) => error(
+            StatusCode::MISDIRECTED_REQUEST,
+            format!(
+                "this server does not answer to Host {host:?}; start it with \
+                 --ui-allowed-host to add a name"
+            ),
+        ),
+        Some(host) => {
+            let mutation = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+            let origin = req
+                .headers()
+                .get(header::ORIGIN)
+                .map(|v| v.to_str().unwrap_or(""));
+            let same_origin = |o: &str| {
+                let o = o.to_ascii_lowercase();
+                let host = host.to_ascii_lowercase();
+                o == format!("http://{host}") || o == format!("https://{host}")
+            };
+            match origin {
+                Some(o) if mutation && !same_origin(o) => error(
+                    StatusCode::FORBIDDEN,
+                    format!("cross-origin {} refused (Origin {o:?})", req.method()),
+                ),
+                _ => next.run(req).await,
+            }
+        }
+    };
+    harden(response.headers_mut());
+    response
+}
+
+pub(crate) fn router(state: Shared, policy: HostPolicy) -> Router {
     Router::new()
         .route(
             "/",
@@ -39,6 +147,7 @@ pub(crate) fn router(state: Shared) -> Router {
         .route("/api/agents/{uid}/restart", post(restart_agent))
         .route("/api/config", put(put_config))
         .with_state(state)
+        .layer(middleware::from_fn_with_state(Arc::new(policy), guard))
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {
@@ -73,8 +182,49 @@ fn bad_uid(text: &str) -> Response {
     )
 }
 
+/// Agents per chunk of the listing: the lock is held for one page at a time, and no more
+/// than one page of JSON is in memory.
+const LIST_PAGE: usize = 256;
+
+/// `GET /api/agents`: the slim listing (no config bodies, see README), written page by page.
 async fn list_agents(AxumState(state): AxumState<Shared>) -> Response {
-    Json(state.fleet.list_json()).into_response()
+    enum Next {
+        Start,
+        After(InstanceUid),
+        Done,
+    }
+    let chunks = futures_util::stream::unfold(Next::Start, move |next| {
+        let state = state.clone();
+        async move {
+            let after = match next {
+                Next::Start => None,
+                Next::After(uid) => Some(uid),
+                Next::Done => return None,
+            };
+            let (page, last) = state.fleet.list_page(after, LIST_PAGE);
+            let mut chunk =
+                String::with_capacity(page.iter().map(|j| j.len() + 1).sum::<usize>() + 2);
+            if after.is_none() {
+                chunk.push('[');
+            } else if !page.is_empty() {
+                chunk.push(',');
+            }
+            chunk.push_str(&page.join(","));
+            let next = match last {
+                Some(uid) if !page.is_empty() => Next::After(uid),
+                _ => {
+                    chunk.push(']');
+                    Next::Done
+                }
+            };
+            Some((Ok::<_, std::convert::Infallible>(Bytes::from(chunk)), next))
+        }
+    });
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        axum::body::Body::from_stream(chunks),
+    )
+        .into_response()
 }
 
 /// `POST /api/agents/disconnect`: closes every agent's connection; they reconnect.
@@ -178,4 +328,253 @@ async fn put_config(
         "agents": targeted.iter().map(ToString::to_string).collect::<Vec<_>>(),
     }))
     .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    //! The UI's guard over a real loopback socket: raw HTTP/1.1 so that `Host` and `Origin`
+    //! are exactly what a rebinding page's browser would send.
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Serves the UI on a loopback port with `extra` allowed hosts; returns its address.
+    async fn serve(extra: &[&str]) -> SocketAddr {
+        serve_state(extra, Arc::new(State::default())).await
+    }
+
+    async fn serve_state(extra: &[&str], state: Shared) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+        let app = router(state, HostPolicy::new(addr, &extra));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+
+    /// Sends one request with the given header lines; returns (status, lowercase headers).
+    async fn request(
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        headers: &[&str],
+    ) -> (u16, String) {
+        let (status, head, _) = exchange(addr, method, path, headers).await;
+        (status, head)
+    }
+
+    /// Like [`request`], with the body (de-chunked).
+    async fn exchange(
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        headers: &[&str],
+    ) -> (u16, String, Vec<u8>) {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut req = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
+        for h in headers {
+            req.push_str(h);
+            req.push_str("\r\n");
+        }
+        if method != "GET" {
+            req.push_str("Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}");
+        } else {
+            req.push_str("\r\n");
+        }
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer).await.unwrap();
+        let split = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let head = String::from_utf8_lossy(&answer[..split]).to_ascii_lowercase();
+        let status = head[9..12].parse().unwrap();
+        let mut rest = &answer[split + 4..];
+        let body = if head.contains("transfer-encoding: chunked") {
+            let mut body = Vec::new();
+            loop {
+                let eol = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+                let size = std::str::from_utf8(&rest[..eol]).unwrap();
+                let size = usize::from_str_radix(size.trim(), 16).unwrap();
+                if size == 0 {
+                    break body;
+                }
+                body.extend_from_slice(&rest[eol + 2..eol + 2 + size]);
+                rest = &rest[eol + 2 + size + 2..];
+            }
+        } else {
+            rest.to_vec()
+        };
+        (status, head, body)
+    }
+
+    fn hardened(head: &str) -> bool {
+        head.contains("content-security-policy: default-src 'none'; script-src 'self'")
+            && head.contains("x-frame-options: deny")
+            && head.contains("x-content-type-options: nosniff")
+            && head.contains("referrer-policy: no-referrer")
+    }
+
+    #[tokio::test]
+    async fn ui_rebinding_host_is_refused_with_421() {
+        let addr = serve(&[]).await;
+        let port = addr.port();
+        for host in [
+            format!("Host: attacker.example:{port}"),
+            "Host: attacker.example".to_owned(),
+            format!("Host: localhost.attacker.example:{port}"),
+            format!("Host: 127.0.0.1:{}", port.wrapping_add(1)),
+        ] {
+            let (status, head) = request(addr, "GET", "/api/agents", &[&host]).await;
+            assert_eq!(status, 421, "{host}");
+            assert!(hardened(&head), "{head}");
+        }
+        let (status, _) = request(addr, "GET", "/api/agents", &[]).await;
+        assert_eq!(status, 400, "no Host at all");
+    }
+
+    #[tokio::test]
+    async fn ui_answers_its_own_loopback_names_and_allowed_hosts() {
+        let addr = serve(&["ui.example", "other.example:8443"]).await;
+        let port = addr.port();
+        for host in [
+            format!("127.0.0.1:{port}"),
+            format!("LOCALHOST:{port}"),
+            "ui.example".to_owned(),
+            format!("ui.example:{port}"),
+            "other.example:8443".to_owned(),
+        ] {
+            let (status, head) =
+                request(addr, "GET", "/api/agents", &[&format!("Host: {host}")]).await;
+            assert_eq!(status, 200, "{host}");
+            assert!(hardened(&head), "{head}");
+        }
+        let (status, _) = request(addr, "GET", "/api/agents", &["Host: other.example:9999"]).await;
+        assert_eq!(
+            status, 421,
+            "a host allowed with a port only matches that port"
+        );
+    }
+
+    #[tokio::test]
+    async fn ui_cross_origin_mutations_are_forbidden() {
+        let addr = serve(&[]).await;
+        let host = format!("Host: 127.0.0.1:{}", addr.port());
+        for (method, path) in [
+            ("POST", "/api/agents/disconnect"),
+            ("PUT", "/api/config"),
+            (
+                "PUT",
+                "/api/agents/00000000-0000-0000-0000-000000000000/config",
+            ),
+        ] {
+            for origin in [
+                "Origin: http://attacker.example",
+                "Origin: null",
+                &format!("Origin: http://127.0.0.1:{}", addr.port() ^ 1),
+            ] {
+                let (status, head) = request(addr, method, path, &[&host, origin]).await;
+                assert_eq!(status, 403, "{method} {path} {origin}");
+                assert!(hardened(&head));
+            }
+        }
+        // Same origin, or no Origin (curl, scripts): allowed.
+        let same = format!("Origin: http://127.0.0.1:{}", addr.port());
+        let (status, _) = request(addr, "POST", "/api/agents/disconnect", &[&host, &same]).await;
+        assert_eq!(status, 200);
+        let (status, _) = request(addr, "PUT", "/api/config", &[&host]).await;
+        assert_eq!(status, 200);
+        // A read with a foreign Origin is not a mutation; the browser's CORS keeps the answer
+        // from the foreign page.
+        let (status, _) = request(
+            addr,
+            "GET",
+            "/api/agents",
+            &[&host, "Origin: http://attacker.example"],
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+
+    #[tokio::test]
+    async fn ui_every_answer_is_hardened() {
+        let addr = serve(&[]).await;
+        let host = format!("Host: 127.0.0.1:{}", addr.port());
+        for (path, want) in [
+            ("/", 200),
+            ("/ui/app.js", 200),
+            ("/ui/style.css", 200),
+            ("/api/agents", 200),
+            ("/api/agents/not-a-uid", 400),
+            ("/nowhere", 404),
+        ] {
+            let (status, head) = request(addr, "GET", path, &[&host]).await;
+            assert_eq!(status, want, "{path}");
+            assert!(hardened(&head), "{path}: {head}");
+        }
+    }
+
+    /// The listing is written page by page: every agent once, valid JSON at any page boundary,
+    /// and no config body in it.
+    #[tokio::test]
+    async fn the_agent_list_streams_a_slim_listing_in_pages() {
+        use opamp::proto::{AgentConfigMap, AgentToServer, EffectiveConfig};
+        for agents in [0, 1, LIST_PAGE, 2 * LIST_PAGE + 3] {
+            let state = Arc::new(State::default());
+            for n in 0..agents {
+                let mut b = [0u8; 16];
+                b[0] = 1;
+                b[14..].copy_from_slice(&u16::try_from(n).unwrap().to_be_bytes());
+                let msg = AgentToServer {
+                    instance_uid: bytes::Bytes::copy_from_slice(&b),
+                    effective_config: Some(EffectiveConfig {
+                        config_map: Some(AgentConfigMap::single("secret-body", "text/yaml")),
+                    }),
+                    ..Default::default()
+                };
+                state
+                    .fleet
+                    .report(InstanceUid::try_from(&b[..]).unwrap(), &msg);
+            }
+            let addr = serve_state(&[], state).await;
+            let host = format!("Host: 127.0.0.1:{}", addr.port());
+            let (status, head, body) = exchange(addr, "GET", "/api/agents", &[&host]).await;
+            assert_eq!(status, 200);
+            assert!(head.contains("content-type: application/json"), "{head}");
+            let list: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let list = list.as_array().unwrap();
+            assert_eq!(list.len(), agents);
+            let uids: std::collections::BTreeSet<_> = list
+                .iter()
+                .map(|a| a["instance_uid"].as_str().unwrap())
+                .collect();
+            assert_eq!(uids.len(), agents, "each agent once");
+            assert!(!String::from_utf8_lossy(&body).contains("secret-body"));
+            if let Some(a) = list.first() {
+                assert_eq!(a["effective_config"][""]["size"], 11);
+            }
+        }
+    }
+
+    /// The CSP allows only `script-src 'self'`: the UI must have no inline script or handler.
+    #[test]
+    fn ui_has_no_inline_script_or_style() {
+        let html = include_str!("ui/index.html").to_ascii_lowercase();
+        let js = include_str!("ui/app.js").to_ascii_lowercase();
+        for tag in html.match_indices("<script").map(|(i, _)| &html[i..]) {
+            let open = &tag[..tag.find('>').unwrap()];
+            assert!(open.contains(" src="), "inline script: {open}");
+        }
+        for text in [&html, &js] {
+            assert!(!text.contains(" style="), "inline style attribute");
+            assert!(!text.contains("<style"), "inline style element");
+            for handler in [
+                " onclick=",
+                " onload=",
+                " onerror=",
+                " onsubmit=",
+                " onchange=",
+            ] {
+                assert!(!text.contains(handler), "inline handler {handler}");
+            }
+            assert!(!text.contains("javascript:"), "javascript: url");
+        }
+    }
 }

@@ -7,7 +7,8 @@
 //! ```
 //!
 //! Flags: `--opamp-addr ADDR` (default 127.0.0.1:4320), `--ui-addr ADDR` (default
-//! 127.0.0.1:4321), `--tls-cert PEM --tls-key PEM` to serve OpAMP over TLS, `--tls-client-ca PEM`
+//! 127.0.0.1:4321), `--ui-allowed-host NAME[:PORT]` (repeatable: another `Host` name the UI
+//! answers to), `--tls-cert PEM --tls-key PEM` to serve OpAMP over TLS, `--tls-client-ca PEM`
 //! to require client certificates (mTLS). State is kept in memory only.
 
 mod api;
@@ -27,11 +28,14 @@ use opamp::server::{
 use crate::store::Fleet;
 
 const USAGE: &str = "usage: server [--opamp-addr ADDR] [--ui-addr ADDR] \
+                     [--ui-allowed-host NAME[:PORT]]... \
                      [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]]";
 
 struct Args {
     opamp_addr: SocketAddr,
     ui_addr: SocketAddr,
+    /// Extra `Host` names the UI answers to (`--ui-allowed-host`, repeatable).
+    ui_allowed_hosts: Vec<String>,
     tls_cert: Option<String>,
     tls_key: Option<String>,
     tls_client_ca: Option<String>,
@@ -41,6 +45,7 @@ fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         opamp_addr: SocketAddr::from(([127, 0, 0, 1], 4320)),
         ui_addr: SocketAddr::from(([127, 0, 0, 1], 4321)),
+        ui_allowed_hosts: Vec::new(),
         tls_cert: None,
         tls_key: None,
         tls_client_ca: None,
@@ -58,6 +63,7 @@ fn parse_args() -> Result<Args, String> {
             "--ui-addr" => {
                 args.ui_addr = value()?.parse().map_err(|e| format!("--ui-addr: {e}"))?
             }
+            "--ui-allowed-host" => args.ui_allowed_hosts.push(value()?),
             "--tls-cert" => args.tls_cert = Some(value()?),
             "--tls-key" => args.tls_key = Some(value()?),
             "--tls-client-ca" => args.tls_client_ca = Some(value()?),
@@ -249,9 +255,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     let ui = tokio::net::TcpListener::bind(args.ui_addr).await?;
-    println!("web UI: http://{}/", ui.local_addr()?);
+    let ui_addr = ui.local_addr()?;
+    println!("web UI: http://{ui_addr}/");
+    if !ui_addr.ip().is_loopback() && args.ui_allowed_hosts.is_empty() {
+        println!(
+            "web UI answers only to Host {ui_addr}: add --ui-allowed-host NAME for the names \
+             operators use"
+        );
+    }
+    let policy = api::HostPolicy::new(ui_addr, &args.ui_allowed_hosts);
     let ui_task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(ui, api::router(state)).await {
+        if let Err(e) = axum::serve(ui, api::router(state, policy)).await {
             tracing::error!("UI server failed: {e}");
         }
     });

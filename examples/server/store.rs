@@ -2,18 +2,92 @@
 //! server offers it, and its JSON form for the API. State lives in memory only: a restart of
 //! the server forgets the fleet, and agents re-report in full when asked (SEQ-2).
 
-use std::collections::BTreeMap;
-use std::sync::{Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use opamp::proto::{
-    AgentCapabilitySet, AgentConfigMap, AgentDescription, AgentRemoteConfig, AgentToServer,
-    AnyValue, ComponentHealth, InstanceUid, KeyValue, Message, RemoteConfigStatus,
+    AgentCapabilitySet, AgentConfigMap, AgentConfigObject, AgentDescription, AgentRemoteConfig,
+    AgentToServer, AnyValue, ComponentHealth, InstanceUid, KeyValue, Message, RemoteConfigStatus,
     RemoteConfigStatuses, ServerToAgent, any_value,
 };
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
+
+/// What the store keeps at most, per agent and in total. Everything an agent reports is copied
+/// into the store within these bounds (never a slice of the received message, which would keep
+/// the whole message alive); what does not fit is cut and named in the agent's `truncated`.
+#[derive(Debug, Clone)]
+pub(crate) struct Limits {
+    /// Identifying attributes of one agent: bytes (keys, values, per-entry overhead).
+    pub(crate) identifying_bytes: usize,
+    /// Non-identifying attributes of one agent: bytes.
+    pub(crate) non_identifying_bytes: usize,
+    /// Entries of one attribute list, nested array and kvlist values counted.
+    pub(crate) attributes: usize,
+    /// Nesting of array / kvlist attribute values.
+    pub(crate) value_depth: usize,
+    /// Depth of the health tree below the agent's own node.
+    pub(crate) health_depth: usize,
+    /// Nodes of the health tree, their attribute entries counted.
+    pub(crate) health_nodes: usize,
+    /// Bytes of the health tree.
+    pub(crate) health_bytes: usize,
+    /// One string (status, last error, error message, content type, role, names, values).
+    pub(crate) text: usize,
+    /// Bytes of one agent's effective config (every object's body and names).
+    pub(crate) effective_config_bytes: usize,
+    /// Objects of one agent's effective config.
+    pub(crate) config_objects: usize,
+    /// Bytes accounted for the whole fleet; past it, departed agents are forgotten first and
+    /// then new parts are refused (named in `truncated`).
+    pub(crate) total_bytes: usize,
+    /// Agents remembered, connected or not.
+    pub(crate) max_agents: usize,
+    /// Departed (disconnected) agents remembered; the one that left first goes first.
+    pub(crate) max_departed: usize,
+    /// How long a departed agent is remembered.
+    pub(crate) departed_ttl: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            identifying_bytes: 8 * 1024,
+            non_identifying_bytes: 56 * 1024,
+            attributes: 512,
+            value_depth: 4,
+            health_depth: 8,
+            health_nodes: 1024,
+            health_bytes: 256 * 1024,
+            text: 4 * 1024,
+            effective_config_bytes: 1024 * 1024,
+            config_objects: 64,
+            total_bytes: 512 * 1024 * 1024,
+            max_agents: 100_000,
+            max_departed: 10_000,
+            departed_ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl Limits {
+    /// The most one agent can account for.
+    #[cfg(test)]
+    pub(crate) fn agent_bytes(&self) -> usize {
+        RECORD_OVERHEAD
+            + self.identifying_bytes
+            + self.non_identifying_bytes
+            + self.health_bytes
+            + self.effective_config_bytes
+            + 2 * self.text
+            + 64
+    }
+}
+
+/// Fixed cost of one record: the struct, its map entry and index entries.
+const RECORD_OVERHEAD: usize = size_of::<AgentRecord>() + size_of::<InstanceUid>() + 128;
 
 /// One agent as the server knows it.
 #[derive(Debug, Default)]
@@ -22,14 +96,42 @@ pub(crate) struct AgentRecord {
     pub(crate) transport: Option<&'static str>,
     pub(crate) remote_addr: Option<String>,
     pub(crate) last_seen: Option<SystemTime>,
+    /// When it left, while it is gone (the key of [`Inner::departed`]).
+    departed_at: Option<SystemTime>,
     pub(crate) sequence_num: u64,
     pub(crate) capabilities: u64,
     pub(crate) description: Option<AgentDescription>,
     pub(crate) health: Option<ComponentHealth>,
     pub(crate) effective_config: Option<AgentConfigMap>,
     pub(crate) remote_config_status: Option<RemoteConfigStatus>,
-    /// The config the server wants this agent to run.
+    /// The config the server wants this agent to run (shared by every agent it was pushed
+    /// to; bounded by the API's request body limit).
     pub(crate) offered: Option<AgentRemoteConfig>,
+    /// What was cut from this agent's reports, by part, and why.
+    pub(crate) truncated: BTreeMap<&'static str, String>,
+    /// Accounted bytes of each stored part.
+    cost: Costs,
+}
+
+/// Accounted bytes of a record's parts.
+#[derive(Debug, Default, Clone, Copy)]
+struct Costs {
+    description: usize,
+    health: usize,
+    effective_config: usize,
+    status: usize,
+    remote_addr: usize,
+}
+
+impl Costs {
+    fn total(&self) -> usize {
+        RECORD_OVERHEAD
+            + self.description
+            + self.health
+            + self.effective_config
+            + self.status
+            + self.remote_addr
+    }
 }
 
 impl AgentRecord {
@@ -61,6 +163,13 @@ impl AgentRecord {
                 kv.key == key && kv.value.as_ref().map(any_to_string).as_deref() == Some(value)
             })
     }
+
+    fn note(&mut self, part: &'static str, cut: Option<String>) {
+        match cut {
+            Some(why) => self.truncated.insert(part, why),
+            None => self.truncated.remove(part),
+        };
+    }
 }
 
 /// Locks `m`. A panic while holding the lock leaves plain data behind; keep serving it.
@@ -68,37 +177,164 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// At most this many agents are remembered; past it, the disconnected agent seen longest ago
-/// is forgotten to make room (connected agents are bounded by the server's own limits).
-const MAX_AGENTS: usize = 100_000;
+/// The store's time source: the system clock, or a virtual one in tests.
+pub(crate) type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
 
-/// The fleet: every agent seen since the server started (up to [`MAX_AGENTS`]), by uid.
 #[derive(Debug, Default)]
-pub(crate) struct Fleet {
-    agents: Mutex<BTreeMap<InstanceUid, AgentRecord>>,
+struct Inner {
+    agents: BTreeMap<InstanceUid, AgentRecord>,
+    /// Departed agents by the time they left: the retention order.
+    departed: BTreeSet<(SystemTime, InstanceUid)>,
+    /// Sum of every record's accounted bytes.
+    total_bytes: usize,
 }
 
-impl Fleet {
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<InstanceUid, AgentRecord>> {
-        lock(&self.agents)
+impl Inner {
+    fn forget(&mut self, uid: InstanceUid) {
+        if let Some(a) = self.agents.remove(&uid) {
+            self.total_bytes -= a.cost.total();
+            if let Some(t) = a.departed_at {
+                self.departed.remove(&(t, uid));
+            }
+        }
+    }
+
+    /// Forgets departed agents past the count or the age limit.
+    fn prune(&mut self, limits: &Limits, now: SystemTime) {
+        while let Some(&(left, uid)) = self.departed.first() {
+            let too_old = now
+                .duration_since(left)
+                .is_ok_and(|age| age > limits.departed_ttl);
+            if self.departed.len() > limits.max_departed || too_old {
+                self.forget(uid);
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// Makes room for `extra` more bytes by forgetting departed agents (oldest first, never
+    /// `keep`); whether they fit the fleet's budget.
+    fn make_room(&mut self, limits: &Limits, extra: usize, keep: InstanceUid) -> bool {
+        while self.total_bytes + extra > limits.total_bytes {
+            let Some(&(_, uid)) = self.departed.iter().find(|(_, uid)| *uid != keep) else {
+                return false;
+            };
+            self.forget(uid);
+        }
+        true
+    }
+
+    fn set_connected(&mut self, uid: InstanceUid, connected: bool, now: SystemTime) {
+        let Some(a) = self.agents.get_mut(&uid) else {
+            return;
+        };
+        a.connected = connected;
+        a.last_seen = Some(now);
+        match (connected, a.departed_at) {
+            (true, Some(left)) => {
+                a.departed_at = None;
+                self.departed.remove(&(left, uid));
+            }
+            (false, None) => {
+                a.departed_at = Some(now);
+                self.departed.insert((now, uid));
+            }
+            _ => {}
+        }
     }
 
     /// The record of `uid`, made room for if it is new.
-    fn record(
-        agents: &mut BTreeMap<InstanceUid, AgentRecord>,
-        uid: InstanceUid,
-    ) -> &mut AgentRecord {
-        if !agents.contains_key(&uid) && agents.len() >= MAX_AGENTS {
-            let oldest = agents
-                .iter()
-                .filter(|(_, a)| !a.connected)
-                .min_by_key(|(_, a)| a.last_seen)
-                .map(|(uid, _)| *uid);
-            if let Some(oldest) = oldest {
-                agents.remove(&oldest);
+    fn record(&mut self, limits: &Limits, uid: InstanceUid, now: SystemTime) -> &mut AgentRecord {
+        if !self.agents.contains_key(&uid) {
+            if self.agents.len() >= limits.max_agents
+                && let Some(&(_, oldest)) = self.departed.first()
+            {
+                self.forget(oldest);
             }
+            let record = AgentRecord {
+                last_seen: Some(now),
+                ..Default::default()
+            };
+            self.total_bytes += record.cost.total();
+            self.agents.insert(uid, record);
         }
-        agents.entry(uid).or_default()
+        self.agents.entry(uid).or_default()
+    }
+
+    /// Replaces one part's accounted cost; `false` (nothing changed) if the fleet's budget has
+    /// no room for it even after forgetting departed agents.
+    fn charge(
+        &mut self,
+        limits: &Limits,
+        uid: InstanceUid,
+        part: fn(&mut Costs) -> &mut usize,
+        new: usize,
+    ) -> bool {
+        let Some(old) = self.agents.get_mut(&uid).map(|a| *part(&mut a.cost)) else {
+            return false;
+        };
+        if new > old && !self.make_room(limits, new - old, uid) {
+            return false;
+        }
+        if let Some(a) = self.agents.get_mut(&uid) {
+            *part(&mut a.cost) = new;
+            self.total_bytes = self.total_bytes - old + new;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The fleet: every agent seen (within [`Limits`]), by uid.
+pub(crate) struct Fleet {
+    inner: Mutex<Inner>,
+    limits: Limits,
+    clock: Clock,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Fleet {
+    fn default() -> Self {
+        Self::new(Limits::default(), Arc::new(SystemTime::now))
+    }
+}
+
+/// The reason given for a part refused because the fleet's budget is spent.
+const FLEET_FULL: &str = "not kept: the server's store is full";
+
+impl Fleet {
+    /// A fleet within `limits`, on `clock`.
+    pub(crate) fn new(limits: Limits, clock: Clock) -> Self {
+        Self {
+            inner: Mutex::default(),
+            limits,
+            clock,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        lock(&self.inner)
+    }
+
+    /// Bytes the store accounts for, the whole fleet.
+    #[cfg(test)]
+    pub(crate) fn accounted_bytes(&self) -> usize {
+        self.lock().total_bytes
+    }
+
+    /// Agents remembered, connected or not.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.lock().agents.len()
     }
 
     /// Marks an agent connected over `transport` from `remote_addr`.
@@ -108,47 +344,112 @@ impl Fleet {
         transport: &'static str,
         remote_addr: Option<String>,
     ) {
-        let mut agents = self.lock();
-        let agent = Self::record(&mut agents, uid);
-        agent.connected = true;
-        agent.transport = Some(transport);
-        agent.remote_addr = remote_addr;
-        agent.last_seen = Some(SystemTime::now());
+        let now = (self.clock)();
+        let mut inner = self.lock();
+        inner.prune(&self.limits, now);
+        inner.record(&self.limits, uid, now);
+        inner.set_connected(uid, true, now);
+        let addr = remote_addr.map(|a| cut_str(&a, self.limits.text).0);
+        let cost = addr.as_ref().map_or(0, String::len);
+        if inner.charge(&self.limits, uid, |c| &mut c.remote_addr, cost)
+            && let Some(agent) = inner.agents.get_mut(&uid)
+        {
+            agent.transport = Some(transport);
+            agent.remote_addr = addr;
+        }
     }
 
     /// Marks an agent disconnected.
     pub(crate) fn disconnected(&self, uid: InstanceUid) {
-        if let Some(agent) = self.lock().get_mut(&uid) {
-            agent.connected = false;
-            agent.last_seen = Some(SystemTime::now());
-        }
+        let now = (self.clock)();
+        let mut inner = self.lock();
+        inner.set_connected(uid, false, now);
+        inner.prune(&self.limits, now);
     }
 
     /// Merges a status report into the agent's record (an absent sub-message means
     /// "unchanged", CMP-4) and returns the reply the server has for it: the offered remote
-    /// config when the agent does not report its hash yet (RC-6).
+    /// config when the agent does not report its hash yet (RC-6). What is kept is bounded by
+    /// [`Limits`]; what was cut is named in the record's `truncated`.
     pub(crate) fn report(&self, uid: InstanceUid, msg: &AgentToServer) -> Option<ServerToAgent> {
-        let mut agents = self.lock();
-        let agent = Self::record(&mut agents, uid);
-        agent.connected = msg.agent_disconnect.is_none();
-        agent.last_seen = Some(SystemTime::now());
+        let limits = &self.limits;
+        let now = (self.clock)();
+        let mut inner = self.lock();
+        inner.prune(limits, now);
+        let agent = inner.record(limits, uid, now);
         agent.sequence_num = msg.sequence_num;
         if msg.capabilities != 0 {
             agent.capabilities = msg.capabilities;
         }
+        inner.set_connected(uid, msg.agent_disconnect.is_none(), now);
+
         if let Some(d) = &msg.agent_description {
-            agent.description = Some(d.clone());
+            let (kept, cost, cut) = keep_description(d, limits);
+            let fits = inner.charge(limits, uid, |c| &mut c.description, cost);
+            let agent = inner.agents.get_mut(&uid)?;
+            if fits {
+                agent.description = Some(kept);
+                agent.note("identifying_attributes", cut.0);
+                agent.note("non_identifying_attributes", cut.1);
+            } else {
+                agent.note("identifying_attributes", Some(FLEET_FULL.into()));
+            }
         }
         if let Some(h) = &msg.health {
-            agent.health = Some(h.clone());
+            let mut budget = Budget::new(limits.health_bytes, limits.health_nodes, limits);
+            // The root node always fits: the budget is far larger than one node.
+            budget.take(size_of::<ComponentHealth>(), "health tree");
+            let kept = keep_health(h, &mut budget, limits.health_depth);
+            let (cost, cut) = budget.finish();
+            let fits = inner.charge(limits, uid, |c| &mut c.health, cost);
+            let agent = inner.agents.get_mut(&uid)?;
+            if fits {
+                agent.health = Some(kept);
+                agent.note("health", cut);
+            } else {
+                agent.note("health", Some(FLEET_FULL.into()));
+            }
         }
         if let Some(e) = &msg.effective_config {
-            agent.effective_config = e.config_map.clone();
+            let (kept, cost, cut) = match &e.config_map {
+                Some(map) => {
+                    let (kept, cost, cut) = keep_config(map, limits);
+                    (Some(kept), cost, cut)
+                }
+                None => (None, 0, None),
+            };
+            let fits = inner.charge(limits, uid, |c| &mut c.effective_config, cost);
+            let agent = inner.agents.get_mut(&uid)?;
+            if fits {
+                agent.effective_config = kept;
+                agent.note("effective_config", cut);
+            } else {
+                agent.note("effective_config", Some(FLEET_FULL.into()));
+            }
         }
         if let Some(s) = &msg.remote_config_status {
-            agent.remote_config_status = Some(s.clone());
+            let (error_message, cut) = cut_str(&s.error_message, limits.text);
+            let hash = &s.last_remote_config_hash;
+            let hash = Bytes::copy_from_slice(&hash[..hash.len().min(64)]);
+            let kept = RemoteConfigStatus {
+                last_remote_config_hash: hash,
+                status: s.status,
+                error_message,
+            };
+            let cost = kept.error_message.len() + kept.last_remote_config_hash.len();
+            let fits = inner.charge(limits, uid, |c| &mut c.status, cost);
+            let agent = inner.agents.get_mut(&uid)?;
+            if fits {
+                agent.remote_config_status = Some(kept);
+                agent.note(
+                    "remote_config_status.error_message",
+                    cut.then(|| format!("cut to {} bytes", limits.text)),
+                );
+            } else {
+                agent.note("remote_config_status", Some(FLEET_FULL.into()));
+            }
         }
-        let remote_config = agent.pending_config()?;
+        let remote_config = inner.agents.get(&uid)?.pending_config()?;
         Some(ServerToAgent {
             remote_config: Some(remote_config),
             ..Default::default()
@@ -157,7 +458,7 @@ impl Fleet {
 
     /// Whether the agent declared AcceptsRestartCommand (CMD-2).
     pub(crate) fn accepts_restart(&self, uid: InstanceUid) -> bool {
-        self.lock().get(&uid).is_some_and(|a| {
+        self.lock().agents.get(&uid).is_some_and(|a| {
             AgentCapabilitySet::from_bits_retain(a.capabilities)
                 .contains(AgentCapabilitySet::ACCEPTS_RESTART_COMMAND)
         })
@@ -165,8 +466,8 @@ impl Fleet {
 
     /// Sets the config offered to one agent; returns its hash, or `None` for an unknown agent.
     pub(crate) fn offer_to(&self, uid: InstanceUid, config: &AgentRemoteConfig) -> Option<()> {
-        let mut agents = self.lock();
-        agents.get_mut(&uid)?.offered = Some(config.clone());
+        let mut inner = self.lock();
+        inner.agents.get_mut(&uid)?.offered = Some(config.clone());
         Some(())
     }
 
@@ -177,9 +478,9 @@ impl Fleet {
         selector: Option<(&str, &str)>,
         config: &AgentRemoteConfig,
     ) -> Vec<InstanceUid> {
-        let mut agents = self.lock();
+        let mut inner = self.lock();
         let mut targeted = Vec::new();
-        for (uid, agent) in agents.iter_mut() {
+        for (uid, agent) in inner.agents.iter_mut() {
             if selector.is_none_or(|(k, v)| agent.matches(k, v)) {
                 agent.offered = Some(config.clone());
                 targeted.push(*uid);
@@ -188,20 +489,320 @@ impl Fleet {
         targeted
     }
 
-    /// The JSON form of every agent.
-    pub(crate) fn list_json(&self) -> Value {
-        Value::Array(
-            self.lock()
-                .iter()
-                .map(|(uid, a)| agent_json(uid, a))
-                .collect(),
-        )
+    /// One page of the slim listing (no config bodies, no non-identifying attributes, no
+    /// health components): at most `n` agents after `after`, each as a JSON text, and the
+    /// last uid of the page (`None` when the listing is done).
+    pub(crate) fn list_page(
+        &self,
+        after: Option<InstanceUid>,
+        n: usize,
+    ) -> (Vec<String>, Option<InstanceUid>) {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let now = (self.clock)();
+        let mut inner = self.lock();
+        inner.prune(&self.limits, now);
+        let lower = after.map_or(Unbounded, Excluded);
+        let page: Vec<(InstanceUid, String)> = inner
+            .agents
+            .range((lower, Unbounded))
+            .take(n)
+            .map(|(uid, a)| (*uid, summary_json(uid, a).to_string()))
+            .collect();
+        let last = (page.len() == n)
+            .then(|| page.last().map(|(uid, _)| *uid))
+            .flatten();
+        (page.into_iter().map(|(_, json)| json).collect(), last)
     }
 
-    /// The JSON form of one agent.
-    pub(crate) fn agent_json(&self, uid: InstanceUid) -> Option<Value> {
-        self.lock().get(&uid).map(|a| agent_json(&uid, a))
+    /// The JSON form of every agent, slim (see [`list_page`](Self::list_page)); tests only,
+    /// the API streams the pages.
+    #[cfg(test)]
+    pub(crate) fn list_json(&self) -> Value {
+        let mut all = Vec::new();
+        let mut after = None;
+        loop {
+            let (page, last) = self.list_page(after, 100);
+            all.extend(
+                page.iter()
+                    .map(|j| serde_json::from_str::<Value>(j).unwrap()),
+            );
+            match last {
+                Some(uid) => after = Some(uid),
+                None => return Value::Array(all),
+            }
+        }
     }
+
+    /// The JSON form of one agent, in full.
+    pub(crate) fn agent_json(&self, uid: InstanceUid) -> Option<Value> {
+        self.lock().agents.get(&uid).map(|a| agent_json(&uid, a))
+    }
+}
+
+/// What is left to keep of one part: bytes and entries.
+struct Budget {
+    bytes: usize,
+    items: usize,
+    start: usize,
+    text: usize,
+    /// The first reason something was cut.
+    cut: Option<String>,
+}
+
+impl Budget {
+    fn new(bytes: usize, items: usize, limits: &Limits) -> Self {
+        Self {
+            bytes,
+            items,
+            start: bytes,
+            text: limits.text,
+            cut: None,
+        }
+    }
+
+    fn cut(&mut self, why: impl FnOnce() -> String) {
+        if self.cut.is_none() {
+            self.cut = Some(why());
+        }
+    }
+
+    /// Takes one entry of `bytes`; `false` (and marks the cut) if it does not fit.
+    fn take(&mut self, bytes: usize, what: &str) -> bool {
+        if self.items == 0 || bytes > self.bytes {
+            let (start, what) = (self.start, what.to_owned());
+            self.cut(|| format!("{what} over {start} bytes or the entry limit: the rest dropped"));
+            return false;
+        }
+        self.items -= 1;
+        self.bytes -= bytes;
+        true
+    }
+
+    /// A string within the text limit, noting a cut.
+    fn text(&mut self, s: &str, what: &str) -> String {
+        let (kept, cut) = cut_str(s, self.text);
+        if cut {
+            let (limit, what) = (self.text, what.to_owned());
+            self.cut(|| format!("{what} cut to {limit} bytes"));
+        }
+        kept
+    }
+
+    /// Accounted bytes, and the cut (if any).
+    fn finish(self) -> (usize, Option<String>) {
+        (self.start - self.bytes, self.cut)
+    }
+}
+
+/// `s` cut to at most `max` bytes on a character boundary; whether it was cut.
+fn cut_str(s: &str, max: usize) -> (String, bool) {
+    if s.len() <= max {
+        return (s.to_owned(), false);
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    (s[..end].to_owned(), true)
+}
+
+fn keep_description(
+    d: &AgentDescription,
+    limits: &Limits,
+) -> (AgentDescription, usize, (Option<String>, Option<String>)) {
+    let mut ident = Budget::new(limits.identifying_bytes, limits.attributes, limits);
+    let identifying_attributes =
+        keep_attrs(&d.identifying_attributes, &mut ident, limits.value_depth);
+    let mut non = Budget::new(limits.non_identifying_bytes, limits.attributes, limits);
+    let non_identifying_attributes =
+        keep_attrs(&d.non_identifying_attributes, &mut non, limits.value_depth);
+    let (a, cut_a) = ident.finish();
+    let (b, cut_b) = non.finish();
+    let kept = AgentDescription {
+        identifying_attributes,
+        non_identifying_attributes,
+    };
+    (kept, a + b, (cut_a, cut_b))
+}
+
+fn keep_attrs(src: &[KeyValue], budget: &mut Budget, depth: usize) -> Vec<KeyValue> {
+    let mut out = Vec::new();
+    for kv in src {
+        match keep_kv(kv, budget, depth) {
+            Some(kv) => out.push(kv),
+            None => break,
+        }
+    }
+    out
+}
+
+fn keep_kv(kv: &KeyValue, budget: &mut Budget, depth: usize) -> Option<KeyValue> {
+    if kv.key.len() > budget.text {
+        let limit = budget.text;
+        budget.cut(|| format!("an attribute key over {limit} bytes: the rest dropped"));
+        return None;
+    }
+    if !budget.take(size_of::<KeyValue>() + kv.key.len(), "attributes") {
+        return None;
+    }
+    let value = match &kv.value {
+        Some(v) => Some(keep_any(v, budget, depth)?),
+        None => None,
+    };
+    Some(KeyValue {
+        key: kv.key.clone(),
+        value,
+    })
+}
+
+fn keep_any(v: &AnyValue, budget: &mut Budget, depth: usize) -> Option<AnyValue> {
+    use any_value::Value as V;
+    let value = match &v.value {
+        None => None,
+        Some(V::StringValue(s)) => {
+            let s = budget.text(s, "an attribute value");
+            if !budget.take(size_of::<AnyValue>() + s.len(), "attributes") {
+                return None;
+            }
+            Some(V::StringValue(s))
+        }
+        Some(V::BytesValue(b)) => {
+            let n = b.len().min(budget.text);
+            if n < b.len() {
+                let limit = budget.text;
+                budget.cut(|| format!("an attribute value cut to {limit} bytes"));
+            }
+            if !budget.take(size_of::<AnyValue>() + n, "attributes") {
+                return None;
+            }
+            Some(V::BytesValue(Bytes::copy_from_slice(&b[..n])))
+        }
+        Some(V::ArrayValue(a)) => {
+            if depth == 0 {
+                budget.cut(|| "attribute values nested too deep: the rest dropped".into());
+                return None;
+            }
+            if !budget.take(size_of::<AnyValue>(), "attributes") {
+                return None;
+            }
+            let mut values = Vec::new();
+            for x in &a.values {
+                match keep_any(x, budget, depth - 1) {
+                    Some(x) => values.push(x),
+                    None => break,
+                }
+            }
+            Some(V::ArrayValue(opamp::proto::ArrayValue { values }))
+        }
+        Some(V::KvlistValue(kv)) => {
+            if depth == 0 {
+                budget.cut(|| "attribute values nested too deep: the rest dropped".into());
+                return None;
+            }
+            if !budget.take(size_of::<AnyValue>(), "attributes") {
+                return None;
+            }
+            let values = keep_attrs(&kv.values, budget, depth - 1);
+            Some(V::KvlistValue(opamp::proto::KeyValueList { values }))
+        }
+        Some(scalar) => {
+            if !budget.take(size_of::<AnyValue>(), "attributes") {
+                return None;
+            }
+            Some(scalar.clone())
+        }
+    };
+    Some(AnyValue { value })
+}
+
+/// The health tree below `h` within the budget and `depth` more levels. The caller paid for
+/// `h`'s node itself.
+fn keep_health(h: &ComponentHealth, budget: &mut Budget, depth: usize) -> ComponentHealth {
+    let mut status = budget.text(&h.status, "a health status");
+    let mut last_error = budget.text(&h.last_error, "a health last_error");
+    let strings = status.len() + last_error.len();
+    if strings > budget.bytes {
+        status.clear();
+        last_error.clear();
+        budget.cut(|| "health tree over its size limit: the rest dropped".into());
+    } else {
+        budget.bytes -= strings;
+    }
+    let attributes = keep_attrs(&h.attributes, budget, 1);
+    let mut component_health_map = BTreeMap::new();
+    if !h.component_health_map.is_empty() && depth == 0 {
+        budget.cut(|| "health tree deeper than its depth limit: deeper components dropped".into());
+    } else {
+        for (name, child) in &h.component_health_map {
+            if name.len() > budget.text {
+                budget
+                    .cut(|| "a health component name over the text limit: the rest dropped".into());
+                break;
+            }
+            let node = size_of::<ComponentHealth>() + size_of::<String>() + name.len();
+            if !budget.take(node, "health tree") {
+                break;
+            }
+            let kept = keep_health(child, budget, depth - 1);
+            component_health_map.insert(name.clone(), kept);
+        }
+    }
+    ComponentHealth {
+        healthy: h.healthy,
+        start_time_unix_nano: h.start_time_unix_nano,
+        status_time_unix_nano: h.status_time_unix_nano,
+        status,
+        last_error,
+        component_health_map,
+        attributes,
+    }
+}
+
+/// The effective config within the per-agent limit: objects in name order, bodies copied, a
+/// body that does not fit cut to what is left.
+fn keep_config(map: &AgentConfigMap, limits: &Limits) -> (AgentConfigMap, usize, Option<String>) {
+    let mut budget = Budget::new(limits.effective_config_bytes, limits.config_objects, limits);
+    let mut out = AgentConfigMap::default();
+    for (name, obj) in &map.config_map {
+        let fixed = size_of::<AgentConfigObject>()
+            + size_of::<String>()
+            + name.len()
+            + obj.content_type.len()
+            + obj.role.len();
+        if name.len().max(obj.content_type.len()).max(obj.role.len()) > limits.text {
+            budget.cut(|| {
+                format!(
+                    "a config name, content type or role over {} bytes",
+                    limits.text
+                )
+            });
+            continue;
+        }
+        if !budget.take(fixed, "effective config") {
+            break;
+        }
+        let n = obj.body.len().min(budget.bytes);
+        if n < obj.body.len() {
+            budget.cut(|| {
+                format!(
+                    "effective config over {} bytes: body of {name:?} cut to {n} of {} bytes",
+                    limits.effective_config_bytes,
+                    obj.body.len()
+                )
+            });
+        }
+        budget.bytes -= n;
+        out.config_map.insert(
+            name.clone(),
+            AgentConfigObject {
+                body: Bytes::copy_from_slice(&obj.body[..n]),
+                content_type: obj.content_type.clone(),
+                role: obj.role.clone(),
+            },
+        );
+    }
+    let (cost, cut) = budget.finish();
+    (out, cost, cut)
 }
 
 /// A remote config of one object under the key `""` (RC-9: single-file agents use one entry),
@@ -249,27 +850,40 @@ fn attrs_json(kvs: &[KeyValue]) -> Value {
     Value::Object(m)
 }
 
-fn health_json(h: &ComponentHealth) -> Value {
-    json!({
+fn health_json(h: &ComponentHealth, components: bool) -> Value {
+    let mut v = json!({
         "healthy": h.healthy,
         "status": h.status,
         "last_error": h.last_error,
         "start_time_unix_nano": h.start_time_unix_nano,
         "status_time_unix_nano": h.status_time_unix_nano,
-        "components": h.component_health_map.iter()
-            .map(|(k, v)| (k.clone(), health_json(v))).collect::<Map<_, _>>(),
-    })
+    });
+    if components {
+        v["attributes"] = attrs_json(&h.attributes);
+        v["components"] = h
+            .component_health_map
+            .iter()
+            .map(|(k, v)| (k.clone(), health_json(v, true)))
+            .collect::<Map<_, _>>()
+            .into();
+    }
+    v
 }
 
-fn config_map_json(map: &AgentConfigMap) -> Value {
+/// A config map by name; with `bodies`, each object's body (lossy UTF-8), else its size.
+fn config_map_json(map: &AgentConfigMap, bodies: bool) -> Value {
     map.config_map
         .iter()
         .map(|(name, obj)| {
-            let body = String::from_utf8_lossy(&obj.body).into_owned();
-            (
-                name.clone(),
-                json!({ "content_type": obj.content_type, "body": body }),
-            )
+            let mut v = json!({
+                "content_type": obj.content_type,
+                "role": obj.role,
+                "size": obj.body.len(),
+            });
+            if bodies {
+                v["body"] = String::from_utf8_lossy(&obj.body).into_owned().into();
+            }
+            (name.clone(), v)
         })
         .collect::<Map<_, _>>()
         .into()
@@ -284,7 +898,9 @@ fn status_name(status: i32) -> &'static str {
     }
 }
 
-fn agent_json(uid: &InstanceUid, a: &AgentRecord) -> Value {
+/// The JSON form of an agent: in full, or (`full == false`) the slim form of the listing,
+/// without non-identifying attributes, health components or config bodies.
+fn agent_value(uid: &InstanceUid, a: &AgentRecord, full: bool) -> Value {
     let (ident, non_ident) = a.description.as_ref().map_or((json!({}), json!({})), |d| {
         (
             attrs_json(&d.identifying_attributes),
@@ -299,7 +915,7 @@ fn agent_json(uid: &InstanceUid, a: &AgentRecord) -> Value {
             .map(str::to_owned)
     };
     let caps = AgentCapabilitySet::from_bits_retain(a.capabilities);
-    json!({
+    let mut v = json!({
         "instance_uid": uid.to_string(),
         "connected": a.connected,
         "transport": a.transport,
@@ -312,18 +928,384 @@ fn agent_json(uid: &InstanceUid, a: &AgentRecord) -> Value {
         "service_name": attr("service.name"),
         "service_version": attr("service.version"),
         "host": attr("host.name"),
-        "identifying_attributes": ident,
-        "non_identifying_attributes": non_ident,
-        "health": a.health.as_ref().map(health_json),
+        "health": a.health.as_ref().map(|h| health_json(h, full)),
         "remote_config_status": a.remote_config_status.as_ref().map(|s| json!({
             "status": status_name(s.status),
             "hash": hex(&s.last_remote_config_hash),
             "error_message": s.error_message,
         })),
-        "effective_config": a.effective_config.as_ref().map(config_map_json),
-        "remote_config": a.offered.as_ref().map(|c| json!({
-            "hash": hex(&c.config_hash),
-            "config": c.config.as_ref().map(config_map_json),
-        })),
-    })
+        "effective_config": a.effective_config.as_ref().map(|m| config_map_json(m, full)),
+        "remote_config": a.offered.as_ref().map(|c| {
+            let mut v = json!({ "hash": hex(&c.config_hash) });
+            if full {
+                v["config"] = c.config.as_ref().map(|m| config_map_json(m, true)).into();
+            }
+            v
+        }),
+        "truncated": a.truncated,
+    });
+    v["identifying_attributes"] = ident;
+    if full {
+        v["non_identifying_attributes"] = non_ident;
+    }
+    v
+}
+
+fn agent_json(uid: &InstanceUid, a: &AgentRecord) -> Value {
+    agent_value(uid, a, true)
+}
+
+fn summary_json(uid: &InstanceUid, a: &AgentRecord) -> Value {
+    agent_value(uid, a, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opamp::proto::{AgentDisconnect, EffectiveConfig};
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// A virtual clock: seconds since the epoch, moved by the test.
+    fn clock() -> (Clock, Arc<AtomicU64>) {
+        let secs = Arc::new(AtomicU64::new(1_700_000_000));
+        let s = secs.clone();
+        let clock: Clock =
+            Arc::new(move || UNIX_EPOCH + Duration::from_secs(s.load(Ordering::SeqCst)));
+        (clock, secs)
+    }
+
+    fn uid(n: u8) -> InstanceUid {
+        let mut b = [0u8; 16];
+        b[15] = n;
+        b[0] = 1;
+        InstanceUid::try_from(&b[..]).unwrap()
+    }
+
+    fn report(n: u8) -> AgentToServer {
+        AgentToServer {
+            instance_uid: uid(n).to_bytes(),
+            sequence_num: 1,
+            capabilities: AgentCapabilitySet::REPORTS_STATUS.bits(),
+            agent_description: Some(AgentDescription {
+                identifying_attributes: vec![KeyValue::new("service.name", format!("a{n}"))],
+                non_identifying_attributes: vec![KeyValue::new("host.name", "h")],
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn with_config(n: u8, body: Bytes) -> AgentToServer {
+        AgentToServer {
+            effective_config: Some(EffectiveConfig {
+                config_map: Some(AgentConfigMap::single(body, "text/yaml")),
+            }),
+            ..report(n)
+        }
+    }
+
+    fn leave(fleet: &Fleet, n: u8) {
+        let bye = AgentToServer {
+            agent_disconnect: Some(AgentDisconnect {}),
+            ..report(n)
+        };
+        fleet.report(uid(n), &bye);
+    }
+
+    #[test]
+    fn a_million_tiny_attributes_are_cut_and_the_store_stays_bounded() {
+        let fleet = Fleet::default();
+        let limits = Limits::default();
+        let tiny: Vec<KeyValue> = (0..1_000_000)
+            .map(|i| KeyValue::new(format!("k{i}"), "v"))
+            .collect();
+        let msg = AgentToServer {
+            agent_description: Some(AgentDescription {
+                identifying_attributes: tiny.clone(),
+                non_identifying_attributes: tiny,
+            }),
+            ..report(1)
+        };
+        fleet.report(uid(1), &msg);
+        let a = fleet.agent_json(uid(1)).unwrap();
+        let ident = a["identifying_attributes"].as_object().unwrap().len();
+        let non = a["non_identifying_attributes"].as_object().unwrap().len();
+        assert!(
+            ident > 0 && ident <= limits.attributes,
+            "{ident} identifying kept"
+        );
+        assert!(
+            non > 0 && non <= limits.attributes,
+            "{non} non-identifying kept"
+        );
+        let truncated = a["truncated"].as_object().unwrap();
+        assert!(
+            truncated.contains_key("identifying_attributes"),
+            "{truncated:?}"
+        );
+        assert!(
+            truncated.contains_key("non_identifying_attributes"),
+            "{truncated:?}"
+        );
+        let accounted = fleet.accounted_bytes();
+        assert!(
+            accounted <= limits.agent_bytes(),
+            "{accounted} > {}",
+            limits.agent_bytes()
+        );
+        // The accounting is not a token: it covers what was kept.
+        let kept_json = a["identifying_attributes"].to_string().len()
+            + a["non_identifying_attributes"].to_string().len();
+        assert!(
+            accounted >= kept_json / 2,
+            "{accounted} for {kept_json} bytes of JSON"
+        );
+    }
+
+    #[test]
+    fn big_attribute_values_and_deep_values_are_cut() {
+        let fleet = Fleet::default();
+        let limits = Limits::default();
+        let mut deep = AnyValue::from("leaf");
+        for _ in 0..50 {
+            deep = AnyValue {
+                value: Some(any_value::Value::ArrayValue(opamp::proto::ArrayValue {
+                    values: vec![deep],
+                })),
+            };
+        }
+        let msg = AgentToServer {
+            agent_description: Some(AgentDescription {
+                identifying_attributes: vec![
+                    KeyValue::new("service.name", "x".repeat(1 << 20)),
+                    KeyValue::new("deep", deep),
+                ],
+                non_identifying_attributes: vec![],
+            }),
+            ..report(1)
+        };
+        fleet.report(uid(1), &msg);
+        let a = fleet.agent_json(uid(1)).unwrap();
+        let name = a["service_name"].as_str().unwrap();
+        assert_eq!(name.len(), limits.text);
+        assert!(a["truncated"]["identifying_attributes"].is_string());
+        assert!(a.to_string().len() < 64 * 1024);
+    }
+
+    #[test]
+    fn effective_config_bodies_are_cut_copied_and_forgotten_with_departed_agents() {
+        let (clock, secs) = clock();
+        let limits = Limits {
+            effective_config_bytes: 64 * 1024,
+            ..Limits::default()
+        };
+        let fleet = Fleet::new(limits.clone(), clock);
+        // Eight agents with 40 MiB effective configs, decoded from one wire buffer each.
+        let big = Bytes::from(vec![b'a'; 40 << 20]);
+        for n in 0..8 {
+            let wire = Bytes::from(with_config(n, big.clone()).encode_to_vec());
+            let msg = AgentToServer::decode(wire.clone()).unwrap();
+            fleet.report(uid(n), &msg);
+            let a = fleet.agent_json(uid(n)).unwrap();
+            let body = a["effective_config"][""]["body"].as_str().unwrap();
+            assert_eq!(body.len(), 64 * 1024 - a_config_overhead());
+            assert!(
+                a["truncated"]["effective_config"]
+                    .as_str()
+                    .unwrap()
+                    .contains("cut")
+            );
+            // What is kept is a copy: the wire buffer is not pinned by the store.
+            let inner = fleet.lock();
+            let kept = &inner.agents[&uid(n)]
+                .effective_config
+                .as_ref()
+                .unwrap()
+                .config_map[""];
+            let range = wire.as_ptr() as usize..wire.as_ptr() as usize + wire.len();
+            assert!(!range.contains(&(kept.body.as_ptr() as usize)));
+        }
+        let accounted = fleet.accounted_bytes();
+        assert!(accounted <= 8 * limits.agent_bytes(), "{accounted}");
+        assert!(
+            accounted >= 8 * 60 * 1024,
+            "{accounted}: the bodies are accounted"
+        );
+        for n in 0..8 {
+            leave(&fleet, n);
+        }
+        assert_eq!(fleet.len(), 8, "departed agents are remembered a while");
+        secs.fetch_add(limits.departed_ttl.as_secs() + 1, Ordering::SeqCst);
+        assert_eq!(fleet.list_json().as_array().unwrap().len(), 0);
+        assert_eq!(fleet.len(), 0);
+        assert_eq!(
+            fleet.accounted_bytes(),
+            0,
+            "nothing is kept of departed agents"
+        );
+    }
+
+    /// The fixed part of one config object counted against the effective-config budget.
+    fn a_config_overhead() -> usize {
+        size_of::<AgentConfigObject>() + size_of::<String>() + "text/yaml".len()
+    }
+
+    #[test]
+    fn departed_agents_are_pruned_by_count_oldest_first() {
+        let (clock, secs) = clock();
+        let limits = Limits {
+            max_departed: 3,
+            ..Limits::default()
+        };
+        let fleet = Fleet::new(limits, clock);
+        for n in 0..6 {
+            fleet.report(uid(n), &report(n));
+        }
+        for n in 0..5 {
+            secs.fetch_add(1, Ordering::SeqCst);
+            leave(&fleet, n);
+        }
+        let left: Vec<String> = fleet
+            .list_json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["service_name"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(
+            left,
+            ["a2", "a3", "a4", "a5"],
+            "the 3 last to leave and the connected one"
+        );
+    }
+
+    #[test]
+    fn departed_agents_are_pruned_by_age_and_a_returning_agent_is_kept() {
+        let (clock, secs) = clock();
+        let limits = Limits {
+            departed_ttl: Duration::from_secs(60),
+            ..Limits::default()
+        };
+        let fleet = Fleet::new(limits, clock);
+        for n in 0..3 {
+            fleet.report(uid(n), &report(n));
+            leave(&fleet, n);
+        }
+        secs.fetch_add(30, Ordering::SeqCst);
+        fleet.report(uid(1), &report(1)); // back again
+        secs.fetch_add(31, Ordering::SeqCst);
+        assert_eq!(fleet.list_json().as_array().unwrap().len(), 1);
+        assert!(
+            fleet.agent_json(uid(1)).unwrap()["connected"]
+                .as_bool()
+                .unwrap()
+        );
+        fleet.disconnected(uid(1));
+        secs.fetch_add(61, Ordering::SeqCst);
+        assert_eq!(fleet.list_json().as_array().unwrap().len(), 0);
+        assert_eq!(fleet.accounted_bytes(), 0);
+    }
+
+    #[test]
+    fn the_fleet_budget_forgets_departed_agents_first_then_refuses_parts() {
+        let (clock, secs) = clock();
+        let limits = Limits {
+            effective_config_bytes: 100_000,
+            total_bytes: 350_000,
+            ..Limits::default()
+        };
+        let fleet = Fleet::new(limits.clone(), clock);
+        let body = Bytes::from(vec![b'c'; 90_000]);
+        for n in 0..3 {
+            fleet.report(uid(n), &with_config(n, body.clone()));
+        }
+        secs.fetch_add(1, Ordering::SeqCst);
+        leave(&fleet, 0);
+        // A fourth needs room: the departed agent goes.
+        fleet.report(uid(3), &with_config(3, body.clone()));
+        assert!(fleet.agent_json(uid(0)).is_none());
+        assert!(fleet.agent_json(uid(3)).unwrap()["effective_config"].is_object());
+        // A fifth finds no departed agent to forget: its config is refused and named.
+        fleet.report(uid(4), &with_config(4, body.clone()));
+        let a = fleet.agent_json(uid(4)).unwrap();
+        assert!(a["effective_config"].is_null());
+        assert_eq!(a["truncated"]["effective_config"], FLEET_FULL);
+        assert!(fleet.accounted_bytes() <= limits.total_bytes);
+    }
+
+    #[test]
+    fn the_health_tree_is_bounded_in_depth_and_size() {
+        let fleet = Fleet::default();
+        let limits = Limits::default();
+        // A chain 90 deep, and a root with 100k children.
+        let mut chain = ComponentHealth::default();
+        for _ in 0..90 {
+            let mut parent = ComponentHealth::default();
+            parent.component_health_map.insert("c".into(), chain);
+            chain = parent;
+        }
+        let mut wide = ComponentHealth::default();
+        for i in 0..100_000 {
+            wide.component_health_map
+                .insert(format!("component-{i}"), ComponentHealth::default());
+        }
+        wide.component_health_map.insert("chain".into(), chain);
+        let msg = AgentToServer {
+            health: Some(wide),
+            ..report(1)
+        };
+        fleet.report(uid(1), &msg);
+        let a = fleet.agent_json(uid(1)).unwrap();
+        let children = a["health"]["components"].as_object().unwrap().len();
+        assert!(children < limits.health_nodes, "{children}");
+        fn depth(v: &Value) -> usize {
+            v["components"]
+                .as_object()
+                .map_or(0, |c| c.values().map(|v| 1 + depth(v)).max().unwrap_or(0))
+        }
+        assert!(depth(&a["health"]) <= limits.health_depth);
+        assert!(a["truncated"]["health"].is_string());
+        assert!(fleet.accounted_bytes() <= limits.agent_bytes());
+    }
+
+    #[test]
+    fn the_listing_is_slim_and_the_agent_has_everything() {
+        let fleet = Fleet::default();
+        let mut map = AgentConfigMap::single("receivers: {}", "text/yaml");
+        map.config_map.get_mut("").unwrap().role = "collector".into();
+        let msg = AgentToServer {
+            effective_config: Some(EffectiveConfig {
+                config_map: Some(map),
+            }),
+            health: Some(ComponentHealth {
+                healthy: true,
+                component_health_map: [("x".to_owned(), ComponentHealth::default())].into(),
+                ..Default::default()
+            }),
+            ..report(1)
+        };
+        fleet.report(uid(1), &msg);
+        fleet.offer_to(
+            uid(1),
+            &remote_config(Bytes::from_static(b"offered: {}"), "text/yaml".into()),
+        );
+        let list = fleet.list_json();
+        let slim = &list[0];
+        assert!(!slim.to_string().contains("receivers"), "{slim}");
+        assert!(!slim.to_string().contains("offered"), "{slim}");
+        assert_eq!(slim["effective_config"][""]["size"], 13);
+        assert_eq!(slim["effective_config"][""]["role"], "collector");
+        assert!(slim["health"]["healthy"].as_bool().unwrap());
+        assert!(slim["health"].get("components").is_none());
+        assert!(slim.get("non_identifying_attributes").is_none());
+        assert_eq!(slim["identifying_attributes"]["service.name"], "a1");
+        assert!(slim["remote_config"]["hash"].is_string());
+        let full = fleet.agent_json(uid(1)).unwrap();
+        assert_eq!(full["effective_config"][""]["body"], "receivers: {}");
+        assert_eq!(full["effective_config"][""]["role"], "collector");
+        assert_eq!(full["remote_config"]["config"][""]["body"], "offered: {}");
+        assert_eq!(full["remote_config"]["config"][""]["role"], "");
+        assert!(full["health"]["components"]["x"].is_object());
+        assert_eq!(full["non_identifying_attributes"]["host.name"], "h");
+        assert!(full["truncated"].as_object().unwrap().is_empty());
+    }
 }

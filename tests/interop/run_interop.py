@@ -186,7 +186,9 @@ def main():
                   f"statuses {st}")
         print(f"  config push to {sum(PEERS.values())} agents acked APPLIED in {took:.2f} s", flush=True)
         for a in groups["py-agent"] + groups["rs-ws-agent"] + groups["rs-http-agent"]:
-            body = ((a["effective_config"] or {}).get("") or {}).get("body")
+            # The listing is slim (no config bodies): the body is on the agent's own endpoint.
+            full = api(ui_port, "GET", f"/api/agents/{a['instance_uid']}")
+            body = ((full["effective_config"] or {}).get("") or {}).get("body")
             check(f"{a['service_name']}: effective config is the applied config", body == good.decode(),
                   f"effective {body!r}")
 

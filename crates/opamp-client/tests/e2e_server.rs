@@ -41,6 +41,7 @@ impl ConnectionCallbacks for Agents {
                 AgentConfigObject {
                     body: Bytes::from_static(b"receivers: {}"),
                     content_type: "text/yaml".into(),
+                    ..Default::default()
                 },
             );
             ServerToAgent {

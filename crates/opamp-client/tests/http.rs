@@ -129,6 +129,7 @@ async fn http_3_http_4_gzip_both_ways() {
                 AgentConfigObject {
                     body: Bytes::from(vec![b'a'; 10_000]),
                     content_type: "text/yaml".into(),
+                    ..Default::default()
                 },
             );
             let reply = ServerToAgent {

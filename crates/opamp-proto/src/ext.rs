@@ -29,6 +29,7 @@ impl AgentConfigMap {
             AgentConfigObject {
                 body: body.into(),
                 content_type: content_type.into(),
+                role: String::new(),
             },
         );
         map

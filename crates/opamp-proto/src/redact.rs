@@ -19,6 +19,7 @@ impl fmt::Debug for AgentConfigObject {
         f.debug_struct("AgentConfigObject")
             .field("body", &Len(self.body.len()))
             .field("content_type", &self.content_type)
+            .field("role", &self.role)
             .finish()
     }
 }
@@ -70,6 +71,7 @@ mod tests {
         let obj = AgentConfigObject {
             body: Bytes::from_static(b"password: hunter2"),
             content_type: "text/yaml".into(),
+            role: String::new(),
         };
         let text = format!("{obj:?}");
         assert!(!text.contains("hunter2"), "{text}");

@@ -35,6 +35,7 @@ fn remote_config(hash: &'static [u8], body_len: usize) -> ServerToAgent {
                     opamp_proto::AgentConfigObject {
                         body: Bytes::from(vec![b'a'; body_len]),
                         content_type: "text/yaml".to_owned(),
+                        ..Default::default()
                     },
                 )]
                 .into(),

@@ -361,6 +361,7 @@ async fn ws_send_queue_is_bounded_for_a_slow_reader() {
                     opamp_proto::AgentConfigObject {
                         body: Bytes::from(vec![b'x'; 256 * 1024]),
                         content_type: String::new(),
+                        ..Default::default()
                     },
                 )]
                 .into(),
@@ -562,6 +563,7 @@ async fn shared_push_reaches_every_agent_fragmented_and_intact() {
         AgentConfigObject {
             body: Bytes::from(body.clone()),
             content_type: "text/plain".into(),
+            ..Default::default()
         },
     );
     let shared = opamp_server::SharedMessage::new(ServerToAgent {

@@ -3,14 +3,37 @@
 
 const view = document.getElementById("view");
 const statusEl = document.getElementById("status");
-let timer = null;
+
+// Every navigation starts a new generation: fetches of an older one are aborted, and whatever
+// still resolves from them is ignored, so a slow list refresh cannot paint over an agent page.
+let generation = 0;
+let controller = new AbortController();
+const timers = new Set();
+
+function isCurrent(gen) { return gen === generation; }
+
+// Runs `fn` now and again `ms` after each run ends, for as long as generation `gen` lasts
+// (one request at a time: no overlapping refreshes); `fn` returning false ends it.
+function poll(gen, ms, fn, onError = showError) {
+  const tick = async () => {
+    try {
+      if (await fn() === false) return;
+    } catch (e) {
+      if (isCurrent(gen) && e.name !== "AbortError") onError(e);
+    }
+    if (!isCurrent(gen)) return;
+    const id = setTimeout(() => { timers.delete(id); tick(); }, ms);
+    timers.add(id);
+  };
+  return tick();
+}
 
 function esc(s) {
   return String(s ?? "").replace(/[&<>"']/g, c => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
 }
 
 async function api(path, options) {
-  const res = await fetch(path, options);
+  const res = await fetch(path, { signal: controller.signal, ...options });
   const text = await res.text();
   if (!res.ok) throw new Error(`${res.status} ${text}`);
   return text ? JSON.parse(text) : null;
@@ -36,8 +59,9 @@ function rcsCell(r) {
 
 function short(hash) { return hash ? `<code title="${esc(hash)}">${esc(hash.slice(0, 12))}</code>` : '<span class="muted">—</span>'; }
 
-async function listView() {
+async function listView(gen) {
   const agents = await api("/api/agents");
+  if (!isCurrent(gen)) return;
   statusEl.textContent = `${agents.length} agent(s), ${agents.filter(a => a.connected).length} connected`;
   if (agents.length === 0) {
     view.innerHTML = '<p class="muted">No agents yet. Start one with <code>cargo run --release --example agent -- --endpoint ws://127.0.0.1:4320/v1/opamp</code>.</p>';
@@ -75,26 +99,49 @@ function healthTree(h) {
 function configMap(map) {
   const entries = Object.entries(map || {});
   if (entries.length === 0) return '<p class="muted">none</p>';
-  return entries.map(([name, f]) => `<p><b>${esc(name || '""')}</b> <span class="muted">${esc(f.content_type)}</span></p><pre>${esc(f.body)}</pre>`).join("");
+  return entries.map(([name, f]) => `<p><b>${esc(name || '""')}</b> <span class="muted">${esc(f.content_type)}</span>${f.role ? ` <span class="pill">role ${esc(f.role)}</span>` : ""}</p><pre>${esc(f.body)}</pre>`).join("");
 }
 
-async function agentView(uid) {
-  const a = await api(`/api/agents/${encodeURIComponent(uid)}`);
+// The agent page: the editor is drawn once; the rest is redrawn from the agent's own endpoint
+// every poll, so a push's APPLIED / FAILED shows without a reload.
+function agentView(gen, uid) {
   statusEl.textContent = "";
-  view.innerHTML = `
+  const target = `/api/agents/${encodeURIComponent(uid)}/config`;
+  view.innerHTML = `<div id="agent-page" data-uid="${esc(uid)}"><div id="agent-info"><p class="muted">Loading…</p></div>
+  <section><h2>Push a config to this agent</h2>${editor(target)}<div id="acks"></div></section></div>`;
+  wireEditor(gen, false, uid);
+  return poll(gen, 2000, async () => {
+    const a = await api(`/api/agents/${encodeURIComponent(uid)}`);
+    if (!isCurrent(gen)) return;
+    renderAgent(a);
+  }, e => {
+    const info = document.getElementById("agent-info");
+    if (info) info.innerHTML = `<p class="bad">${esc(e.message)}</p>`;
+  });
+}
+
+function truncatedNote(t) {
+  const parts = Object.entries(t || {});
+  if (parts.length === 0) return "";
+  return `<section><h2>Cut by the server</h2><dl>${parts.map(([k, v]) => `<dt>${esc(k)}</dt><dd>${esc(v)}</dd>`).join("")}</dl></section>`;
+}
+
+function renderAgent(a) {
+  const info = document.getElementById("agent-info");
+  if (!info) return;
+  info.innerHTML = `
   <section><h2>Agent <span class="mono">${esc(a.instance_uid)}</span></h2>
     <dl><dt>Connection</dt><dd>${a.connected ? '<span class="ok">connected</span>' : `last seen ${ago(a.last_seen_unix_ms)}`} over ${esc(a.transport || "—")} from ${esc(a.remote_addr || "—")}</dd>
     <dt>Sequence number</dt><dd>${esc(a.sequence_num)}</dd>
     <dt>Capabilities</dt><dd>${(a.capabilities || []).map(c => `<span class="pill">${esc(c)}</span>`).join(" ")}</dd></dl>
     ${a.connected && (a.capabilities || []).includes("ACCEPTS_RESTART_COMMAND") ? '<p><button id="restart">Restart agent</button> <span id="restart-result" class="muted"></span></p>' : ""}</section>
+  ${truncatedNote(a.truncated)}
   <section><h2>Identifying attributes</h2>${attrs(a.identifying_attributes)}</section>
   <section><h2>Non-identifying attributes</h2>${attrs(a.non_identifying_attributes)}</section>
   <section><h2>Health</h2>${healthTree(a.health)}</section>
-  <section><h2>Remote config status</h2>${rcsCell(a.remote_config_status)} ${short(a.remote_config_status && a.remote_config_status.hash)}</section>
+  <section><h2>Remote config status</h2><span id="rcs">${rcsCell(a.remote_config_status)} ${short(a.remote_config_status && a.remote_config_status.hash)}</span></section>
   <section><h2>Remote config offered</h2>${a.remote_config ? `<p>hash ${short(a.remote_config.hash)}</p>${configMap(a.remote_config.config)}` : '<p class="muted">none</p>'}</section>
-  <section><h2>Effective config</h2>${configMap(a.effective_config)}</section>
-  <section><h2>Push a config to this agent</h2>${editor(`/api/agents/${encodeURIComponent(a.instance_uid)}/config`)}<div id="acks"></div></section>`;
-  wireEditor(false);
+  <section><h2>Effective config</h2>${configMap(a.effective_config)}</section>`;
   const restart = document.getElementById("restart");
   if (restart) restart.addEventListener("click", async () => {
     const out = document.getElementById("restart-result");
@@ -113,15 +160,16 @@ function editor(target) {
     <p><button type="submit">Push</button> <span id="result" class="muted"></span></p></form>`;
 }
 
-function configView() {
+function configView(gen) {
   statusEl.textContent = "";
   view.innerHTML = `<section><h2>Push a config to every agent whose attributes match</h2>
     <p>Selector <input type="text" id="selector" placeholder="service.name=my-agent"> <span class="muted">(key=value; empty = every agent)</span></p>
     ${editor("/api/config")}</section><div id="acks"></div>`;
-  wireEditor(true);
+  wireEditor(gen, true, null);
 }
 
-function wireEditor(withSelector) {
+// `uid`: the push goes to that one agent, whose own endpoint is then watched.
+function wireEditor(gen, withSelector, uid) {
   const form = document.getElementById("push");
   form.addEventListener("submit", async ev => {
     ev.preventDefault();
@@ -133,19 +181,24 @@ function wireEditor(withSelector) {
     const result = document.getElementById("result");
     try {
       const r = await api(target, { method: "PUT", headers: { "content-type": "text/yaml" }, body: document.getElementById("body").value });
+      if (!isCurrent(gen)) return;
       result.innerHTML = `pushed, hash ${short(r.config_hash)} to ${r.agents.length} agent(s)`;
-      watchAcks(r);
+      watchAcks(gen, r, uid);
     } catch (e) {
       result.innerHTML = `<span class="bad">${esc(e.message)}</span>`;
     }
   });
 }
 
-// Shows each targeted agent's APPLIED / FAILED as it comes back.
-function watchAcks(push) {
-  const acks = document.getElementById("acks");
-  const tick = async () => {
-    const agents = await api("/api/agents");
+// Shows each targeted agent's APPLIED / FAILED as it comes back (one watch per page).
+let ackWatch = 0;
+function watchAcks(gen, push, uid) {
+  const watch = ++ackWatch;
+  poll(gen, 1000, async () => {
+    if (watch !== ackWatch) return false;
+    const agents = uid ? [await api(`/api/agents/${encodeURIComponent(uid)}`)] : await api("/api/agents");
+    const acks = document.getElementById("acks");
+    if (!isCurrent(gen) || watch !== ackWatch || !acks) return;
     const byUid = Object.fromEntries(agents.map(a => [a.instance_uid, a]));
     acks.innerHTML = `<table><thead><tr><th>Agent</th><th>Service</th><th>Status for ${short(push.config_hash)}</th></tr></thead><tbody>${
       push.agents.map(uid => {
@@ -154,27 +207,25 @@ function watchAcks(push) {
         const cell = r && r.hash === push.config_hash ? rcsCell(r) : '<span class="warn">pending</span>';
         return `<tr><td class="mono">${esc(uid)}</td><td>${esc(a.service_name)}</td><td>${cell}</td></tr>`;
       }).join("")}</tbody></table>`;
-  };
-  clearInterval(timer);
-  tick();
-  timer = setInterval(tick, 1000);
+  }, e => {
+    const acks = document.getElementById("acks");
+    if (acks && watch === ackWatch) acks.innerHTML = `<p class="bad">${esc(e.message)}</p>`;
+  });
 }
 
-async function route() {
-  clearInterval(timer);
+function route() {
+  const gen = ++generation;
+  controller.abort();
+  controller = new AbortController();
+  timers.forEach(clearTimeout);
+  timers.clear();
   const hash = location.hash || "#/";
-  try {
-    if (hash.startsWith("#/agents/")) {
-      const uid = decodeURIComponent(hash.slice("#/agents/".length));
-      await agentView(uid);
-    } else if (hash === "#/config") {
-      configView();
-    } else {
-      await listView();
-      timer = setInterval(() => listView().catch(showError), 2000);
-    }
-  } catch (e) {
-    showError(e);
+  if (hash.startsWith("#/agents/")) {
+    agentView(gen, decodeURIComponent(hash.slice("#/agents/".length)));
+  } else if (hash === "#/config") {
+    configView(gen);
+  } else {
+    poll(gen, 2000, () => listView(gen));
   }
 }
 

@@ -777,6 +777,7 @@ fn ws_12_oversized_outgoing_status_is_dropped_but_the_message_goes() {
             opamp_proto::AgentConfigObject {
                 body: Bytes::from(vec![b'x'; 1000]),
                 content_type: String::new(),
+                ..Default::default()
             },
         );
     }

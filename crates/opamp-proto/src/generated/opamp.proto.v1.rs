@@ -468,6 +468,10 @@ pub struct AgentConfigObject {
     pub body: ::prost::bytes::Bytes,
     #[prost(string, tag = "2")]
     pub content_type: ::prost::alloc::string::String,
+    /// What this object is for in the agent's configuration (added in v0.20.0); agent-defined,
+    /// empty when unset.
+    #[prost(string, tag = "3")]
+    pub role: ::prost::alloc::string::String,
 }
 /// Custom capabilities a peer supports (CUS-1).
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
