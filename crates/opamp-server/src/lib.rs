@@ -101,6 +101,7 @@ mod config;
 mod connection;
 mod core;
 mod error;
+mod limits;
 mod plain;
 mod server;
 mod service;
@@ -109,6 +110,12 @@ mod ws;
 
 pub use callbacks::{
     ConnectionCallbacks, ConnectionResponse, Rejection, ServerCallbacks, bad_request, unavailable,
+};
+pub use config::{
+    BUDGET_EXEMPT_MESSAGE_SIZE, ConnectionLimits, DEFAULT_AGENT_HEARTBEAT_INTERVAL,
+    DEFAULT_FIRST_MESSAGE_TIMEOUT, DEFAULT_HEARTBEAT_TIMEOUT_FACTOR, DEFAULT_IDLE_TIMEOUT_FLOOR,
+    DEFAULT_MAX_INCOMPLETE_BYTES, DEFAULT_MIN_READ_RATE, DEFAULT_READ_GRACE,
+    DEFAULT_WS_PING_INTERVAL, FD_RESERVE,
 };
 pub use config::{
     DEFAULT_FULL_STATE_MIN_INTERVAL, DEFAULT_HTTP_BODY_TIMEOUT, DEFAULT_HTTP_IDLE_TIMEOUT,

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http::header::{CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER};
 use http::request::Parts;
 use http::{HeaderValue, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use opamp_proto::{
     AgentToServer, CONTENT_TYPE_PROTOBUF, DecodeError, InstanceUid, Message,
     ServerErrorResponseType, ServerToAgent, framing::MessageTooLarge,
@@ -22,6 +22,7 @@ use crate::callbacks::{ConnectionCallbacks, retry_after_value};
 use crate::connection::{Connection, PeerInfo, merge};
 use crate::core::{AgentSession, SessionConfig};
 use crate::error::ReadMessageError;
+use crate::limits::BodyError;
 use crate::service::{ResponseBody, Shared, text_response};
 use crate::wire;
 
@@ -298,35 +299,52 @@ where
     // trickling its body would otherwise hold this task and its buffer (and a graceful
     // shutdown) forever.
     let mut stop = shared.stop_signal();
-    let read = tokio::time::timeout(
+    let content_length = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    // ConnectionLimits: the body keeps a least pace, and its bytes count towards the
+    // server-wide budget for incomplete messages until the request is answered.
+    let read = crate::limits::read_body(
+        body,
+        content_length,
+        limit,
         shared.config.http_body_timeout(),
-        Limited::new(body, limit).collect(),
+        shared.config.limits(),
+        &shared.budget,
     );
     let collected = tokio::select! {
-        read = read => match read {
-            Ok(collected) => collected,
-            Err(_) => {
-                tracing::debug!("request body not received within http_body_timeout");
-                return text_response(StatusCode::REQUEST_TIMEOUT, "request body too slow");
-            }
-        },
+        read = read => read,
         () = crate::service::stopped(&mut stop) => {
             return text_response(StatusCode::SERVICE_UNAVAILABLE, "server is stopping");
         }
     };
-    let raw = match collected {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) => {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                let err = ReadMessageError::Decode(DecodeError::TooLarge(MessageTooLarge {
-                    size: limit.saturating_add(1),
-                    limit,
-                }));
-                report_error(&callbacks, &peer, header_uid, &err).await;
-                return text_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
-            }
+    let (raw, _charge) = match collected {
+        Ok(read) => read,
+        Err(BodyError::TooSlow) => {
+            tracing::debug!("request body too slow (http_body_timeout or min_read_rate)");
+            return text_response(StatusCode::REQUEST_TIMEOUT, "request body too slow");
+        }
+        Err(BodyError::OverBudget) => {
+            tracing::debug!("incomplete-message budget exhausted; request refused");
+            let mut resp = text_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server busy with other requests, retry later",
+            );
+            resp.headers_mut()
+                .insert(RETRY_AFTER, retry_after_value(SESSIONS_FULL_RETRY_AFTER));
+            return resp;
+        }
+        Err(BodyError::TooLarge) => {
+            let err = ReadMessageError::Decode(DecodeError::TooLarge(MessageTooLarge {
+                size: limit.saturating_add(1),
+                limit,
+            }));
+            report_error(&callbacks, &peer, header_uid, &err).await;
+            return text_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+        }
+        Err(BodyError::Read(e)) => {
             tracing::debug!(error = %e, "reading the request body failed");
             return text_response(StatusCode::BAD_REQUEST, "cannot read the request body");
         }

@@ -17,6 +17,7 @@ use crate::callbacks::ServerCallbacks;
 use crate::config::ServerConfig;
 use crate::connection::PeerInfo;
 use crate::error::ServerError;
+use crate::limits::{Slot, SlotExt};
 use crate::service::{OpampService, stopped, text_response};
 
 /// Time a client gets to finish its TLS handshake.
@@ -105,6 +106,11 @@ impl Server {
 
 async fn accept_loop(listener: TcpListener, service: OpampService) {
     let mut stop = service.shared.stop_signal();
+    let max = service
+        .config()
+        .limits()
+        .max_connections()
+        .or_else(crate::limits::default_max_connections);
     loop {
         let accepted = tokio::select! {
             _ = stopped(&mut stop) => return,
@@ -112,21 +118,30 @@ async fn accept_loop(listener: TcpListener, service: OpampService) {
         };
         match accepted {
             Ok((tcp, remote)) => {
+                // At the limit, the oldest connection that never sent an OpAMP message
+                // makes room; when all are real agents, the new one is closed at once.
+                let Some(slot) = service.shared.conns.admit(max) else {
+                    tracing::debug!(%remote, "connection limit reached; connection refused");
+                    drop(tcp);
+                    continue;
+                };
                 let _ = tcp.set_nodelay(true);
                 let service = service.clone();
                 let span = tracing::debug_span!("opamp.conn", %remote);
-                tokio::spawn(serve_tcp(service, tcp, remote).instrument(span));
+                tokio::spawn(serve_tcp(service, tcp, remote, slot).instrument(span));
             }
             Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
+                // Out of file descriptors and the like: make room, back off instead of
+                // spinning.
                 tracing::warn!(error = %e, "accept failed");
+                service.shared.conns.shed_oldest();
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
 }
 
-async fn serve_tcp(service: OpampService, tcp: TcpStream, remote: SocketAddr) {
+async fn serve_tcp(service: OpampService, tcp: TcpStream, remote: SocketAddr, slot: Arc<Slot>) {
     let peer = PeerInfo::remote(remote);
     #[cfg(feature = "tls")]
     if let Some(tls) = service.config().tls().cloned() {
@@ -151,22 +166,25 @@ async fn serve_tcp(service: OpampService, tcp: TcpStream, remote: SocketAddr) {
             certificates,
             ..peer
         };
-        serve_io(service, stream, peer).await;
+        serve_io(service, stream, peer, slot).await;
         return;
     }
-    serve_io(service, tcp, peer).await;
+    serve_io(service, tcp, peer, slot).await;
 }
 
-async fn serve_io<I>(service: OpampService, io: I, peer: PeerInfo)
+async fn serve_io<I>(service: OpampService, io: I, peer: PeerInfo, slot: Arc<Slot>)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let _guard = service.shared.track();
     let mut stop = service.shared.stop_signal();
     let path_service = service.clone();
+    let handler_slot = slot.clone();
     let handler = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let service = path_service.clone();
         let peer = peer.clone();
+        let slot = handler_slot.clone();
+        slot.mark_request();
         // Boxed: hyper keeps a slot the size of this future for every connection, idle ones
         // included, and unboxed it is several KiB.
         Box::pin(async move {
@@ -183,7 +201,13 @@ where
             if let Some(certs) = peer.certificates {
                 req.extensions_mut().insert(certs);
             }
-            Ok(service.handle(req).await)
+            req.extensions_mut().insert(SlotExt(slot.clone()));
+            let resp = service.handle(req).await;
+            if resp.status() == StatusCode::OK {
+                // A plain-HTTP exchange: this connection carries a real agent.
+                slot.mark_active();
+            }
+            Ok(resp)
         })
     });
     // hyper's header-read timeout also runs while a kept-alive connection waits for its next
@@ -196,14 +220,32 @@ where
         .serve_connection(TokioIo::new(io), handler)
         .with_upgrades();
     tokio::pin!(conn);
-    tokio::select! {
-        result = conn.as_mut() => {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "HTTP connection ended with an error");
+    // A connection must send a request head within the first-message timeout (slow-loris);
+    // later requests are bounded by hyper's header timeout.
+    let first = tokio::time::sleep(service.config().limits().first_message_timeout());
+    tokio::pin!(first);
+    let mut first_pending = true;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "HTTP connection ended with an error");
+                }
+                return;
             }
-            return;
+            _ = stopped(&mut stop) => break,
+            () = slot.shed_requested() => {
+                tracing::debug!("connection shed at the connection limit");
+                return;
+            }
+            () = first.as_mut(), if first_pending => {
+                if !slot.request_seen() {
+                    tracing::debug!("no request within the first-message timeout");
+                    return;
+                }
+                first_pending = false;
+            }
         }
-        _ = stopped(&mut stop) => {}
     }
     // Graceful: finish the request in flight, close idle keep-alive connections.
     conn.as_mut().graceful_shutdown();

@@ -46,6 +46,10 @@ pub(crate) struct Shared {
     pub(crate) config: ServerConfig,
     pub(crate) callbacks: Arc<dyn ServerCallbacks>,
     pub(crate) sessions: Sessions,
+    /// Bytes of incomplete messages and bodies, server-wide (ConnectionLimits).
+    pub(crate) budget: Arc<crate::limits::Budget>,
+    /// Open TCP connections of the standalone server (ConnectionLimits).
+    pub(crate) conns: Arc<crate::limits::ConnTable>,
     stop_tx: watch::Sender<bool>,
     active: AtomicUsize,
     idle: Notify,
@@ -100,11 +104,14 @@ impl OpampService {
     /// A service with `config` whose connections `callbacks` accepts.
     pub fn new(config: ServerConfig, callbacks: Arc<dyn ServerCallbacks>) -> Self {
         let (stop_tx, _) = watch::channel(false);
+        let budget = crate::limits::Budget::new(config.limits().max_incomplete_bytes());
         Self {
             shared: Arc::new(Shared {
                 config,
                 callbacks,
                 sessions: Sessions::default(),
+                budget,
+                conns: Arc::default(),
                 stop_tx,
                 active: AtomicUsize::new(0),
                 idle: Notify::new(),
@@ -199,7 +206,11 @@ impl OpampService {
                     );
                 };
                 drop(body);
-                ws::spawn(shared.clone(), on_upgrade, callbacks, peer);
+                let slot = parts
+                    .extensions
+                    .remove::<crate::limits::SlotExt>()
+                    .map(|s| s.0);
+                ws::spawn(shared.clone(), on_upgrade, callbacks, peer, slot);
                 let mut resp = Response::new(Full::new(Bytes::new()));
                 *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
                 let h = resp.headers_mut();
