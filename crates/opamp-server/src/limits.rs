@@ -57,7 +57,6 @@ impl Budget {
     }
 
     /// Bytes counted now.
-    #[cfg(test)]
     pub(crate) fn used(&self) -> usize {
         self.used.load(Ordering::Acquire)
     }

@@ -150,6 +150,12 @@ impl OpampService {
         self.shared.active.load(Ordering::Acquire)
     }
 
+    /// Bytes of incomplete WebSocket messages and plain-HTTP bodies held now, counted
+    /// against [`ConnectionLimits::max_incomplete_bytes`](crate::ConnectionLimits::max_incomplete_bytes).
+    pub fn incomplete_bytes(&self) -> usize {
+        self.shared.budget.used()
+    }
+
     /// Number of live plain-HTTP sessions.
     pub fn plain_http_sessions(&self) -> usize {
         self.shared.sessions.len()

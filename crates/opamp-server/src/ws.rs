@@ -64,6 +64,14 @@ pub(crate) fn check_upgrade(parts: &Parts) -> Result<HeaderValue, Response<Respo
             .insert(UPGRADE, HeaderValue::from_static("websocket"));
         return Err(resp);
     }
+    // RFC 6455 §4.1: the handshake is HTTP/1.1 or later; hyper cannot upgrade an HTTP/1.0
+    // connection, which used to be answered 500.
+    if parts.version < http::Version::HTTP_11 {
+        return Err(text_response(
+            StatusCode::BAD_REQUEST,
+            "a WebSocket upgrade needs HTTP/1.1",
+        ));
+    }
     if parts
         .headers
         .get(SEC_WEBSOCKET_VERSION)

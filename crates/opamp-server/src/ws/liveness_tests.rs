@@ -80,8 +80,15 @@ async fn exchange(ws: &mut WebSocketStream<DuplexStream>, msg: &AgentToServer) -
     }
 }
 
-/// Reads until the server's Close and returns its code; counts the pings on the way.
+/// Reads until the server's Close and returns its code; counts the pings on the way. Fails
+/// after an hour of virtual time (a missing timer would otherwise hang the test).
 async fn close_code(ws: &mut WebSocketStream<DuplexStream>) -> (u16, usize) {
+    tokio::time::timeout(Duration::from_secs(3600), close_code_inner(ws))
+        .await
+        .expect("no Close within an hour")
+}
+
+async fn close_code_inner(ws: &mut WebSocketStream<DuplexStream>) -> (u16, usize) {
     let mut pings = 0;
     loop {
         match ws.next().await {
@@ -282,7 +289,9 @@ async fn stalled_half_message_is_closed_at_the_pace_floor() {
         shared.budget.used() >= 600 << 10,
         "the partial message is counted"
     );
-    let code = raw_close_code(&mut b).await;
+    let code = tokio::time::timeout(Duration::from_secs(3600), raw_close_code(&mut b))
+        .await
+        .expect("no Close within an hour");
     assert_eq!(code, 1008);
     let after = start.elapsed();
     let expected = Duration::from_secs(10) + Duration::from_secs_f64(600.0 / 256.0);
