@@ -351,7 +351,8 @@ pub const DEFAULT_AGENT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30);
 /// interval (1 s) does not close agents at the first hiccup of the network.
 pub const DEFAULT_IDLE_TIMEOUT_FLOOR: Duration = Duration::from_secs(30);
 /// Default interval of the server's WebSocket pings to agents that send no heartbeats:
-/// 30 s, the spec's heartbeat default. Agents that send heartbeats are never pinged.
+/// 30 s, the spec's heartbeat default. Agents that send heartbeats are pinged only when a
+/// heartbeat is overdue (see [`ConnectionLimits`]).
 pub const DEFAULT_WS_PING_INTERVAL: Duration = Duration::from_secs(30);
 /// Default time a new connection has for its first message: 15 s. A WebSocket that sends no
 /// message within it after the upgrade is closed (1008); a TCP connection of the standalone
@@ -380,10 +381,14 @@ pub const FD_RESERVE: usize = 64;
 /// - **Read-idle timeout** (WebSocket): an agent that reports heartbeats (HB-1, HB-7) must
 ///   send something within `heartbeat_timeout_factor` x its heartbeat interval (the one the
 ///   server offered in `connection_settings.opamp.heartbeat_interval_seconds`, else
-///   [`DEFAULT_AGENT_HEARTBEAT_INTERVAL`]), at least `idle_timeout_floor`. An agent without
-///   heartbeats (or offered interval 0) is sent a WebSocket Ping after each `ws_ping_interval`
-///   of read silence and must answer within `heartbeat_timeout_factor` x that interval (its
-///   Pong counts as traffic); with pings off it has no idle timeout. Expiry closes with 1001.
+///   [`DEFAULT_AGENT_HEARTBEAT_INTERVAL`]), at least `idle_timeout_floor`. It is pinged
+///   only once a heartbeat is overdue (after 2/3 of that timeout in silence), so an agent
+///   whose local heartbeat interval is longer than the server assumes is kept while it
+///   answers (WS-14). An agent without heartbeats (or offered interval 0) is sent a
+///   WebSocket Ping after each `ws_ping_interval` of read silence and must answer within
+///   `heartbeat_timeout_factor` x that interval (its Pong counts as traffic). With pings off
+///   (`ws_ping_interval` `None`), heartbeating agents are closed at their idle timeout and
+///   agents without heartbeats have none. Expiry closes with 1001 (Going Away).
 ///   Plain-HTTP sessions expire after [`ServerConfig::http_idle_timeout`] without a poll.
 /// - **First message**: see [`DEFAULT_FIRST_MESSAGE_TIMEOUT`]; closes with 1008.
 /// - **Connection limit** (standalone server): at `max_connections` open TCP connections the
@@ -487,8 +492,8 @@ impl ConnectionLimits {
         self
     }
 
-    /// Sets the ping interval for agents without heartbeats (`None`: no pings, and no idle
-    /// timeout for those agents); non-zero, at most [`MAX_TIMEOUT`].
+    /// Sets the ping interval for agents without heartbeats (`None`: no pings at all, and
+    /// no idle timeout for agents without heartbeats); non-zero, at most [`MAX_TIMEOUT`].
     pub fn with_ws_ping_interval(mut self, interval: Option<Duration>) -> Self {
         self.ws_ping_interval = interval;
         self

@@ -2,7 +2,7 @@
 //! `ServerToAgent` (HTTP-1); a session per instance uid stands in for the connection.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -48,6 +48,8 @@ pub(crate) struct Session {
     #[cfg(feature = "tls")]
     certificates: Option<crate::PeerCertificates>,
     last_seen: Mutex<Instant>,
+    /// Idle limit from the polling interval the server offered, in ms (0: none offered).
+    offered_idle_ms: AtomicU64,
     state: tokio::sync::Mutex<State>,
     _slot: Slot,
 }
@@ -62,6 +64,31 @@ impl Drop for Slot {
 }
 
 impl Session {
+    /// HB-5: an agent offered `heartbeat_interval_seconds` polls at that interval; its session
+    /// lives `heartbeat_timeout_factor` polls without one, as a WebSocket agent does, and at
+    /// least `http_idle_timeout`.
+    fn note_offer(&self, reply: &ServerToAgent, limits: &crate::ConnectionLimits) {
+        let Some(opamp) = reply
+            .connection_settings
+            .as_ref()
+            .and_then(|c| c.opamp.as_ref())
+        else {
+            return;
+        };
+        let idle = Duration::from_secs(opamp.heartbeat_interval_seconds)
+            .saturating_mul(limits.heartbeat_timeout_factor())
+            .min(crate::MAX_TIMEOUT);
+        let ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+        self.offered_idle_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// The idle limit of this session: `default` or more after an offered polling interval.
+    fn idle_limit(&self, default: Duration) -> Duration {
+        default.max(Duration::from_millis(
+            self.offered_idle_ms.load(Ordering::Relaxed),
+        ))
+    }
+
     /// Whether a request from `peer` may use this session: under mTLS, only with the chain
     /// that created it (review finding 2b).
     fn admits(&self, peer: &PeerInfo) -> bool {
@@ -139,6 +166,7 @@ impl Sessions {
             certificates: peer.certificates.clone(),
             _slot: slot,
             last_seen: Mutex::new(Instant::now()),
+            offered_idle_ms: AtomicU64::new(0),
             state: tokio::sync::Mutex::new(State {
                 core: AgentSession::new(
                     SessionConfig::plain_http(config.server_capabilities())
@@ -231,7 +259,7 @@ fn start_sweeper(shared: &Arc<Shared>) {
                 let mut out = Vec::new();
                 map.retain(|_, s| {
                     let stale = s.conn.is_closed()
-                        || now.saturating_duration_since(*lock(&s.last_seen)) > idle;
+                        || now.saturating_duration_since(*lock(&s.last_seen)) > s.idle_limit(idle);
                     if stale {
                         out.push(s.clone());
                     }
@@ -472,6 +500,7 @@ where
             }
         }
         let reply = state.core.prepare_reply(out, Instant::now());
+        session.note_offer(&reply, shared.config.limits());
         if let Some(assigned) = state.core.assigned_instance_uid() {
             // UID-5: the agent's next poll carries the new uid; find this session by it.
             lock(&shared.sessions.map).insert(assigned, session.clone());

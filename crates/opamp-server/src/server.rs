@@ -20,7 +20,8 @@ use crate::error::ServerError;
 use crate::limits::{Slot, SlotExt};
 use crate::service::{OpampService, stopped, text_response};
 
-/// Time a client gets to finish its TLS handshake.
+/// Most time a client gets to finish its TLS handshake (the first-message timeout, if
+/// shorter, applies).
 #[cfg(feature = "tls")]
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -146,14 +147,24 @@ async fn serve_tcp(service: OpampService, tcp: TcpStream, remote: SocketAddr, sl
     #[cfg(feature = "tls")]
     if let Some(tls) = service.config().tls().cloned() {
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-        let stream = match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(tcp)).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!("TLS handshake timed out");
+        // The handshake counts towards the first-message timeout, and a connection still in
+        // it is silent: it may be shed at the connection limit.
+        let timeout = HEADER_READ_TIMEOUT.min(service.config().limits().first_message_timeout());
+        let handshake = tokio::time::timeout(timeout, acceptor.accept(tcp));
+        let stream = tokio::select! {
+            accepted = handshake => match accepted {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!("TLS handshake timed out");
+                    return;
+                }
+            },
+            () = slot.shed_requested() => {
+                tracing::debug!("connection shed at the connection limit during TLS handshake");
                 return;
             }
         };

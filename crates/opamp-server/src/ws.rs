@@ -245,21 +245,29 @@ impl Liveness {
         }
         if self.first_seen {
             let heartbeat = self.heartbeat(core);
-            // HB-7: a heartbeating agent must be heard from every few intervals; one
-            // without heartbeats must answer the pings.
-            if let Some(idle) = limits.ws_idle_timeout(heartbeat) {
+            // HB-7: an agent must be heard from within its idle timeout. One without
+            // heartbeats is pinged after each ping interval of silence; a heartbeating one
+            // only once a heartbeat is overdue (2/3 of its idle timeout, two intervals at
+            // the default factor), so one with a longer local interval than the server
+            // assumes is kept as long as it answers (WS-14: "unless locally configured").
+            let idle = limits.ws_idle_timeout(heartbeat);
+            if let Some(idle) = idle {
                 consider(
                     meter.last_read() + idle,
                     Due::Close(CloseCode::Away, "idle timeout"),
                 );
             }
-            if heartbeat.is_none()
-                && let Some(every) = limits.ws_ping_interval()
-            {
+            let ping_after = match (heartbeat, limits.ws_ping_interval(), idle) {
+                (_, None, _) => None,
+                (None, Some(every), _) => Some(every),
+                (Some(_), Some(_), Some(idle)) => Some(idle * 2 / 3),
+                (Some(_), Some(_), None) => None,
+            };
+            if let Some(after) = ping_after {
                 let since = self
                     .last_ping
                     .map_or(meter.last_read(), |p| p.max(meter.last_read()));
-                consider(since + every, Due::Ping);
+                consider(since + after, Due::Ping);
             }
         }
         next

@@ -463,3 +463,59 @@ async fn http_3_deflate_and_nested_gzip_bombs_are_refused() {
     poll(addr, PATH, &first_report(uid(1))).await;
     server.shutdown().await;
 }
+
+/// HB-5: a plain-HTTP agent polls at the heartbeat interval the server offered; its session
+/// lives `heartbeat_timeout_factor` such intervals (as a WebSocket agent's read-idle timeout
+/// does), not just `http_idle_timeout`. Before the fix an offer of 10 s against a 300 ms idle
+/// timeout had the session forgotten between every two polls.
+#[tokio::test]
+async fn hb_5_plain_http_session_lives_as_long_as_the_offered_polling_interval() {
+    use opamp_proto::{
+        AgentCapabilitySet, ConnectionSettingsOffers, OpAmpConnectionSettings, ServerToAgent,
+    };
+    let (rec, mut events) = Recorder::with_reply(|_, msg| {
+        (msg.instance_uid[..] == uid(1).as_array()[..]).then(|| ServerToAgent {
+            connection_settings: Some(ConnectionSettingsOffers {
+                hash: Bytes::from_static(b"h"),
+                opamp: Some(OpAmpConnectionSettings {
+                    heartbeat_interval_seconds: 10,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    });
+    let config = loopback_config()
+        .http_idle_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let server = Server::bind(config, rec.server_callbacks()).await.unwrap();
+    let addr = server.local_addr();
+    let mut msg = first_report(uid(1));
+    msg.capabilities |= (AgentCapabilitySet::REPORTS_HEARTBEAT
+        | AgentCapabilitySet::ACCEPTS_OPAMP_CONNECTION_SETTINGS)
+        .bits();
+    let reply = poll(addr, PATH, &msg).await;
+    let offered = reply.connection_settings.unwrap().opamp.unwrap();
+    assert_eq!(offered.heartbeat_interval_seconds, 10);
+    let Event::Connected(agent) = next_non_message(&mut events).await else {
+        panic!("expected Connected")
+    };
+    // A second agent, offered nothing, expires after 300 ms: the sweeper has looked at both.
+    poll(addr, PATH, &first_report(uid(2))).await;
+    assert!(matches!(
+        next_non_message(&mut events).await,
+        Event::Connected(_)
+    ));
+    let Event::Closed(expired) = next_non_message(&mut events).await else {
+        panic!("expected Closed")
+    };
+    assert_eq!(expired.instance_uid(), Some(uid(2)));
+    assert!(
+        !agent.is_closed(),
+        "the agent polling every 10 s keeps its session"
+    );
+    assert_eq!(server.service().plain_http_sessions(), 1);
+    server.shutdown().await;
+}
