@@ -84,6 +84,21 @@
 //! [`Connection::send_shared`] for each: the message is encoded once and every agent gets
 //! the same bytes behind its own instance uid and capabilities.
 //!
+//! # Liveness and resource limits
+//!
+//! [`ConnectionLimits`] (in [`ServerConfig::limits`]) bounds what a dead or hostile peer can
+//! hold, with defaults that suit a real fleet:
+//!
+//! | rule | default | on breach |
+//! | --- | --- | --- |
+//! | WebSocket read-idle timeout: 3 x the agent's heartbeat interval (offered, else 30 s), at least 30 s (HB-7) | 90 s | Close 1001 |
+//! | WebSocket Ping after 30 s of silence to agents without heartbeats (after 60 s to heartbeating ones) | on | no Pong in 90 s: Close 1001 |
+//! | plain-HTTP session expiry: `http_idle_timeout`, or 3 offered polling intervals if longer (HB-5) | 120 s | session ends |
+//! | first message after the upgrade / first request head (slow-loris), TLS handshake included | 15 s | Close 1008 / dropped |
+//! | pace of a message or body in progress: 256 KiB/s on average after a 10 s grace | on | Close 1008 / 408 |
+//! | bytes of all incomplete messages and bodies (messages up to 64 KiB exempt) | 256 MiB | Close 1013 / 503 + `Retry-After` |
+//! | open TCP connections of the standalone server; the oldest silent ones are shed first | fd soft limit - 64 | Close 1013 / dropped |
+//!
 //! # Cancel safety
 //!
 //! [`Connection::send_async`]: dropping the future leaves the message unsent. The drivers

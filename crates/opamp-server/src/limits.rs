@@ -273,7 +273,10 @@ where
         budget: budget.clone(),
         amount: 0,
     };
-    let mut chunks: Vec<Bytes> = Vec::new();
+    // One frame is kept as it is; more are copied into one buffer: a body of many tiny
+    // chunks must not cost a `Bytes` handle (and a pinned read buffer) per chunk.
+    let mut first: Option<Bytes> = None;
+    let mut all = BytesMut::new();
     let mut body = std::pin::pin!(body);
     loop {
         let deadline = hard.min(limits.message_deadline(start, charge.amount));
@@ -296,19 +299,16 @@ where
         if !budget.charge(data.len(), charge.amount) {
             return Err(BodyError::OverBudget);
         }
-        chunks.push(data);
-    }
-    let bytes = match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.pop().unwrap_or_default(),
-        _ => {
-            let mut all = BytesMut::with_capacity(charge.amount);
-            for c in &chunks {
-                all.extend_from_slice(c);
+        if first.is_none() && all.is_empty() {
+            first = Some(data);
+        } else {
+            if let Some(first) = first.take() {
+                all.extend_from_slice(&first);
             }
-            all.freeze()
+            all.extend_from_slice(&data);
         }
-    };
+    }
+    let bytes = first.unwrap_or_else(|| all.freeze());
     Ok((bytes, charge))
 }
 

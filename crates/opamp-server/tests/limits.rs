@@ -383,8 +383,9 @@ async fn responses(tcp: &mut TcpStream, count: usize) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
-/// Pipelined requests get their answers in order; an HTTP/1.0 poll is answered; an
-/// HTTP/1.0 upgrade is refused (RFC 6455 needs HTTP/1.1).
+/// Pipelined requests get their answers in order; a body in one-byte chunks is assembled;
+/// an HTTP/1.0 poll is answered; an HTTP/1.0 upgrade is refused with 400 (RFC 6455 needs
+/// HTTP/1.1; it used to get 500).
 #[tokio::test]
 async fn http_pipelined_and_http_1_0_requests() {
     let (server, _events) = start(ConnectionLimits::default()).await;
@@ -407,6 +408,25 @@ async fn http_pipelined_and_http_1_0_requests() {
     let text = responses(&mut tcp, 3).await;
     assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 3, "{text:?}");
     assert_eq!(server.service().plain_http_sessions(), 3);
+
+    // A body in one-byte chunks is assembled.
+    let body = large_report(5, 3000).encode_to_vec();
+    let mut chunked = format!(
+        "POST {PATH} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/x-protobuf\r\n\
+         transfer-encoding: chunked\r\n\r\n"
+    )
+    .into_bytes();
+    for byte in &body {
+        chunked.extend_from_slice(b"1\r\n");
+        chunked.push(*byte);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let mut tcp = within(TcpStream::connect(addr)).await.unwrap();
+    tcp.write_all(&chunked).await.unwrap();
+    let text = responses(&mut tcp, 1).await;
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text:?}");
+    assert_eq!(server.service().plain_http_sessions(), 4);
 
     let body = first_report(uid(4)).encode_to_vec();
     let mut tcp = within(TcpStream::connect(addr)).await.unwrap();
