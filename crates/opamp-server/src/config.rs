@@ -400,7 +400,8 @@ pub const FD_RESERVE: usize = 64;
 ///   complete before `first byte + read_grace + received / min_read_rate`. A WebSocket that
 ///   falls behind is closed with 1008; a plain-HTTP body gets 408.
 /// - **Incomplete-bytes budget** (both transports): bytes of incomplete messages and bodies
-///   count towards `max_incomplete_bytes`. Past it, a message over
+///   count towards `max_incomplete_bytes` (a plain-HTTP body with a `Content-Length` counts
+///   its whole length from its head on, until it is answered). Past it, a message over
 ///   [`BUDGET_EXEMPT_MESSAGE_SIZE`] that needs more is refused: a WebSocket is closed with
 ///   1013 (Try Again Later), a plain-HTTP request gets 503 with `Retry-After: 30` (THR-5).
 #[derive(Debug, Clone)]

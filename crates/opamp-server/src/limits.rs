@@ -46,12 +46,6 @@ impl Budget {
         used <= self.max || message <= BUDGET_EXEMPT_MESSAGE_SIZE
     }
 
-    /// Whether a message announced to be `size` bytes fits now (plain HTTP, Content-Length).
-    fn fits(&self, size: usize) -> bool {
-        size <= BUDGET_EXEMPT_MESSAGE_SIZE
-            || self.used.load(Ordering::Acquire).saturating_add(size) <= self.max
-    }
-
     fn release(&self, n: usize) {
         self.used.fetch_sub(n, Ordering::AcqRel);
     }
@@ -244,8 +238,10 @@ pub(crate) enum BodyError {
 }
 
 /// Reads a whole plain-HTTP body of at most `limit` bytes. It must be complete within
-/// `timeout` of the call (the end of the request head) and keep the pace of `limits`; its
-/// bytes count towards `budget` while the returned [`Charge`] lives.
+/// `timeout` of the call (the end of the request head) and keep the pace of `limits`. A body
+/// with a `Content-Length` takes its whole length from `budget` at once (so its buffer is
+/// allocated once, at its size); a chunked one takes what arrives. The returned [`Charge`]
+/// gives it back when dropped.
 pub(crate) async fn read_body<B>(
     body: B,
     content_length: Option<u64>,
@@ -258,28 +254,30 @@ where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    if let Some(length) = content_length {
-        let length = usize::try_from(length).unwrap_or(usize::MAX);
+    let mut charge = Charge {
+        budget: budget.clone(),
+        amount: 0,
+    };
+    let announced = content_length.map(|l| usize::try_from(l).unwrap_or(usize::MAX));
+    if let Some(length) = announced {
         if length > limit {
             return Err(BodyError::TooLarge);
         }
-        if !budget.fits(length) {
+        charge.amount = length;
+        if !budget.charge(length, length) {
             return Err(BodyError::OverBudget);
         }
     }
     let start = Instant::now();
     let hard = start + timeout;
-    let mut charge = Charge {
-        budget: budget.clone(),
-        amount: 0,
-    };
+    let mut received = 0usize;
     // One frame is kept as it is; more are copied into one buffer: a body of many tiny
     // chunks must not cost a `Bytes` handle (and a pinned read buffer) per chunk.
     let mut first: Option<Bytes> = None;
     let mut all = BytesMut::new();
     let mut body = std::pin::pin!(body);
     loop {
-        let deadline = hard.min(limits.message_deadline(start, charge.amount));
+        let deadline = hard.min(limits.message_deadline(start, received));
         let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
             Err(_) => return Err(BodyError::TooSlow),
             Ok(None) => break,
@@ -292,17 +290,22 @@ where
         if data.is_empty() {
             continue;
         }
-        if charge.amount.saturating_add(data.len()) > limit {
+        if received.saturating_add(data.len()) > limit {
             return Err(BodyError::TooLarge);
         }
-        charge.amount += data.len();
-        if !budget.charge(data.len(), charge.amount) {
-            return Err(BodyError::OverBudget);
+        received += data.len();
+        if announced.is_none() {
+            charge.amount += data.len();
+            if !budget.charge(data.len(), charge.amount) {
+                return Err(BodyError::OverBudget);
+            }
         }
         if first.is_none() && all.is_empty() {
             first = Some(data);
         } else {
             if let Some(first) = first.take() {
+                // Within the limit and the budget already taken.
+                all.reserve(announced.unwrap_or(0).max(first.len() + data.len()));
                 all.extend_from_slice(&first);
             }
             all.extend_from_slice(&data);
