@@ -144,13 +144,18 @@ async fn accept_loop(listener: TcpListener, service: OpampService) {
 
 async fn serve_tcp(service: OpampService, tcp: TcpStream, remote: SocketAddr, slot: Arc<Slot>) {
     let peer = PeerInfo::remote(remote);
+    // The first request head (TLS handshake included) is due within the first-message
+    // timeout of the accept (slow-loris).
+    let first_due = tokio::time::Instant::now() + service.config().limits().first_message_timeout();
     #[cfg(feature = "tls")]
     if let Some(tls) = service.config().tls().cloned() {
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
         // The handshake counts towards the first-message timeout, and a connection still in
         // it is silent: it may be shed at the connection limit.
-        let timeout = HEADER_READ_TIMEOUT.min(service.config().limits().first_message_timeout());
-        let handshake = tokio::time::timeout(timeout, acceptor.accept(tcp));
+        let handshake = tokio::time::timeout_at(
+            first_due.min(tokio::time::Instant::now() + HEADER_READ_TIMEOUT),
+            acceptor.accept(tcp),
+        );
         let stream = tokio::select! {
             accepted = handshake => match accepted {
                 Ok(Ok(stream)) => stream,
@@ -177,14 +182,19 @@ async fn serve_tcp(service: OpampService, tcp: TcpStream, remote: SocketAddr, sl
             certificates,
             ..peer
         };
-        serve_io(service, stream, peer, slot).await;
+        serve_io(service, stream, peer, slot, first_due).await;
         return;
     }
-    serve_io(service, tcp, peer, slot).await;
+    serve_io(service, tcp, peer, slot, first_due).await;
 }
 
-async fn serve_io<I>(service: OpampService, io: I, peer: PeerInfo, slot: Arc<Slot>)
-where
+async fn serve_io<I>(
+    service: OpampService,
+    io: I,
+    peer: PeerInfo,
+    slot: Arc<Slot>,
+    first_due: tokio::time::Instant,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let _guard = service.shared.track();
@@ -231,9 +241,9 @@ where
         .serve_connection(TokioIo::new(io), handler)
         .with_upgrades();
     tokio::pin!(conn);
-    // A connection must send a request head within the first-message timeout (slow-loris);
-    // later requests are bounded by hyper's header timeout.
-    let first = tokio::time::sleep(service.config().limits().first_message_timeout());
+    // A connection must send a request head by `first_due` (slow-loris); later requests are
+    // bounded by hyper's header timeout.
+    let first = tokio::time::sleep_until(first_due);
     tokio::pin!(first);
     let mut first_pending = true;
     loop {
