@@ -676,4 +676,63 @@ mod tests {
             ConfigError::Zero("max_http_sessions")
         );
     }
+
+    #[test]
+    fn connection_limits_defaults_and_bounds() {
+        let l = ConnectionLimits::default();
+        assert_eq!(l.heartbeat_timeout_factor(), 3);
+        assert_eq!(l.first_message_timeout(), Duration::from_secs(15));
+        assert_eq!(l.ws_ping_interval(), Some(Duration::from_secs(30)));
+        assert_eq!(l.max_connections(), None);
+        // HB-7: 3 x the heartbeat, at least the floor; pings stand in for heartbeats.
+        assert_eq!(
+            l.ws_idle_timeout(Some(Duration::from_secs(30))),
+            Some(Duration::from_secs(90))
+        );
+        assert_eq!(
+            l.ws_idle_timeout(Some(Duration::from_secs(1))),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(l.ws_idle_timeout(None), Some(Duration::from_secs(90)));
+        assert_eq!(
+            l.clone().with_ws_ping_interval(None).ws_idle_timeout(None),
+            None
+        );
+        assert_eq!(
+            l.ws_idle_timeout(Some(Duration::from_secs(u64::MAX / 2))),
+            Some(MAX_TIMEOUT),
+            "huge offers saturate"
+        );
+        let build = |l: ConnectionLimits| ServerConfig::builder().limits(l).build();
+        for (limits, name) in [
+            (
+                l.clone().with_heartbeat_timeout_factor(0),
+                "heartbeat_timeout_factor",
+            ),
+            (l.clone().with_max_connections(0), "max_connections"),
+            (l.clone().with_min_read_rate(0), "min_read_rate"),
+            (
+                l.clone().with_max_incomplete_bytes(0),
+                "max_incomplete_bytes",
+            ),
+            (
+                l.clone().with_first_message_timeout(Duration::ZERO),
+                "first_message_timeout",
+            ),
+            (
+                l.clone().with_ws_ping_interval(Some(Duration::ZERO)),
+                "ws_ping_interval",
+            ),
+        ] {
+            assert_eq!(build(limits).unwrap_err(), ConfigError::Zero(name));
+        }
+        assert_eq!(
+            build(l.clone().with_read_grace(Duration::MAX)).unwrap_err(),
+            ConfigError::TooLong {
+                name: "read_grace",
+                max: MAX_TIMEOUT
+            }
+        );
+        assert!(build(l.with_max_connections(10)).is_ok());
+    }
 }
