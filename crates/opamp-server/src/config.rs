@@ -367,9 +367,10 @@ pub const DEFAULT_READ_GRACE: Duration = Duration::from_secs(10);
 /// Default budget for the bytes of all incomplete WebSocket messages and plain-HTTP bodies
 /// together: 256 MiB, four messages of the default 64 MiB limit at once.
 pub const DEFAULT_MAX_INCOMPLETE_BYTES: usize = 256 * 1024 * 1024;
-/// Messages up to this size are never refused by the incomplete-bytes budget: 64 KiB. They
-/// still count towards it. Heartbeats and status reports of good agents therefore get
-/// through while large stalled messages hold the budget.
+/// Messages up to this size may use a reserve of a quarter of the incomplete-bytes budget
+/// beyond it: 64 KiB. Heartbeats and status reports of good agents therefore get through
+/// while large stalled messages hold the budget, and memory stays bounded by 1.25 x the
+/// budget even when many connections hold small partial messages.
 pub const BUDGET_EXEMPT_MESSAGE_SIZE: usize = 64 * 1024;
 /// File descriptors kept out of [`ConnectionLimits::max_connections`] when it is derived from
 /// the process limit: 64 (the listener, logs, the embedder's own sockets and files).
@@ -401,9 +402,10 @@ pub const FD_RESERVE: usize = 64;
 ///   falls behind is closed with 1008; a plain-HTTP body gets 408.
 /// - **Incomplete-bytes budget** (both transports): bytes of incomplete messages and bodies
 ///   count towards `max_incomplete_bytes` (a plain-HTTP body with a `Content-Length` counts
-///   its whole length from its head on, until it is answered). Past it, a message over
-///   [`BUDGET_EXEMPT_MESSAGE_SIZE`] that needs more is refused: a WebSocket is closed with
-///   1013 (Try Again Later), a plain-HTTP request gets 503 with `Retry-After: 30` (THR-5).
+///   its whole length from its head on, until it is answered). Past it, a message that
+///   needs more is refused (one up to [`BUDGET_EXEMPT_MESSAGE_SIZE`] only past 1.25 x the
+///   budget): a WebSocket is closed with 1013 (Try Again Later), a plain-HTTP request gets
+///   503 with `Retry-After: 30` (THR-5).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ConnectionLimits {

@@ -39,11 +39,14 @@ impl Budget {
     }
 
     /// Counts `n` more bytes of a message that now has `message` bytes; false when the
-    /// budget is exceeded and the message is too large to be exempt (the bytes stay counted
-    /// until released).
+    /// budget is exceeded (the bytes stay counted until released). Small messages may use a
+    /// reserve of a quarter of the budget beyond it, so that good agents' heartbeats pass
+    /// while large stalled messages hold the budget, and memory stays bounded even so.
     fn charge(&self, n: usize, message: usize) -> bool {
         let used = self.used.fetch_add(n, Ordering::AcqRel).saturating_add(n);
-        used <= self.max || message <= BUDGET_EXEMPT_MESSAGE_SIZE
+        used <= self.max
+            || (message <= BUDGET_EXEMPT_MESSAGE_SIZE
+                && used <= self.max.saturating_add(self.max / 4))
     }
 
     fn release(&self, n: usize) {
@@ -501,13 +504,15 @@ mod tests {
     }
 
     #[test]
-    fn budget_refuses_large_messages_only_and_releases() {
+    fn budget_refuses_large_messages_first_and_releases() {
         let budget = Budget::new(100_000);
         assert!(budget.charge(90_000, 90_000));
-        // Over the budget: a large message is refused, a small one is not.
+        // Over the budget: a large message is refused, a small one is not...
         assert!(!budget.charge(20_000, 110_000));
         assert!(budget.charge(10, 10));
-        budget.release(110_010);
+        // ... until the reserve of a quarter of the budget is used up too.
+        assert!(!budget.charge(20_000, 10));
+        budget.release(130_010);
         assert_eq!(budget.used(), 0);
         let meter = Meter::new(budget.clone());
         meter.on_read(500).unwrap();
