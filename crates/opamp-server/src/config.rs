@@ -77,6 +77,7 @@ pub struct ServerConfig {
     full_state_min_interval: Duration,
     max_http_sessions: usize,
     http_body_timeout: Duration,
+    limits: ConnectionLimits,
     #[cfg(feature = "tls")]
     tls: Option<Arc<rustls::ServerConfig>>,
     // --- Agent identity and admission (UID-8, plain-HTTP session table) ---
@@ -104,6 +105,7 @@ impl Default for ServerConfig {
             full_state_min_interval: DEFAULT_FULL_STATE_MIN_INTERVAL,
             max_http_sessions: DEFAULT_MAX_HTTP_SESSIONS,
             http_body_timeout: DEFAULT_HTTP_BODY_TIMEOUT,
+            limits: ConnectionLimits::default(),
             #[cfg(feature = "tls")]
             tls: None,
             remote_addr_from: None,
@@ -190,6 +192,11 @@ impl ServerConfig {
     /// 30 s, [`DEFAULT_HTTP_BODY_TIMEOUT`]).
     pub fn http_body_timeout(&self) -> Duration {
         self.http_body_timeout
+    }
+
+    /// Liveness timers and resource limits of connections (see [`ConnectionLimits`]).
+    pub fn limits(&self) -> &ConnectionLimits {
+        &self.limits
     }
 
     /// The TLS configuration of the standalone server, if any.
@@ -312,6 +319,12 @@ impl ServerConfigBuilder {
         self
     }
 
+    /// Sets the liveness timers and resource limits of connections (see [`ConnectionLimits`]).
+    pub fn limits(mut self, limits: ConnectionLimits) -> Self {
+        self.config.limits = limits;
+        self
+    }
+
     /// Serves TLS (and mTLS, if `tls` verifies client certificates) in the standalone server.
     #[cfg(feature = "tls")]
     pub fn tls(mut self, tls: Arc<rustls::ServerConfig>) -> Self {
@@ -396,6 +409,7 @@ impl ServerConfigBuilder {
                 });
             }
         }
+        c.limits.validate()?;
         if c.ws_read_buffer_size < 64 {
             return Err(ConfigError::ReadBufferTooSmall(c.ws_read_buffer_size));
         }
@@ -408,6 +422,263 @@ impl ServerConfigBuilder {
             ) | ServerCapabilitySet::ACCEPTS_STATUS,
             ..c
         })
+    }
+}
+
+// ---- Liveness and resource limits of connections ----
+
+/// Default factor between an agent's heartbeat interval and the read-idle timeout of its
+/// WebSocket: 3, so that two lost heartbeats are forgiven and a third closes the connection.
+pub const DEFAULT_HEARTBEAT_TIMEOUT_FACTOR: u32 = 3;
+/// Default heartbeat interval assumed for an agent that reports heartbeats (HB-1) without the
+/// server having offered one: 30 s, the spec's default (WS-14).
+pub const DEFAULT_AGENT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30);
+/// Default floor of the WebSocket read-idle timeout: 30 s, so that a tiny offered heartbeat
+/// interval (1 s) does not close agents at the first hiccup of the network.
+pub const DEFAULT_IDLE_TIMEOUT_FLOOR: Duration = Duration::from_secs(30);
+/// Default interval of the server's WebSocket pings to agents that send no heartbeats:
+/// 30 s, the spec's heartbeat default. Agents that send heartbeats are pinged only when a
+/// heartbeat is overdue (see [`ConnectionLimits`]).
+pub const DEFAULT_WS_PING_INTERVAL: Duration = Duration::from_secs(30);
+/// Default time a new connection has for its first message: 15 s. A WebSocket that sends no
+/// message within it after the upgrade is closed (1008); a TCP connection of the standalone
+/// server that sends no complete request head within it is dropped. Agents send their first
+/// message at once, so 15 s leaves room for slow links.
+pub const DEFAULT_FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Default least average pace of a WebSocket message or plain-HTTP body in progress, once
+/// its grace time passed: 256 KiB/s (2 Mbit/s). See [`ConnectionLimits::min_read_rate`].
+pub const DEFAULT_MIN_READ_RATE: u64 = 256 * 1024;
+/// Default grace time of a message in progress before its pace counts: 10 s.
+pub const DEFAULT_READ_GRACE: Duration = Duration::from_secs(10);
+/// Default budget for the bytes of all incomplete WebSocket messages and plain-HTTP bodies
+/// together: 256 MiB, four messages of the default 64 MiB limit at once.
+pub const DEFAULT_MAX_INCOMPLETE_BYTES: usize = 256 * 1024 * 1024;
+/// Messages up to this size may use a reserve of a quarter of the incomplete-bytes budget
+/// beyond it: 64 KiB. Heartbeats and status reports of good agents therefore get through
+/// while large stalled messages hold the budget, and memory stays bounded by 1.25 x the
+/// budget even when many connections hold small partial messages.
+pub const BUDGET_EXEMPT_MESSAGE_SIZE: usize = 64 * 1024;
+/// File descriptors kept out of [`ConnectionLimits::max_connections`] when it is derived from
+/// the process limit: 64 (the listener, logs, the embedder's own sockets and files).
+pub const FD_RESERVE: usize = 64;
+
+/// Liveness timers and resource limits of the server's connections (part of a
+/// [`ServerConfig`], set with [`ServerConfigBuilder::limits`]).
+///
+/// - **Read-idle timeout** (WebSocket): an agent that reports heartbeats (HB-1, HB-7) must
+///   send something within `heartbeat_timeout_factor` x its heartbeat interval (the one the
+///   server offered in `connection_settings.opamp.heartbeat_interval_seconds`, else
+///   [`DEFAULT_AGENT_HEARTBEAT_INTERVAL`]), at least `idle_timeout_floor`. It is pinged
+///   only once a heartbeat is overdue (after 2/3 of that timeout in silence), so an agent
+///   whose local heartbeat interval is longer than the server assumes is kept while it
+///   answers (WS-14). An agent without heartbeats (or offered interval 0) is sent a
+///   WebSocket Ping after each `ws_ping_interval` of read silence and must answer within
+///   `heartbeat_timeout_factor` x that interval (its Pong counts as traffic). With pings off
+///   (`ws_ping_interval` `None`), heartbeating agents are closed at their idle timeout and
+///   agents without heartbeats have none. Expiry closes with 1001 (Going Away).
+///   Plain-HTTP sessions expire after [`ServerConfig::http_idle_timeout`] without a poll.
+/// - **First message**: see [`DEFAULT_FIRST_MESSAGE_TIMEOUT`]; closes with 1008.
+/// - **Connection limit** (standalone server): at `max_connections` open TCP connections the
+///   server closes the oldest connection that never delivered an OpAMP message (a WebSocket
+///   before its first message: 1013; plain HTTP before its first answered request) to admit
+///   the new one; when every connection is a real agent, the new one is closed at once.
+/// - **Message pace** (both transports): a message in progress must have arrived, on
+///   average since its first byte, at `min_read_rate` bytes/s once `read_grace` passed, i.e.
+///   complete before `first byte + read_grace + received / min_read_rate`. A WebSocket that
+///   falls behind is closed with 1008; a plain-HTTP body gets 408.
+/// - **Incomplete-bytes budget** (both transports): bytes of incomplete messages and bodies
+///   count towards `max_incomplete_bytes` (a plain-HTTP body with a `Content-Length` counts
+///   its whole length from its head on, until it is answered). Past it, a message that
+///   needs more is refused (one up to [`BUDGET_EXEMPT_MESSAGE_SIZE`] only past 1.25 x the
+///   budget): a WebSocket is closed with 1013 (Try Again Later), a plain-HTTP request gets
+///   503 with `Retry-After: 30` (THR-5).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ConnectionLimits {
+    heartbeat_timeout_factor: u32,
+    idle_timeout_floor: Duration,
+    ws_ping_interval: Option<Duration>,
+    first_message_timeout: Duration,
+    max_connections: Option<usize>,
+    min_read_rate: u64,
+    read_grace: Duration,
+    max_incomplete_bytes: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            heartbeat_timeout_factor: DEFAULT_HEARTBEAT_TIMEOUT_FACTOR,
+            idle_timeout_floor: DEFAULT_IDLE_TIMEOUT_FLOOR,
+            ws_ping_interval: Some(DEFAULT_WS_PING_INTERVAL),
+            first_message_timeout: DEFAULT_FIRST_MESSAGE_TIMEOUT,
+            max_connections: None,
+            min_read_rate: DEFAULT_MIN_READ_RATE,
+            read_grace: DEFAULT_READ_GRACE,
+            max_incomplete_bytes: DEFAULT_MAX_INCOMPLETE_BYTES,
+        }
+    }
+}
+
+impl ConnectionLimits {
+    /// Read-idle timeout as a multiple of the heartbeat (or ping) interval (default 3,
+    /// [`DEFAULT_HEARTBEAT_TIMEOUT_FACTOR`]).
+    pub fn heartbeat_timeout_factor(&self) -> u32 {
+        self.heartbeat_timeout_factor
+    }
+
+    /// Least read-idle timeout (default 30 s, [`DEFAULT_IDLE_TIMEOUT_FLOOR`]).
+    pub fn idle_timeout_floor(&self) -> Duration {
+        self.idle_timeout_floor
+    }
+
+    /// Interval of WebSocket pings to agents without heartbeats; `None` when off (default
+    /// 30 s, [`DEFAULT_WS_PING_INTERVAL`]).
+    pub fn ws_ping_interval(&self) -> Option<Duration> {
+        self.ws_ping_interval
+    }
+
+    /// Time a new connection has for its first message (default 15 s,
+    /// [`DEFAULT_FIRST_MESSAGE_TIMEOUT`]).
+    pub fn first_message_timeout(&self) -> Duration {
+        self.first_message_timeout
+    }
+
+    /// Limit on open TCP connections of the standalone server, if set. Default `None`: the
+    /// process's file-descriptor soft limit minus [`FD_RESERVE`], read when the server binds
+    /// (Linux; no limit where it cannot be read).
+    pub fn max_connections(&self) -> Option<usize> {
+        self.max_connections
+    }
+
+    /// Least average pace of a message in progress, in bytes per second (default 256 KiB/s,
+    /// [`DEFAULT_MIN_READ_RATE`]).
+    pub fn min_read_rate(&self) -> u64 {
+        self.min_read_rate
+    }
+
+    /// Grace time of a message in progress before its pace counts (default 10 s,
+    /// [`DEFAULT_READ_GRACE`]).
+    pub fn read_grace(&self) -> Duration {
+        self.read_grace
+    }
+
+    /// Budget for the bytes of all incomplete messages and bodies (default 256 MiB,
+    /// [`DEFAULT_MAX_INCOMPLETE_BYTES`]).
+    pub fn max_incomplete_bytes(&self) -> usize {
+        self.max_incomplete_bytes
+    }
+
+    /// Sets the read-idle factor; must be at least 1.
+    pub fn with_heartbeat_timeout_factor(mut self, factor: u32) -> Self {
+        self.heartbeat_timeout_factor = factor;
+        self
+    }
+
+    /// Sets the least read-idle timeout; non-zero, at most [`MAX_TIMEOUT`].
+    pub fn with_idle_timeout_floor(mut self, floor: Duration) -> Self {
+        self.idle_timeout_floor = floor;
+        self
+    }
+
+    /// Sets the ping interval for agents without heartbeats (`None`: no pings at all, and
+    /// no idle timeout for agents without heartbeats); non-zero, at most [`MAX_TIMEOUT`].
+    pub fn with_ws_ping_interval(mut self, interval: Option<Duration>) -> Self {
+        self.ws_ping_interval = interval;
+        self
+    }
+
+    /// Sets the first-message deadline; non-zero, at most [`MAX_TIMEOUT`].
+    pub fn with_first_message_timeout(mut self, timeout: Duration) -> Self {
+        self.first_message_timeout = timeout;
+        self
+    }
+
+    /// Sets the limit on open TCP connections of the standalone server; must be non-zero.
+    pub fn with_max_connections(mut self, connections: usize) -> Self {
+        self.max_connections = Some(connections);
+        self
+    }
+
+    /// Sets the least pace of a message in progress, in bytes per second; must be non-zero.
+    pub fn with_min_read_rate(mut self, bytes_per_second: u64) -> Self {
+        self.min_read_rate = bytes_per_second;
+        self
+    }
+
+    /// Sets the grace time of a message in progress; at most [`MAX_TIMEOUT`].
+    pub fn with_read_grace(mut self, grace: Duration) -> Self {
+        self.read_grace = grace;
+        self
+    }
+
+    /// Sets the budget for bytes of incomplete messages and bodies; must be non-zero.
+    pub fn with_max_incomplete_bytes(mut self, bytes: usize) -> Self {
+        self.max_incomplete_bytes = bytes;
+        self
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.heartbeat_timeout_factor == 0 {
+            return Err(ConfigError::Zero("heartbeat_timeout_factor"));
+        }
+        if self.max_connections == Some(0) {
+            return Err(ConfigError::Zero("max_connections"));
+        }
+        if self.min_read_rate == 0 {
+            return Err(ConfigError::Zero("min_read_rate"));
+        }
+        if self.max_incomplete_bytes == 0 {
+            return Err(ConfigError::Zero("max_incomplete_bytes"));
+        }
+        let mut timeouts = vec![
+            ("idle_timeout_floor", self.idle_timeout_floor),
+            ("first_message_timeout", self.first_message_timeout),
+        ];
+        if let Some(ping) = self.ws_ping_interval {
+            timeouts.push(("ws_ping_interval", ping));
+        }
+        for (name, value) in timeouts {
+            if value.is_zero() {
+                return Err(ConfigError::Zero(name));
+            }
+            if value > MAX_TIMEOUT {
+                return Err(ConfigError::TooLong {
+                    name,
+                    max: MAX_TIMEOUT,
+                });
+            }
+        }
+        if self.read_grace > MAX_TIMEOUT {
+            return Err(ConfigError::TooLong {
+                name: "read_grace",
+                max: MAX_TIMEOUT,
+            });
+        }
+        Ok(())
+    }
+
+    /// The WebSocket read-idle timeout of an agent: `heartbeat` is its heartbeat interval
+    /// (`None` when it sends no heartbeats). `None`: no idle timeout.
+    pub(crate) fn ws_idle_timeout(&self, heartbeat: Option<Duration>) -> Option<Duration> {
+        let interval = heartbeat.or(self.ws_ping_interval)?;
+        Some(
+            interval
+                .saturating_mul(self.heartbeat_timeout_factor)
+                .max(self.idle_timeout_floor)
+                .min(MAX_TIMEOUT),
+        )
+    }
+
+    /// The time by which a message in progress must be complete: `received` bytes arrived
+    /// since its first byte at `started`.
+    pub(crate) fn message_deadline(
+        &self,
+        started: tokio::time::Instant,
+        received: usize,
+    ) -> tokio::time::Instant {
+        let pace = Duration::from_secs_f64(received as f64 / self.min_read_rate as f64);
+        started + self.read_grace + pace.min(MAX_TIMEOUT)
     }
 }
 
@@ -492,5 +763,64 @@ mod tests {
                 .unwrap_err(),
             ConfigError::Zero("max_http_sessions")
         );
+    }
+
+    #[test]
+    fn connection_limits_defaults_and_bounds() {
+        let l = ConnectionLimits::default();
+        assert_eq!(l.heartbeat_timeout_factor(), 3);
+        assert_eq!(l.first_message_timeout(), Duration::from_secs(15));
+        assert_eq!(l.ws_ping_interval(), Some(Duration::from_secs(30)));
+        assert_eq!(l.max_connections(), None);
+        // HB-7: 3 x the heartbeat, at least the floor; pings stand in for heartbeats.
+        assert_eq!(
+            l.ws_idle_timeout(Some(Duration::from_secs(30))),
+            Some(Duration::from_secs(90))
+        );
+        assert_eq!(
+            l.ws_idle_timeout(Some(Duration::from_secs(1))),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(l.ws_idle_timeout(None), Some(Duration::from_secs(90)));
+        assert_eq!(
+            l.clone().with_ws_ping_interval(None).ws_idle_timeout(None),
+            None
+        );
+        assert_eq!(
+            l.ws_idle_timeout(Some(Duration::from_secs(u64::MAX / 2))),
+            Some(MAX_TIMEOUT),
+            "huge offers saturate"
+        );
+        let build = |l: ConnectionLimits| ServerConfig::builder().limits(l).build();
+        for (limits, name) in [
+            (
+                l.clone().with_heartbeat_timeout_factor(0),
+                "heartbeat_timeout_factor",
+            ),
+            (l.clone().with_max_connections(0), "max_connections"),
+            (l.clone().with_min_read_rate(0), "min_read_rate"),
+            (
+                l.clone().with_max_incomplete_bytes(0),
+                "max_incomplete_bytes",
+            ),
+            (
+                l.clone().with_first_message_timeout(Duration::ZERO),
+                "first_message_timeout",
+            ),
+            (
+                l.clone().with_ws_ping_interval(Some(Duration::ZERO)),
+                "ws_ping_interval",
+            ),
+        ] {
+            assert_eq!(build(limits).unwrap_err(), ConfigError::Zero(name));
+        }
+        assert_eq!(
+            build(l.clone().with_read_grace(Duration::MAX)).unwrap_err(),
+            ConfigError::TooLong {
+                name: "read_grace",
+                max: MAX_TIMEOUT
+            }
+        );
+        assert!(build(l.with_max_connections(10)).is_ok());
     }
 }

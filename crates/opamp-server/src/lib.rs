@@ -88,6 +88,21 @@
 //! [`Connection::send_shared`] for each: the message is encoded once and every agent gets
 //! the same bytes behind its own instance uid and capabilities.
 //!
+//! # Liveness and resource limits
+//!
+//! [`ConnectionLimits`] (in [`ServerConfig::limits`]) bounds what a dead or hostile peer can
+//! hold, with defaults that suit a real fleet:
+//!
+//! | rule | default | on breach |
+//! | --- | --- | --- |
+//! | WebSocket read-idle timeout: 3 x the agent's heartbeat interval (offered, else 30 s), at least 30 s (HB-7) | 90 s | Close 1001 |
+//! | WebSocket Ping after 30 s of silence to agents without heartbeats (after 60 s to heartbeating ones) | on | no Pong in 90 s: Close 1001 |
+//! | plain-HTTP session expiry: `http_idle_timeout`, or 3 offered polling intervals if longer (HB-5) | 120 s | session ends |
+//! | first message after the upgrade / first request head (slow-loris), TLS handshake included | 15 s | Close 1008 / dropped |
+//! | pace of a message or body in progress: 256 KiB/s on average after a 10 s grace | on | Close 1008 / 408 |
+//! | bytes of all incomplete messages and bodies (messages up to 64 KiB may use 25 % more) | 256 MiB | Close 1013 / 503 + `Retry-After` |
+//! | open TCP connections of the standalone server; the oldest silent ones are shed first | fd soft limit - 64 | Close 1013 / dropped |
+//!
 //! # Cancel safety
 //!
 //! [`Connection::send_async`]: dropping the future leaves the message unsent. The drivers
@@ -106,6 +121,7 @@ mod config;
 mod connection;
 mod core;
 mod error;
+mod limits;
 mod plain;
 mod registry;
 mod server;
@@ -116,6 +132,12 @@ mod ws;
 pub use callbacks::{
     ConnectionCallbacks, ConnectionResponse, DuplicateUid, DuplicateUidPolicy, Rejection,
     ServerCallbacks, bad_request, unavailable,
+};
+pub use config::{
+    BUDGET_EXEMPT_MESSAGE_SIZE, ConnectionLimits, DEFAULT_AGENT_HEARTBEAT_INTERVAL,
+    DEFAULT_FIRST_MESSAGE_TIMEOUT, DEFAULT_HEARTBEAT_TIMEOUT_FACTOR, DEFAULT_IDLE_TIMEOUT_FLOOR,
+    DEFAULT_MAX_INCOMPLETE_BYTES, DEFAULT_MIN_READ_RATE, DEFAULT_READ_GRACE,
+    DEFAULT_WS_PING_INTERVAL, FD_RESERVE,
 };
 pub use config::{
     DEFAULT_FULL_STATE_MIN_INTERVAL, DEFAULT_HTTP_BODY_TIMEOUT, DEFAULT_HTTP_IDLE_TIMEOUT,

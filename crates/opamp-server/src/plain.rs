@@ -2,7 +2,7 @@
 //! `ServerToAgent` (HTTP-1); a session per instance uid stands in for the connection.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http::header::{CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER};
 use http::request::Parts;
 use http::{HeaderValue, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use opamp_proto::{
     AgentToServer, CONTENT_TYPE_PROTOBUF, DecodeError, InstanceUid, Message,
     ServerErrorResponseType, ServerToAgent, framing::MessageTooLarge,
@@ -26,6 +26,7 @@ use crate::connection::{Connection, PeerInfo, merge};
 use crate::core::{AgentSession, SessionConfig, reassign_reply};
 use crate::error::ReadMessageError;
 use crate::registry::{self, Claim, UidRegistry};
+use crate::limits::BodyError;
 use crate::service::{ResponseBody, Shared, text_response};
 use crate::wire;
 
@@ -60,6 +61,8 @@ pub(crate) struct Session {
     #[cfg(feature = "tls")]
     certificates: Option<crate::PeerCertificates>,
     last_seen: Mutex<Instant>,
+    /// Idle limit from the polling interval the server offered, in ms (0: none offered).
+    offered_idle_ms: AtomicU64,
     state: tokio::sync::Mutex<State>,
     /// Where the session's uid claim is given back when it ends (UID-8).
     uids: Arc<UidRegistry>,
@@ -83,6 +86,31 @@ impl Drop for Slot {
 }
 
 impl Session {
+    /// HB-5: an agent offered `heartbeat_interval_seconds` polls at that interval; its session
+    /// lives `heartbeat_timeout_factor` polls without one, as a WebSocket agent does, and at
+    /// least `http_idle_timeout`.
+    fn note_offer(&self, reply: &ServerToAgent, limits: &crate::ConnectionLimits) {
+        let Some(opamp) = reply
+            .connection_settings
+            .as_ref()
+            .and_then(|c| c.opamp.as_ref())
+        else {
+            return;
+        };
+        let idle = Duration::from_secs(opamp.heartbeat_interval_seconds)
+            .saturating_mul(limits.heartbeat_timeout_factor())
+            .min(crate::MAX_TIMEOUT);
+        let ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+        self.offered_idle_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// The idle limit of this session: `default` or more after an offered polling interval.
+    fn idle_limit(&self, default: Duration) -> Duration {
+        default.max(Duration::from_millis(
+            self.offered_idle_ms.load(Ordering::Relaxed),
+        ))
+    }
+
     /// Whether a request from `peer` may use this session: under mTLS, only with the chain
     /// that created it (review finding 2b).
     fn admits(&self, peer: &PeerInfo) -> bool {
@@ -193,6 +221,7 @@ impl Sessions {
             polls: AtomicU32::new(0),
             uids: shared.uids.clone(),
             last_seen: Mutex::new(Instant::now()),
+            offered_idle_ms: AtomicU64::new(0),
             state: tokio::sync::Mutex::new(State {
                 core: AgentSession::new(
                     SessionConfig::plain_http(config.server_capabilities())
@@ -327,7 +356,7 @@ fn start_sweeper(shared: &Arc<Shared>) {
                 let mut out = Vec::new();
                 map.retain(|_, s| {
                     let stale = s.conn.is_closed()
-                        || now.saturating_duration_since(*lock(&s.last_seen)) > idle;
+                        || now.saturating_duration_since(*lock(&s.last_seen)) > s.idle_limit(idle);
                     if stale {
                         out.push(s.clone());
                     }
@@ -398,35 +427,52 @@ where
     // trickling its body would otherwise hold this task and its buffer (and a graceful
     // shutdown) forever.
     let mut stop = shared.stop_signal();
-    let read = tokio::time::timeout(
+    let content_length = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    // ConnectionLimits: the body keeps a least pace, and its bytes count towards the
+    // server-wide budget for incomplete messages until the request is answered.
+    let read = crate::limits::read_body(
+        body,
+        content_length,
+        limit,
         shared.config.http_body_timeout(),
-        Limited::new(body, limit).collect(),
+        shared.config.limits(),
+        &shared.budget,
     );
     let collected = tokio::select! {
-        read = read => match read {
-            Ok(collected) => collected,
-            Err(_) => {
-                tracing::debug!("request body not received within http_body_timeout");
-                return text_response(StatusCode::REQUEST_TIMEOUT, "request body too slow");
-            }
-        },
+        read = read => read,
         () = crate::service::stopped(&mut stop) => {
             return text_response(StatusCode::SERVICE_UNAVAILABLE, "server is stopping");
         }
     };
-    let raw = match collected {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) => {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                let err = ReadMessageError::Decode(DecodeError::TooLarge(MessageTooLarge {
-                    size: limit.saturating_add(1),
-                    limit,
-                }));
-                report_error(&callbacks, &peer, header_uid, &err).await;
-                return text_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
-            }
+    let (raw, _charge) = match collected {
+        Ok(read) => read,
+        Err(BodyError::TooSlow) => {
+            tracing::debug!("request body too slow (http_body_timeout or min_read_rate)");
+            return text_response(StatusCode::REQUEST_TIMEOUT, "request body too slow");
+        }
+        Err(BodyError::OverBudget) => {
+            tracing::debug!("incomplete-message budget exhausted; request refused");
+            let mut resp = text_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server busy with other requests, retry later",
+            );
+            resp.headers_mut()
+                .insert(RETRY_AFTER, retry_after_value(SESSIONS_FULL_RETRY_AFTER));
+            return resp;
+        }
+        Err(BodyError::TooLarge) => {
+            let err = ReadMessageError::Decode(DecodeError::TooLarge(MessageTooLarge {
+                size: limit.saturating_add(1),
+                limit,
+            }));
+            report_error(&callbacks, &peer, header_uid, &err).await;
+            return text_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+        }
+        Err(BodyError::Read(e)) => {
             tracing::debug!(error = %e, "reading the request body failed");
             return text_response(StatusCode::BAD_REQUEST, "cannot read the request body");
         }
@@ -612,6 +658,7 @@ where
             }
         }
         let reply = state.core.prepare_reply(out, Instant::now());
+        session.note_offer(&reply, shared.config.limits());
         if let Some(assigned) = state.core.assigned_instance_uid() {
             // UID-5: the agent's next poll carries the new uid; find this session by it.
             lock(&shared.sessions.map).insert(assigned, session.clone());

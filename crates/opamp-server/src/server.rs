@@ -17,9 +17,11 @@ use crate::callbacks::ServerCallbacks;
 use crate::config::ServerConfig;
 use crate::connection::PeerInfo;
 use crate::error::ServerError;
+use crate::limits::{Slot, SlotExt};
 use crate::service::{OpampService, stopped, text_response};
 
-/// Time a client gets to finish its TLS handshake.
+/// Most time a client gets to finish its TLS handshake (the first-message timeout, if
+/// shorter, applies).
 #[cfg(feature = "tls")]
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -105,6 +107,11 @@ impl Server {
 
 async fn accept_loop(listener: TcpListener, service: OpampService) {
     let mut stop = service.shared.stop_signal();
+    let max = service
+        .config()
+        .limits()
+        .max_connections()
+        .or_else(crate::limits::default_max_connections);
     loop {
         let accepted = tokio::select! {
             _ = stopped(&mut stop) => return,
@@ -112,33 +119,57 @@ async fn accept_loop(listener: TcpListener, service: OpampService) {
         };
         match accepted {
             Ok((tcp, remote)) => {
+                // At the limit, the oldest connection that never sent an OpAMP message
+                // makes room; when all are real agents, the new one is closed at once.
+                let Some(slot) = service.shared.conns.admit(max) else {
+                    tracing::debug!(%remote, "connection limit reached; connection refused");
+                    drop(tcp);
+                    continue;
+                };
                 let _ = tcp.set_nodelay(true);
                 let service = service.clone();
                 let span = tracing::debug_span!("opamp.conn", %remote);
-                tokio::spawn(serve_tcp(service, tcp, remote).instrument(span));
+                tokio::spawn(serve_tcp(service, tcp, remote, slot).instrument(span));
             }
             Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
+                // Out of file descriptors and the like: make room, back off instead of
+                // spinning.
                 tracing::warn!(error = %e, "accept failed");
+                service.shared.conns.shed_oldest();
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
 }
 
-async fn serve_tcp(service: OpampService, tcp: TcpStream, remote: SocketAddr) {
+async fn serve_tcp(service: OpampService, tcp: TcpStream, remote: SocketAddr, slot: Arc<Slot>) {
     let peer = PeerInfo::remote(remote);
+    // The first request head (TLS handshake included) is due within the first-message
+    // timeout of the accept (slow-loris).
+    let first_due = tokio::time::Instant::now() + service.config().limits().first_message_timeout();
     #[cfg(feature = "tls")]
     if let Some(tls) = service.config().tls().cloned() {
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-        let stream = match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(tcp)).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!("TLS handshake timed out");
+        // The handshake counts towards the first-message timeout, and a connection still in
+        // it is silent: it may be shed at the connection limit.
+        let handshake = tokio::time::timeout_at(
+            first_due.min(tokio::time::Instant::now() + HEADER_READ_TIMEOUT),
+            acceptor.accept(tcp),
+        );
+        let stream = tokio::select! {
+            accepted = handshake => match accepted {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!("TLS handshake timed out");
+                    return;
+                }
+            },
+            () = slot.shed_requested() => {
+                tracing::debug!("connection shed at the connection limit during TLS handshake");
                 return;
             }
         };
@@ -151,22 +182,30 @@ async fn serve_tcp(service: OpampService, tcp: TcpStream, remote: SocketAddr) {
             certificates,
             ..peer
         };
-        serve_io(service, stream, peer).await;
+        serve_io(service, stream, peer, slot, first_due).await;
         return;
     }
-    serve_io(service, tcp, peer).await;
+    serve_io(service, tcp, peer, slot, first_due).await;
 }
 
-async fn serve_io<I>(service: OpampService, io: I, peer: PeerInfo)
-where
+async fn serve_io<I>(
+    service: OpampService,
+    io: I,
+    peer: PeerInfo,
+    slot: Arc<Slot>,
+    first_due: tokio::time::Instant,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let _guard = service.shared.track();
     let mut stop = service.shared.stop_signal();
     let path_service = service.clone();
+    let handler_slot = slot.clone();
     let handler = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let service = path_service.clone();
         let peer = peer.clone();
+        let slot = handler_slot.clone();
+        slot.mark_request();
         // Boxed: hyper keeps a slot the size of this future for every connection, idle ones
         // included, and unboxed it is several KiB.
         Box::pin(async move {
@@ -183,7 +222,13 @@ where
             if let Some(certs) = peer.certificates {
                 req.extensions_mut().insert(certs);
             }
-            Ok(service.handle(req).await)
+            req.extensions_mut().insert(SlotExt(slot.clone()));
+            let resp = service.handle(req).await;
+            if resp.status() == StatusCode::OK {
+                // A plain-HTTP exchange: this connection carries a real agent.
+                slot.mark_active();
+            }
+            Ok(resp)
         })
     });
     // hyper's header-read timeout also runs while a kept-alive connection waits for its next
@@ -196,14 +241,32 @@ where
         .serve_connection(TokioIo::new(io), handler)
         .with_upgrades();
     tokio::pin!(conn);
-    tokio::select! {
-        result = conn.as_mut() => {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "HTTP connection ended with an error");
+    // A connection must send a request head by `first_due` (slow-loris); later requests are
+    // bounded by hyper's header timeout.
+    let first = tokio::time::sleep_until(first_due);
+    tokio::pin!(first);
+    let mut first_pending = true;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "HTTP connection ended with an error");
+                }
+                return;
             }
-            return;
+            _ = stopped(&mut stop) => break,
+            () = slot.shed_requested() => {
+                tracing::debug!("connection shed at the connection limit");
+                return;
+            }
+            () = first.as_mut(), if first_pending => {
+                if !slot.request_seen() {
+                    tracing::debug!("no request within the first-message timeout");
+                    return;
+                }
+                first_pending = false;
+            }
         }
-        _ = stopped(&mut stop) => {}
     }
     // Graceful: finish the request in flight, close idle keep-alive connections.
     conn.as_mut().graceful_shutdown();

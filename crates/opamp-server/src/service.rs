@@ -52,6 +52,10 @@ pub(crate) struct Shared {
     pub(crate) sessions: Sessions,
     /// Live instance uids across connections (UID-8).
     pub(crate) uids: Arc<UidRegistry>,
+    /// Bytes of incomplete messages and bodies, server-wide (ConnectionLimits).
+    pub(crate) budget: Arc<crate::limits::Budget>,
+    /// Open TCP connections of the standalone server (ConnectionLimits).
+    pub(crate) conns: Arc<crate::limits::ConnTable>,
     stop_tx: watch::Sender<bool>,
     active: AtomicUsize,
     idle: Notify,
@@ -106,12 +110,15 @@ impl OpampService {
     /// A service with `config` whose connections `callbacks` accepts.
     pub fn new(config: ServerConfig, callbacks: Arc<dyn ServerCallbacks>) -> Self {
         let (stop_tx, _) = watch::channel(false);
+        let budget = crate::limits::Budget::new(config.limits().max_incomplete_bytes());
         Self {
             shared: Arc::new(Shared {
                 config,
                 callbacks,
                 sessions: Sessions::default(),
                 uids: Arc::default(),
+                budget,
+                conns: Arc::default(),
                 stop_tx,
                 active: AtomicUsize::new(0),
                 idle: Notify::new(),
@@ -148,6 +155,12 @@ impl OpampService {
     /// Number of WebSocket connections and requests in flight.
     pub fn active_connections(&self) -> usize {
         self.shared.active.load(Ordering::Acquire)
+    }
+
+    /// Bytes of incomplete WebSocket messages and plain-HTTP bodies held now, counted
+    /// against [`ConnectionLimits::max_incomplete_bytes`](crate::ConnectionLimits::max_incomplete_bytes).
+    pub fn incomplete_bytes(&self) -> usize {
+        self.shared.budget.used()
     }
 
     /// Number of live plain-HTTP sessions.
@@ -211,7 +224,11 @@ impl OpampService {
                     );
                 };
                 drop(body);
-                ws::spawn(shared.clone(), on_upgrade, callbacks, peer);
+                let slot = parts
+                    .extensions
+                    .remove::<crate::limits::SlotExt>()
+                    .map(|s| s.0);
+                ws::spawn(shared.clone(), on_upgrade, callbacks, peer, slot);
                 let mut resp = Response::new(Full::new(Bytes::new()));
                 *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
                 let h = resp.headers_mut();
