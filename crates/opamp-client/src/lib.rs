@@ -106,5 +106,6 @@ pub use async_trait::async_trait;
 pub use backoff::BackoffPolicy;
 pub use callbacks::{Callbacks, MessageData, SettingsRejected};
 pub use client::OpampClient;
-pub use error::{ClientError, ConnectError, StartError, StopError};
+pub use core::ServerGuards;
+pub use error::{ClientError, ConnectError, ReportTooLarge, StartError, StopError};
 pub use settings::{HeaderFn, StartSettings};

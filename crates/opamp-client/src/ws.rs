@@ -11,7 +11,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
 
-use crate::client::Driver;
+use crate::client::{Driver, LinkAction};
 use crate::error::ConnectError;
 use crate::net::{self, BoxedIo};
 
@@ -115,17 +115,25 @@ async fn connection(d: &Driver, mut ws: Ws) -> End {
     let limit = d.settings.max_message_size;
     loop {
         d.refresh_effective_config().await;
-        if d.dispatch_events().await {
-            // THR-2, WS-19: agent_disconnect first, then close, then wait and reconnect.
-            let bye = d.shared.core().disconnect_message(Instant::now());
-            goodbye(
-                &mut ws,
-                Some(bye),
-                wsconf::CLOSE_NORMAL,
-                d.settings.stop_timeout,
-            )
-            .await;
-            return End::Reconnect;
+        match d.dispatch_events().await {
+            LinkAction::Keep => {}
+            LinkAction::Reconnect => {
+                // THR-2, WS-19: agent_disconnect first, then close, then wait and reconnect.
+                let bye = d.shared.core().disconnect_message(Instant::now());
+                goodbye(
+                    &mut ws,
+                    Some(bye),
+                    wsconf::CLOSE_NORMAL,
+                    d.settings.stop_timeout,
+                )
+                .await;
+                return End::Reconnect;
+            }
+            LinkAction::Drop => {
+                // Half-open: a goodbye would go nowhere. A close frame, briefly, then drop.
+                goodbye(&mut ws, None, wsconf::CLOSE_NORMAL, ERROR_CLOSE_TIMEOUT).await;
+                return End::Reconnect;
+            }
         }
         if d.stop_requested() {
             return stop(d, ws).await;

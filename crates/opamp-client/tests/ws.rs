@@ -586,3 +586,47 @@ async fn ws_17_server_close_is_answered_with_a_close_frame() {
     assert_eq!(n, 1);
     client.stop().await.unwrap();
 }
+
+/// Item 7a (GEN-8, WS-18): a server that answers the first message and then closes each
+/// WebSocket at once must not get a tight reconnect loop: sessions that die young do not
+/// reset the backoff. With 100 ms growing by 2x up to 1 s, 3 s allow about 8 connections;
+/// without backoff it would be hundreds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gen_8_ws_18_server_closing_every_session_at_once_gets_backoff() {
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = count.clone();
+    let addr = tcp_server(move |_, stream| {
+        let counted = counted.clone();
+        async move {
+            let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                return;
+            };
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            // Answer the first report properly, then close.
+            if let Some(Ok(Message::Binary(data))) = ws.next().await {
+                let msg: AgentToServer = framing::decode(&data, 1 << 20).unwrap();
+                let _ = ws.send(Message::Binary(framing::encode(&ack(&msg)))).await;
+            }
+            let _ = ws.close(None).await;
+        }
+    })
+    .await;
+    let (cb, _cbs) = Recorder::new();
+    let client = OpampClient::start(
+        settings(format!("ws://{addr}/v1/opamp"))
+            .with_capabilities(caps())
+            .with_backoff(
+                opamp_client::BackoffPolicy::default()
+                    .with_initial_interval(Duration::from_millis(100))
+                    .with_multiplier(2.0)
+                    .with_randomization_factor(0.0)
+                    .with_max_interval(Duration::from_secs(1)),
+            ),
+        cb,
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let n = count.load(std::sync::atomic::Ordering::SeqCst);
+    client.stop().await.ok();
+    assert!((2..=12).contains(&n), "{n} connections in 3 s");
+}
