@@ -14,7 +14,8 @@
 //! 1. feed inputs: [`handle_connected`](ClientCore::handle_connected) /
 //!    [`handle_connect_failure`](ClientCore::handle_connect_failure) /
 //!    [`handle_disconnected`](ClientCore::handle_disconnected) for the link,
-//!    [`handle_message`](ClientCore::handle_message) for every `ServerToAgent`,
+//!    [`handle_message`](ClientCore::handle_message) for every `ServerToAgent` (and
+//!    [`handle_activity`](ClientCore::handle_activity) whenever bytes arrived over WebSocket),
 //!    [`handle_request_rejected`](ClientCore::handle_request_rejected) for a plain-HTTP request
 //!    the server refused (413, 400), and the `set_*` methods for the agent's status;
 //! 2. drain [`poll_event`](ClientCore::poll_event) and act on each event (an OpAMP
@@ -707,6 +708,14 @@ impl ClientCore {
             }
         }
         self.backoff.next_delay()
+    }
+
+    /// WebSocket: bytes came from the server at `now`, maybe only part of a message. A large
+    /// message still in transit is not silence: the wait for an answer starts over (REP-4).
+    pub fn handle_activity(&mut self, now: Instant) {
+        if self.unanswered > 0 {
+            self.silent_since = Some(now);
+        }
     }
 
     /// Checks the timers that do not send anything: a WebSocket server silent for too long
