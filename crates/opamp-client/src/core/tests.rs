@@ -1640,3 +1640,24 @@ fn memory_core_keeps_no_reference_to_a_handled_message() {
     );
     let _ = frame.split_off(0);
 }
+
+#[test]
+fn rep_4_bytes_in_transit_are_not_taken_for_silence() {
+    let t0 = Instant::now();
+    let mut c = ws_up(all_caps(), t0);
+    assert!(c.poll_transmit(t0 + secs(30.0)).is_some());
+    // A large message is arriving: bytes, but no whole message yet.
+    c.handle_activity(t0 + secs(80.0));
+    c.handle_timeout(t0 + secs(90.0));
+    assert!(
+        events(&mut c).is_empty(),
+        "a message in transit is not silence"
+    );
+    assert_eq!(c.poll_timeout(), Some(t0 + secs(60.0)));
+    c.handle_timeout(t0 + secs(140.0));
+    assert_eq!(events(&mut c), vec![Event::ServerUnresponsive]);
+    // Without anything outstanding, activity changes nothing.
+    let mut c = ws_up(all_caps() - AgentCapabilitySet::REPORTS_HEARTBEAT, t0);
+    c.handle_activity(t0);
+    assert_eq!(c.poll_timeout(), None);
+}
