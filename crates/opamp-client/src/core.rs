@@ -322,6 +322,7 @@ pub struct ClientCore {
     local_heartbeat: Duration,
     /// WebSocket: when the current connection came up, and whether the server answered on it.
     session_started: Option<Instant>,
+    session_answered: bool,
     /// WebSocket: messages sent that the server has not answered yet (REP-4), and since when
     /// the server has been silent with one outstanding.
     unanswered: u32,
@@ -381,6 +382,7 @@ impl ClientCore {
             guards: config.guards,
             local_heartbeat: config.heartbeat_interval,
             session_started: None,
+            session_answered: false,
             unanswered: 0,
             silent_since: None,
             last_requested_full_state: None,
@@ -664,6 +666,7 @@ impl ClientCore {
         self.full_state = true;
         self.full_state_deferred = false;
         self.session_started = Some(now);
+        self.session_answered = false;
         self.unanswered = 0;
         self.silent_since = None;
         // The first message on this connection carries the current uid, before the server
@@ -699,11 +702,13 @@ impl ClientCore {
     }
 
     /// The delay before reconnecting after a WebSocket session ended at `now`. Only a session
-    /// that lasted at least `min_session` starts the backoff over (GEN-8, WS-18): a server
-    /// that answers and then closes every connection at once sees growing delays.
+    /// on which the server answered and that lasted at least `min_session` starts the backoff
+    /// over (GEN-8, WS-18): a server that answers and then closes every connection at once
+    /// sees growing delays.
     fn session_ended(&mut self, now: Instant) -> Duration {
         if let Some(started) = self.session_started.take() {
-            if now.saturating_duration_since(started) >= self.guards.min_session {
+            let lived = now.saturating_duration_since(started);
+            if std::mem::take(&mut self.session_answered) && lived >= self.guards.min_session {
                 self.backoff.reset();
             }
         }
@@ -857,8 +862,9 @@ impl ClientCore {
         }
         // A proper answer: the server works, so the backoff starts over. Over WebSocket only
         // once the session has lasted (`session_ended`, GEN-8, WS-18).
-        if self.transport == TransportKind::Http {
-            self.backoff.reset();
+        match self.transport {
+            TransportKind::Http => self.backoff.reset(),
+            TransportKind::WebSocket => self.session_answered = true,
         }
         self.mark_up();
 

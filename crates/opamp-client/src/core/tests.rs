@@ -1661,3 +1661,20 @@ fn rep_4_bytes_in_transit_are_not_taken_for_silence() {
     c.handle_activity(t0);
     assert_eq!(c.poll_timeout(), None);
 }
+
+#[test]
+fn gen_8_long_session_without_any_answer_does_not_reset_the_backoff() {
+    let t0 = Instant::now();
+    let mut c = core(TransportKind::WebSocket, all_caps(), t0);
+    let mut now = t0;
+    let mut delays = vec![];
+    for _ in 0..12 {
+        c.handle_connected(now);
+        c.poll_transmit(now).unwrap();
+        // Held open for a minute, never answered, then dropped.
+        let d = c.handle_disconnected(now + secs(60.0));
+        delays.push(d);
+        now = c.connect_at().unwrap();
+    }
+    assert!(delays[11] > secs(20.0), "{delays:?}");
+}
