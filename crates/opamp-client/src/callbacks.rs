@@ -10,7 +10,7 @@ use opamp_proto::{
     ServerToAgentCommand, ServerToAgentFlagSet, TelemetryConnectionSettings,
 };
 
-use crate::error::ConnectError;
+use crate::error::{ConnectError, ReportTooLarge};
 
 /// The hooks the client calls. Every method has a default, so an embedder implements only
 /// what it uses.
@@ -38,17 +38,24 @@ pub trait Callbacks: Send + Sync + 'static {
     /// The server sent data for the agent. Called only when `data` holds something.
     async fn on_message(&self, _data: MessageData) {}
 
-    /// The server offered new OpAMP connection settings (CS-OP-1). Only called when the agent
+    /// The server offered new OpAMP connection settings (CS-OP-1), from the offer whose
+    /// `ConnectionSettingsOffers.hash` is `offer_hash` (CS-2). Only called when the agent
     /// declared `AcceptsOpAMPConnectionSettings`.
     ///
-    /// The client itself applies only `heartbeat_interval_seconds` (HB-2, when the agent
-    /// declared `ReportsHeartbeat`, whatever this returns). Endpoint, headers and certificates
-    /// are the embedder's to verify, persist and apply (CS-OP-2..CS-OP-6), typically by stopping
-    /// this client and starting one with the new settings. Return `Err` to reject the offer
-    /// (CS-4); the default accepts it.
+    /// Nothing of the offer is applied before this returns (CS-4). When it returns `Ok`, the
+    /// client applies `heartbeat_interval_seconds` (HB-2, with `ReportsHeartbeat`), and, with
+    /// `ReportsConnectionSettingsStatus`, reports APPLIED if that is all the offer holds.
+    /// Endpoint, headers, certificates, TLS and proxy settings are the embedder's to verify,
+    /// persist, apply and report (CS-OP-2..CS-OP-6), typically by stopping this client and
+    /// starting one with the new settings, then calling
+    /// [`OpampClient::set_connection_settings_status`](crate::OpampClient::set_connection_settings_status).
+    /// Return `Err` to reject the offer: nothing is applied, and with
+    /// `ReportsConnectionSettingsStatus` the client reports FAILED with `offer_hash` and the
+    /// reason (CSS-1). The default accepts.
     async fn on_opamp_connection_settings(
         &self,
         _settings: &OpAmpConnectionSettings,
+        _offer_hash: &[u8],
     ) -> Result<(), SettingsRejected> {
         Ok(())
     }
@@ -56,6 +63,11 @@ pub trait Callbacks: Send + Sync + 'static {
     /// The server sent a command (CMD-1). Only called when the agent declared
     /// `AcceptsRestartCommand`; the rest of that message is ignored (S2A-2).
     async fn on_command(&self, _command: &ServerToAgentCommand) {}
+
+    /// A part of the agent's report is over the message size limit on its own and was not
+    /// sent (WS-12, HTTP-17); the rest of the report went out. The part is tried again once
+    /// it changes: make it smaller (e.g. a smaller effective config) or raise the limit.
+    async fn on_report_too_large(&self, _error: &ReportTooLarge) {}
 
     /// The agent's current effective configuration (EFF-1). Called before the first report
     /// and after each [`OpampClient::update_effective_config`](crate::OpampClient::update_effective_config),

@@ -39,6 +39,17 @@ impl Shared {
     }
 }
 
+/// What the WebSocket driver does with its connection after the events were dispatched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LinkAction {
+    /// Carry on.
+    Keep,
+    /// The server is UNAVAILABLE: goodbye, close, reconnect at `connect_at` (THR-2, WS-19).
+    Reconnect,
+    /// The server is unresponsive (half-open): drop the connection, reconnect at `connect_at`.
+    Drop,
+}
+
 /// Everything a driver needs.
 pub(crate) struct Driver {
     pub(crate) shared: Arc<Shared>,
@@ -60,27 +71,49 @@ impl Driver {
         }
     }
 
-    /// Calls the callbacks for every pending event, one at a time. Returns true when the
-    /// core asked for a WebSocket reconnect (THR-2).
-    pub(crate) async fn dispatch_events(&self) -> bool {
-        let mut reconnect = false;
+    /// Checks the core's timers (half-open server, deferred remote config), then calls the
+    /// callbacks for every pending event, one at a time. Returns what the WebSocket driver
+    /// must do with its connection.
+    pub(crate) async fn dispatch_events(&self) -> LinkAction {
+        self.shared.core().handle_timeout(Instant::now());
+        let mut action = LinkAction::Keep;
         loop {
             let event = self.shared.core().poll_event();
             let Some(event) = event else {
-                return reconnect;
+                return action;
             };
             match event {
                 Event::Connected => self.callbacks.on_connect().await,
                 Event::ServerError(e) => self.callbacks.on_error(&e).await,
-                Event::Reconnect => reconnect = true,
+                Event::Reconnect => action = LinkAction::Reconnect,
+                Event::ServerUnresponsive => action = LinkAction::Drop,
                 Event::Command(c) => self.callbacks.on_command(&c).await,
-                Event::OpampConnectionSettings(s) => {
-                    match self.callbacks.on_opamp_connection_settings(&s).await {
-                        Ok(()) => tracing::debug!("OpAMP connection settings accepted"),
-                        Err(e) => tracing::info!("{e}"),
+                Event::OpampConnectionSettings {
+                    settings,
+                    offer_hash,
+                } => {
+                    // CS-4: nothing is applied before the embedder accepts.
+                    let decision = self
+                        .callbacks
+                        .on_opamp_connection_settings(&settings, &offer_hash)
+                        .await;
+                    let mut core = self.shared.core();
+                    match decision {
+                        Ok(()) => {
+                            tracing::debug!("OpAMP connection settings accepted");
+                            core.accept_opamp_connection_settings(&offer_hash, &settings);
+                        }
+                        Err(e) => {
+                            tracing::info!("{e}");
+                            core.reject_opamp_connection_settings(&offer_hash, &e.reason);
+                        }
                     }
                 }
                 Event::Message(data) => self.callbacks.on_message(*data).await,
+                Event::ReportTooLarge(e) => self.callbacks.on_report_too_large(&e).await,
+                // The core's events are all handled above; a new one is logged until it is.
+                #[allow(unreachable_patterns)]
+                other => tracing::debug!(?other, "unhandled core event"),
             }
         }
     }
@@ -170,6 +203,7 @@ impl OpampClient {
         config.backoff = settings.backoff.clone();
         config.max_message_size = settings.max_message_size;
         config.jitter_seed = settings.jitter_seed;
+        config.guards = settings.guards.clone();
         let mut core = ClientCore::new(config, Instant::now());
         if let Some(description) = settings.agent_description.clone() {
             core.set_agent_description(description)

@@ -9,13 +9,19 @@
 //!
 //! A driver loops:
 //!
+//! 0. call [`handle_timeout`](ClientCore::handle_timeout) with the current time (it detects a
+//!    silent WebSocket server and releases deferred remote configs and full-state reports);
 //! 1. feed inputs: [`handle_connected`](ClientCore::handle_connected) /
 //!    [`handle_connect_failure`](ClientCore::handle_connect_failure) /
 //!    [`handle_disconnected`](ClientCore::handle_disconnected) for the link,
-//!    [`handle_message`](ClientCore::handle_message) for every `ServerToAgent`,
+//!    [`handle_message`](ClientCore::handle_message) for every `ServerToAgent` (and
+//!    [`handle_activity`](ClientCore::handle_activity) whenever bytes arrived over WebSocket),
 //!    [`handle_request_rejected`](ClientCore::handle_request_rejected) for a plain-HTTP request
 //!    the server refused (413, 400), and the `set_*` methods for the agent's status;
-//! 2. drain [`poll_event`](ClientCore::poll_event) and act on each event;
+//! 2. drain [`poll_event`](ClientCore::poll_event) and act on each event (an OpAMP
+//!    connection-settings offer is answered with
+//!    [`accept_opamp_connection_settings`](ClientCore::accept_opamp_connection_settings) or
+//!    [`reject_opamp_connection_settings`](ClientCore::reject_opamp_connection_settings));
 //! 3. call [`poll_transmit`](ClientCore::poll_transmit) until it returns `None` and send each
 //!    message (over plain HTTP it returns at most one until the answer came in, HTTP-10);
 //! 4. sleep until [`poll_timeout`](ClientCore::poll_timeout) (or until the next input) and, for
@@ -23,22 +29,32 @@
 //!
 //! Setters only mark state dirty; everything dirty goes out in the next message, so a burst
 //! of setter calls becomes one message (RETRY-4).
+//!
+//! # Bounds on the server
+//!
+//! A broken or hostile server cannot make the core loop ([`ServerGuards`]): a WebSocket
+//! session that dies young does not reset the backoff, full-state reports, remote configs
+//! and commands are rate-limited, and a server that stops answering is detected and
+//! reconnected to. Nothing queued is dropped silently: a report over the size limit is split,
+//! and a part that can never fit is surfaced as [`Event::ReportTooLarge`].
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use opamp_proto::{
-    AgentCapabilitySet, AgentDescription, AgentDisconnect, AgentToServer, AgentToServerFlagSet,
-    AvailableComponents, ComponentHealth, ConnectionSettingsRequest, ConnectionSettingsStatus,
-    CustomCapabilities, CustomMessage, EffectiveConfig, InstanceUid, Message,
-    OpAmpConnectionSettings, PackageStatuses, RemoteConfigStatus, ServerCapabilitySet,
-    ServerErrorResponse, ServerErrorResponseType, ServerToAgent, ServerToAgentCommand,
-    ServerToAgentFlagSet, server_error_response,
+    AgentCapabilitySet, AgentDescription, AgentDisconnect, AgentRemoteConfig, AgentToServer,
+    AgentToServerFlagSet, AvailableComponents, ComponentHealth, ConnectionSettingsRequest,
+    ConnectionSettingsStatus, ConnectionSettingsStatuses, CustomCapabilities, CustomMessage,
+    EffectiveConfig, InstanceUid, Message, OpAmpConnectionSettings, PackageStatuses,
+    RemoteConfigStatus, RemoteConfigStatuses, ServerCapabilitySet, ServerErrorResponse,
+    ServerErrorResponseType, ServerToAgent, ServerToAgentCommand, ServerToAgentFlagSet,
+    server_error_response,
 };
 
 use crate::backoff::{Backoff, BackoffPolicy};
 use crate::callbacks::MessageData;
-use crate::error::ClientError;
+use crate::error::{ClientError, ReportTooLarge};
 
 /// The default heartbeat and plain-HTTP polling interval: 30 s (WS-14, HTTP-7, HB-3).
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30);
@@ -71,6 +87,88 @@ pub struct CoreConfig {
     pub max_message_size: usize,
     /// Seed of the jitter source; `None` seeds from the OS. Tests set it for determinism.
     pub jitter_seed: Option<u64>,
+    /// Bounds on what a broken or hostile server can make the client do.
+    pub guards: ServerGuards,
+}
+
+/// Bounds on what a broken or hostile server can make the client do: reconnect storms,
+/// report and config loops, command floods, half-open connections.
+///
+/// | guard | default |
+/// |---|---|
+/// | [`min_session`](Self::min_session): a WebSocket session shorter than this does not reset the backoff | 10 s |
+/// | [`full_state_min_interval`](Self::full_state_min_interval): server-requested full reports at most this often | 5 s |
+/// | [`remote_config_min_interval`](Self::remote_config_min_interval): remote configs handed over at most this often (the latest wins) | 1 s |
+/// | [`command_min_interval`](Self::command_min_interval): commands delivered at most this often (repeats dropped) | 10 s |
+/// | [`reply_timeout_factor`](Self::reply_timeout_factor): a WebSocket server silent for this many heartbeat intervals after a message is dropped | 2 |
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ServerGuards {
+    /// A WebSocket session that ends before it lasted this long does not reset the reconnect
+    /// backoff, even when the server answered on it (GEN-8, WS-18): a server that accepts,
+    /// answers and closes every connection sees growing delays. Default 10 s.
+    pub min_session: Duration,
+    /// The shortest time between two full-state reports the server asks for with
+    /// `ReportFullState` (SEQ-3); a request within it is deferred to the end of the interval
+    /// and coalesced with any others. Reports the protocol needs anyway (first message,
+    /// reconnect) are not limited. Default 5 s.
+    pub full_state_min_interval: Duration,
+    /// The shortest time between two remote configs handed to the embedder (RC-3); configs
+    /// that arrive within it are deferred and only the latest is handed over at the end of
+    /// the interval. Default 1 s.
+    pub remote_config_min_interval: Duration,
+    /// The shortest time between two commands handed to the embedder (CMD-1); a command within
+    /// it is dropped (and logged). Default 10 s.
+    pub command_min_interval: Duration,
+    /// WebSocket: when the server has not sent anything for this many heartbeat intervals
+    /// (the local one when heartbeats are off) since a message that it must answer (REP-4),
+    /// the connection is taken for half-open and dropped, and the client reconnects with
+    /// backoff. 0 switches the check off. Default 2.
+    pub reply_timeout_factor: u32,
+}
+
+impl Default for ServerGuards {
+    fn default() -> Self {
+        Self {
+            min_session: Duration::from_secs(10),
+            full_state_min_interval: Duration::from_secs(5),
+            remote_config_min_interval: Duration::from_secs(1),
+            command_min_interval: Duration::from_secs(10),
+            reply_timeout_factor: 2,
+        }
+    }
+}
+
+impl ServerGuards {
+    /// Sets [`min_session`](Self::min_session).
+    pub fn with_min_session(mut self, d: Duration) -> Self {
+        self.min_session = d;
+        self
+    }
+
+    /// Sets [`full_state_min_interval`](Self::full_state_min_interval).
+    pub fn with_full_state_min_interval(mut self, d: Duration) -> Self {
+        self.full_state_min_interval = d;
+        self
+    }
+
+    /// Sets [`remote_config_min_interval`](Self::remote_config_min_interval).
+    pub fn with_remote_config_min_interval(mut self, d: Duration) -> Self {
+        self.remote_config_min_interval = d;
+        self
+    }
+
+    /// Sets [`command_min_interval`](Self::command_min_interval).
+    pub fn with_command_min_interval(mut self, d: Duration) -> Self {
+        self.command_min_interval = d;
+        self
+    }
+
+    /// Sets [`reply_timeout_factor`](Self::reply_timeout_factor); 0 switches the check off.
+    pub fn with_reply_timeout_factor(mut self, factor: u32) -> Self {
+        self.reply_timeout_factor = factor;
+        self
+    }
 }
 
 impl CoreConfig {
@@ -88,6 +186,7 @@ impl CoreConfig {
             backoff: BackoffPolicy::default(),
             max_message_size: opamp_proto::DEFAULT_MAX_MESSAGE_SIZE,
             jitter_seed: None,
+            guards: ServerGuards::default(),
         }
     }
 }
@@ -122,10 +221,27 @@ pub enum Event {
     /// The server sent a command: call `on_command` (the rest of the message was ignored,
     /// S2A-2).
     Command(ServerToAgentCommand),
-    /// The server offered OpAMP connection settings: call `on_opamp_connection_settings`.
-    OpampConnectionSettings(Box<OpAmpConnectionSettings>),
+    /// The server offered OpAMP connection settings: call `on_opamp_connection_settings`,
+    /// then answer with [`ClientCore::accept_opamp_connection_settings`] or
+    /// [`ClientCore::reject_opamp_connection_settings`] (CS-4). Nothing of the offer is
+    /// applied before that.
+    OpampConnectionSettings {
+        /// The offer.
+        settings: Box<OpAmpConnectionSettings>,
+        /// `ConnectionSettingsOffers.hash` of the offer (CS-2), for the status (CSS-1).
+        offer_hash: Bytes,
+    },
     /// The server sent data for the agent: call `on_message`.
     Message(Box<MessageData>),
+    /// WebSocket only: the server sent nothing for too long after a message it must answer
+    /// (REP-4, [`ServerGuards::reply_timeout_factor`]); the connection is taken for half-open.
+    /// Drop it (a close frame at most, no goodbye message) and reconnect at
+    /// [`ClientCore::connect_at`]. The core is already in the disconnected state.
+    ServerUnresponsive,
+    /// A part of the agent's report can never be sent: alone it is over the message size
+    /// limit (WS-12, HTTP-17). The rest of the report went out; the part is sent again once
+    /// it changes. Call `on_report_too_large`.
+    ReportTooLarge(ReportTooLarge),
 }
 
 /// Where the link stands.
@@ -149,6 +265,9 @@ const CUSTOM_CAPABILITIES: u16 = 1 << 5;
 const AVAILABLE_COMPONENTS: u16 = 1 << 6;
 const CONNECTION_SETTINGS_STATUS: u16 = 1 << 7;
 const FLAGS: u16 = 1 << 8;
+// Not dirty bits: the one-shot parts, when a report is split (WS-12).
+const CUSTOM_MESSAGE: u16 = 1 << 9;
+const CONNECTION_SETTINGS_REQUEST: u16 = 1 << 10;
 
 /// The agent's current status: every compressible sub-message (CMP-1).
 #[derive(Debug, Clone, Default)]
@@ -198,18 +317,48 @@ pub struct ClientCore {
     backoff: Backoff,
     events: VecDeque<Event>,
     dropped_outgoing: u64,
+    guards: ServerGuards,
+    /// The local heartbeat interval, the base of the reply timeout when heartbeats are off.
+    local_heartbeat: Duration,
+    /// WebSocket: when the current connection came up, and whether the server answered on it.
+    session_started: Option<Instant>,
+    session_answered: bool,
+    /// WebSocket: messages sent that the server has not answered yet (REP-4), and since when
+    /// the server has been silent with one outstanding.
+    unanswered: u32,
+    silent_since: Option<Instant>,
+    /// When the last server-requested full report went out, and whether one waits (SEQ-3).
+    last_requested_full_state: Option<Instant>,
+    full_state_deferred: bool,
+    /// When the last remote config was handed over, and the latest one waiting (RC-3).
+    last_remote_config: Option<Instant>,
+    deferred_remote_config: Option<AgentRemoteConfig>,
+    /// When the last command was handed over (CMD-1).
+    last_command: Option<Instant>,
 }
 
 impl ClientCore {
     /// A core that will connect at `now`, with an empty status.
     pub fn new(config: CoreConfig, now: Instant) -> Self {
-        let capabilities = config.capabilities | AgentCapabilitySet::REPORTS_STATUS;
+        // CAP-1, CAP-5: undefined bits are never sent.
+        let capabilities = AgentCapabilitySet::from_bits_truncate(config.capabilities.bits())
+            | AgentCapabilitySet::REPORTS_STATUS;
+        let mut status = Status::default();
+        if capabilities.contains(AgentCapabilitySet::ACCEPTS_REMOTE_CONFIG) {
+            // RC-6, as opamp-go: an agent that takes remote config reports a status from its
+            // first message on, UNSET with an empty hash until the embedder sets one, so that
+            // the server sees that no config arrived (and re-offers a lost one).
+            status.remote_config_status = Some(RemoteConfigStatus {
+                status: RemoteConfigStatuses::Unset as i32,
+                ..Default::default()
+            });
+        }
         Self {
             uid: config.instance_uid,
             capabilities,
             transport: config.transport,
             max_message_size: config.max_message_size,
-            status: Status::default(),
+            status,
             dirty: 0,
             // REP-1, REP-3: the first message carries everything.
             full_state: true,
@@ -230,6 +379,17 @@ impl ClientCore {
             backoff: Backoff::new(config.backoff, config.jitter_seed),
             events: VecDeque::new(),
             dropped_outgoing: 0,
+            guards: config.guards,
+            local_heartbeat: config.heartbeat_interval,
+            session_started: None,
+            session_answered: false,
+            unanswered: 0,
+            silent_since: None,
+            last_requested_full_state: None,
+            full_state_deferred: false,
+            last_remote_config: None,
+            deferred_remote_config: None,
+            last_command: None,
         }
     }
 
@@ -271,8 +431,8 @@ impl ClientCore {
         self.link == Link::Stopped
     }
 
-    /// How many outgoing messages were over the size limit and had their status parts dropped
-    /// (WS-12, HTTP-17).
+    /// How many report parts could not be sent because alone they are over the size limit
+    /// (WS-12, HTTP-17); each was also reported as [`Event::ReportTooLarge`].
     pub fn dropped_outgoing(&self) -> u64 {
         self.dropped_outgoing
     }
@@ -356,6 +516,10 @@ impl ClientCore {
         value: RemoteConfigStatus,
     ) -> Result<(), ClientError> {
         self.check(AgentCapabilitySet::REPORTS_REMOTE_CONFIG)?;
+        // The hash is usually a slice of the message the config came in: a copy, so that the
+        // status does not keep that whole message alive.
+        let mut value = value;
+        value.last_remote_config_hash = Bytes::copy_from_slice(&value.last_remote_config_hash);
         Self::store(
             &mut self.status.remote_config_status,
             &mut self.dirty,
@@ -444,6 +608,10 @@ impl ClientCore {
         value: ConnectionSettingsStatus,
     ) -> Result<(), ClientError> {
         self.check(AgentCapabilitySet::REPORTS_CONNECTION_SETTINGS_STATUS)?;
+        // A copy, as for the remote config hash: it must not keep the offer's message alive.
+        let mut value = value;
+        value.last_connection_settings_hash =
+            Bytes::copy_from_slice(&value.last_connection_settings_hash);
         Self::store(
             &mut self.status.connection_settings_status,
             &mut self.dirty,
@@ -478,6 +646,8 @@ impl ClientCore {
     /// UID-5).
     pub fn set_flags(&mut self, flags: AgentToServerFlagSet) -> Result<(), ClientError> {
         self.check(AgentCapabilitySet::REPORTS_STATUS)?;
+        // CAP-5: reserved bits are sent as 0.
+        let flags = AgentToServerFlagSet::from_bits_truncate(flags.bits());
         if self.flags != flags {
             self.flags = flags;
             self.dirty |= FLAGS;
@@ -488,12 +658,17 @@ impl ClientCore {
     // ---- link inputs -----------------------------------------------------------------------
 
     /// WebSocket: the handshake succeeded. The next message carries the full status (REP-1).
-    pub fn handle_connected(&mut self, _now: Instant) {
+    pub fn handle_connected(&mut self, now: Instant) {
         if self.link == Link::Stopped {
             return;
         }
         self.link = Link::Up;
         self.full_state = true;
+        self.full_state_deferred = false;
+        self.session_started = Some(now);
+        self.session_answered = false;
+        self.unanswered = 0;
+        self.silent_since = None;
         // The first message on this connection carries the current uid, before the server
         // can push anything on it.
         self.previous_uid = None;
@@ -521,9 +696,95 @@ impl ClientCore {
     /// connections before answering (WS-18, GEN-8). Returns the delay.
     pub fn handle_disconnected(&mut self, now: Instant) -> Duration {
         self.in_flight = false;
-        let delay = self.backoff.next_delay();
+        let delay = self.session_ended(now);
         self.go_down(now, delay);
         delay
+    }
+
+    /// The delay before reconnecting after a WebSocket session ended at `now`. Only a session
+    /// on which the server answered and that lasted at least `min_session` starts the backoff
+    /// over (GEN-8, WS-18): a server that answers and then closes every connection at once
+    /// sees growing delays.
+    fn session_ended(&mut self, now: Instant) -> Duration {
+        if let Some(started) = self.session_started.take() {
+            let lived = now.saturating_duration_since(started);
+            if std::mem::take(&mut self.session_answered) && lived >= self.guards.min_session {
+                self.backoff.reset();
+            }
+        }
+        self.backoff.next_delay()
+    }
+
+    /// WebSocket: bytes came from the server at `now`, maybe only part of a message. A large
+    /// message still in transit is not silence: the wait for an answer starts over (REP-4).
+    pub fn handle_activity(&mut self, now: Instant) {
+        if self.unanswered > 0 {
+            self.silent_since = Some(now);
+        }
+    }
+
+    /// Checks the timers that do not send anything: a WebSocket server silent for too long
+    /// after a message it must answer (REP-4, [`Event::ServerUnresponsive`]), and a remote
+    /// config deferred by [`ServerGuards::remote_config_min_interval`] (handed over as an
+    /// [`Event::Message`]). Call it before draining events, with the current time.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.link == Link::Stopped {
+            return;
+        }
+        if let Some(due) = self.reply_deadline() {
+            if now >= due {
+                tracing::warn!(
+                    "the OpAMP server sent nothing since a message it must answer; \
+                     taking the connection for half-open and reconnecting"
+                );
+                let delay = self.session_ended(now);
+                self.go_down(now, delay);
+                self.events.push_back(Event::ServerUnresponsive);
+            }
+        }
+        if let Some(due) = self.deferred_remote_config_due() {
+            if now >= due {
+                if let Some(config) = self.deferred_remote_config.take() {
+                    self.last_remote_config = Some(now);
+                    self.events.push_back(Event::Message(Box::new(MessageData {
+                        remote_config: Some(config),
+                        ..Default::default()
+                    })));
+                }
+            }
+        }
+    }
+
+    /// WebSocket: when an outstanding message counts as unanswered for good.
+    fn reply_deadline(&self) -> Option<Instant> {
+        if self.transport != TransportKind::WebSocket
+            || self.link != Link::Up
+            || self.guards.reply_timeout_factor == 0
+        {
+            return None;
+        }
+        let since = self.silent_since?;
+        let interval = self.heartbeat_interval.unwrap_or(self.local_heartbeat);
+        let timeout = interval
+            .checked_mul(self.guards.reply_timeout_factor)
+            .unwrap_or(Duration::MAX);
+        Some(add(since, timeout))
+    }
+
+    fn deferred_remote_config_due(&self) -> Option<Instant> {
+        self.deferred_remote_config.as_ref()?;
+        Some(match self.last_remote_config {
+            Some(t) => add(t, self.guards.remote_config_min_interval),
+            None => return None,
+        })
+    }
+
+    fn deferred_full_state_due(&self) -> Option<Instant> {
+        if !self.full_state_deferred {
+            return None;
+        }
+        self.last_requested_full_state
+            .map(|t| add(t, self.guards.full_state_min_interval))
     }
 
     fn go_down(&mut self, now: Instant, delay: Duration) {
@@ -534,6 +795,11 @@ impl ClientCore {
             retry_at: add(now, delay),
         };
         self.full_state = true;
+        // The reconnect sends everything anyway.
+        self.full_state_deferred = false;
+        self.session_started = None;
+        self.unanswered = 0;
+        self.silent_since = None;
     }
 
     /// Plain HTTP: the server refused the request as malformed or too large (HTTP 400, 413).
@@ -569,6 +835,9 @@ impl ClientCore {
             return;
         }
         self.in_flight = false;
+        // REP-4: the server answers every message; whatever it sends shows it is alive.
+        self.unanswered = self.unanswered.saturating_sub(1);
+        self.silent_since = (self.unanswered > 0).then_some(now);
 
         // UID-6: a message for another agent (a multiplexing proxy gone wrong) is ignored.
         // Until the server has learned a uid it assigned, it may still address the previous
@@ -591,8 +860,12 @@ impl ClientCore {
             self.handle_server_error(error, now);
             return;
         }
-        // A proper answer: the server works, so the backoff starts over.
-        self.backoff.reset();
+        // A proper answer: the server works, so the backoff starts over. Over WebSocket only
+        // once the session has lasted (`session_ended`, GEN-8, WS-18).
+        match self.transport {
+            TransportKind::Http => self.backoff.reset(),
+            TransportKind::WebSocket => self.session_answered = true,
+        }
         self.mark_up();
 
         // CAP-3: 0 means "unchanged".
@@ -606,7 +879,20 @@ impl ClientCore {
                 .capabilities
                 .contains(AgentCapabilitySet::ACCEPTS_RESTART_COMMAND)
             {
-                self.events.push_back(Event::Command(command));
+                // A server repeating a command in every message cannot make the agent
+                // restart in a loop: one command per `command_min_interval`.
+                let recent = self
+                    .last_command
+                    .is_some_and(|t| now < add(t, self.guards.command_min_interval));
+                if recent {
+                    tracing::warn!(
+                        "dropping a command: the server sent one less than {:?} ago",
+                        self.guards.command_min_interval
+                    );
+                } else {
+                    self.last_command = Some(now);
+                    self.events.push_back(Event::Command(command));
+                }
                 return;
             }
             tracing::debug!("ignoring a command: AcceptsRestartCommand not declared");
@@ -643,19 +929,22 @@ impl ClientCore {
         if let Some(offers) = msg.connection_settings {
             data.connection_settings_hash = offers.hash;
             if let Some(opamp) = offers.opamp {
-                // HB-2: the server's interval, when the agent reports heartbeats.
-                if self
-                    .capabilities
-                    .contains(AgentCapabilitySet::REPORTS_HEARTBEAT)
-                {
-                    self.apply_heartbeat(opamp.heartbeat_interval_seconds);
-                }
                 if self
                     .capabilities
                     .contains(AgentCapabilitySet::ACCEPTS_OPAMP_CONNECTION_SETTINGS)
                 {
-                    self.events
-                        .push_back(Event::OpampConnectionSettings(Box::new(opamp)));
+                    // CS-4: the embedder decides first; nothing is applied before it accepts.
+                    self.events.push_back(Event::OpampConnectionSettings {
+                        settings: Box::new(opamp),
+                        offer_hash: Bytes::copy_from_slice(&data.connection_settings_hash),
+                    });
+                } else if self
+                    .capabilities
+                    .contains(AgentCapabilitySet::REPORTS_HEARTBEAT)
+                {
+                    // HB-2: the agent cannot take the rest of the offer, but it reports
+                    // heartbeats, so it uses the server's interval.
+                    self.apply_heartbeat(opamp.heartbeat_interval_seconds);
                 }
             }
             let caps = self.capabilities;
@@ -678,7 +967,22 @@ impl ClientCore {
             .capabilities
             .contains(AgentCapabilitySet::ACCEPTS_REMOTE_CONFIG)
         {
-            data.remote_config = msg.remote_config;
+            if let Some(config) = msg.remote_config {
+                // A server changing the config in every message cannot keep the agent busy
+                // reapplying it: one config per `remote_config_min_interval`, the latest wins.
+                let recent = self
+                    .last_remote_config
+                    .is_some_and(|t| now < add(t, self.guards.remote_config_min_interval));
+                if recent {
+                    tracing::debug!("deferring a remote config: one was handed over just now");
+                    self.deferred_remote_config = Some(config);
+                } else {
+                    self.last_remote_config = Some(now);
+                    // An older deferred one is superseded.
+                    self.deferred_remote_config = None;
+                    data.remote_config = Some(config);
+                }
+            }
         }
         if self
             .capabilities
@@ -691,9 +995,18 @@ impl ClientCore {
 
         let flags = ServerToAgentFlagSet::from_bits_retain(msg.flags);
         data.flags = flags;
-        // SEQ-3: resend everything.
+        // SEQ-3: resend everything, at most once per `full_state_min_interval`: a server
+        // asking in every answer gets one coalesced full report per interval, not a loop.
         if flags.contains(ServerToAgentFlagSet::REPORT_FULL_STATE) {
-            self.full_state = true;
+            let recent = self
+                .last_requested_full_state
+                .is_some_and(|t| now < add(t, self.guards.full_state_min_interval));
+            if recent {
+                self.full_state_deferred = true;
+            } else {
+                self.full_state = true;
+                self.last_requested_full_state = Some(now);
+            }
         }
         // AVC-4: the server does not know our components hash.
         if flags.contains(ServerToAgentFlagSet::REPORT_AVAILABLE_COMPONENTS)
@@ -707,6 +1020,70 @@ impl ClientCore {
 
         if !data.is_empty() {
             self.events.push_back(Event::Message(Box::new(data)));
+        }
+    }
+
+    /// The embedder accepted the OpAMP connection settings of
+    /// [`Event::OpampConnectionSettings`] (CS-4). The core applies the heartbeat interval
+    /// (HB-2, with `ReportsHeartbeat`). When that is all the offer holds and the agent has
+    /// `ReportsConnectionSettingsStatus`, it reports APPLIED with the offer's hash (CSS-1);
+    /// an offer with an endpoint, headers, certificate, TLS or proxy settings is the
+    /// embedder's to verify and report (CS-OP-3..CS-OP-6).
+    pub fn accept_opamp_connection_settings(
+        &mut self,
+        offer_hash: &[u8],
+        settings: &OpAmpConnectionSettings,
+    ) {
+        if self.link == Link::Stopped {
+            return;
+        }
+        if self
+            .capabilities
+            .contains(AgentCapabilitySet::REPORTS_HEARTBEAT)
+        {
+            self.apply_heartbeat(settings.heartbeat_interval_seconds);
+        }
+        let heartbeat_only = settings.destination_endpoint.is_empty()
+            && settings.headers.is_none()
+            && settings.certificate.is_none()
+            && settings.tls.is_none()
+            && settings.proxy.is_none();
+        if heartbeat_only {
+            self.report_connection_settings(offer_hash, ConnectionSettingsStatuses::Applied, "");
+        }
+    }
+
+    /// The embedder rejected the OpAMP connection settings of
+    /// [`Event::OpampConnectionSettings`] (CS-4): nothing of the offer is applied, and with
+    /// `ReportsConnectionSettingsStatus` the core reports FAILED with the offer's hash and
+    /// `reason` (CSS-1), as opamp-go does.
+    pub fn reject_opamp_connection_settings(&mut self, offer_hash: &[u8], reason: &str) {
+        if self.link == Link::Stopped {
+            return;
+        }
+        self.report_connection_settings(offer_hash, ConnectionSettingsStatuses::Failed, reason);
+    }
+
+    fn report_connection_settings(
+        &mut self,
+        offer_hash: &[u8],
+        status: ConnectionSettingsStatuses,
+        error_message: &str,
+    ) {
+        if self
+            .capabilities
+            .contains(AgentCapabilitySet::REPORTS_CONNECTION_SETTINGS_STATUS)
+        {
+            Self::store(
+                &mut self.status.connection_settings_status,
+                &mut self.dirty,
+                CONNECTION_SETTINGS_STATUS,
+                ConnectionSettingsStatus {
+                    last_connection_settings_hash: Bytes::copy_from_slice(offer_hash),
+                    status: status as i32,
+                    error_message: error_message.to_owned(),
+                },
+            );
         }
     }
 
@@ -757,9 +1134,57 @@ impl ClientCore {
         self.events.pop_front()
     }
 
+    /// The status parts the server can take (CAP-4): everything until its capabilities are
+    /// known; then effective config only with `AcceptsEffectiveConfig`, package statuses only
+    /// with `AcceptsPackagesStatus`, and the connection settings status only with
+    /// `OffersConnectionSettings` (the spec has no server bit for that status; a server that
+    /// offers no settings has no use for it). Parts held back stay pending, so they go out
+    /// once a server announces the capability.
+    fn sendable(&self) -> u16 {
+        let server = self.server_capabilities;
+        if server.is_empty() {
+            return u16::MAX;
+        }
+        let mut mask = u16::MAX;
+        if !server.contains(ServerCapabilitySet::ACCEPTS_EFFECTIVE_CONFIG) {
+            mask &= !EFFECTIVE_CONFIG;
+        }
+        if !server.contains(ServerCapabilitySet::ACCEPTS_PACKAGES_STATUS) {
+            mask &= !PACKAGE_STATUSES;
+        }
+        if !server.contains(ServerCapabilitySet::OFFERS_CONNECTION_SETTINGS) {
+            mask &= !CONNECTION_SETTINGS_STATUS;
+        }
+        mask
+    }
+
+    /// The dirty bits of the status parts that have a value.
+    fn present(&self) -> u16 {
+        let s = &self.status;
+        let mut bits = FLAGS;
+        for (set, bit) in [
+            (s.agent_description.is_some(), DESCRIPTION),
+            (s.health.is_some(), HEALTH),
+            (s.effective_config.is_some(), EFFECTIVE_CONFIG),
+            (s.remote_config_status.is_some(), REMOTE_CONFIG_STATUS),
+            (s.package_statuses.is_some(), PACKAGE_STATUSES),
+            (s.custom_capabilities.is_some(), CUSTOM_CAPABILITIES),
+            (s.available_components.is_some(), AVAILABLE_COMPONENTS),
+            (
+                s.connection_settings_status.is_some(),
+                CONNECTION_SETTINGS_STATUS,
+            ),
+        ] {
+            if set {
+                bits |= bit;
+            }
+        }
+        bits
+    }
+
     fn has_pending(&self) -> bool {
         self.full_state
-            || self.dirty != 0
+            || self.dirty & self.sendable() != 0
             || self.custom_message.is_some()
             || self.connection_settings_request.is_some()
             || self.announce_uid
@@ -798,6 +1223,12 @@ impl ClientCore {
                 if self.in_flight {
                     return None;
                 }
+                // SEQ-3: a deferred full report is due.
+                if self.deferred_full_state_due().is_some_and(|t| now >= t) {
+                    self.full_state = true;
+                    self.full_state_deferred = false;
+                    self.last_requested_full_state = Some(now);
+                }
                 let heartbeat_due = self.heartbeat_due_at().is_some_and(|t| now >= t);
                 if !self.has_pending() && !heartbeat_due {
                     return None;
@@ -809,15 +1240,27 @@ impl ClientCore {
         Some(msg)
     }
 
-    /// The earliest time at which something timer-driven happens: a heartbeat or poll, or
-    /// the next connection attempt. `None` when only new input can make progress.
+    /// The earliest time at which something timer-driven happens: a heartbeat or poll, the
+    /// next connection attempt, a deferred full report or remote config, or the end of the
+    /// wait for a WebSocket server's answer. `None` when only new input can make progress.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        match self.link {
-            Link::Stopped => None,
+        let link = match self.link {
+            Link::Stopped => return None,
             Link::Down { retry_at } => (!self.in_flight).then_some(retry_at),
             Link::Up if self.in_flight => None,
-            Link::Up => self.heartbeat_due_at(),
-        }
+            Link::Up => [self.heartbeat_due_at(), self.deferred_full_state_due()]
+                .into_iter()
+                .flatten()
+                .min(),
+        };
+        [
+            link,
+            self.reply_deadline(),
+            self.deferred_remote_config_due(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Stops the core and returns the last message to send, with `agent_disconnect` set
@@ -826,6 +1269,7 @@ impl ClientCore {
     pub fn stop(&mut self, now: Instant) -> Option<AgentToServer> {
         let msg = (self.link == Link::Up).then(|| self.disconnect_message(now));
         self.link = Link::Stopped;
+        self.deferred_remote_config = None;
         msg
     }
 
@@ -833,7 +1277,7 @@ impl ClientCore {
     /// WebSocket on purpose (WS-19, DIS-1).
     pub fn disconnect_message(&mut self, now: Instant) -> AgentToServer {
         let mut msg = self.build(true);
-        self.sent(now);
+        self.last_sent = Some(now);
         // Whatever goes out with the disconnect is resent in full on the next connection.
         self.full_state = true;
         msg.agent_disconnect = Some(AgentDisconnect {});
@@ -842,8 +1286,15 @@ impl ClientCore {
 
     fn sent(&mut self, now: Instant) {
         self.last_sent = Some(now);
-        if self.transport == TransportKind::Http {
-            self.in_flight = true;
+        match self.transport {
+            TransportKind::Http => self.in_flight = true,
+            TransportKind::WebSocket => {
+                // REP-4: the server must answer this one.
+                self.unanswered = self.unanswered.saturating_add(1);
+                if self.silent_since.is_none() {
+                    self.silent_since = Some(now);
+                }
+            }
         }
     }
 
@@ -851,7 +1302,8 @@ impl ClientCore {
     fn build(&mut self, disconnect: bool) -> AgentToServer {
         let full = self.full_state;
         let dirty = self.dirty;
-        let part = |bit: u16| full || dirty & bit != 0;
+        let sendable = self.sendable();
+        let part = |bit: u16| (full || dirty & bit != 0) && sendable & bit != 0;
         let s = &self.status;
         let mut msg = AgentToServer {
             // UID-4, CAP-1, checklist 4.2.3: uid, sequence number and capabilities always.
@@ -897,34 +1349,113 @@ impl ClientCore {
             connection_settings_request: self.connection_settings_request.take(),
             agent_disconnect: disconnect.then_some(AgentDisconnect {}),
         };
+        // CAP-4: what the server cannot take now stays pending for a later server.
+        let held_back = if full { self.present() } else { dirty } & !sendable;
         self.full_state = false;
-        self.dirty = 0;
-        self.report_all_components = false;
+        self.dirty = held_back;
         self.announce_uid = false;
 
-        // WS-12, HTTP-17: never emit a message over the limit. The status parts are dropped
-        // (and recorded); the heartbeat / poll itself still goes out.
-        let size = 1 + msg.encoded_len();
-        if size > self.max_message_size {
-            self.dropped_outgoing += 1;
-            tracing::warn!(
-                size,
-                limit = self.max_message_size,
-                "outgoing AgentToServer over the size limit: status parts dropped"
-            );
-            msg = AgentToServer {
-                instance_uid: msg.instance_uid,
-                sequence_num: msg.sequence_num,
-                capabilities: msg.capabilities,
-                flags: msg.flags,
-                agent_disconnect: msg.agent_disconnect,
-                ..Default::default()
-            };
+        // WS-12, HTTP-17: never emit a message over the limit.
+        if 1 + msg.encoded_len() > self.max_message_size {
+            self.split_oversized(&mut msg);
+        }
+        if msg.available_components.is_some() {
+            self.report_all_components = false;
         }
         // SEQ-1: one more per message sent.
         self.next_sequence_num = self.next_sequence_num.wrapping_add(1);
         msg
     }
+
+    /// WS-12, HTTP-17: `msg` is over the size limit. The parts that fit go now, smallest
+    /// first; the others stay pending for the next message (which goes at once), so nothing
+    /// queued is lost. A part that alone is over the limit can never be sent: it is reported
+    /// as [`Event::ReportTooLarge`] and sent again only once it changes.
+    fn split_oversized(&mut self, msg: &mut AgentToServer) {
+        let mut pieces: Vec<(u16, &'static str, AgentToServer)> = Vec::new();
+        macro_rules! piece {
+            ($field:ident, $bit:expr) => {
+                if let Some(v) = msg.$field.take() {
+                    pieces.push((
+                        $bit,
+                        stringify!($field),
+                        AgentToServer {
+                            $field: Some(v),
+                            ..Default::default()
+                        },
+                    ));
+                }
+            };
+        }
+        piece!(agent_description, DESCRIPTION);
+        piece!(health, HEALTH);
+        piece!(effective_config, EFFECTIVE_CONFIG);
+        piece!(remote_config_status, REMOTE_CONFIG_STATUS);
+        piece!(package_statuses, PACKAGE_STATUSES);
+        piece!(custom_capabilities, CUSTOM_CAPABILITIES);
+        piece!(available_components, AVAILABLE_COMPONENTS);
+        piece!(connection_settings_status, CONNECTION_SETTINGS_STATUS);
+        piece!(custom_message, CUSTOM_MESSAGE);
+        piece!(connection_settings_request, CONNECTION_SETTINGS_REQUEST);
+        pieces.sort_by_key(|(_, _, p)| p.encoded_len());
+
+        let limit = self.max_message_size;
+        let base = 1 + msg.encoded_len();
+        let mut size = base;
+        for (bit, name, piece) in pieces {
+            let len = piece.encoded_len();
+            if size + len <= limit {
+                size += len;
+                merge(msg, piece);
+            } else if base + len > limit {
+                self.dropped_outgoing += 1;
+                tracing::warn!(
+                    part = name,
+                    size = base + len,
+                    limit,
+                    "a report part is over the message size limit on its own; not sent"
+                );
+                self.events.push_back(Event::ReportTooLarge(ReportTooLarge {
+                    part: name,
+                    size: base + len,
+                    limit,
+                }));
+            } else {
+                // It fits in a message of its own: the next one.
+                match bit {
+                    CUSTOM_MESSAGE => self.custom_message = piece.custom_message,
+                    CONNECTION_SETTINGS_REQUEST => {
+                        self.connection_settings_request = piece.connection_settings_request;
+                    }
+                    // AVC-4: the whole map again, if that is what was asked.
+                    status_bit => self.dirty |= status_bit,
+                }
+            }
+        }
+    }
+}
+
+/// Moves the parts set in `piece` into `msg`.
+fn merge(msg: &mut AgentToServer, piece: AgentToServer) {
+    macro_rules! take {
+        ($($field:ident),*) => {
+            $(if piece.$field.is_some() {
+                msg.$field = piece.$field;
+            })*
+        };
+    }
+    take!(
+        agent_description,
+        health,
+        effective_config,
+        remote_config_status,
+        package_statuses,
+        custom_capabilities,
+        available_components,
+        connection_settings_status,
+        custom_message,
+        connection_settings_request
+    );
 }
 
 /// `t + d`, saturating far in the future instead of panicking.

@@ -34,6 +34,21 @@ pub enum ClientError {
     InvalidArgument(&'static str),
 }
 
+/// A part of the agent's report that alone is over the message size limit, so it can never
+/// be sent (WS-12, HTTP-17). The rest of the report went out without it; it is tried again
+/// once it changes. Given to [`Callbacks::on_report_too_large`](crate::Callbacks::on_report_too_large).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the report part {part} needs {size} bytes, over the message size limit of {limit}")]
+#[non_exhaustive]
+pub struct ReportTooLarge {
+    /// The `AgentToServer` field, e.g. `effective_config`.
+    pub part: &'static str,
+    /// The size of a message carrying only this part, framing byte included.
+    pub size: usize,
+    /// The message size limit.
+    pub limit: usize,
+}
+
 /// Why [`OpampClient::start`](crate::OpampClient::start) refused its settings.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -80,6 +80,26 @@
 //!   answered with BAD_REQUEST, HTTP 400 or 413 is not retried (THR-*, RETRY-3).
 //! - A server-assigned instance uid is adopted and reported in
 //!   [`MessageData::new_instance_uid`] (UID-7).
+//! - An agent with `AcceptsRemoteConfig` reports a `remote_config_status` from its first
+//!   message on, UNSET with an empty hash until the embedder sets one (RC-6, as opamp-go).
+//! - Connection-settings offers are applied only once [`Callbacks::on_opamp_connection_settings`]
+//!   accepts them (CS-4); a rejection is reported as FAILED with the offer's hash, an accepted
+//!   heartbeat-only offer as APPLIED (CSS-1, with `ReportsConnectionSettingsStatus`).
+//! - Once the server's capabilities are known, effective config, package statuses and the
+//!   connection-settings status are sent only if it has `AcceptsEffectiveConfig`,
+//!   `AcceptsPackagesStatus`, `OffersConnectionSettings` (CAP-4); held-back parts go out when a
+//!   server has the capability. Undefined capability and flag bits are never sent (CAP-5).
+//! - A report over the size limit is split over several messages; a part that alone is over
+//!   it goes to [`Callbacks::on_report_too_large`], never silently (WS-12, HTTP-17).
+//! - [`ServerGuards`] bound what a broken or hostile server can cause: WebSocket sessions that
+//!   die young do not reset the backoff, full-state reports, remote configs and commands are
+//!   rate-limited (configs coalesced to the latest), and a WebSocket server that sends nothing
+//!   for two heartbeat intervals after a message is taken for half-open and reconnected to.
+//!   Redirects are not followed (a failure with backoff); `Retry-After` is capped at
+//!   [`BackoffPolicy::max_retry_after`] (1 hour).
+//! - The core keeps nothing of a handled message (hashes are copied), so a large message is
+//!   freed once the embedder drops it. Over WebSocket, tungstenite keeps its read buffer at the
+//!   size of the largest message received until the connection closes.
 //! - Messages are limited to 64 MiB both ways by default (WS-10, WS-12, HTTP-15, HTTP-17);
 //!   plain HTTP sends `OpAMP-Instance-UID`, accepts gzip answers and can gzip requests.
 //! - [`OpampClient::stop`] sends `agent_disconnect` and closes the WebSocket with a close
@@ -106,5 +126,6 @@ pub use async_trait::async_trait;
 pub use backoff::BackoffPolicy;
 pub use callbacks::{Callbacks, MessageData, SettingsRejected};
 pub use client::OpampClient;
-pub use error::{ClientError, ConnectError, StartError, StopError};
+pub use core::ServerGuards;
+pub use error::{ClientError, ConnectError, ReportTooLarge, StartError, StopError};
 pub use settings::{HeaderFn, StartSettings};

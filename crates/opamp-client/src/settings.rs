@@ -9,7 +9,7 @@ use opamp_proto::{AgentCapabilitySet, AgentDescription, AgentToServerFlagSet, In
 use opamp_transport::tls::{CertifiedKeyPem, ClientTls};
 
 use crate::backoff::BackoffPolicy;
-use crate::core::{DEFAULT_HEARTBEAT_INTERVAL, TransportKind};
+use crate::core::{DEFAULT_HEARTBEAT_INTERVAL, ServerGuards, TransportKind};
 use crate::error::StartError;
 
 /// A function called before every plain-HTTP request and every WebSocket handshake; the
@@ -32,6 +32,7 @@ pub type HeaderFn = Arc<dyn Fn() -> HeaderMap + Send + Sync>;
 /// | TLS (`wss`, `https`) | the system's root certificates, no client certificate |
 /// | connect / request timeout | 30 s |
 /// | stop timeout | 5 s |
+/// | bounds on the server | [`ServerGuards::default`] |
 ///
 /// The endpoint's scheme picks the transport (GEN-4): `ws`/`wss` for WebSocket,
 /// `http`/`https` for plain HTTP.
@@ -55,6 +56,7 @@ pub struct StartSettings {
     pub(crate) request_timeout: Duration,
     pub(crate) stop_timeout: Duration,
     pub(crate) jitter_seed: Option<u64>,
+    pub(crate) guards: ServerGuards,
 }
 
 impl StartSettings {
@@ -79,6 +81,7 @@ impl StartSettings {
             request_timeout: Duration::from_secs(30),
             stop_timeout: Duration::from_secs(5),
             jitter_seed: None,
+            guards: ServerGuards::default(),
         }
     }
 
@@ -168,6 +171,14 @@ impl StartSettings {
     /// The reconnect backoff.
     pub fn with_backoff(mut self, policy: BackoffPolicy) -> Self {
         self.backoff = policy;
+        self
+    }
+
+    /// The bounds on what a broken or hostile server can make the client do (reconnect
+    /// storms, report, config and command loops, half-open connections); see
+    /// [`ServerGuards`] for the defaults.
+    pub fn with_server_guards(mut self, guards: ServerGuards) -> Self {
+        self.guards = guards;
         self
     }
 
@@ -297,6 +308,7 @@ impl fmt::Debug for StartSettings {
             .field("connect_timeout", &self.connect_timeout)
             .field("request_timeout", &self.request_timeout)
             .field("stop_timeout", &self.stop_timeout)
+            .field("guards", &self.guards)
             .finish_non_exhaustive()
     }
 }

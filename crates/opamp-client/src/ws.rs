@@ -1,17 +1,22 @@
 //! The WebSocket driver: a loop over the core, on tokio-tungstenite.
 
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::{SinkExt, StreamExt};
 use opamp_proto::{AgentToServer, ServerToAgent, framing};
 use opamp_transport::ws as wsconf;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
 
-use crate::client::Driver;
+use crate::client::{Driver, LinkAction};
 use crate::error::ConnectError;
 use crate::net::{self, BoxedIo};
 
@@ -50,7 +55,7 @@ pub(crate) async fn run(d: &Driver) {
             _ = d.stopped() => return,
             r = connect(d) => r,
         };
-        let ws = match result {
+        let (ws, activity) = match result {
             Ok(ws) => ws,
             Err(e) => {
                 d.connect_failed(&e).await;
@@ -58,7 +63,7 @@ pub(crate) async fn run(d: &Driver) {
             }
         };
         d.shared.core().handle_connected(Instant::now());
-        match connection(d, ws).await {
+        match connection(d, ws, &activity).await {
             End::Stopped => return,
             End::Reconnect => {}
             End::Broken(e) => {
@@ -69,11 +74,16 @@ pub(crate) async fn run(d: &Driver) {
     }
 }
 
-/// TCP, TLS, then the WebSocket handshake with the configured headers and limits.
-async fn connect(d: &Driver) -> Result<Ws, ConnectError> {
+/// TCP, TLS, then the WebSocket handshake with the configured headers and limits. Also
+/// returns the connection's read-activity flag.
+async fn connect(d: &Driver) -> Result<(Ws, Arc<AtomicBool>), ConnectError> {
     let timeout = d.settings.connect_timeout;
+    let activity = Arc::new(AtomicBool::new(false));
     let handshake = async {
-        let io = net::connect(&d.endpoint, timeout).await?;
+        let io: BoxedIo = Box::new(ReadActivity {
+            inner: net::connect(&d.endpoint, timeout).await?,
+            seen: activity.clone(),
+        });
         let mut request = d.endpoint.uri.clone().into_client_request()?;
         request
             .headers_mut()
@@ -81,7 +91,7 @@ async fn connect(d: &Driver) -> Result<Ws, ConnectError> {
         let config = ws_config(d.settings.max_message_size);
         tokio_tungstenite::client_async_with_config(request, io, Some(config))
             .await
-            .map(|(ws, _response)| ws)
+            .map(|(ws, _response)| (ws, activity.clone()))
             .map_err(handshake_error)
     };
     tokio::time::timeout(timeout, handshake)
@@ -110,22 +120,71 @@ fn handshake_error(e: tungstenite::Error) -> ConnectError {
     }
 }
 
+/// Records that bytes came from the server, so that a large message still in transit is not
+/// taken for silence by the half-open check (REP-4, `ServerGuards::reply_timeout_factor`).
+struct ReadActivity {
+    inner: BoxedIo,
+    seen: Arc<AtomicBool>,
+}
+
+impl AsyncRead for ReadActivity {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.seen.store(true, Ordering::Relaxed);
+        }
+        result
+    }
+}
+
+impl AsyncWrite for ReadActivity {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// Drives one open connection.
-async fn connection(d: &Driver, mut ws: Ws) -> End {
+async fn connection(d: &Driver, mut ws: Ws, activity: &AtomicBool) -> End {
     let limit = d.settings.max_message_size;
     loop {
+        if activity.swap(false, Ordering::Relaxed) {
+            d.shared.core().handle_activity(Instant::now());
+        }
         d.refresh_effective_config().await;
-        if d.dispatch_events().await {
-            // THR-2, WS-19: agent_disconnect first, then close, then wait and reconnect.
-            let bye = d.shared.core().disconnect_message(Instant::now());
-            goodbye(
-                &mut ws,
-                Some(bye),
-                wsconf::CLOSE_NORMAL,
-                d.settings.stop_timeout,
-            )
-            .await;
-            return End::Reconnect;
+        match d.dispatch_events().await {
+            LinkAction::Keep => {}
+            LinkAction::Reconnect => {
+                // THR-2, WS-19: agent_disconnect first, then close, then wait and reconnect.
+                let bye = d.shared.core().disconnect_message(Instant::now());
+                goodbye(
+                    &mut ws,
+                    Some(bye),
+                    wsconf::CLOSE_NORMAL,
+                    d.settings.stop_timeout,
+                )
+                .await;
+                return End::Reconnect;
+            }
+            LinkAction::Drop => {
+                // Half-open: a goodbye would go nowhere. A close frame, briefly, then drop.
+                goodbye(&mut ws, None, wsconf::CLOSE_NORMAL, ERROR_CLOSE_TIMEOUT).await;
+                return End::Reconnect;
+            }
         }
         if d.stop_requested() {
             return stop(d, ws).await;

@@ -620,3 +620,159 @@ async fn gen_8_retry_3_server_refusing_every_request_is_not_flooded() {
         );
     }
 }
+
+/// Item 5 (HTTP-5): a malformed `OpAMP-Instance-UID` header in the server's answer (not a
+/// UUID, obs-text bytes, control characters) never stops the client: the header is not the
+/// client's to trust (the body's `instance_uid` is), and a response hyper cannot parse is a
+/// failure retried with backoff. The client keeps polling and recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_5_malformed_instance_uid_header_from_the_server_is_not_fatal() {
+    let (tx, mut seen) = mpsc::unbounded_channel::<usize>();
+    let counter = Arc::new(AtomicUsize::new(0));
+    let addr = tcp_server(move |_, mut s| {
+        let tx = tx.clone();
+        let counter = counter.clone();
+        async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            // One connection may carry several requests (keep-alive): answer each.
+            while let Ok(len) = s.read(&mut buf).await {
+                if len == 0 {
+                    return;
+                }
+                let k = counter.fetch_add(1, Ordering::SeqCst);
+                let _ = tx.send(k);
+                let body = ServerToAgent {
+                    capabilities: 1,
+                    ..Default::default()
+                }
+                .encode_to_vec();
+                let header: &[u8] = match k % 4 {
+                    0 => b"OpAMP-Instance-UID: not-a-uuid\r\n",
+                    1 => b"OpAMP-Instance-UID: \xff\xfe\x80\r\n",
+                    2 => b"OpAMP-Instance-UID: \x01\x02\r\n",
+                    _ => b"OpAMP-Instance-UID: 00000000-0000-0000-0000-000000000000-extra\r\n",
+                };
+                let mut head = b"HTTP/1.1 200 OK\r\n".to_vec();
+                head.extend_from_slice(header);
+                head.extend_from_slice(
+                    format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes(),
+                );
+                head.extend_from_slice(&body);
+                if s.write_all(&head).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let (cb, mut cbs) = Recorder::new();
+    let client = OpampClient::start(
+        settings(format!("http://{addr}/")).with_heartbeat_interval(Duration::from_millis(50)),
+        cb,
+    )
+    .unwrap();
+    expect_cb(&mut cbs, |c| matches!(c, Cb::Connect).then_some(())).await;
+    // Every variant is seen and the client goes on polling past all of them.
+    let mut kinds = std::collections::BTreeSet::new();
+    let mut requests = 0;
+    while kinds.len() < 4 || requests < 12 {
+        kinds.insert(recv(&mut seen).await % 4);
+        requests += 1;
+        assert!(requests < 1000, "{kinds:?}");
+    }
+    assert!(!client.server_capabilities().is_empty());
+    client.stop().await.unwrap();
+}
+
+/// Item 8: a plain-HTTP answer redirecting to the same URL is a failure with backoff (the
+/// client follows no redirects), not a tight loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gen_8_http_redirect_loop_is_a_failure_with_backoff() {
+    let count = Arc::new(AtomicUsize::new(0));
+    let counted = count.clone();
+    let addr = http_server(move |_, _, _| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async move {
+            Response::builder()
+                .status(307)
+                .header("location", "/")
+                .body(Full::default())
+                .unwrap()
+        }
+    })
+    .await;
+    let (cb, mut cbs) = Recorder::new();
+    let client = OpampClient::start(
+        settings(format!("http://{addr}/")).with_backoff(
+            opamp_client::BackoffPolicy::default()
+                .with_initial_interval(Duration::from_millis(100))
+                .with_multiplier(2.0)
+                .with_randomization_factor(0.0)
+                .with_max_interval(Duration::from_secs(1)),
+        ),
+        cb,
+    )
+    .unwrap();
+    let status = expect_cb(&mut cbs, |c| match c {
+        Cb::ConnectFailed(_, s) => Some(*s),
+        _ => None,
+    })
+    .await;
+    assert_eq!(
+        status.map(|s| s.0),
+        Some(http::StatusCode::TEMPORARY_REDIRECT)
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let n = count.load(Ordering::SeqCst);
+    client.stop().await.ok();
+    assert!((2..=8).contains(&n), "{n} requests in 3 s");
+}
+
+/// Item 8 (THR-5): `Retry-After: 999999999` is capped by `max_retry_after` (default 1 hour;
+/// here 300 ms so the test can see the retry), not obeyed for 31 years.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thr_5_huge_retry_after_is_capped() {
+    let (tx, mut seen) = mpsc::unbounded_channel::<Seen>();
+    let addr = http_server(move |n, parts, body| {
+        let tx = tx.clone();
+        async move {
+            let msg = decode_request(&parts, &body);
+            let reply = ack(&msg);
+            let _ = tx.send((n, parts, msg, Instant::now()));
+            if n == 0 {
+                Response::builder()
+                    .status(503)
+                    .header("retry-after", "999999999")
+                    .body(Full::default())
+                    .unwrap()
+            } else {
+                ok(&reply)
+            }
+        }
+    })
+    .await;
+    let (cb, mut cbs) = Recorder::new();
+    let client = OpampClient::start(
+        settings(format!("http://{addr}/"))
+            .with_backoff(fast_backoff().with_max_retry_after(Duration::from_millis(300))),
+        cb,
+    )
+    .unwrap();
+    let (_, _, _, t0) = recv(&mut seen).await;
+    let status = expect_cb(&mut cbs, |c| match c {
+        Cb::ConnectFailed(_, s) => Some(*s),
+        _ => None,
+    })
+    .await;
+    assert_eq!(
+        status,
+        Some((
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            Some(Duration::from_secs(999_999_999))
+        ))
+    );
+    let (_, _, _, t1) = recv(&mut seen).await;
+    assert!(t1 - t0 >= Duration::from_millis(300));
+    expect_cb(&mut cbs, |c| matches!(c, Cb::Connect).then_some(())).await;
+    client.stop().await.unwrap();
+}

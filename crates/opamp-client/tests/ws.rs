@@ -586,3 +586,130 @@ async fn ws_17_server_close_is_answered_with_a_close_frame() {
     assert_eq!(n, 1);
     client.stop().await.unwrap();
 }
+
+/// Item 7a (GEN-8, WS-18): a server that answers the first message and then closes each
+/// WebSocket at once must not get a tight reconnect loop: sessions that die young do not
+/// reset the backoff. With 100 ms growing by 2x up to 1 s, 3 s allow about 8 connections;
+/// without backoff it would be hundreds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gen_8_ws_18_server_closing_every_session_at_once_gets_backoff() {
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = count.clone();
+    let addr = tcp_server(move |_, stream| {
+        let counted = counted.clone();
+        async move {
+            let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                return;
+            };
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            // Answer the first report properly, then close.
+            if let Some(Ok(Message::Binary(data))) = ws.next().await {
+                let msg: AgentToServer = framing::decode(&data, 1 << 20).unwrap();
+                let _ = ws.send(Message::Binary(framing::encode(&ack(&msg)))).await;
+            }
+            let _ = ws.close(None).await;
+        }
+    })
+    .await;
+    let (cb, _cbs) = Recorder::new();
+    let client = OpampClient::start(
+        settings(format!("ws://{addr}/v1/opamp"))
+            .with_capabilities(caps())
+            .with_backoff(
+                opamp_client::BackoffPolicy::default()
+                    .with_initial_interval(Duration::from_millis(100))
+                    .with_multiplier(2.0)
+                    .with_randomization_factor(0.0)
+                    .with_max_interval(Duration::from_secs(1)),
+            ),
+        cb,
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let n = count.load(std::sync::atomic::Ordering::SeqCst);
+    client.stop().await.ok();
+    assert!((2..=12).contains(&n), "{n} connections in 3 s");
+}
+
+/// Item 6 (REP-4, HB-7): a server that accepts the WebSocket, reads the first report and then
+/// goes silent without closing (no FIN: a half-open connection) is detected after two
+/// heartbeat intervals without an answer, and the client reconnects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rep_4_half_open_server_that_goes_silent_is_detected_and_reconnected() {
+    let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Instant)>();
+    let held = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let held2 = held.clone();
+    let addr = tcp_server(move |n, stream| {
+        let tx = tx.clone();
+        let held = held2.clone();
+        async move {
+            let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                return;
+            };
+            if let Some(Ok(Message::Binary(_))) = ws.next().await {
+                let _ = tx.send((n, Instant::now()));
+            }
+            // Silent from now on; the socket stays open (kept alive by the test).
+            held.lock().unwrap().push(ws);
+        }
+    })
+    .await;
+    let (cb, _cbs) = Recorder::new();
+    let client = OpampClient::start(
+        settings(format!("ws://{addr}/v1/opamp"))
+            .with_capabilities(caps())
+            .with_heartbeat_interval(Duration::from_millis(200)),
+        cb,
+    )
+    .unwrap();
+    let (n0, t0) = recv(&mut rx).await;
+    let (n1, t1) = recv(&mut rx).await;
+    assert_eq!((n0, n1), (0, 1), "a new connection after the silent one");
+    // Not before two heartbeat intervals of silence.
+    assert!(t1 - t0 >= Duration::from_millis(400), "{:?}", t1 - t0);
+    client.stop().await.ok();
+}
+
+/// Item 8: a WebSocket upgrade answered with a redirect to itself is a failure with backoff,
+/// not a tight loop (redirects are not followed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gen_8_ws_upgrade_redirect_loop_is_a_failure_with_backoff() {
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = count.clone();
+    let addr = tcp_server(move |_, mut s| {
+        let counted = counted.clone();
+        async move {
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let addr = s.local_addr().unwrap();
+            let resp = format!(
+                "HTTP/1.1 302 Found\r\nLocation: ws://{addr}/v1/opamp\r\nContent-Length: 0\r\n\r\n"
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+        }
+    })
+    .await;
+    let (cb, mut cbs) = Recorder::new();
+    let client = OpampClient::start(
+        settings(format!("ws://{addr}/v1/opamp")).with_backoff(
+            opamp_client::BackoffPolicy::default()
+                .with_initial_interval(Duration::from_millis(100))
+                .with_multiplier(2.0)
+                .with_randomization_factor(0.0)
+                .with_max_interval(Duration::from_secs(1)),
+        ),
+        cb,
+    )
+    .unwrap();
+    let status = expect_cb(&mut cbs, |c| match c {
+        Cb::ConnectFailed(_, s) => Some(*s),
+        _ => None,
+    })
+    .await;
+    assert_eq!(status.map(|s| s.0), Some(http::StatusCode::FOUND));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let n = count.load(std::sync::atomic::Ordering::SeqCst);
+    client.stop().await.ok();
+    assert!((2..=8).contains(&n), "{n} upgrade attempts in 3 s");
+}

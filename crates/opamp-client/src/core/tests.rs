@@ -274,20 +274,45 @@ fn offer(heartbeat_seconds: u64) -> ServerToAgent {
     }
 }
 
+/// Handles `msg` and accepts every OpAMP connection-settings offer it carries, as the driver
+/// does when the callback returns `Ok`; returns the other events.
+fn handle_and_accept(c: &mut ClientCore, msg: ServerToAgent, now: Instant) -> Vec<Event> {
+    c.handle_message(msg, now);
+    let mut rest = vec![];
+    for e in events(c) {
+        match e {
+            Event::OpampConnectionSettings {
+                settings,
+                offer_hash,
+            } => c.accept_opamp_connection_settings(&offer_hash, &settings),
+            other => rest.push(other),
+        }
+    }
+    rest
+}
+
 #[test]
 fn hb_2_server_offered_interval_is_honoured_and_0_turns_ws_heartbeats_off() {
     let t0 = Instant::now();
     let mut c = ws_up(all_caps(), t0);
     c.handle_message(offer(5), t0);
     let ev = events(&mut c);
-    assert!(ev.iter().any(
-        |e| matches!(e, Event::OpampConnectionSettings(s) if s.heartbeat_interval_seconds == 5)
-    ));
+    let Some(Event::OpampConnectionSettings {
+        settings,
+        offer_hash,
+    }) = ev.into_iter().find(
+        |e| matches!(e, Event::OpampConnectionSettings { settings, .. } if settings.heartbeat_interval_seconds == 5),
+    )
+    else {
+        panic!("the offer is passed on")
+    };
+    assert_eq!(offer_hash, Bytes::from_static(b"offer"));
+    c.accept_opamp_connection_settings(&offer_hash, &settings);
     assert_eq!(c.heartbeat_interval(), Some(secs(5.0)));
     assert_eq!(c.poll_timeout(), Some(t0 + secs(5.0)));
     assert!(c.poll_transmit(t0 + secs(5.0)).is_some());
 
-    c.handle_message(offer(0), t0 + secs(5.0));
+    handle_and_accept(&mut c, offer(0), t0 + secs(5.0));
     assert_eq!(c.heartbeat_interval(), None);
     assert_eq!(c.poll_timeout(), None);
     assert_eq!(c.poll_transmit(t0 + secs(1000.0)), None);
@@ -304,7 +329,7 @@ fn hb_2_offer_ignored_without_reports_heartbeat() {
     let ev = events(&mut c);
     assert!(
         !ev.iter()
-            .any(|e| matches!(e, Event::OpampConnectionSettings(_)))
+            .any(|e| matches!(e, Event::OpampConnectionSettings { .. }))
     );
 }
 
@@ -317,13 +342,16 @@ fn http_7_polls_at_the_interval_and_keeps_polling_when_offered_0() {
     let poll = c.poll_transmit(t0 + secs(30.0)).unwrap();
     assert!(is_heartbeat(&poll));
     assert_eq!(poll.instance_uid, uid().to_bytes());
-    c.handle_message(offer(10), t0 + secs(30.1));
-    assert_eq!(c.poll_timeout(), Some(t0 + secs(40.0)), "HB-5");
-    c.poll_transmit(t0 + secs(40.0)).unwrap();
+    handle_and_accept(&mut c, offer(10), t0 + secs(30.1));
+    // The APPLIED status (CSS-1) goes at once; polling goes on from there.
+    c.poll_transmit(t0 + secs(30.1)).unwrap();
+    c.handle_message(ack(), t0 + secs(30.1));
+    assert_eq!(c.poll_timeout(), Some(t0 + secs(40.1)), "HB-5");
+    c.poll_transmit(t0 + secs(40.1)).unwrap();
     // Checklist 4.2.2: 0 does not stop HTTP polling.
-    c.handle_message(offer(0), t0 + secs(40.1));
+    handle_and_accept(&mut c, offer(0), t0 + secs(40.2));
     assert_eq!(c.heartbeat_interval(), Some(secs(10.0)));
-    assert_eq!(c.poll_timeout(), Some(t0 + secs(50.0)));
+    assert_eq!(c.poll_timeout(), Some(t0 + secs(50.1)));
 }
 
 #[test]
@@ -1113,4 +1141,541 @@ fn ack_for(uid: InstanceUid) -> ServerToAgent {
         instance_uid: uid.to_bytes(),
         ..ack()
     }
+}
+
+// ---- wire correctness: RC-6, CS-4, CAP-*, nothing lost, hostile servers -------------------
+
+fn no_server_caps_but_status() -> ServerToAgent {
+    ServerToAgent {
+        capabilities: ServerCapabilitySet::ACCEPTS_STATUS.bits(),
+        ..ack()
+    }
+}
+
+#[test]
+fn rc_6_first_message_reports_unset_remote_config_status_when_none_was_set() {
+    let t0 = Instant::now();
+    for caps in [
+        AgentCapabilitySet::ACCEPTS_REMOTE_CONFIG,
+        AgentCapabilitySet::ACCEPTS_REMOTE_CONFIG | AgentCapabilitySet::REPORTS_REMOTE_CONFIG,
+    ] {
+        let mut c = core(TransportKind::Http, caps, t0);
+        let first = c.poll_transmit(t0).unwrap();
+        let status = first
+            .remote_config_status
+            .expect("RC-6: a status, so the server can tell no config arrived");
+        assert_eq!(status.status, RemoteConfigStatuses::Unset as i32);
+        assert!(status.last_remote_config_hash.is_empty());
+        // Once answered, it is not repeated (CMP-1), but it is part of every full report.
+        c.handle_message(ack(), t0);
+        events(&mut c);
+        assert!(
+            c.poll_transmit(t0 + secs(30.0))
+                .unwrap()
+                .remote_config_status
+                .is_none()
+        );
+    }
+    // A status set by the embedder replaces it.
+    let mut c = core(TransportKind::Http, all_caps(), t0);
+    let set = RemoteConfigStatus {
+        last_remote_config_hash: Bytes::from_static(b"h"),
+        status: RemoteConfigStatuses::Applied as i32,
+        ..Default::default()
+    };
+    c.set_remote_config_status(set.clone()).unwrap();
+    assert_eq!(c.poll_transmit(t0).unwrap().remote_config_status, Some(set));
+    // Without AcceptsRemoteConfig, nothing is made up.
+    let mut c = core(TransportKind::Http, AgentCapabilitySet::REPORTS_STATUS, t0);
+    assert!(c.poll_transmit(t0).unwrap().remote_config_status.is_none());
+}
+
+#[test]
+fn cs_4_rejected_offer_applies_nothing_and_reports_failed_with_the_hash() {
+    let t0 = Instant::now();
+    let mut c = ws_up(all_caps(), t0);
+    c.handle_message(offer(5), t0);
+    let Some((settings, offer_hash)) = events(&mut c).into_iter().find_map(|e| match e {
+        Event::OpampConnectionSettings {
+            settings,
+            offer_hash,
+        } => Some((settings, offer_hash)),
+        _ => None,
+    }) else {
+        panic!("the offer is passed on for a decision")
+    };
+    // Nothing is applied before the decision.
+    assert_eq!(
+        c.heartbeat_interval(),
+        Some(secs(30.0)),
+        "applied before the decision"
+    );
+    assert_eq!(c.poll_transmit(t0), None);
+    c.reject_opamp_connection_settings(&offer_hash, "not from this server");
+    assert_eq!(settings.heartbeat_interval_seconds, 5);
+    assert_eq!(
+        c.heartbeat_interval(),
+        Some(secs(30.0)),
+        "applied after a rejection"
+    );
+    let m = c.poll_transmit(t0).unwrap();
+    assert_eq!(
+        m.connection_settings_status,
+        Some(ConnectionSettingsStatus {
+            last_connection_settings_hash: Bytes::from_static(b"offer"),
+            status: ConnectionSettingsStatuses::Failed as i32,
+            error_message: "not from this server".into(),
+        }),
+        "CSS-1"
+    );
+
+    // Without ReportsConnectionSettingsStatus the rejection is only not applied.
+    let caps = all_caps() - AgentCapabilitySet::REPORTS_CONNECTION_SETTINGS_STATUS;
+    let mut c = ws_up(caps, t0);
+    c.handle_message(offer(5), t0);
+    events(&mut c);
+    c.reject_opamp_connection_settings(b"offer", "no");
+    assert_eq!(c.poll_transmit(t0), None);
+}
+
+#[test]
+fn cs_4_accepted_heartbeat_offer_is_applied_and_reported_applied() {
+    let t0 = Instant::now();
+    let mut c = ws_up(all_caps(), t0);
+    handle_and_accept(&mut c, offer(5), t0);
+    assert_eq!(c.heartbeat_interval(), Some(secs(5.0)));
+    let m = c.poll_transmit(t0).unwrap();
+    let status = m.connection_settings_status.unwrap();
+    assert_eq!(status.status, ConnectionSettingsStatuses::Applied as i32);
+    assert_eq!(
+        status.last_connection_settings_hash,
+        Bytes::from_static(b"offer")
+    );
+
+    // An offer with a new endpoint is the embedder's to verify and report (CS-OP-4, CS-OP-5).
+    let mut c = ws_up(all_caps(), t0);
+    let mut moving = offer(5);
+    if let Some(opamp) = moving
+        .connection_settings
+        .as_mut()
+        .and_then(|o| o.opamp.as_mut())
+    {
+        opamp.destination_endpoint = "wss://elsewhere/v1/opamp".into();
+    }
+    handle_and_accept(&mut c, moving, t0);
+    assert_eq!(c.heartbeat_interval(), Some(secs(5.0)));
+    assert_eq!(
+        c.poll_transmit(t0),
+        None,
+        "APPLIED claimed before verification"
+    );
+}
+
+#[test]
+fn cap_4_parts_the_server_cannot_take_are_held_back_until_one_can() {
+    let t0 = Instant::now();
+    let mut c = core(TransportKind::WebSocket, all_caps(), t0);
+    c.handle_connected(t0);
+    c.poll_transmit(t0).unwrap();
+    // The server takes status only.
+    c.handle_message(no_server_caps_but_status(), t0);
+    events(&mut c);
+    c.set_effective_config(EffectiveConfig::default()).unwrap();
+    c.set_package_statuses(PackageStatuses::default()).unwrap();
+    c.set_connection_settings_status(ConnectionSettingsStatus::default())
+        .unwrap();
+    assert_eq!(
+        c.poll_transmit(t0),
+        None,
+        "sent what the server cannot take"
+    );
+    c.set_health(health(true)).unwrap();
+    let m = c.poll_transmit(t0).unwrap();
+    assert!(m.health.is_some());
+    assert!(
+        m.effective_config.is_none(),
+        "CAP-4: AcceptsEffectiveConfig"
+    );
+    assert!(m.package_statuses.is_none(), "CAP-4: AcceptsPackagesStatus");
+    assert!(
+        m.connection_settings_status.is_none(),
+        "CAP-4: OffersConnectionSettings"
+    );
+    // Nor in a full report.
+    c.handle_message(
+        ServerToAgent {
+            flags: ServerToAgentFlagSet::REPORT_FULL_STATE.bits(),
+            ..no_server_caps_but_status()
+        },
+        t0,
+    );
+    events(&mut c);
+    let full = c.poll_transmit(t0).unwrap();
+    assert!(full.health.is_some());
+    assert!(full.effective_config.is_none() && full.package_statuses.is_none());
+    // A server that can take them gets them, without any change on the agent's side.
+    c.handle_message(ack(), t0 + secs(1.0));
+    events(&mut c);
+    let m = c
+        .poll_transmit(t0 + secs(1.0))
+        .expect("the held-back parts go now");
+    assert!(m.effective_config.is_some());
+    assert!(m.package_statuses.is_some());
+    assert!(m.connection_settings_status.is_some());
+    assert_eq!(c.poll_transmit(t0 + secs(1.0)), None);
+}
+
+#[test]
+fn cap_1_cap_5_undefined_capability_and_flag_bits_are_never_sent() {
+    let t0 = Instant::now();
+    let mut config = CoreConfig::new(
+        uid(),
+        AgentCapabilitySet::from_bits_retain(u64::MAX),
+        TransportKind::Http,
+    );
+    config.jitter_seed = Some(1);
+    let mut c = ClientCore::new(config, t0);
+    c.set_flags(AgentToServerFlagSet::from_bits_retain(u64::MAX))
+        .unwrap();
+    let m = c.poll_transmit(t0).unwrap();
+    assert_eq!(m.capabilities, AgentCapabilitySet::all().bits());
+    assert_eq!(m.flags, AgentToServerFlagSet::all().bits());
+}
+
+fn config_of(len: usize) -> EffectiveConfig {
+    let mut cfg = EffectiveConfig {
+        config_map: Some(Default::default()),
+    };
+    if let Some(map) = cfg.config_map.as_mut() {
+        map.config_map.insert(
+            String::new(),
+            opamp_proto::AgentConfigObject {
+                body: Bytes::from(vec![b'x'; len]),
+                content_type: String::new(),
+            },
+        );
+    }
+    cfg
+}
+
+#[test]
+fn ws_12_oversized_report_is_split_and_nothing_queued_is_lost() {
+    let t0 = Instant::now();
+    let mut config = CoreConfig::new(uid(), all_caps(), TransportKind::WebSocket);
+    config.max_message_size = 300;
+    config.jitter_seed = Some(1);
+    let mut c = ClientCore::new(config, t0);
+    c.set_custom_capabilities(CustomCapabilities {
+        capabilities: vec!["io.example.x".into()],
+    })
+    .unwrap();
+    c.handle_connected(t0);
+    c.poll_transmit(t0).unwrap();
+    c.handle_message(ack(), t0);
+    events(&mut c);
+    // Each part fits alone, not together.
+    c.set_effective_config(config_of(200)).unwrap();
+    c.set_package_statuses(PackageStatuses {
+        server_provided_all_packages_hash: Bytes::from(vec![b'p'; 200]),
+        ..Default::default()
+    })
+    .unwrap();
+    c.send_custom_message(CustomMessage {
+        capability: "io.example.x".into(),
+        r#type: "t".into(),
+        data: Bytes::from(vec![b'd'; 200]),
+    })
+    .unwrap();
+    let mut got = (0, 0, 0);
+    let mut sent = 0;
+    while let Some(m) = c.poll_transmit(t0) {
+        assert!(m.encoded_len() < 300, "WS-12");
+        got.0 += usize::from(m.effective_config.is_some());
+        got.1 += usize::from(m.package_statuses.is_some());
+        got.2 += usize::from(m.custom_message.is_some());
+        sent += 1;
+        assert!(sent <= 3, "more messages than parts");
+    }
+    assert_eq!(got, (1, 1, 1), "a queued part was lost");
+    assert_eq!(c.dropped_outgoing(), 0);
+    assert!(events(&mut c).is_empty());
+}
+
+#[test]
+fn ws_12_part_over_the_limit_alone_is_surfaced_as_report_too_large() {
+    let t0 = Instant::now();
+    let mut config = CoreConfig::new(uid(), all_caps(), TransportKind::Http);
+    config.max_message_size = 200;
+    let mut c = ClientCore::new(config, t0);
+    c.set_effective_config(config_of(1000)).unwrap();
+    c.set_health(health(true)).unwrap();
+    let m = c.poll_transmit(t0).unwrap();
+    assert!(m.effective_config.is_none());
+    assert!(m.health.is_some(), "the rest of the report goes");
+    let ev = events(&mut c);
+    assert!(
+        matches!(&ev[..], [Event::ReportTooLarge(e)] if e.part == "effective_config" && e.limit == 200),
+        "{ev:?}"
+    );
+    assert_eq!(c.dropped_outgoing(), 1);
+    // Not retried in a loop: only once it changes.
+    c.handle_message(ack(), t0);
+    events(&mut c);
+    assert_eq!(c.poll_transmit(t0), None);
+}
+
+#[test]
+fn half_open_ws_server_silent_after_a_message_is_dropped_and_reconnected() {
+    let t0 = Instant::now();
+    let mut c = ws_up(all_caps(), t0);
+    // A heartbeat at 30 s, unanswered; another at 60 s, unanswered.
+    assert!(c.poll_transmit(t0 + secs(30.0)).is_some());
+    c.handle_timeout(t0 + secs(30.0));
+    assert!(events(&mut c).is_empty());
+    assert_eq!(c.poll_timeout(), Some(t0 + secs(60.0)));
+    assert!(c.poll_transmit(t0 + secs(60.0)).is_some());
+    // Silent for two heartbeat intervals since the first unanswered message.
+    assert_eq!(c.poll_timeout(), Some(t0 + secs(90.0)));
+    c.handle_timeout(t0 + secs(89.9));
+    assert!(events(&mut c).is_empty());
+    c.handle_timeout(t0 + secs(90.0));
+    assert_eq!(events(&mut c), vec![Event::ServerUnresponsive]);
+    assert!(!c.is_connected());
+    let at = c.connect_at().expect("a reconnect is scheduled");
+    assert!(at > t0 + secs(90.0), "with backoff");
+    // The next connection starts clean and sends the full state.
+    c.handle_connected(at);
+    assert!(c.poll_transmit(at).unwrap().remote_config_status.is_some());
+
+    // A server that answers is never taken for half-open.
+    let mut c = ws_up(all_caps(), t0);
+    for i in 1..20 {
+        let now = t0 + secs(30.0 * f64::from(i));
+        assert!(c.poll_transmit(now).is_some());
+        c.handle_message(ack(), now + secs(1.0));
+        c.handle_timeout(now + secs(29.0));
+        assert!(events(&mut c).is_empty());
+    }
+    assert!(c.is_connected());
+}
+
+#[test]
+fn gen_8_ws_18_sessions_that_die_young_do_not_reset_the_backoff() {
+    let t0 = Instant::now();
+    let mut c = core(TransportKind::WebSocket, all_caps(), t0);
+    let mut now = t0;
+    let mut delays = vec![];
+    for _ in 0..12 {
+        c.handle_connected(now);
+        c.poll_transmit(now).unwrap();
+        // The server answers, then closes at once.
+        c.handle_message(ack(), now);
+        events(&mut c);
+        let d = c.handle_disconnected(now + secs(0.01));
+        delays.push(d);
+        now = c.connect_at().unwrap();
+    }
+    assert!(delays[11] > secs(20.0), "{delays:?}");
+    // A session that lasted starts the backoff over.
+    c.handle_connected(now);
+    c.poll_transmit(now).unwrap();
+    c.handle_message(ack(), now);
+    let d = c.handle_disconnected(now + secs(3600.0));
+    assert!(d <= secs(0.75), "{d:?}");
+}
+
+#[test]
+fn seq_3_report_full_state_in_every_answer_is_rate_limited() {
+    let t0 = Instant::now();
+    let mut c = core(TransportKind::WebSocket, all_caps(), t0);
+    c.set_agent_description(description("a")).unwrap();
+    c.handle_connected(t0);
+    let mut full = 0;
+    let mut sent = 0;
+    let mut now = t0;
+    // A server asking for the full state in every answer, for 20 s, 10 ms a step.
+    for _ in 0..2000 {
+        while let Some(m) = c.poll_transmit(now) {
+            sent += 1;
+            full += usize::from(m.agent_description.is_some());
+            c.handle_message(
+                ServerToAgent {
+                    flags: ServerToAgentFlagSet::REPORT_FULL_STATE.bits(),
+                    ..ack()
+                },
+                now,
+            );
+            events(&mut c);
+            assert!(sent < 100, "a report loop");
+        }
+        now += secs(0.01);
+    }
+    // The first report, then one per 5 s.
+    assert!((4..=6).contains(&full), "{full} full reports in 20 s");
+    // A deferred request is honoured, not lost.
+    assert!(c.poll_timeout().is_some());
+}
+
+#[test]
+fn rc_3_config_changing_in_every_message_is_handed_over_at_most_once_per_interval() {
+    let t0 = Instant::now();
+    let mut c = ws_up(all_caps(), t0);
+    let mut delivered = vec![];
+    let mut now = t0;
+    let config = |i: u32| opamp_proto::AgentRemoteConfig {
+        config_hash: Bytes::from(i.to_be_bytes().to_vec()),
+        ..Default::default()
+    };
+    for i in 0..1000 {
+        c.handle_timeout(now);
+        c.handle_message(
+            ServerToAgent {
+                remote_config: Some(config(i)),
+                ..ack()
+            },
+            now,
+        );
+        for e in events(&mut c) {
+            if let Event::Message(data) = e {
+                delivered.extend(data.remote_config);
+            }
+        }
+        now += secs(0.01);
+    }
+    // 10 s: one per second.
+    assert!((9..=11).contains(&delivered.len()), "{}", delivered.len());
+    // The latest is handed over when its time comes (coalesced, not lost).
+    let due = c.poll_timeout().unwrap();
+    c.handle_timeout(due);
+    let Some(Event::Message(data)) = events(&mut c).pop() else {
+        panic!("the latest config was lost")
+    };
+    assert_eq!(data.remote_config, Some(config(999)));
+    assert_eq!(
+        c.poll_timeout(),
+        Some(t0 + secs(10.0) + secs(30.0) - secs(10.0))
+    );
+}
+
+#[test]
+fn cmd_1_command_in_every_message_is_delivered_at_most_once_per_interval() {
+    let t0 = Instant::now();
+    let mut c = ws_up(all_caps(), t0);
+    let mut commands = 0;
+    let mut now = t0;
+    for _ in 0..3000 {
+        c.handle_message(
+            ServerToAgent {
+                command: Some(ServerToAgentCommand::default()),
+                ..ack()
+            },
+            now,
+        );
+        commands += events(&mut c)
+            .iter()
+            .filter(|e| matches!(e, Event::Command(_)))
+            .count();
+        now += secs(0.01);
+    }
+    // 30 s: one per 10 s.
+    assert!((3..=4).contains(&commands), "{commands} commands in 30 s");
+}
+
+#[test]
+fn memory_core_keeps_no_reference_to_a_handled_message() {
+    let t0 = Instant::now();
+    let mut c = ws_up(all_caps(), t0);
+    let mut config = opamp_proto::AgentConfigMap::default();
+    config.config_map.insert(
+        String::new(),
+        opamp_proto::AgentConfigObject {
+            body: Bytes::from(vec![b'x'; 1 << 20]),
+            content_type: String::new(),
+        },
+    );
+    let msg = ServerToAgent {
+        remote_config: Some(opamp_proto::AgentRemoteConfig {
+            config: Some(config),
+            config_hash: Bytes::from_static(b"0123456789abcdef0123456789abcdef"),
+        }),
+        connection_settings: Some(ConnectionSettingsOffers {
+            hash: Bytes::from_static(b"offer-hash"),
+            opamp: Some(OpAmpConnectionSettings::default()),
+            ..Default::default()
+        }),
+        ..ack()
+    };
+    let frame = opamp_proto::framing::encode(&msg);
+    let decoded: ServerToAgent =
+        opamp_proto::framing::decode_bytes(frame.clone(), usize::MAX).unwrap();
+    c.handle_message(decoded, t0);
+    for e in events(&mut c) {
+        match e {
+            Event::Message(data) => {
+                // The embedder reports the hash it was given (RC-5), then drops the config.
+                let hash = data.remote_config.unwrap().config_hash;
+                c.set_remote_config_status(RemoteConfigStatus {
+                    last_remote_config_hash: hash.clone(),
+                    status: RemoteConfigStatuses::Applied as i32,
+                    ..Default::default()
+                })
+                .unwrap();
+                c.set_connection_settings_status(ConnectionSettingsStatus {
+                    last_connection_settings_hash: data.connection_settings_hash.clone(),
+                    ..Default::default()
+                })
+                .unwrap();
+            }
+            Event::OpampConnectionSettings {
+                settings,
+                offer_hash,
+            } => c.reject_opamp_connection_settings(&offer_hash, &settings.destination_endpoint),
+            _ => {}
+        }
+    }
+    c.poll_transmit(t0).unwrap();
+    let mut frame = frame;
+    assert!(
+        frame.is_unique(),
+        "the core still holds (part of) the 1 MiB message it handled"
+    );
+    let _ = frame.split_off(0);
+}
+
+#[test]
+fn rep_4_bytes_in_transit_are_not_taken_for_silence() {
+    let t0 = Instant::now();
+    let mut c = ws_up(all_caps(), t0);
+    assert!(c.poll_transmit(t0 + secs(30.0)).is_some());
+    // A large message is arriving: bytes, but no whole message yet.
+    c.handle_activity(t0 + secs(80.0));
+    c.handle_timeout(t0 + secs(90.0));
+    assert!(
+        events(&mut c).is_empty(),
+        "a message in transit is not silence"
+    );
+    assert_eq!(c.poll_timeout(), Some(t0 + secs(60.0)));
+    c.handle_timeout(t0 + secs(140.0));
+    assert_eq!(events(&mut c), vec![Event::ServerUnresponsive]);
+    // Without anything outstanding, activity changes nothing.
+    let mut c = ws_up(all_caps() - AgentCapabilitySet::REPORTS_HEARTBEAT, t0);
+    c.handle_activity(t0);
+    assert_eq!(c.poll_timeout(), None);
+}
+
+#[test]
+fn gen_8_long_session_without_any_answer_does_not_reset_the_backoff() {
+    let t0 = Instant::now();
+    let mut c = core(TransportKind::WebSocket, all_caps(), t0);
+    let mut now = t0;
+    let mut delays = vec![];
+    for _ in 0..12 {
+        c.handle_connected(now);
+        c.poll_transmit(now).unwrap();
+        // Held open for a minute, never answered, then dropped.
+        let d = c.handle_disconnected(now + secs(60.0));
+        delays.push(d);
+        now = c.connect_at().unwrap();
+    }
+    assert!(delays[11] > secs(20.0), "{delays:?}");
 }

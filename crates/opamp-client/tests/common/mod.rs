@@ -95,6 +95,7 @@ impl Callbacks for Recorder {
     async fn on_opamp_connection_settings(
         &self,
         settings: &OpAmpConnectionSettings,
+        _offer_hash: &[u8],
     ) -> Result<(), SettingsRejected> {
         let _ = self.tx.send(Cb::Settings(settings.clone()));
         Ok(())
