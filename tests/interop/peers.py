@@ -410,6 +410,9 @@ def run_supervisor(args, t, state):
             "  reports_heartbeat: true\n"
             f"agent:\n  executable: {os.path.join(args.bin, 'otelcol-interop')}\n"
             "  config_apply_timeout: 10s\n  bootstrap_timeout: 10s\n"
+            # validate_config: the supervisor runs `otelcol validate` first and reports its
+            # output in FAILED; passthrough_logs: the collector's log lands in ours.
+            "  validate_config: true\n  passthrough_logs: true\n"
             f"  config_files: [\"$OWN_TELEMETRY_CONFIG\", \"$OPAMP_EXTENSION_CONFIG\", \"$REMOTE_CONFIG\", {local}]\n"
             f"storage:\n  directory: {storage}\n"
             "telemetry:\n  logs:\n    level: info\n"
@@ -443,16 +446,16 @@ def run_supervisor(args, t, state):
               "hostmetrics" in body and "debug" in body, f"effective {body[:300]!r}")
         a = wait_until(30, lambda: (lambda x: x if (x.get("health") or {}).get("healthy") else None)(srv.agent(uid)))
         check(peer, t, "health reported healthy", a, f"health {srv.agent(uid).get('health')}")
-        log = procs.log("supervisor")
-        seen_metrics = wait_until(30, lambda: "ResourceMetrics" in procs.log("supervisor")
-                                  or "system.memory" in procs.log("supervisor"), 1)
-        check(peer, t, "collector exports host metrics with the debug exporter", seen_metrics or "hostmetrics" in log,
+        seen_metrics = wait_until(30, lambda: '"data points"' in procs.log("supervisor")
+                                  or "data points" in procs.log("supervisor"), 1)
+        check(peer, t, "collector exports host metrics with the debug exporter", seen_metrics,
               "no debug exporter output in the supervisor log")
 
         h = srv.push(uid, BROKEN)
         st = srv.wait_status(uid, h, "FAILED", 60)
         check(peer, t, "broken config FAILED with the collector's message",
-              st and st.get("error_message"), f"status {srv.agent(uid).get('remote_config_status')}")
+              st and "nosuchreceiver" in st.get("error_message", ""),
+              f"status {srv.agent(uid).get('remote_config_status')}")
         if st:
             print(f"  (supervisor error_message: {st.get('error_message')[:300]!r})", flush=True)
         check(peer, t, "supervisor still running", sup.poll() is None, f"exit {sup.returncode}")
