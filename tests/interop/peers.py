@@ -523,6 +523,10 @@ def run_opampgo_server(args, t, state):
             conn = [e for e in ev() if e["event"] == "connecting"]
             check(peer, t, "requests are application/x-protobuf",
                   conn and all(c["content_type"] == "application/x-protobuf" for c in conn), f"{conn[:2]}")
+            want = str(uuid.UUID(hex=m0["uid"]))
+            check(peer, t, "requests carry OpAMP-Instance-UID with the canonical uid (HTTP-5)",
+                  conn and all(c.get("instance_uid_header") == want for c in conn),
+                  f"want {want}, got {sorted({c.get('instance_uid_header') for c in conn})}")
         time.sleep(2)  # a few heartbeats more
         seqs = [m["seq"] for m in msgs()]
         gaps = [(a, b) for a, b in zip(seqs, seqs[1:]) if b != a + 1]
@@ -599,8 +603,16 @@ def main():
             if procs and (results.count(False) > before or os.environ.get("OPAMP_INTEROP_SHOW_LOGS")):
                 procs.dump()
             shutil.rmtree(state, ignore_errors=True)
+    print(f"  (peers.py: {results.count(True)} passed, {results.count(False)} failed; run.sh prints the total)",
+          flush=True)
     return 0 if results and all(results) else 1
 
 
+def on_sigterm(signum, frame):
+    # run.sh's timeout: unwind, so that every `finally` stops its peers by PID.
+    raise SystemExit(f"peers.py: stopped by signal {signum}")
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, on_sigterm)
     sys.exit(main())

@@ -213,7 +213,10 @@ func main() {
 					transport = "websocket"
 				}
 				emit("connecting", map[string]any{"transport": transport, "user_agent": r.UserAgent(),
-					"content_type": r.Header.Get("Content-Type")})
+					"content_type":        r.Header.Get("Content-Type"),
+					"instance_uid_header": r.Header.Get("OpAMP-Instance-UID"),
+					"content_encoding":    r.Header.Get("Content-Encoding"),
+					"accept_encoding":     r.Header.Get("Accept-Encoding")})
 				return types.ConnectionResponse{Accept: true, ConnectionCallbacks: callbacks(transport)}
 			},
 		}},
