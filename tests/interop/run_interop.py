@@ -45,7 +45,8 @@ results = []  # (name, ok, detail)
 # that tests/interop/run.sh sums with the other peers'.
 LABELS = [("py-agent", "python", "http"), ("node-agent", "node", "http"),
           ("rs-ws-agent", "reference-agent", "ws"), ("rs-http-agent", "reference-agent", "http"),
-          ("UI", "browser", "http"), ("chromium", "browser", "http")]
+          ("reference agent", "reference-agent", "ws,http"), ("UI", "browser", "http"),
+          ("chromium", "browser", "http")]
 
 
 def label(name):
