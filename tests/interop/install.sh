@@ -112,7 +112,7 @@ install_gojava() {
     if [[ -f "$bin/.complete" ]]; then
         say "Go peers already built ($bin)"
     else
-        say "building the Go peers into $bin (cold: ~5 min on 2 cores)"
+        say "building the Go peers into $bin (cold: about 2.5 min on 2 cores)"
         rm -rf "$bin.tmp" && mkdir -p "$bin.tmp"
         (cd "$here/collector" && nice -n 10 go build -trimpath -o "$bin.tmp/otelcol-interop" .) \
             || die "go build of the collector distribution (tests/interop/collector) failed"

@@ -368,10 +368,12 @@ def run_collector(args, t, state):
         check(peer, t, "capabilities REPORTS_EFFECTIVE_CONFIG and REPORTS_HEALTH",
               {"REPORTS_EFFECTIVE_CONFIG", "REPORTS_HEALTH"} <= caps, f"{caps}")
         # The server closes every connection; the extension must come back as the same agent.
-        srv.api("POST", "/api/agents/disconnect", b"{}", "application/json")
-        back = wait_until(30, lambda: (lambda x: x if x["connected"] and x["sequence_num"] > a["sequence_num"] + 0
+        seq = srv.agent(uid)["sequence_num"]
+        closed = srv.api("POST", "/api/agents/disconnect", b"{}", "application/json")["disconnected"]
+        back = wait_until(30, lambda: (lambda x: x if x["connected"] and x["sequence_num"] > seq
                                         else None)(srv.agent(uid)), 0.5)
-        check(peer, t, "reconnects as the same agent after the server disconnects it", back, "")
+        check(peer, t, "reconnects as the same agent after the server disconnects it",
+              back and len(srv.api("GET", "/api/agents")) == 1, f"{closed} closed; agent {srv.agent(uid)}")
         check(peer, t, "collector still running", col.poll() is None, f"exit {col.returncode}")
     finally:
         procs.stop()
@@ -437,7 +439,7 @@ def run_supervisor(args, t, state):
               f"{a['capabilities']}")
 
         h = srv.push(uid, HOSTMETRICS)
-        st = srv.wait_status(uid, h, "APPLIED", 60)
+        st = srv.wait_status(uid, h, "APPLIED", 90)  # over HTTP it polls every 30 s (S2)
         check(peer, t, "hostmetrics config APPLIED with its hash", st,
               f"status {srv.agent(uid).get('remote_config_status')}")
         a = wait_until(30, lambda: (lambda x: x if "hostmetrics" in effective_body(x) else None)(srv.agent(uid)))
@@ -452,7 +454,7 @@ def run_supervisor(args, t, state):
               "no debug exporter output in the supervisor log")
 
         h = srv.push(uid, BROKEN)
-        st = srv.wait_status(uid, h, "FAILED", 60)
+        st = srv.wait_status(uid, h, "FAILED", 90)
         check(peer, t, "broken config FAILED with the collector's message",
               st and "nosuchreceiver" in st.get("error_message", ""),
               f"status {srv.agent(uid).get('remote_config_status')}")
@@ -527,6 +529,12 @@ def run_opampgo_server(args, t, state):
             check(peer, t, "requests carry OpAMP-Instance-UID with the canonical uid (HTTP-5)",
                   conn and all(c.get("instance_uid_header") == want for c in conn),
                   f"want {want}, got {sorted({c.get('instance_uid_header') for c in conn})}")
+        asked = wait_until(10, lambda: [e for e in ev() if e["event"] == "asked_full_state"])
+        full = asked and wait_until(10, lambda: [
+            m for m in msgs() if m["seq"] > asked[0]["after_seq"] and m.get("identifying")
+            and m.get("health") and m.get("effective_config") is not None and m.get("remote_config_status")])
+        check(peer, t, "ReportFullState answered with description, health, effective config, status (SEQ-3)",
+              full, f"asked {asked}; messages after: {[m for m in msgs() if asked and m['seq'] > asked[0]['after_seq']][:2]}")
         time.sleep(2)  # a few heartbeats more
         seqs = [m["seq"] for m in msgs()]
         gaps = [(a, b) for a, b in zip(seqs, seqs[1:]) if b != a + 1]

@@ -3,8 +3,9 @@
 // or plain HTTP. It prints every AgentToServer it receives as one JSON line on stdout
 // (tests/interop/peers.py reads them) and offers each agent that accepts remote config first
 // the --good config, then, once the agent reports it APPLIED, the --bad config (which the
-// reference agent must report FAILED). Over WebSocket the second offer is pushed by the server
-// on its own (Connection.Send), not as a reply. It runs until SIGTERM or SIGINT.
+// reference agent must report FAILED), and then sets ReportFullState once. Over WebSocket the
+// second offer is pushed by the server on its own (Connection.Send), not as a reply. It runs
+// until SIGTERM or SIGINT.
 package main
 
 import (
@@ -89,7 +90,21 @@ func health(h *protobufs.ComponentHealth) map[string]any {
 
 // agentState is what the server tracks per instance uid.
 type agentState struct {
-	stage int // 0: offer good, 1: offer bad, 2: done
+	stage     int  // 0: offer good, 1: offer bad, 2: done
+	askedFull bool // ReportFullState sent (once, after stage 2)
+}
+
+// askFullState reports whether to set ReportFullState now: once, when uid has finished both
+// configs, so that the harness can check the agent then sends its full state (SEQ-3).
+func (s *srv) askFullState(uid string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.agents[uid]
+	if st == nil || st.stage != 2 || st.askedFull {
+		return false
+	}
+	st.askedFull = true
+	return true
 }
 
 type srv struct {
@@ -179,6 +194,10 @@ func main() {
 
 				resp := &protobufs.ServerToAgent{InstanceUid: msg.InstanceUid}
 				cfg, advanced := s.offer(uid, msg)
+				if s.askFullState(uid) {
+					resp.Flags = uint64(protobufs.ServerToAgentFlags_ServerToAgentFlags_ReportFullState)
+					emit("asked_full_state", map[string]any{"uid": uid, "after_seq": msg.SequenceNum})
+				}
 				if cfg == nil {
 					return resp
 				}
