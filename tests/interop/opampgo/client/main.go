@@ -145,6 +145,7 @@ func main() {
 	endpoint := flag.String("endpoint", "", "OpAMP server URL, ws:// or http://")
 	name := flag.String("name", "opampgo-agent", "service.name")
 	heartbeat := flag.Duration("heartbeat", 30*time.Second, "heartbeat (WebSocket) or polling (HTTP) interval")
+	compress := flag.Bool("compress", false, "EnableCompression: permessage-deflate (WebSocket) or gzip request bodies (HTTP)")
 	flag.Parse()
 	if *endpoint == "" {
 		fmt.Fprintln(os.Stderr, "usage: opampgo-client --endpoint ws://HOST:PORT/v1/opamp [--name N] [--heartbeat 30s]")
@@ -201,6 +202,7 @@ func main() {
 		OpAMPServerURL:    *endpoint,
 		InstanceUid:       uid,
 		HeartbeatInterval: &interval,
+		EnableCompression: *compress,
 		Callbacks: types.Callbacks{
 			OnConnect: func(context.Context) {
 				emit("connected", nil)
