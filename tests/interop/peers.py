@@ -498,7 +498,7 @@ def run_opampgo_server(args, t, state):
             f.write(GOOD)
         with open(bad, "wb") as f:
             f.write(BAD)
-        server = procs.spawn("opampgo-server", [os.path.join(args.bin, "opampgo-server"),
+        server = procs.spawn("opampgo-server", [os.path.join(args.bin, "opampgo-server"), "--compress",
                                                 "--listen", f"127.0.0.1:{port}", "--good", good, "--bad", bad])
         if not check(peer, t, "opamp-go server listens", wait_port(port, 20), "no listener"):
             return procs
@@ -543,6 +543,11 @@ def run_opampgo_server(args, t, state):
             conn = [e for e in ev() if e["event"] == "connecting"]
             check(peer, t, "requests are application/x-protobuf",
                   conn and all(c["content_type"] == "application/x-protobuf" for c in conn), f"{conn[:2]}")
+            # opamp-go's server gzips every response to `Accept-Encoding: gzip` (exactly that
+            # value): every reply our agent decoded was compressed (HTTP-4).
+            check(peer, t, "requests send Accept-Encoding: gzip, gzip replies decoded (HTTP-4)",
+                  conn and all(c.get("accept_encoding") == "gzip" for c in conn),
+                  f"{sorted({c.get('accept_encoding') for c in conn})}")
             want = str(uuid.UUID(hex=m0["uid"]))
             check(peer, t, "requests carry OpAMP-Instance-UID with the canonical uid (HTTP-5)",
                   conn and all(c.get("instance_uid_header") == want for c in conn),

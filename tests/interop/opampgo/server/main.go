@@ -152,6 +152,7 @@ func main() {
 	listen := flag.String("listen", "127.0.0.1:4320", "listen address (keep it on loopback)")
 	goodFile := flag.String("good", "", "file with the config to offer first")
 	badFile := flag.String("bad", "", "file with the config to offer once the first is APPLIED")
+	compress := flag.Bool("compress", false, "EnableCompression: gzip responses (HTTP), permessage-deflate (WebSocket)")
 	flag.Parse()
 	good, err1 := os.ReadFile(*goodFile)
 	bad, err2 := os.ReadFile(*badFile)
@@ -225,7 +226,7 @@ func main() {
 	}
 	opamp := server.New(logger{})
 	err := opamp.Start(server.StartSettings{
-		Settings: server.Settings{Callbacks: types.Callbacks{
+		Settings: server.Settings{EnableCompression: *compress, Callbacks: types.Callbacks{
 			OnConnecting: func(r *http.Request) types.ConnectionResponse {
 				transport := "http"
 				if r.Header.Get("Upgrade") != "" {
