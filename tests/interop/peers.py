@@ -627,10 +627,12 @@ def main():
             state = tempfile.mkdtemp(prefix=f"opamp-interop-{peer}-{t}-")
             before = results.count(False)
             procs = None
+            t0 = time.time()
             try:
                 procs = RUNNERS[peer](args, t, state)
             except Exception as e:  # a harness error is a failed check, never a skip
                 check(peer, t, "harness", False, f"{type(e).__name__}: {e}")
+            print(f"  ({peer} over {t}: {time.time() - t0:.0f} s)", flush=True)
             if procs and (results.count(False) > before or os.environ.get("OPAMP_INTEROP_SHOW_LOGS")):
                 procs.dump()
             shutil.rmtree(state, ignore_errors=True)
