@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check and test of the workspace: what CI runs, and what a contributor runs.
-# Needs the interop peers and Chromium (tests/interop/install.sh and Debian's chromium; .ci/run
-# installs both on a fresh machine).
+# Needs Go, Java 17 with Maven, Python, Node and Chromium for the interop peers
+# (tests/interop/run.sh installs and builds the pinned peers; .ci/run installs Chromium and
+# Maven on a fresh machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,8 +23,5 @@ else
     python3 scripts/check_msrv_deps.py
 fi
 
-echo "== interop: third-party clients against the reference server"
-bash tests/interop/install.sh
-cargo build --locked --example server --example agent
-bin="${CARGO_TARGET_DIR:-target}/debug/examples"
-python3 tests/interop/run_interop.py --server "$bin/server" --agent "$bin/agent"
+echo "== interop: third-party peers (Collector, supervisor, opamp-go, Java, Python, Node, browser)"
+bash tests/interop/run.sh

@@ -41,9 +41,32 @@ PEERS = {  # name prefix -> count
 results = []  # (name, ok, detail)
 
 
+# Check-name prefix -> (peer, transport) for the `PASS peer=... transport=... check=...` lines
+# that tests/interop/run.sh sums with the other peers'.
+LABELS = [("py-agent", "python", "http"), ("node-agent", "node", "http"),
+          ("rs-ws-agent", "reference-agent", "ws"), ("rs-http-agent", "reference-agent", "http"),
+          ("reference agent", "reference-agent", "ws,http"), ("UI", "browser", "http"),
+          ("chromium", "browser", "http")]
+
+
+def label(name):
+    for prefix, peer, transport in LABELS:
+        if name.startswith(prefix):
+            rest = name[len(prefix):]
+            if rest.startswith(": "):
+                return peer, transport, rest[2:]
+            index, sep, what = rest.partition(": ")
+            if sep and index[1:].isdigit():
+                return peer, transport, f"agent {index[1:]}: {what}"
+            return peer, transport, name
+    return "reference-server", "ws,http", name
+
+
 def check(name, ok, detail=""):
     results.append((name, bool(ok), detail))
-    print(("PASS " if ok else "FAIL ") + name + (f": {detail}" if detail and not ok else ""), flush=True)
+    peer, transport, what = label(name)
+    print(("PASS " if ok else "FAIL ") + f"peer={peer} transport={transport} check={what}"
+          + (f": {detail or 'failed'}" if not ok else ""), flush=True)
     return ok
 
 
@@ -274,7 +297,13 @@ def browser_check(ui_port, agents, state):
     try:
         ui = subprocess.run(["node", os.path.join(HERE, "ui_test.mjs"), f"http://127.0.0.1:{ui_port}"],
                             capture_output=True, text=True, timeout=120, env={**os.environ, "CHROMIUM": chromium})
-        print(ui.stdout + ui.stderr, end="")
+        for line in (ui.stdout + ui.stderr).splitlines():  # ui_test.mjs's own PASS/FAIL lines
+            verdict, _, what = line.partition(" ")
+            if verdict in ("PASS", "FAIL") and what:
+                name, _, detail = what.removeprefix("ui: ").partition(": ")
+                check(f"UI {name}", verdict == "PASS", detail)
+            else:
+                print(line)
         check("UI flows in chromium (ui_test.mjs)", ui.returncode == 0, f"exit {ui.returncode}")
     except subprocess.TimeoutExpired:
         check("UI flows in chromium (ui_test.mjs)", False, "timed out")
@@ -288,9 +317,14 @@ def browser_check(ui_port, agents, state):
 def finish():
     passed = sum(1 for _, ok, _ in results if ok)
     failed = len(results) - passed
-    print(f"interop: {passed} passed, {failed} failed", flush=True)
+    print(f"  (run_interop.py: {passed} passed, {failed} failed; run.sh prints the total)", flush=True)
     return 0 if failed == 0 and passed > 0 else 1
 
 
+def on_sigterm(signum, frame):
+    raise SystemExit(f"run_interop.py: stopped by signal {signum}")  # unwind: stop the peers
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, on_sigterm)
     sys.exit(main())
