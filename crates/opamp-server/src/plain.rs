@@ -25,8 +25,8 @@ use crate::callbacks::{
 use crate::connection::{Connection, PeerInfo, merge};
 use crate::core::{AgentSession, SessionConfig, reassign_reply};
 use crate::error::ReadMessageError;
-use crate::registry::{self, Claim, UidRegistry};
 use crate::limits::BodyError;
+use crate::registry::{self, Claim, UidRegistry};
 use crate::service::{ResponseBody, Shared, text_response};
 use crate::wire;
 
