@@ -77,6 +77,7 @@ fn one_big_file(size: usize) -> ServerToAgent {
         AgentConfigObject {
             body: Bytes::from(vec![b'x'; size]),
             content_type: "text/yaml".into(),
+            ..Default::default()
         },
     );
     offer(map)
@@ -90,6 +91,7 @@ fn many_files(n: usize) -> ServerToAgent {
             AgentConfigObject {
                 body: Bytes::from_static(b"k: v"),
                 content_type: String::new(),
+                ..Default::default()
             },
         );
     }

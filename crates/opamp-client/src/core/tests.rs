@@ -1352,6 +1352,7 @@ fn config_of(len: usize) -> EffectiveConfig {
             opamp_proto::AgentConfigObject {
                 body: Bytes::from(vec![b'x'; len]),
                 content_type: String::new(),
+                ..Default::default()
             },
         );
     }
@@ -1591,6 +1592,7 @@ fn memory_core_keeps_no_reference_to_a_handled_message() {
         opamp_proto::AgentConfigObject {
             body: Bytes::from(vec![b'x'; 1 << 20]),
             content_type: String::new(),
+            ..Default::default()
         },
     );
     let msg = ServerToAgent {
