@@ -49,6 +49,7 @@ RSS_CAP_KB = 8 * 1024 * 1024  # the sampler kills a server above 8 GiB: memory s
 AFTER_WAIT = 3.0  # seconds between closing a probe's sockets and reading "after"
 SLOW_HOLD = 36.0  # slow-loris observation; the server's header/body deadlines are 30 s
 CLIENT_WINDOW = 10.0  # client probes: seconds of agent behaviour counted
+MEM_SLACK_KB = 32 * 1024  # "after" within max(32 MiB, 50 %) of "before" counts as returned
 
 # ---------------------------------------------------------------------------------------------
 # protobuf (just what is needed)
@@ -1679,7 +1680,8 @@ def run_client_probe(agent_bin: str, logdir: str, cls, name, mode, scheme, limit
         cpu0 = proc_cpu_seconds(proc.pid)
         while time.monotonic() - t0 < CLIENT_WINDOW and proc.poll() is None:
             rss = proc_status(proc.pid).get("VmRSS", 0)
-            rss0 = rss0 or rss
+            if not rss0 and time.monotonic() - t0 >= 1.0:
+                rss0 = rss  # "start": once the agent has started, 1 s in
             peak = max(peak, rss)
             time.sleep(0.1)
         rss1 = proc_status(proc.pid).get("VmRSS", 0)
@@ -1702,6 +1704,8 @@ def run_client_probe(agent_bin: str, logdir: str, cls, name, mode, scheme, limit
     problems = []
     if crashed:
         problems.append(f"agent exited ({proc.returncode})")
+    if text.count("panicked at"):
+        problems.append(f"{text.count('panicked at')} panic(s) in the agent log")
     v = counts[what]
     if v > limit:
         problems.append(f"{v} {what.replace('_', ' ')} in {CLIENT_WINDOW:g} s (bound {limit})")
@@ -1722,6 +1726,15 @@ def run_client_probe(agent_bin: str, logdir: str, cls, name, mode, scheme, limit
 
 # ---------------------------------------------------------------------------------------------
 # runner and report
+
+
+def log_panics(path: str) -> int:
+    """Panics a Rust program logged (a panicking tokio task does not end the process)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read().count(b"panicked at")
+    except OSError:
+        return 0
 
 
 def mib(kb: int) -> str:
@@ -1773,13 +1786,16 @@ def run_server_probe(server_bin: str, logdir: str, cls: str, name: str, fn) -> d
         problems.append(f"SERVER CRASHED (exit {code}; log {srv.log_path})")
     if alive:
         grown = after - before
-        if grown > max(16 * 1024, before // 2):
+        if grown > max(MEM_SLACK_KB, before // 2):
             problems.append(f"memory not returned: +{grown / 1024:.0f} MiB {AFTER_WAIT:g} s after")
     if total == 0 or fails:
         problems.append(f"good agent: {fails} of {total} round trips failed")
     elif mx > 1000:
         problems.append(f"good agent stalled (max RTT {mx:.0f} ms)")
     problems += ctx.problems
+    panics = log_panics(srv.log_path)
+    if panics:
+        problems.append(f"{panics} panic(s) in the server log")
     return {"class": cls, "probe": name, "answer": answer,
             "rss": f"{mib(before)} / {mib(ctx.during_kb)} / {mib(peak)} / {mib(after)}",
             "rtt": f"{p50:.1f} / {mx:.0f} / {fails} of {total}",
@@ -1839,7 +1855,7 @@ def render(server_rows, client_rows, argv_cmd: str, title_note: str, elapsed: fl
         "(RTT p50 / max in ms, failed round trips of all round trips). Server RSS in MiB: before",
         "the probe / during it (sockets open) / peak (VmHWM and 50 ms VmRSS samples) / "
         f"{AFTER_WAIT:g} s after its sockets closed.",
-        "Verdict OK: no crash, RSS back near the baseline (within max(16 MiB, 50 %)), the good",
+        f"Verdict OK: no crash, RSS back near the baseline (within max({MEM_SLACK_KB // 1024} MiB, 50 %)), the good",
         "agents served without failure or a stall over 1 s, and the answer the spec asks for",
         "where it names one; otherwise the problems in words.",
         "",
@@ -1856,7 +1872,8 @@ def render(server_rows, client_rows, argv_cmd: str, title_note: str, elapsed: fl
         "## Client (the reference agent against hostile servers)",
         "",
         f"Each row: the agent runs {CLIENT_WINDOW:g} s against a small hostile server; counted at the",
-        "server. Agent RSS MiB at start / peak / end, and its CPU time in the window.",
+        "server (\"HTTP requests\" include WebSocket upgrade requests). Agent RSS MiB 1 s after",
+        "its start / peak / end, and its CPU time in the window.",
         "",
         "| class | probe | agent behaviour | agent RSS MiB start / peak / end | agent CPU | verdict |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -1866,6 +1883,10 @@ def render(server_rows, client_rows, argv_cmd: str, title_note: str, elapsed: fl
                                       ("class", "probe", "answer", "rss", "cpu", "verdict")) + " |")
     bad = [r for r in server_rows + client_rows if r["verdict"] != "OK"]
     out += ["", f"{len(server_rows) + len(client_rows) - len(bad)} OK, {len(bad)} not OK.", ""]
+    if bad:
+        out += ["## Not OK", ""]
+        out += [f"* `{r['probe'].split(' ')[0].rstrip(':')}`: {r['verdict']}" for r in bad]
+        out.append("")
     return "\n".join(out)
 
 
