@@ -1451,11 +1451,16 @@ def p_session_flood(c: Ctx):
 
 @probe("memory", "http-60-MiB-tiny-attributes then GET /api/agents")
 def p_tiny_attrs(c: Ctx):
-    one = f_bytes(2, kv("a", "b"))  # non_identifying_attributes entry, 10 bytes
-    n = (60 * MIB) // len(one)
+    # Distinct keys (the JSON API keys attributes by name): 60 MiB of 15-byte entries, each
+    # f_bytes(2, kv(f"{i:06x}", "b")) (a non_identifying_attributes entry), built fast.
+    pre, suf = b"\x12\x0d\x0a\x06", b"\x12\x03\x0a\x01b"
+    assert pre + b"000000" + suf == f_bytes(2, kv("000000", "b"))
+    n = (60 * MIB) // 15
+    attrs = b"".join(pre + b"%06x" % i + suf for i in range(n))
     uid = uuid7()
     body = (f_bytes(1, uid) + f_varint(2, 1) + f_varint(4, GOOD_CAPS)
-            + f_bytes(3, f_bytes(1, kv("service.name", "attrs")) + one * n))
+            + f_bytes(3, f_bytes(1, kv("service.name", "attrs")) + attrs))
+    del attrs
     t0 = time.monotonic()
     try:
         r = http_answer(post_once(c.addr, body, timeout=60))
