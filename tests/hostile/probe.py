@@ -1482,7 +1482,7 @@ def p_tiny_attrs(c: Ctx):
             f"in {t2 - t1:.1f} s")
 
 
-@probe("memory", "ws-40-MiB-effective-config-x8, agents then leave")
+@probe("memory", "ws-40-MiB-effective-config-x8 (8 agents report 40 MiB configs, then leave)")
 def p_eff_config(c: Ctx):
     body = b"k: " + b"v" * (40 * MIB) + b"\n"
     eff = f_bytes(6, f_bytes(1, f_bytes(1, f_bytes(1, b"") + f_bytes(2, f_bytes(1, body)
@@ -1817,7 +1817,8 @@ def repo_commit() -> str:
     try:
         rev = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"],
                              capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--", ":!docs"],
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain",
+                                "--untracked-files=no", "--", ":(top,exclude)docs"],
                                capture_output=True, text=True).stdout.strip()
         return rev + (" (with uncommitted changes)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
