@@ -231,6 +231,10 @@ pub struct AgentSession {
     remote_config: OfferHashes,
     connection_settings: OfferHashes,
     packages: OfferHashes,
+    /// What the exclusivity of an `error_response` (S2A-1) or a `command` (S2A-2) kept out
+    /// of a message: it goes out with the next one, never silently dropped. Boxed: a
+    /// `ServerToAgent` is large and this is rarely set.
+    deferred: Option<Box<ServerToAgent>>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -300,7 +304,15 @@ impl AgentSession {
             remote_config: OfferHashes::default(),
             connection_settings: OfferHashes::default(),
             packages: OfferHashes::default(),
+            deferred: None,
         }
+    }
+
+    /// Whether a part of an earlier message waits to go out (kept out by S2A-1 or S2A-2).
+    /// A WebSocket driver sends it at once with [`prepare_push`](Self::prepare_push) of an
+    /// empty message; over plain HTTP it rides on the next response.
+    pub fn has_deferred(&self) -> bool {
+        self.deferred.is_some()
     }
 
     /// The agent's instance uid, once a message has been handled.
@@ -486,7 +498,7 @@ impl AgentSession {
             || msg.command.is_some()
             || msg.custom_capabilities.is_some()
             || msg.custom_message.is_some();
-        if !has_content && !self.owe.full_state && !self.owe.uid {
+        if !has_content && !self.owe.full_state && !self.owe.uid && self.deferred.is_none() {
             return None;
         }
         self.finish(&mut msg, now);
@@ -516,29 +528,49 @@ impl AgentSession {
 
     /// Fills in what the session owes and removes what must not go out.
     fn finish(&mut self, msg: &mut ServerToAgent, now: Instant) {
+        if let Some(earlier) = self.deferred.take() {
+            // What an earlier message could not carry goes first. Two custom messages or two
+            // commands do not fit in one message: then the earlier part goes now and this
+            // message waits, so the order is kept and nothing is replaced.
+            let later = std::mem::take(msg);
+            let conflict = (earlier.custom_message.is_some() && later.custom_message.is_some())
+                || (earlier.command.is_some() && later.command.is_some());
+            *msg = *earlier;
+            if conflict {
+                self.deferred = Some(Box::new(later));
+            } else {
+                merge(msg, later);
+            }
+        }
         if let Some(uid) = self.uid {
             msg.instance_uid = uid.to_bytes();
         }
         if let Some(error) = msg.error_response.take() {
-            // S2A-1: nothing may accompany an error; owed items wait for the next message.
+            // S2A-1: nothing may accompany an error; owed items and the rest of the message
+            // wait for the next message.
+            let rest = std::mem::take(msg);
             *msg = ServerToAgent {
-                instance_uid: std::mem::take(&mut msg.instance_uid),
+                instance_uid: rest.instance_uid.clone(),
                 error_response: Some(error),
                 ..ServerToAgent::default()
             };
+            self.defer(rest);
             return;
         }
         self.strip(msg);
 
-        if msg.command.is_some() {
+        if let Some(command) = msg.command.take() {
             // S2A-2: a command goes alone with the capabilities; the agent would ignore the
-            // rest, so it is not recorded as sent either.
+            // rest, so the rest waits for the next message (not recorded as sent yet).
+            let mut rest = std::mem::take(msg);
             *msg = ServerToAgent {
-                instance_uid: std::mem::take(&mut msg.instance_uid),
-                command: msg.command.take(),
+                instance_uid: rest.instance_uid.clone(),
+                command: Some(command),
+                capabilities: std::mem::take(&mut rest.capabilities),
                 ..ServerToAgent::default()
             };
             self.attach_capabilities(msg);
+            self.defer(rest);
             return;
         }
 
@@ -590,6 +622,23 @@ impl AgentSession {
         }
         if let Some(pkgs) = &msg.packages_available {
             self.packages.on_sent(&pkgs.all_packages_hash);
+        }
+    }
+
+    /// Keeps what an exclusive message left out for the next message (S2A-1, S2A-2).
+    fn defer(&mut self, mut rest: ServerToAgent) {
+        rest.instance_uid = Bytes::new();
+        rest.capabilities = 0;
+        if rest == ServerToAgent::default() {
+            return;
+        }
+        match self.deferred.as_mut() {
+            // Only after a conflict above: `rest` came first, the waiting message after it.
+            Some(waiting) => {
+                let later = std::mem::replace(waiting.as_mut(), rest);
+                merge(waiting, later);
+            }
+            None => self.deferred = Some(Box::new(rest)),
         }
     }
 
@@ -677,6 +726,48 @@ impl AgentSession {
         if !agent.contains(AgentCapabilitySet::REPORTS_AVAILABLE_COMPONENTS) {
             msg.flags &= !ServerToAgentFlagSet::REPORT_AVAILABLE_COMPONENTS.bits();
         }
+    }
+}
+
+/// Merges a later message into an earlier one: fields set in `later` replace those of
+/// `into`; flags are combined. Callers keep two custom messages apart (one fits a message).
+pub(crate) fn merge(into: &mut ServerToAgent, later: ServerToAgent) {
+    let ServerToAgent {
+        instance_uid,
+        error_response,
+        remote_config,
+        connection_settings,
+        packages_available,
+        flags,
+        capabilities,
+        agent_identification,
+        command,
+        custom_capabilities,
+        custom_message,
+    } = later;
+    if !instance_uid.is_empty() {
+        into.instance_uid = instance_uid;
+    }
+    macro_rules! take_some {
+        ($($field:ident),*) => {$(
+            if $field.is_some() {
+                into.$field = $field;
+            }
+        )*};
+    }
+    take_some!(
+        error_response,
+        remote_config,
+        connection_settings,
+        packages_available,
+        agent_identification,
+        command,
+        custom_capabilities,
+        custom_message
+    );
+    into.flags |= flags;
+    if capabilities != 0 {
+        into.capabilities = capabilities;
     }
 }
 

@@ -1176,3 +1176,43 @@ fn uid_2_nil_uid_is_unusable_and_wrong_lengths_are_errors() {
     }
     assert_eq!(s.instance_uid(), None, "no state from bad messages");
 }
+
+/// S2A-2: a command goes alone; a config queued with it goes out with the next message.
+#[test]
+fn s2a2_config_queued_with_restart_goes_out_next() {
+    use opamp_proto::{AgentRemoteConfig, ServerToAgentCommand};
+    let now = Instant::now();
+    let mut s = AgentSession::new(SessionConfig::websocket(
+        ServerCapabilitySet::OFFERS_REMOTE_CONFIG,
+    ));
+    let msg = AgentToServer {
+        instance_uid: InstanceUid::from_array([7; 16]).to_bytes(),
+        capabilities: (AgentCapabilitySet::ACCEPTS_REMOTE_CONFIG
+            | AgentCapabilitySet::ACCEPTS_RESTART_COMMAND)
+            .bits(),
+        ..AgentToServer::default()
+    };
+    s.handle_message(&msg, now).unwrap();
+    let out = s.prepare_reply(
+        Some(ServerToAgent {
+            remote_config: Some(AgentRemoteConfig {
+                config: None,
+                config_hash: Bytes::from_static(b"h"),
+            }),
+            command: Some(ServerToAgentCommand::default()),
+            ..ServerToAgent::default()
+        }),
+        now,
+    );
+    assert!(out.command.is_some());
+    assert!(out.remote_config.is_none(), "S2A-2: the command goes alone");
+    assert!(s.has_deferred());
+    let next = s
+        .prepare_push(ServerToAgent::default(), now)
+        .expect("the config follows");
+    assert_eq!(
+        next.remote_config.unwrap().config_hash,
+        Bytes::from_static(b"h")
+    );
+    assert!(!s.has_deferred());
+}
