@@ -366,48 +366,8 @@ impl fmt::Debug for Connection {
     }
 }
 
-/// Merges a later message into an earlier pending one: fields set in `later` replace those
-/// of `into`; flags are combined. One custom message fits in a message, so a later one
-/// replaces an earlier one.
-pub(crate) fn merge(into: &mut ServerToAgent, later: ServerToAgent) {
-    let ServerToAgent {
-        instance_uid,
-        error_response,
-        remote_config,
-        connection_settings,
-        packages_available,
-        flags,
-        capabilities,
-        agent_identification,
-        command,
-        custom_capabilities,
-        custom_message,
-    } = later;
-    if !instance_uid.is_empty() {
-        into.instance_uid = instance_uid;
-    }
-    macro_rules! take_some {
-        ($($field:ident),*) => {$(
-            if $field.is_some() {
-                into.$field = $field;
-            }
-        )*};
-    }
-    take_some!(
-        error_response,
-        remote_config,
-        connection_settings,
-        packages_available,
-        agent_identification,
-        command,
-        custom_capabilities,
-        custom_message
-    );
-    into.flags |= flags;
-    if capabilities != 0 {
-        into.capabilities = capabilities;
-    }
-}
+/// Pending pushes merge by the core's rule: one implementation for both places.
+pub(crate) use crate::core::merge;
 
 #[cfg(test)]
 mod tests {
