@@ -51,9 +51,13 @@ impl PeerCertificates {
 /// - **WebSocket**: messages go through a bounded queue to the connection's single writer
 ///   task, so they never interleave with replies on the wire. Until the agent's first
 ///   message arrives, pushes are held (coalesced) and go out with the first reply.
-/// - **Plain HTTP**: there is one pending slot; the message is delivered in the response to
-///   the agent's next poll (HTTP-9). A later `send` before that poll merges into the pending
-///   message (later fields win), so memory stays bounded (RETRY-4).
+/// - **Plain HTTP**: there is one pending message; it is delivered in the response to the
+///   agent's next poll (HTTP-9). A later `send` before that poll merges into it (later
+///   fields win: a newer config replaces an older one), so memory stays bounded (RETRY-4).
+///   Custom messages are events, not state, so none replaces another: they wait in a
+///   queue of [`outbound_queue_capacity`](crate::ServerConfig::outbound_queue_capacity)
+///   entries and go out one per response; past that, `send` fails with
+///   [`SendError::QueueFull`].
 #[derive(Clone)]
 pub struct Connection {
     inner: Arc<Inner>,
@@ -148,8 +152,18 @@ enum Outlet {
         disconnect: Notify,
     },
     Http {
-        pending: Mutex<Option<Box<ServerToAgent>>>,
+        pending: Mutex<HttpPending>,
     },
+}
+
+/// What waits for a plain-HTTP agent's next poll.
+#[derive(Default)]
+struct HttpPending {
+    /// Everything but custom messages, merged (later fields win).
+    merged: Option<Box<ServerToAgent>>,
+    /// Custom messages in the order sent; one goes out per response (at most `capacity`).
+    customs: std::collections::VecDeque<opamp_proto::CustomMessage>,
+    capacity: usize,
 }
 
 /// Locks a mutex, recovering from poisoning: the data behind these locks (an uid, one
@@ -201,12 +215,15 @@ impl Connection {
         (conn, rx)
     }
 
-    pub(crate) fn http(peer: PeerInfo, uid: Option<InstanceUid>) -> Self {
+    pub(crate) fn http(peer: PeerInfo, uid: Option<InstanceUid>, capacity: usize) -> Self {
         let conn = Self::new(
             Transport::PlainHttp,
             peer,
             Outlet::Http {
-                pending: Mutex::new(None),
+                pending: Mutex::new(HttpPending {
+                    capacity,
+                    ..HttpPending::default()
+                }),
             },
         );
         *lock(&conn.inner.instance_uid) = uid;
@@ -230,8 +247,10 @@ impl Connection {
     /// Sends a message to the agent without waiting.
     ///
     /// WebSocket: fails with [`SendError::QueueFull`] when the outbound queue is full (a slow
-    /// agent cannot make the server buffer without bound). Plain HTTP: never full; the
-    /// message waits for the next poll, merged with any message already pending.
+    /// agent cannot make the server buffer without bound). Plain HTTP: the message waits
+    /// for the next poll, merged with any message already pending; fails with
+    /// [`SendError::QueueFull`] only when it carries a custom message and as many custom
+    /// messages as the outbound queue capacity already wait (then nothing of it is kept).
     pub fn send(&self, message: ServerToAgent) -> Result<(), SendError> {
         self.enqueue(Box::new(Outbound::Message(message)))
     }
@@ -253,11 +272,19 @@ impl Connection {
             }),
             Outlet::Http { pending } => {
                 // Plain HTTP encodes each response anyway: the message joins the pending one.
-                let message = item.into_message();
+                let mut message = item.into_message();
                 let mut slot = lock(pending);
-                match slot.as_mut() {
+                if message.custom_message.is_some() {
+                    if slot.customs.len() >= slot.capacity {
+                        return Err(SendError::QueueFull(message));
+                    }
+                    if let Some(custom) = message.custom_message.take() {
+                        slot.customs.push_back(custom);
+                    }
+                }
+                match slot.merged.as_mut() {
                     Some(existing) => merge(existing, *message),
-                    None => *slot = Some(message),
+                    None => slot.merged = Some(message),
                 }
                 Ok(())
             }
@@ -290,7 +317,11 @@ impl Connection {
         }
         match &self.inner.outlet {
             Outlet::WebSocket { disconnect, .. } => disconnect.notify_one(),
-            Outlet::Http { pending } => *lock(pending) = None,
+            Outlet::Http { pending } => {
+                let mut slot = lock(pending);
+                slot.merged = None;
+                slot.customs.clear();
+            }
         }
     }
 
@@ -333,11 +364,30 @@ impl Connection {
         self.inner.closed.store(true, Ordering::Release);
     }
 
-    /// Takes the pending plain-HTTP message, if any.
+    /// Takes the pending plain-HTTP message, if any, with the oldest waiting custom message.
     pub(crate) fn take_pending(&self) -> Option<Box<ServerToAgent>> {
         match &self.inner.outlet {
-            Outlet::Http { pending } => lock(pending).take(),
+            Outlet::Http { pending } => {
+                let mut slot = lock(pending);
+                let custom = slot.customs.pop_front();
+                let mut out = slot.merged.take();
+                if custom.is_some() {
+                    out.get_or_insert_with(Box::default).custom_message = custom;
+                }
+                out
+            }
             Outlet::WebSocket { .. } => None,
+        }
+    }
+
+    /// Puts a custom message taken with [`take_pending`](Self::take_pending) back at the
+    /// head of the queue: the reply to this poll carries its own. The queue may exceed its
+    /// capacity by this one message.
+    pub(crate) fn requeue_custom(&self, custom: opamp_proto::CustomMessage) {
+        if let Outlet::Http { pending } = &self.inner.outlet {
+            if !self.is_closed() {
+                lock(pending).customs.push_front(custom);
+            }
         }
     }
 
@@ -383,7 +433,11 @@ mod tests {
 
     #[test]
     fn http_sends_coalesce_into_one_pending_message() {
-        let conn = Connection::http(PeerInfo::default(), Some(InstanceUid::from_array([1; 16])));
+        let conn = Connection::http(
+            PeerInfo::default(),
+            Some(InstanceUid::from_array([1; 16])),
+            16,
+        );
         conn.send(ServerToAgent {
             remote_config: rc(b"a"),
             flags: 1,
@@ -400,6 +454,52 @@ mod tests {
         assert_eq!(pending.remote_config, rc(b"b"), "later fields win");
         assert_eq!(pending.flags, 1, "flags are combined");
         assert!(pending.command.is_some());
+        assert!(conn.take_pending().is_none());
+    }
+
+    fn custom(data: &'static [u8]) -> ServerToAgent {
+        ServerToAgent {
+            custom_message: Some(opamp_proto::CustomMessage {
+                capability: "io.example".to_owned(),
+                r#type: "t".to_owned(),
+                data: bytes::Bytes::from_static(data),
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// HTTP-9: custom messages sent between two polls are all delivered, one per response
+    /// and in order; past the bound `send` fails and keeps nothing.
+    #[test]
+    fn http_custom_messages_are_queued_not_replaced_and_bounded() {
+        let conn = Connection::http(
+            PeerInfo::default(),
+            Some(InstanceUid::from_array([1; 16])),
+            2,
+        );
+        conn.send(custom(b"1")).unwrap();
+        conn.send(ServerToAgent {
+            remote_config: rc(b"a"),
+            ..custom(b"2")
+        })
+        .unwrap();
+        match conn.send(ServerToAgent {
+            remote_config: rc(b"b"),
+            ..custom(b"3")
+        }) {
+            Err(SendError::QueueFull(m)) => assert_eq!(m.remote_config, rc(b"b")),
+            other => panic!("expected QueueFull, got {other:?}"),
+        }
+        let first = conn.take_pending().unwrap();
+        assert_eq!(first.custom_message.unwrap().data, &b"1"[..]);
+        assert_eq!(
+            first.remote_config,
+            rc(b"a"),
+            "the refused send changed nothing"
+        );
+        let second = conn.take_pending().unwrap();
+        assert_eq!(second.custom_message.unwrap().data, &b"2"[..]);
+        assert!(second.remote_config.is_none());
         assert!(conn.take_pending().is_none());
     }
 

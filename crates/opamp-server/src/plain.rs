@@ -214,7 +214,11 @@ impl Sessions {
             admission.probation.retain(|s| on_probation(s));
         }
         let session = Arc::new(Session {
-            conn: Connection::http(peer.clone(), Some(uid)),
+            conn: Connection::http(
+                peer.clone(),
+                Some(uid),
+                shared.config.outbound_queue_capacity(),
+            ),
             #[cfg(feature = "tls")]
             certificates: peer.certificates.clone(),
             slot: Mutex::new(Some(slot)),
@@ -653,7 +657,15 @@ where
         let mut out = conn.take_pending().map(|b| *b);
         if let Some(reply) = reply {
             match out.as_mut() {
-                Some(pending) => merge(pending, reply),
+                Some(pending) => {
+                    if reply.custom_message.is_some()
+                        && let Some(waiting) = pending.custom_message.take()
+                    {
+                        // The reply's own custom message goes now; the queued one next time.
+                        conn.requeue_custom(waiting);
+                    }
+                    merge(pending, reply)
+                }
                 None => out = Some(reply),
             }
         }
@@ -691,7 +703,8 @@ async fn report_error(
     err: &ReadMessageError,
 ) {
     tracing::debug!(error = %err, "bad plain-HTTP request");
-    let conn = Connection::http(peer.clone(), uid);
+    // A closed throwaway handle for the callback: nothing is ever sent through it.
+    let conn = Connection::http(peer.clone(), uid, 0);
     conn.mark_closed();
     callbacks.on_read_message_error(&conn, err).await;
 }

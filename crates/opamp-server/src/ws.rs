@@ -354,6 +354,25 @@ pub(crate) async fn run<S>(
         if shed_early {
             break Some(close_frame(CloseCode::Again, "connection limit reached"));
         }
+        // S2A-1, S2A-2: what an error or a command kept out of the last message goes out
+        // now, in its own message, rather than waiting for the agent to speak again. Each
+        // round takes something out of the deferred part, so this ends.
+        if core.has_deferred() && core.instance_uid().is_some() {
+            let frame = core
+                .prepare_push(ServerToAgent::default(), Instant::now())
+                .map(|out| {
+                    live.note(&out);
+                    encode_frame(&out, limit)
+                });
+            if let Some(frame) = frame
+                && send_parts(&mut ws, Outgoing::one(frame), fragment, write_timeout)
+                    .await
+                    .is_err()
+            {
+                break None;
+            }
+            continue;
+        }
         tokio::select! {
             biased;
             _ = stopped(&mut stop) => {

@@ -735,3 +735,69 @@ async fn thr_5_new_sessions_are_rate_limited_per_source_address() {
     assert_eq!(resp.status, StatusCode::OK);
     server.shutdown().await;
 }
+
+/// S2A-2 over plain HTTP: a Restart command goes alone in its response and the config the
+/// application returned with it rides on the next response.
+#[tokio::test]
+async fn s2a2_http_config_pushed_out_by_restart_rides_on_next_poll() {
+    use opamp_proto::{AgentCapabilitySet, ServerToAgentCommand};
+    let (rec, _events) = Recorder::with_reply(|_, msg| {
+        (msg.sequence_num == 0).then(|| ServerToAgent {
+            command: Some(ServerToAgentCommand::default()),
+            ..remote_config(b"after-restart", 10)
+        })
+    });
+    let server = start(&rec).await;
+    let addr = server.local_addr();
+    let with_restart = (caps() | AgentCapabilitySet::ACCEPTS_RESTART_COMMAND).bits();
+    let mut first = first_report(uid(42));
+    first.capabilities = with_restart;
+    let reply = poll(addr, PATH, &first).await;
+    assert!(reply.command.is_some());
+    assert!(
+        reply.remote_config.is_none(),
+        "S2A-2: the command goes alone"
+    );
+    let mut next = report(uid(42), 1);
+    next.capabilities = with_restart;
+    let reply = poll(addr, PATH, &next).await;
+    assert!(reply.command.is_none());
+    assert_eq!(
+        reply.remote_config.expect("the config follows").config_hash,
+        Bytes::from_static(b"after-restart")
+    );
+    server.shutdown().await;
+}
+
+/// HTTP-9: two custom messages sent between polls both arrive, one per response, in order
+/// (a later one no longer replaces an earlier one in the pending slot).
+#[tokio::test]
+async fn http_9_custom_messages_between_polls_all_arrive_in_order() {
+    let (rec, mut events) = Recorder::new();
+    let server = start(&rec).await;
+    let addr = server.local_addr();
+    poll(addr, PATH, &first_report(uid(43))).await;
+    let Event::Connected(conn) = next_event(&mut events).await else {
+        panic!()
+    };
+    for data in [&b"one"[..], &b"two"[..]] {
+        conn.send(ServerToAgent {
+            custom_message: Some(opamp_proto::CustomMessage {
+                capability: "io.example.chat".to_owned(),
+                r#type: "line".to_owned(),
+                data: Bytes::from_static(data),
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+    }
+    let mut got = Vec::new();
+    for seq in 1..=3 {
+        let reply = poll(addr, PATH, &report(uid(43), seq)).await;
+        if let Some(c) = reply.custom_message {
+            got.push(c.data);
+        }
+    }
+    assert_eq!(got, [&b"one"[..], &b"two"[..]]);
+    server.shutdown().await;
+}

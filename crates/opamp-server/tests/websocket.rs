@@ -604,3 +604,62 @@ async fn shared_push_reaches_every_agent_fragmented_and_intact() {
 
 #[derive(Debug, PartialEq)]
 struct InstanceUidBytes(Bytes);
+
+/// S2A-2 over WebSocket: a reply carrying a Restart command and a config sends the command
+/// alone, and the config follows at once in its own message, without waiting for the agent
+/// to speak again.
+#[tokio::test]
+async fn s2a2_ws_config_pushed_out_by_restart_follows_at_once() {
+    use opamp_proto::{AgentCapabilitySet, ServerToAgentCommand};
+    let (rec, _events) = Recorder::with_reply(|_, msg| {
+        (msg.sequence_num == 0).then(|| ServerToAgent {
+            command: Some(ServerToAgentCommand::default()),
+            ..remote_config(b"after-restart")
+        })
+    });
+    let server = start(&rec).await;
+    let mut ws = ws_connect(server.local_addr(), PATH).await;
+    let mut first = first_report(uid(40));
+    first.capabilities = (caps() | AgentCapabilitySet::ACCEPTS_RESTART_COMMAND).bits();
+    ws_send(&mut ws, &first).await;
+    let reply = ws_recv(&mut ws).await;
+    assert!(reply.command.is_some(), "the command goes first");
+    assert!(
+        reply.remote_config.is_none(),
+        "S2A-2: the command goes alone"
+    );
+    // The agent says nothing more: the deferred config must still arrive.
+    let next = within(ws_recv(&mut ws)).await;
+    assert!(next.command.is_none());
+    assert_eq!(
+        next.remote_config.expect("the config follows").config_hash,
+        Bytes::from_static(b"after-restart")
+    );
+    drop(ws);
+    server.shutdown().await;
+}
+
+/// S2A-1 over WebSocket: a config queued with an error response goes out right after it.
+#[tokio::test]
+async fn s2a1_ws_config_pushed_out_by_error_follows_at_once() {
+    let (rec, _events) = Recorder::with_reply(|_, msg| {
+        (msg.sequence_num == 0).then(|| ServerToAgent {
+            error_response: unavailable("busy", None).error_response,
+            ..remote_config(b"after-error")
+        })
+    });
+    let server = start(&rec).await;
+    let mut ws = ws_connect(server.local_addr(), PATH).await;
+    ws_send(&mut ws, &first_report(uid(41))).await;
+    let reply = ws_recv(&mut ws).await;
+    assert!(reply.error_response.is_some());
+    assert!(reply.remote_config.is_none(), "S2A-1: the error goes alone");
+    let next = within(ws_recv(&mut ws)).await;
+    assert!(next.error_response.is_none());
+    assert_eq!(
+        next.remote_config.expect("the config follows").config_hash,
+        Bytes::from_static(b"after-error")
+    );
+    drop(ws);
+    server.shutdown().await;
+}
