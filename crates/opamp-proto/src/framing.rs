@@ -39,6 +39,10 @@ pub enum DecodeError {
     /// The payload is not a valid protobuf encoding of the expected message.
     #[error("invalid protobuf payload: {0}")]
     Protobuf(#[from] prost::DecodeError),
+    /// The payload would decode into more elements than the limit
+    /// ([`elements`](crate::elements)); it was not decoded.
+    #[error(transparent)]
+    TooManyElements(#[from] crate::elements::TooManyElements),
 }
 
 /// A message is over a size limit (WS-9..WS-12, HTTP-14..HTTP-17).
@@ -92,6 +96,17 @@ pub fn payload(frame: &[u8], limit: usize) -> Result<&[u8], DecodeError> {
 /// Decodes a framed message of type `M`, checking size and header first.
 pub fn decode<M: Message + Default>(frame: &[u8], limit: usize) -> Result<M, DecodeError> {
     Ok(M::decode(payload(frame, limit)?)?)
+}
+
+/// Like [`decode`], but first counts the elements the payload decodes into and refuses it,
+/// without decoding, past `max_elements` ([`elements`](crate::elements)).
+pub fn decode_limited<M>(frame: &[u8], limit: usize, max_elements: usize) -> Result<M, DecodeError>
+where
+    M: Message + Default + crate::elements::CountElements,
+{
+    let payload = payload(frame, limit)?;
+    crate::elements::count_elements::<M>(payload, max_elements)?;
+    Ok(M::decode(payload)?)
 }
 
 /// Like [`decode`], but `bytes` fields of the result share `frame`'s memory instead of copying.

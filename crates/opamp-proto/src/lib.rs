@@ -63,6 +63,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod caps;
+pub mod elements;
 mod ext;
 pub mod framing;
 mod redact;
@@ -79,6 +80,7 @@ pub mod v1 {
 pub use caps::{
     AgentCapabilitySet, AgentToServerFlagSet, ServerCapabilitySet, ServerToAgentFlagSet,
 };
+pub use elements::DEFAULT_MAX_MESSAGE_ELEMENTS;
 pub use framing::{DEFAULT_MAX_MESSAGE_SIZE, DecodeError};
 pub use uid::{InstanceUid, InvalidInstanceUid};
 pub use v1::*;
