@@ -68,6 +68,7 @@ pub struct ServerConfig {
     listen_addr: SocketAddr,
     path: String,
     max_message_size: usize,
+    max_message_elements: usize,
     ws_read_buffer_size: usize,
     ws_write_fragment_size: usize,
     outbound_queue_capacity: usize,
@@ -96,6 +97,7 @@ impl Default for ServerConfig {
             listen_addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, DEFAULT_PORT)),
             path: DEFAULT_PATH.to_owned(),
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            max_message_elements: opamp_proto::DEFAULT_MAX_MESSAGE_ELEMENTS,
             ws_read_buffer_size: DEFAULT_WS_READ_BUFFER_SIZE,
             ws_write_fragment_size: DEFAULT_WS_WRITE_FRAGMENT_SIZE,
             outbound_queue_capacity: DEFAULT_OUTBOUND_QUEUE_CAPACITY,
@@ -138,6 +140,15 @@ impl ServerConfig {
     /// after decompression (HTTP-14), and on outgoing ones (WS-11, HTTP-16). Default 64 MiB.
     pub fn max_message_size(&self) -> usize {
         self.max_message_size
+    }
+
+    /// Limit on the elements an incoming message decodes into (attributes, health
+    /// components, config files, ...; [`opamp_proto::elements`]), checked before it is
+    /// decoded: a message within the size limit can decode into ten times its size. A message
+    /// past it is answered as malformed (`BAD_REQUEST` over WebSocket, 400 over plain HTTP).
+    /// Default 262,144 ([`opamp_proto::DEFAULT_MAX_MESSAGE_ELEMENTS`]).
+    pub fn max_message_elements(&self) -> usize {
+        self.max_message_elements
     }
 
     /// Initial read buffer of each WebSocket connection (default 2 KiB).
@@ -250,6 +261,13 @@ impl ServerConfigBuilder {
     /// Sets the message size limit in bytes (WS-8, HTTP-13); must be at least 1.
     pub fn max_message_size(mut self, bytes: usize) -> Self {
         self.config.max_message_size = bytes;
+        self
+    }
+
+    /// Sets the limit on the elements of an incoming message
+    /// ([`ServerConfig::max_message_elements`]); must be at least 1.
+    pub fn max_message_elements(mut self, elements: usize) -> Self {
+        self.config.max_message_elements = elements;
         self
     }
 
@@ -376,6 +394,9 @@ impl ServerConfigBuilder {
         if c.max_message_size == 0 {
             return Err(ConfigError::Zero("max_message_size"));
         }
+        if c.max_message_elements == 0 {
+            return Err(ConfigError::Zero("max_message_elements"));
+        }
         if c.outbound_queue_capacity == 0 {
             return Err(ConfigError::Zero("outbound_queue_capacity"));
         }
@@ -484,8 +505,10 @@ pub const FD_RESERVE: usize = 64;
 ///   the new one; when every connection is a real agent, the new one is closed at once.
 /// - **Message pace** (both transports): a message in progress must have arrived, on
 ///   average since its first byte, at `min_read_rate` bytes/s once `read_grace` passed, i.e.
-///   complete before `first byte + read_grace + received / min_read_rate`. A WebSocket that
-///   falls behind is closed with 1008; a plain-HTTP body gets 408.
+///   complete before `first byte + read_grace + received / min_read_rate`, and no gap
+///   between its bytes may last longer than `read_grace` (a peer that sent most of a
+///   message fast cannot hold the rest back on that credit). A WebSocket that falls behind
+///   is closed with 1008; a plain-HTTP body gets 408.
 /// - **Incomplete-bytes budget** (both transports): bytes of incomplete messages and bodies
 ///   count towards `max_incomplete_bytes` (a plain-HTTP body with a `Content-Length` counts
 ///   its whole length from its head on, until it is answered). Past it, a message that
@@ -670,15 +693,19 @@ impl ConnectionLimits {
         )
     }
 
-    /// The time by which a message in progress must be complete: `received` bytes arrived
-    /// since its first byte at `started`.
+    /// The time by which a message in progress must be complete or have made progress:
+    /// `received` bytes arrived since its first byte at `started`, the latest at
+    /// `last_progress`. The average pace bounds the whole message; the gap bound stops a
+    /// peer that sent most of a message fast from holding the rest back on that credit.
     pub(crate) fn message_deadline(
         &self,
         started: tokio::time::Instant,
         received: usize,
+        last_progress: tokio::time::Instant,
     ) -> tokio::time::Instant {
         let pace = Duration::from_secs_f64(received as f64 / self.min_read_rate as f64);
-        started + self.read_grace + pace.min(MAX_TIMEOUT)
+        let average = started + self.read_grace + pace.min(MAX_TIMEOUT);
+        average.min(last_progress.max(started) + self.read_grace)
     }
 }
 

@@ -174,6 +174,10 @@ fn same_except_per_agent_fields(a: &ServerToAgent, b: &ServerToAgent) -> bool {
 ///   one reply (REP-4, RETRY-2).
 /// - Pass every unsolicited message (a push) through [`prepare_push`](Self::prepare_push) and
 ///   send the result if there is one.
+/// - After `handle_message`, when [`needs_instance_uid`](Self::needs_instance_uid) says so,
+///   draw a new uid (UUID v7, UID-2) and give it with
+///   [`provide_instance_uid`](Self::provide_instance_uid): the core reads neither the clock
+///   nor randomness of the system.
 /// - `now` only has to be monotonic; tests pass a virtual clock.
 ///
 /// What the session does to outgoing messages:
@@ -325,6 +329,24 @@ impl AgentSession {
         self.assigned_uid
     }
 
+    /// Whether the agent asked for an instance uid (UID-5) and none is chosen yet. The
+    /// driver then calls [`provide_instance_uid`](Self::provide_instance_uid) with a fresh
+    /// one (UID-2: a UUID v7) before it prepares the reply; until it does, the request
+    /// stays owed and no uid goes out.
+    #[must_use]
+    pub fn needs_instance_uid(&self) -> bool {
+        self.owe.uid && self.assigned_uid.is_none()
+    }
+
+    /// Supplies the uid to assign when [`needs_instance_uid`](Self::needs_instance_uid)
+    /// says so. Ignored when a uid is already assigned (a repeated request gets the same
+    /// one until the agent switches, UID-7) or none was asked for.
+    pub fn provide_instance_uid(&mut self, uid: InstanceUid) {
+        if self.needs_instance_uid() {
+            self.assigned_uid = Some(uid);
+        }
+    }
+
     /// The agent's last reported capabilities (CAP-2); empty before the first message.
     pub fn agent_capabilities(&self) -> AgentCapabilitySet {
         self.agent_capabilities
@@ -424,8 +446,9 @@ impl AgentSession {
         if AgentToServerFlagSet::from_bits_retain(msg.flags)
             .contains(AgentToServerFlagSet::REQUEST_INSTANCE_UID)
         {
-            // UID-5. A repeated request gets the same uid until the agent switches.
-            self.assigned_uid.get_or_insert_with(InstanceUid::new_v7);
+            // UID-5. A repeated request gets the same uid until the agent switches. The uid
+            // itself comes from the driver (`provide_instance_uid`): the core draws no
+            // randomness and reads no clock of its own.
             self.owe.uid = true;
         }
 

@@ -274,13 +274,14 @@ where
     let start = Instant::now();
     let hard = start + timeout;
     let mut received = 0usize;
+    let mut last_progress = start;
     // One frame is kept as it is; more are copied into one buffer: a body of many tiny
     // chunks must not cost a `Bytes` handle (and a pinned read buffer) per chunk.
     let mut first: Option<Bytes> = None;
     let mut all = BytesMut::new();
     let mut body = std::pin::pin!(body);
     loop {
-        let deadline = hard.min(limits.message_deadline(start, received));
+        let deadline = hard.min(limits.message_deadline(start, received, last_progress));
         let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
             Err(_) => return Err(BodyError::TooSlow),
             Ok(None) => break,
@@ -297,6 +298,7 @@ where
             return Err(BodyError::TooLarge);
         }
         received += data.len();
+        last_progress = Instant::now();
         if announced.is_none() {
             charge.amount += data.len();
             if !budget.charge(data.len(), charge.amount) {

@@ -506,6 +506,12 @@ where
 
     // Decoded by copying, so `bytes` fields the application keeps do not pin the request
     // body's buffer.
+    let max_elements = shared.config.max_message_elements();
+    if let Err(e) = opamp_proto::elements::count_elements::<AgentToServer>(&body, max_elements) {
+        let err = ReadMessageError::Decode(DecodeError::from(e));
+        report_error(&callbacks, &peer, header_uid, &err).await;
+        return text_response(StatusCode::BAD_REQUEST, "message has too many elements");
+    }
     let msg = match AgentToServer::decode(&body[..]) {
         Ok(msg) => msg,
         Err(e) => {
@@ -613,6 +619,10 @@ where
                 return text_response(StatusCode::BAD_REQUEST, "invalid AgentToServer message");
             }
         };
+        if state.core.needs_instance_uid() {
+            // UID-5, UID-2: the core asks, the driver draws.
+            state.core.provide_instance_uid(InstanceUid::new_v7());
+        }
         if received.duplicate {
             // UID-8: a second agent polls with this session's uid; it is not this
             // session's agent, so neither the session nor the application sees it.

@@ -234,7 +234,7 @@ impl Liveness {
         if let Some((started, received)) = in_progress {
             // A message must keep its pace (memory of incomplete messages is bounded).
             consider(
-                limits.message_deadline(started, received),
+                limits.message_deadline(started, received, meter.last_read()),
                 Due::Close(CloseCode::Policy, "message too slow"),
             );
         } else if !self.first_seen {
@@ -442,7 +442,7 @@ pub(crate) async fn run<S>(
                     // application keeps (a config hash, a config body) pin this connection's
                     // whole receive buffer. Boxed: the match keeps its scrutinee in storage
                     // through the arms' awaits.
-                    match framing::decode::<AgentToServer>(&data, limit).map(Box::new) {
+                    match framing::decode_limited::<AgentToServer>(&data, limit, config.max_message_elements()).map(Box::new) {
                         // UID-8: a nil uid gets a new one and reaches no session.
                         Ok(msg) if registry::is_unusable_uid(&msg.instance_uid) => {
                             let frame = encode_frame(&registry::unusable_uid_reply(&msg.instance_uid, shared), limit);
@@ -452,6 +452,10 @@ pub(crate) async fn run<S>(
                         }
                         Ok(msg) => match core.handle_message(&msg, Instant::now()) {
                             Ok(received) => {
+                                if core.needs_instance_uid() {
+                                    // UID-5, UID-2: the core asks, the driver draws.
+                                    core.provide_instance_uid(opamp_proto::InstanceUid::new_v7());
+                                }
                                 if !live.first_seen {
                                     live.first_seen = true;
                                     if let Some(slot) = &slot {

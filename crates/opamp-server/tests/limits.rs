@@ -252,6 +252,29 @@ async fn ws_stalled_partial_message_is_closed_with_1008_at_the_pace_floor() {
     server.shutdown().await;
 }
 
+/// A message whose first bytes came fast (a large average-pace credit) and then stop is
+/// closed once the gap since its last byte passes `read_grace`, not after the credit.
+#[tokio::test]
+async fn ws_partial_message_stalled_after_a_fast_start_is_closed_at_the_gap_bound() {
+    // The average-pace bound alone would allow 0.5 s + 64 KiB / (1 KiB/s) = 64.5 s.
+    let limits = ConnectionLimits::default()
+        .with_read_grace(Duration::from_millis(500))
+        .with_min_read_rate(1 << 10);
+    let (server, _events) = start(limits).await;
+    let mut stalled = ws_connect(server.local_addr(), PATH).await;
+    raw(&mut stalled)
+        .write_all(&frame_header(1 << 20))
+        .await
+        .unwrap();
+    raw(&mut stalled)
+        .write_all(&vec![0u8; 64 << 10])
+        .await
+        .unwrap();
+    assert_eq!(ws_close_code(&mut stalled).await, Some(1008));
+    eventually(|| server.service().incomplete_bytes() == 0).await;
+    server.shutdown().await;
+}
+
 /// Sends the head of a POST declaring `declared` body bytes, and `sent` of them.
 async fn partial_post(addr: SocketAddr, declared: usize, sent: usize) -> TcpStream {
     let mut tcp = within(TcpStream::connect(addr)).await.unwrap();
@@ -318,6 +341,22 @@ async fn http_stalled_body_gets_408_at_the_pace_floor() {
         .with_min_read_rate(1 << 20);
     let (server, _events) = start(limits).await;
     let mut tcp = partial_post(server.local_addr(), 1 << 20, 100 << 10).await;
+    let head = response_head(&mut tcp).await;
+    assert!(head.starts_with("HTTP/1.1 408"), "{head:?}");
+    eventually(|| server.service().incomplete_bytes() == 0).await;
+    server.shutdown().await;
+}
+
+/// A body whose first bytes came fast and then stop gets 408 once the gap since its last
+/// byte passes `read_grace`, not after its average-pace credit (64 s here) or the 30 s
+/// `http_body_timeout`.
+#[tokio::test]
+async fn http_body_stalled_after_a_fast_start_gets_408_at_the_gap_bound() {
+    let limits = ConnectionLimits::default()
+        .with_read_grace(Duration::from_millis(500))
+        .with_min_read_rate(1 << 10);
+    let (server, _events) = start(limits).await;
+    let mut tcp = partial_post(server.local_addr(), 1 << 20, 64 << 10).await;
     let head = response_head(&mut tcp).await;
     assert!(head.starts_with("HTTP/1.1 408"), "{head:?}");
     eventually(|| server.service().incomplete_bytes() == 0).await;
@@ -537,5 +576,62 @@ async fn hb_5_plain_http_session_lives_as_long_as_the_offered_polling_interval()
         "the agent polling every 10 s keeps its session"
     );
     assert_eq!(server.service().plain_http_sessions(), 1);
+    server.shutdown().await;
+}
+
+/// A report of `n` tiny attributes: about 15 bytes each on the wire, ten times that decoded.
+fn many_attributes_report(id: u8, n: usize) -> opamp_proto::AgentToServer {
+    let mut msg = first_report(uid(id));
+    msg.agent_description = Some(AgentDescription {
+        identifying_attributes: vec![],
+        non_identifying_attributes: (0..n)
+            .map(|i| KeyValue {
+                key: format!("{i:06x}"),
+                value: Some(AnyValue {
+                    value: Some(any_value::Value::StringValue("b".into())),
+                }),
+            })
+            .collect(),
+    });
+    msg
+}
+
+/// A message within the size limit that decodes into more elements than
+/// `max_message_elements` is refused before it is decoded: BAD_REQUEST over WebSocket (the
+/// connection goes on), 400 over plain HTTP; the same agent's normal report then works.
+/// Before the fix a 60 MiB message of 4 million attributes was decoded (~600 MiB).
+#[tokio::test]
+async fn messages_with_too_many_elements_are_refused_before_decoding() {
+    let (rec, _events) = Recorder::quiet();
+    let config = loopback_config()
+        .max_message_elements(1000)
+        .build()
+        .unwrap();
+    let server = Server::bind(config, rec.server_callbacks()).await.unwrap();
+    let addr = server.local_addr();
+
+    let mut ws = ws_connect(addr, PATH).await;
+    ws_send(&mut ws, &many_attributes_report(1, 2000)).await;
+    let reply = ws_recv(&mut ws).await;
+    let error = reply.error_response.expect("an error response");
+    assert_eq!(
+        error.r#type,
+        opamp_proto::ServerErrorResponseType::BadRequest as i32
+    );
+    assert!(error.error_message.contains("1000 elements"), "{error:?}");
+    ws_send(&mut ws, &many_attributes_report(1, 100)).await;
+    let reply = ws_recv(&mut ws).await;
+    assert!(reply.error_response.is_none(), "{reply:?}");
+    assert_eq!(&reply.instance_uid[..], uid(1).as_array());
+
+    let resp = http_post(
+        addr,
+        post(PATH, many_attributes_report(2, 2000).encode_to_vec(), &[]),
+    )
+    .await;
+    assert_eq!(resp.status, 400);
+    let msg = poll(addr, PATH, &many_attributes_report(2, 100)).await;
+    assert_eq!(&msg.instance_uid[..], uid(2).as_array());
+    drop(ws);
     server.shutdown().await;
 }

@@ -269,7 +269,11 @@ fn uid_5_request_instance_uid_is_answered_with_a_new_uid() {
     let mut s = ws_session();
     let mut msg = full_report(0);
     msg.flags = AgentToServerFlagSet::REQUEST_INSTANCE_UID.bits();
-    let r = exchange(&mut s, &msg, clock.now());
+    s.handle_message(&msg, clock.now()).unwrap();
+    assert!(s.needs_instance_uid(), "the core asks the driver for a uid");
+    s.provide_instance_uid(InstanceUid::from_array([0x5a; 16]));
+    assert!(!s.needs_instance_uid());
+    let r = s.prepare_reply(None, clock.now());
     assert_eq!(
         &r.instance_uid[..],
         &UID,
@@ -280,9 +284,14 @@ fn uid_5_request_instance_uid_is_answered_with_a_new_uid() {
     assert_ne!(new.as_array(), &UID);
     assert_eq!(s.assigned_instance_uid(), Some(new));
 
+    assert_eq!(new, InstanceUid::from_array([0x5a; 16]), "the provided uid");
+
     // A repeated request before switching gets the same uid.
     msg.sequence_num = 1;
-    let r = exchange(&mut s, &msg, clock.now());
+    s.handle_message(&msg, clock.now()).unwrap();
+    assert!(!s.needs_instance_uid(), "one uid until the agent switches");
+    s.provide_instance_uid(InstanceUid::from_array([0x6b; 16]));
+    let r = s.prepare_reply(None, clock.now());
     assert_eq!(
         &r.agent_identification.unwrap().new_instance_uid[..],
         new.as_array()
@@ -307,6 +316,7 @@ fn uid_7_application_chosen_uid_is_used_and_invalid_one_dropped() {
     let mut msg = full_report(0);
     msg.flags = AgentToServerFlagSet::REQUEST_INSTANCE_UID.bits();
     s.handle_message(&msg, clock.now()).unwrap();
+    s.provide_instance_uid(InstanceUid::from_array([0x5a; 16]));
     let bad = ServerToAgent {
         agent_identification: Some(opamp_proto::AgentIdentification {
             new_instance_uid: Bytes::from_static(&[1; 5]),

@@ -295,11 +295,13 @@ async fn raw_close_code(io: &mut DuplexStream) -> u16 {
     }
 }
 
-/// Half-sent messages: 600 KiB of a 1 MiB message, then silence. The message must keep the
-/// pace floor (256 KiB/s after a 10 s grace): it is closed with 1008 at 10 s + 600/256 s
-/// after its first byte, and its bytes leave the budget. Before the fix it was held for ever.
-#[tokio::test(start_paused = true)]
-async fn stalled_half_message_is_closed_at_the_pace_floor() {
+/// Half-sent messages: 600 KiB of a 1 MiB message, then silence, or one byte every 5 s.
+/// The message must keep the pace floor (256 KiB/s on average after a 10 s grace) and no
+/// gap between its bytes may pass the grace: silence is closed with 1008 at 10 s after the
+/// last byte (not on the credit of 600 KiB sent fast); a trickle is closed at 10 s +
+/// 600/256 s after the first byte. Its bytes leave the budget. Before the fix a stalled
+/// message was held for ever.
+async fn half_message_closed_after(trickle: bool) -> Duration {
     let config = ServerConfig::default();
     let service = OpampService::new(config, Arc::new(crate::tests_support::Reject));
     let shared = service.shared.clone();
@@ -317,15 +319,37 @@ async fn stalled_half_message_is_closed_at_the_pace_floor() {
         shared.budget.used() >= 600 << 10,
         "the partial message is counted"
     );
+    if trickle {
+        for _ in 0..2 {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            b.write_all(&[0]).await.unwrap();
+        }
+    }
     let code = frozen_close_code(&mut b).await;
     assert_eq!(code, 1008);
     let after = start.elapsed();
+    drop(b);
+    task.await.unwrap();
+    assert_eq!(shared.budget.used(), 0, "the budget got its bytes back");
+    after
+}
+
+#[tokio::test(start_paused = true)]
+async fn stalled_half_message_is_closed_at_the_gap_bound() {
+    let after = half_message_closed_after(false).await;
+    let expected = Duration::from_secs(10);
+    assert!(
+        after >= expected && after < expected + Duration::from_millis(50),
+        "{after:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn trickled_half_message_is_closed_at_the_pace_floor() {
+    let after = half_message_closed_after(true).await;
     let expected = Duration::from_secs(10) + Duration::from_secs_f64(600.0 / 256.0);
     assert!(
         after >= expected && after < expected + Duration::from_millis(50),
         "{after:?}"
     );
-    drop(b);
-    task.await.unwrap();
-    assert_eq!(shared.budget.used(), 0, "the budget got its bytes back");
 }
