@@ -202,6 +202,9 @@ enum Event {
     Restart,
 }
 
+/// Restart commands are carried out at most this often (CMD-1): more are ignored.
+const RESTART_MIN_INTERVAL: Duration = Duration::from_secs(10);
+
 struct Agent {
     index: usize,
     files: AgentFiles,
@@ -351,6 +354,7 @@ async fn run_agent(
     let files = AgentFiles {
         dir: args.state_dir.join(format!("agent-{index}")),
     };
+    let mut restarted: Option<std::time::Instant> = None;
     loop {
         let uid = files
             .instance_uid()
@@ -382,9 +386,23 @@ async fn run_agent(
         }
         eprintln!("agent {index}: started as {uid}");
 
-        let restart = tokio::select! {
-            _ = stop.wait_for(|s| *s) => false,
-            Some(Event::Restart) = event_rx.recv() => true,
+        let restart = loop {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => break false,
+                Some(Event::Restart) = event_rx.recv() => {
+                    // The new client's own guard starts afresh: a server sending Restart
+                    // in every reply must not restart the agent in a loop.
+                    let since = restarted.map(|at| at.elapsed());
+                    if let Some(since) = since.filter(|s| *s < RESTART_MIN_INTERVAL) {
+                        eprintln!(
+                            "agent {index}: ignoring Restart: restarted {since:.1?} ago \
+                             (at most one per {RESTART_MIN_INTERVAL:?})"
+                        );
+                        continue;
+                    }
+                    break true;
+                }
+            }
         };
         if let Some(client) = agent.client() {
             if let Err(e) = client.stop().await {
@@ -395,6 +413,7 @@ async fn run_agent(
             return Ok(());
         }
         eprintln!("agent {index}: restarting");
+        restarted = Some(std::time::Instant::now());
     }
 }
 
