@@ -32,5 +32,12 @@ else
     python3 scripts/check_msrv_deps.py
 fi
 
+echo "== hostile probes: the rows of docs/hostile-input.md fixed for issue #9 (the full run: see that file)"
+cargo build --examples --locked
+examples="${CARGO_TARGET_DIR:-target}/debug/examples"
+python3 tests/hostile/probe.py --server "$examples/server" --agent "$examples/agent" --check \
+    --only ws-duplicate-uid,ws-silent-upgrades,ws-60-of-64,tiny-attributes,client-restart \
+    --out "${CARGO_TARGET_DIR:-target}/hostile-ci.md"
+
 echo "== interop: third-party peers (Collector, supervisor, opamp-go, Java, Python, Node, browser)"
 bash tests/interop/run.sh
