@@ -51,6 +51,7 @@ pub struct StartSettings {
     pub(crate) heartbeat_interval: Duration,
     pub(crate) backoff: BackoffPolicy,
     pub(crate) max_message_size: usize,
+    pub(crate) max_message_elements: usize,
     pub(crate) compression: bool,
     pub(crate) connect_timeout: Duration,
     pub(crate) request_timeout: Duration,
@@ -76,6 +77,7 @@ impl StartSettings {
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             backoff: BackoffPolicy::default(),
             max_message_size: opamp_proto::DEFAULT_MAX_MESSAGE_SIZE,
+            max_message_elements: opamp_proto::DEFAULT_MAX_MESSAGE_ELEMENTS,
             compression: false,
             connect_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(30),
@@ -194,6 +196,16 @@ impl StartSettings {
         self
     }
 
+    /// The limit on the elements a `ServerToAgent` decodes into (config files, packages,
+    /// headers, ...; [`opamp_proto::elements`]), checked before decoding: within the size
+    /// limit a message can decode into ten times its size. A message past it is treated as
+    /// malformed: the connection is closed (1009 over WebSocket) and retried with backoff.
+    /// Default 262,144 ([`opamp_proto::DEFAULT_MAX_MESSAGE_ELEMENTS`]).
+    pub fn with_max_message_elements(mut self, limit: usize) -> Self {
+        self.max_message_elements = limit;
+        self
+    }
+
     /// Gzip plain-HTTP request bodies (HTTP-3). Off by default.
     pub fn with_compression(mut self, enabled: bool) -> Self {
         self.compression = enabled;
@@ -262,6 +274,11 @@ impl StartSettings {
                 "the message size limit must be at least 64 bytes",
             ));
         }
+        if self.max_message_elements == 0 {
+            return Err(StartError::InvalidSettings(
+                "the message element limit must be at least 1",
+            ));
+        }
         let tls_config = if tls {
             Some(match &self.tls_config {
                 Some(config) => config.clone(),
@@ -304,6 +321,7 @@ impl fmt::Debug for StartSettings {
             .field("heartbeat_interval", &self.heartbeat_interval)
             .field("backoff", &self.backoff)
             .field("max_message_size", &self.max_message_size)
+            .field("max_message_elements", &self.max_message_elements)
             .field("compression", &self.compression)
             .field("connect_timeout", &self.connect_timeout)
             .field("request_timeout", &self.request_timeout)
