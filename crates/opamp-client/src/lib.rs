@@ -113,19 +113,31 @@
 
 mod backoff;
 mod callbacks;
+#[cfg(feature = "tokio")]
 mod client;
 pub mod core;
 mod error;
+#[cfg(feature = "tokio")]
 mod http;
+#[cfg(feature = "tokio")]
 mod net;
+#[cfg(feature = "tokio")]
 mod settings;
+#[cfg(feature = "tokio")]
 mod ws;
 
 /// Re-exported: implementations of [`Callbacks`] use it.
+#[cfg(feature = "tokio")]
 pub use async_trait::async_trait;
 pub use backoff::BackoffPolicy;
-pub use callbacks::{Callbacks, MessageData, SettingsRejected};
+pub use callbacks::MessageData;
+#[cfg(feature = "tokio")]
+pub use callbacks::{Callbacks, SettingsRejected};
+#[cfg(feature = "tokio")]
 pub use client::OpampClient;
 pub use core::ServerGuards;
-pub use error::{ClientError, ConnectError, ReportTooLarge, StartError, StopError};
+pub use error::{ClientError, ReportTooLarge};
+#[cfg(feature = "tokio")]
+pub use error::{ConnectError, StartError, StopError};
+#[cfg(feature = "tokio")]
 pub use settings::{HeaderFn, StartSettings};

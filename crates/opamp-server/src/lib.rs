@@ -115,24 +115,35 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "tokio")]
 mod admission;
 mod callbacks;
 mod config;
+#[cfg(feature = "tokio")]
 mod connection;
 mod core;
 mod error;
+#[cfg(feature = "tokio")]
 mod limits;
+#[cfg(feature = "tokio")]
 mod plain;
+#[cfg(feature = "tokio")]
 mod registry;
+#[cfg(feature = "tokio")]
 mod server;
+#[cfg(feature = "tokio")]
 mod service;
+#[cfg(feature = "tokio")]
 mod wire;
+#[cfg(feature = "tokio")]
 mod ws;
 
+#[cfg(feature = "tokio")]
 pub use callbacks::{
     ConnectionCallbacks, ConnectionResponse, DuplicateUid, DuplicateUidPolicy, Rejection,
-    ServerCallbacks, bad_request, unavailable,
+    ServerCallbacks,
 };
+pub use callbacks::{bad_request, unavailable};
 pub use config::{
     BUDGET_EXEMPT_MESSAGE_SIZE, ConnectionLimits, DEFAULT_AGENT_HEARTBEAT_INTERVAL,
     DEFAULT_FIRST_MESSAGE_TIMEOUT, DEFAULT_HEARTBEAT_TIMEOUT_FACTOR, DEFAULT_IDLE_TIMEOUT_FLOOR,
@@ -148,20 +159,26 @@ pub use config::{
 };
 #[cfg(feature = "tls")]
 pub use connection::PeerCertificates;
+#[cfg(feature = "tokio")]
 pub use connection::{Connection, SharedMessage, Transport};
 pub use core::{
     AgentSession, PushPlan, Received, SessionConfig, is_usable_instance_uid, reassign_reply,
 };
-pub use error::{ConfigError, ReadMessageError, SendError, ServerError};
+pub use error::{ConfigError, ReadMessageError};
+#[cfg(feature = "tokio")]
+pub use error::{SendError, ServerError};
+#[cfg(feature = "tokio")]
 pub use server::{Server, ServerHandle};
 
 /// The attribute that implements the async callback traits.
+#[cfg(feature = "tokio")]
 pub use async_trait::async_trait;
 /// The `http` crate, whose request parts [`ServerCallbacks::on_connecting`] receives.
 pub use http;
+#[cfg(feature = "tokio")]
 pub use service::{OpampService, ResponseBody};
 
-#[cfg(test)]
+#[cfg(all(test, feature = "tokio"))]
 mod tests_support {
     use async_trait::async_trait;
 
