@@ -17,7 +17,8 @@
 //!   async through `async-trait`, taking `&self`, never called concurrently for one
 //!   connection; and the [`Connection`] handle to push messages to an agent;
 //! - drivers on tokio and hyper: the embeddable [`OpampService`] (a `tower::Service`, e.g.
-//!   for an axum router) and the standalone [`Server`].
+//!   for an axum router) and the standalone [`Server`] (feature `tokio`, on by default; see
+//!   [Features](#features)).
 //!
 //! Both transports share one endpoint (HTTP-2): a `POST` with
 //! `Content-Type: application/x-protobuf` is plain HTTP, anything else a WebSocket upgrade.
@@ -110,8 +111,18 @@
 //!
 //! # Features
 //!
-//! - `tls`: TLS and mTLS for the standalone server with rustls
-//!   ([`ServerConfigBuilder::tls`]), and [`Connection::peer_certificates`].
+//! | feature | default | what it adds |
+//! | --- | --- | --- |
+//! | `tokio` | on | the drivers on tokio and hyper: [`Server`], [`OpampService`], [`Connection`], the callback traits ([`ServerCallbacks`], [`ConnectionCallbacks`]) and their types |
+//! | `tls` | on | TLS and mTLS for the standalone server with rustls (ring): [`ServerConfigBuilder::tls`], [`Connection::peer_certificates`], and `opamp_transport::tls` to build the configuration; implies `tokio` |
+//!
+//! With `default-features = false` the crate is the sans-IO core ([`AgentSession`],
+//! [`SessionConfig`], [`Received`], [`PushPlan`], [`reassign_reply`],
+//! [`is_usable_instance_uid`]), the configuration types ([`ServerConfig`],
+//! [`ConnectionLimits`] and the defaults), [`ReadMessageError`], [`ConfigError`] and the reply
+//! helpers [`bad_request`] and [`unavailable`], for a driver on another runtime; neither tokio,
+//! hyper, tungstenite, rustls nor ring is built. With `tokio` but not `tls`, the server speaks
+//! `ws://` and `http://`; an embedder may still terminate TLS in front of [`OpampService`].
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
