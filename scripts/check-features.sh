@@ -63,5 +63,8 @@ for crate in opamp-transport opamp-client opamp-server; do
     echo "cargo test -p $crate --no-default-features --lib --locked"
     cargo test -p "$crate" --no-default-features --lib --locked --quiet
 done
+# The client's driver without TLS (refuses wss:// and https:// with StartError::TlsDisabled).
+echo "cargo test -p opamp-client --no-default-features --features tokio --lib --locked"
+cargo test -p opamp-client --no-default-features --features tokio --lib --locked --quiet
 
 echo "check-features: all combinations build without warnings, the trees are clean, the cores pass their tests without tokio"
