@@ -20,6 +20,9 @@ fi
 echo "== doc";     RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 echo "== facade without default features"
 cargo check -p opamp --no-default-features --locked
+
+echo "== feature combinations and what they keep out of the build"
+bash scripts/check-features.sh
 echo "== tests";   cargo test --workspace --locked
 
 echo "== MSRV"
