@@ -35,6 +35,9 @@ else
     python3 scripts/check_msrv_deps.py
 fi
 
+echo "== fuzz: every target for a short bounded time (bash scripts/fuzz.sh SECONDS for longer)"
+bash scripts/fuzz.sh 10
+
 echo "== hostile probes: the rows of docs/hostile-input.md fixed for issue #9 (the full run: see that file)"
 cargo build --examples --locked
 examples="${CARGO_TARGET_DIR:-target}/debug/examples"
