@@ -127,7 +127,7 @@ impl Driver {
         let delay = self
             .shared
             .core()
-            .handle_connect_failure(failure, Instant::now());
+            .handle_connect_failure(Instant::now(), failure);
         tracing::debug!(?delay, "connection failed: {error}");
         self.callbacks.on_connect_failed(error).await;
     }
@@ -233,7 +233,7 @@ impl OpampClient {
                 TransportKind::WebSocket => crate::ws::run(&driver).await,
                 TransportKind::Http => crate::http::run(&driver).await,
             }
-            driver.shared.core().stop(Instant::now());
+            let _ = driver.shared.core().stop(Instant::now());
             driver.shared.done_tx.send_replace(true);
         });
         Ok(Self {
