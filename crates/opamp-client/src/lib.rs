@@ -136,6 +136,7 @@ mod error;
 mod http;
 #[cfg(feature = "tokio")]
 mod net;
+pub mod packages;
 #[cfg(feature = "tokio")]
 mod settings;
 #[cfg(feature = "tokio")]
