@@ -98,11 +98,7 @@ impl FsProvider {
                 "version" => p.version = String::from_utf8(value).map_err(|_| bad_meta(dir))?,
                 "hash" => p.hash = value.into(),
                 "content_hash" => p.content_hash = value.into(),
-                "type" => {
-                    if value == b"addon" {
-                        p.package_type = PackageType::Addon;
-                    }
-                }
+                "type" if value == b"addon" => p.package_type = PackageType::Addon,
                 _ => {}
             }
         }
@@ -220,7 +216,7 @@ pub(super) fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())

@@ -154,8 +154,10 @@ impl Inner {
             Ok(s) => s,
             Err(e) => {
                 // PKG-16: an error not tied to one package.
-                let mut board = StatusBoard::default();
-                board.server_hash = offer.all_packages_hash.clone();
+                let mut board = StatusBoard {
+                    server_hash: offer.all_packages_hash.clone(),
+                    ..Default::default()
+                };
                 board.set_error(format!("reading the installed packages: {e}"));
                 let statuses = board.snapshot();
                 self.sink.report(statuses.clone());

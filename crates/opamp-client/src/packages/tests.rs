@@ -252,7 +252,7 @@ fn fs_provider_installs_atomically_and_deletes() {
     let pkg = have(name, "1\nx", b"h\0", sha(3));
     p.install(&pkg, &staged).expect("install");
     assert!(!staged.exists(), "moved in");
-    assert_eq!(p.packages().expect("list"), [pkg.clone()]);
+    assert_eq!(p.packages().expect("list"), std::slice::from_ref(&pkg));
     assert_eq!(
         std::fs::read(p.content_path(name)).expect("read"),
         b"content"
