@@ -2,6 +2,8 @@
 //! (ranges, cut connections, redirects, slow bodies), into an [`FsProvider`] on disk.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -699,4 +701,84 @@ async fn new_offer_mid_download_cancels_the_old_sync() {
     // The last report is the new sync's.
     let last = agent.reports.lock().unwrap().last().cloned().unwrap();
     assert_eq!(last, s);
+}
+
+/// `StartSettings::with_packages` over plain HTTP: the capabilities are declared, the offer
+/// in a ServerToAgent is installed from the same server, and the client reports it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pkg_2_pkg_12_with_packages_installs_offers_and_reports_through_the_client() {
+    use opamp_client::OpampClient;
+    use opamp_proto::{AgentCapabilitySet, AgentToServer, ServerToAgent};
+
+    let data = content("e2e ", 50_000);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<AgentToServer>();
+    let addr_slot: Arc<std::sync::OnceLock<String>> = Default::default();
+    let slot = addr_slot.clone();
+    let file = data.clone();
+    let addr = common::http_server(move |_, parts, body| {
+        let tx = tx.clone();
+        let slot = slot.clone();
+        let file = file.clone();
+        async move {
+            if parts.uri.path() == "/pkg/agent" {
+                return http::Response::new(http_body_util::Full::new(file));
+            }
+            let msg = common::decode_request(&parts, &body);
+            let accepts = AgentCapabilitySet::from_bits_truncate(msg.capabilities)
+                .contains(AgentCapabilitySet::ACCEPTS_PACKAGES);
+            let _ = tx.send(msg.clone());
+            let mut answer: ServerToAgent = common::ack(&msg);
+            // PKG-2: offered only to an agent that accepts packages.
+            if accepts && msg.sequence_num == 0 {
+                let url = format!("{}/pkg/agent", slot.get().unwrap());
+                answer.packages_available = Some(offer(
+                    "all-e2e",
+                    vec![("agent", package(&url, "3.1", &file, None))],
+                ));
+            }
+            common::ok(&answer)
+        }
+    })
+    .await;
+    addr_slot.set(format!("http://{addr}")).unwrap();
+
+    let n = DIRS.fetch_add(1, Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!("opamp-pkg-e2e-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let provider = Arc::new(FsProvider::new(&dir).unwrap());
+    let settings = common::settings(format!("http://{addr}/v1/opamp"))
+        .with_agent_description(common::description())
+        .with_heartbeat_interval(Duration::from_millis(200))
+        .with_packages(provider.clone(), unsigned(), fast_settings());
+    let (recorder, _cbs) = common::Recorder::new();
+    let client = OpampClient::start(settings, recorder).unwrap();
+
+    let first = common::recv(&mut rx).await;
+    let caps = AgentCapabilitySet::from_bits_truncate(first.capabilities);
+    assert!(caps.contains(
+        AgentCapabilitySet::ACCEPTS_PACKAGES | AgentCapabilitySet::REPORTS_PACKAGE_STATUSES
+    ));
+    // PKG-13: the (empty) statuses from the first message on.
+    assert!(first.package_statuses.is_some());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let installed = loop {
+        let msg = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .expect("INSTALLED reported in time")
+            .unwrap();
+        if let Some(s) = msg.package_statuses {
+            if s.packages.get("agent").is_some_and(|p| {
+                p.status == PackageStatusEnum::Installed as i32 && p.agent_has_version == "3.1"
+            }) {
+                break s;
+            }
+        }
+    };
+    assert_eq!(&installed.server_provided_all_packages_hash[..], b"all-e2e");
+    assert_eq!(
+        std::fs::read(provider.content_path("agent")).unwrap(),
+        data.to_vec()
+    );
+    client.stop().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
 }

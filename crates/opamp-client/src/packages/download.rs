@@ -99,6 +99,11 @@ impl DownloadSettings {
         self.tls_config = Some(config);
         self
     }
+
+    #[cfg(feature = "tls")]
+    pub(crate) fn has_tls_config(&self) -> bool {
+        self.tls_config.is_some()
+    }
 }
 
 impl std::fmt::Debug for DownloadSettings {
