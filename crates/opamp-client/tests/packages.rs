@@ -34,6 +34,8 @@ enum Serve {
     /// The first request without `Range` gets the full `Content-Length` but half the body,
     /// then the connection closes; later requests are served as `File`.
     CutOnce(Bytes),
+    /// As `CutOnce`, but the connection stays open, silent, instead of closing.
+    StallOnce(Bytes),
     /// The file, in chunks of this size every 100 ms.
     Slow(Bytes, usize),
     /// 302 to this URL.
@@ -124,6 +126,7 @@ impl FileServer {
         let seen = Seen { path, headers };
         self.seen.lock().unwrap().push(seen.clone());
         let serve = self.routes.lock().unwrap().get(&seen.path).cloned();
+        let stall = matches!(serve, Some(Serve::StallOnce(_)));
         let from: u64 = seen
             .header("range")
             .and_then(|r| r.strip_prefix("bytes="))
@@ -156,7 +159,7 @@ impl FileServer {
                 let pace = (chunk, Duration::from_millis(100));
                 send_file(&mut stream, &data, from, Some(pace)).await?
             }
-            Some(Serve::CutOnce(data)) => {
+            Some(Serve::CutOnce(data)) | Some(Serve::StallOnce(data)) => {
                 if from == 0 && !self.cut_done.swap(true, Ordering::SeqCst) {
                     let head = format!(
                         "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -165,6 +168,9 @@ impl FileServer {
                     stream.write_all(head.as_bytes()).await?;
                     stream.write_all(&data[..data.len() / 2]).await?;
                     stream.flush().await?;
+                    if stall {
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                    }
                     // Cut: the rest never comes.
                 } else {
                     send_file(&mut stream, &data, from, None).await?;
@@ -567,6 +573,32 @@ async fn pkg_7_connection_cut_halfway_is_resumed_with_range() {
     let seen = server.seen();
     assert_eq!(seen.len(), 2, "{seen:?}");
     assert_eq!(seen[0].header("range"), None);
+    assert_eq!(
+        seen[1].header("range"),
+        Some(format!("bytes={}-", data.len() / 2).as_str())
+    );
+}
+
+#[tokio::test]
+async fn pkg_7_silent_connection_is_resumed_after_the_idle_timeout() {
+    let server = FileServer::start().await;
+    let data = content("stalled ", 100_000);
+    let url = server.route("/stall", Serve::StallOnce(data.clone()));
+    let settings = fast_settings().with_idle_timeout(Duration::from_millis(300));
+    let agent = Agent::with_settings(unsigned(), settings);
+    let started = std::time::Instant::now();
+    let s = agent
+        .syncer
+        .sync(offer(
+            "all-1",
+            vec![("agent", package(&url, "1", &data, None))],
+        ))
+        .await;
+    assert_eq!(status_of(&s, "agent").0, PackageStatusEnum::Installed);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(agent.installed("agent"), Some(("1".into(), data.to_vec())));
+    let seen = server.seen();
+    assert_eq!(seen.len(), 2, "{seen:?}");
     assert_eq!(
         seen[1].header("range"),
         Some(format!("bytes={}-", data.len() / 2).as_str())

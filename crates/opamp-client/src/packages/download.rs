@@ -27,6 +27,7 @@ use crate::net::BoxedIo;
 /// | `max_size` | 1 GiB |
 /// | `timeout` (whole download, resumes included) | 30 minutes |
 /// | `connect_timeout` (each connection, TLS included) | 30 s |
+/// | `idle_timeout` (no data: the connection counts as broken and is resumed) | 60 s |
 /// | `max_redirects` | 5 |
 /// | `max_resumes` (new connections after a broken one) | 5 |
 /// | `progress_interval` (DOWNLOADING reports) | 1 s |
@@ -42,6 +43,9 @@ pub struct DownloadSettings {
     pub timeout: Duration,
     /// Bound on opening each connection (TCP and TLS).
     pub connect_timeout: Duration,
+    /// A connection that brings no data (headers or body) for this long is taken for broken
+    /// and resumed.
+    pub idle_timeout: Duration,
     /// Redirects followed at most.
     pub max_redirects: u32,
     /// New connections after a broken one (continued with `Range`, PKG-7).
@@ -58,6 +62,7 @@ impl Default for DownloadSettings {
             max_size: 1 << 30,
             timeout: Duration::from_secs(30 * 60),
             connect_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
             max_redirects: 5,
             max_resumes: 5,
             progress_interval: Duration::from_secs(1),
@@ -77,6 +82,12 @@ impl DownloadSettings {
     /// Sets the bound on a whole download.
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// Sets how long a connection may bring no data before it is resumed.
+    pub fn with_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = timeout;
         self
     }
 
@@ -112,6 +123,7 @@ impl std::fmt::Debug for DownloadSettings {
         d.field("max_size", &self.max_size)
             .field("timeout", &self.timeout)
             .field("connect_timeout", &self.connect_timeout)
+            .field("idle_timeout", &self.idle_timeout)
             .field("max_redirects", &self.max_redirects)
             .field("max_resumes", &self.max_resumes)
             .field("progress_interval", &self.progress_interval);
@@ -340,7 +352,14 @@ impl Downloader {
         }
         progress(partial.received, total);
         let mut body = response.into_body();
-        while let Some(frame) = body.frame().await {
+        let idle = self.settings.idle_timeout;
+        loop {
+            let frame = tokio::time::timeout(idle, body.frame())
+                .await
+                .map_err(|_| Attempt::Broken(format!("no data for {idle:?}")))?;
+            let Some(frame) = frame else {
+                break;
+            };
             let frame = frame.map_err(|e| Attempt::Broken(e.to_string()))?;
             let Ok(data) = frame.into_data() else {
                 continue;
@@ -407,9 +426,10 @@ impl Downloader {
                 .map_err(|e| DownloadError::BadUrl(e.to_string()))?;
             h.insert(RANGE, range);
         }
-        sender
-            .send_request(request)
+        let idle = self.settings.idle_timeout;
+        tokio::time::timeout(idle, sender.send_request(request))
             .await
+            .map_err(|_| Attempt::Broken(format!("no answer for {idle:?}")))?
             .map_err(|e| Attempt::Broken(e.to_string()))
     }
 
