@@ -233,6 +233,7 @@ fn package(url: &str, version: &str, data: &[u8], key: Option<&SigningKey>) -> P
     let mut h = Sha256::new();
     h.update(version.as_bytes());
     h.update(content_hash);
+    h.update(&signature);
     PackageAvailable {
         r#type: PackageType::TopLevel as i32,
         version: version.into(),
@@ -553,6 +554,44 @@ async fn http_404_and_too_large_are_install_failed_with_the_reason() {
 }
 
 #[tokio::test]
+async fn pkg_8_repeated_offer_of_a_failed_package_is_not_downloaded_in_a_loop() {
+    let server = FileServer::start().await;
+    let missing = server.route("/missing", Serve::NotFound);
+    let settings = fast_settings().with_retry_failed_after(Duration::from_millis(300));
+    let agent = Agent::with_settings(unsigned(), settings);
+    let o = offer("all-1", vec![("agent", package(&missing, "1", b"x", None))]);
+    for _ in 0..3 {
+        let s = agent.syncer.sync(o.clone()).await;
+        let (state, _, error) = status_of(&s, "agent");
+        assert_eq!(state, PackageStatusEnum::InstallFailed);
+        assert!(error.contains("HTTP status 404"), "{error}");
+    }
+    assert_eq!(server.seen().len(), 1, "one download for three offers");
+    // After the pause the same offer is tried again; now the file is there.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    server.route("/missing", Serve::File(Bytes::from_static(b"x")));
+    let s = agent.syncer.sync(o).await;
+    assert_eq!(status_of(&s, "agent").0, PackageStatusEnum::Installed);
+    assert_eq!(server.seen().len(), 2);
+}
+
+#[tokio::test]
+async fn an_offer_equal_to_the_running_one_does_not_restart_it() {
+    let server = FileServer::start().await;
+    let data = content("once ", 64 * 5);
+    let url = server.route("/once", Serve::Slow(data.clone(), 64));
+    let agent = Agent::new(unsigned());
+    let o = offer("all-1", vec![("agent", package(&url, "1", &data, None))]);
+    agent.syncer.offer(o.clone());
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    agent.syncer.offer(o.clone());
+    agent.syncer.offer(o);
+    let s = agent.syncer.wait().await.expect("statuses");
+    assert_eq!(status_of(&s, "agent").0, PackageStatusEnum::Installed);
+    assert_eq!(server.seen().len(), 1, "not restarted");
+}
+
+#[tokio::test]
 async fn pkg_7_connection_cut_halfway_is_resumed_with_range() {
     let server = FileServer::start().await;
     let data = content("resumable ", 300_000);
@@ -813,4 +852,138 @@ async fn pkg_2_pkg_12_with_packages_installs_offers_and_reports_through_the_clie
     );
     client.stop().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+mod with_opamp_server {
+    //! The workspace's server offers signed packages built with `opamp_server::packages`
+    //! over WebSocket; the client installs v1, then the upgrade to v2 the server offers once
+    //! it sees v1 installed (PKG-15).
+
+    use super::*;
+    use async_trait::async_trait;
+    use opamp_client::OpampClient;
+    use opamp_proto::{AgentToServer, ServerToAgent};
+    use opamp_server::packages::{PackageFile, PackagesOffer, has_offer, package_reports};
+    use opamp_server::{
+        Connection, ConnectionCallbacks, ConnectionResponse, Server, ServerCallbacks, ServerConfig,
+    };
+
+    const SERVER_KEY: [u8; 32] = [42; 32];
+
+    struct Fleet(Arc<Agents>);
+
+    #[async_trait]
+    impl ServerCallbacks for Fleet {
+        async fn on_connecting(&self, _request: &http::request::Parts) -> ConnectionResponse {
+            ConnectionResponse::accept(self.0.clone())
+        }
+    }
+
+    struct Agents {
+        v1: PackagesAvailable,
+        v2: PackagesAvailable,
+        upgraded: AtomicBool,
+        done: tokio::sync::mpsc::UnboundedSender<PackageStatuses>,
+    }
+
+    #[async_trait]
+    impl ConnectionCallbacks for Agents {
+        async fn on_message(&self, _: &Connection, msg: AgentToServer) -> Option<ServerToAgent> {
+            let statuses = msg.package_statuses.unwrap_or_default();
+            if has_offer(&statuses, &self.v1) {
+                // The upgrade, once v1 is reported installed.
+                self.upgraded.store(true, Ordering::SeqCst);
+            }
+            if has_offer(&statuses, &self.v2) {
+                let _ = self.done.send(statuses);
+                return None;
+            }
+            let offer = if self.upgraded.load(Ordering::SeqCst) {
+                self.v2.clone()
+            } else {
+                self.v1.clone()
+            };
+            // Offered on every message: the session core drops an offer the agent was
+            // already sent on this WebSocket stream.
+            Some(ServerToAgent {
+                packages_available: Some(offer),
+                ..Default::default()
+            })
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn signed_upgrade_from_the_workspace_server_over_websocket() {
+        let files = FileServer::start().await;
+        let v1 = content("agent v1 ", 30_000);
+        let v2 = content("agent v2 ", 40_000);
+        let token = ("authorization", "Bearer per-agent");
+        let url1 = files.route(
+            "/agent/1",
+            Serve::RequireHeader(token.0, token.1, v1.clone()),
+        );
+        let url2 = files.route(
+            "/agent/2",
+            Serve::RequireHeader(token.0, token.1, v2.clone()),
+        );
+        let file = |url: &str, data: &[u8]| {
+            PackageFile::new(url, data)
+                .with_header(token.0, token.1)
+                .signed_ed25519(&SERVER_KEY)
+        };
+        let offer1 = PackagesOffer::new()
+            .top_level("agent", "1.0", file(&url1, &v1))
+            .build();
+        let offer2 = PackagesOffer::new()
+            .top_level("agent", "2.0", file(&url2, &v2))
+            .build();
+        let (done, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+        let agents = Arc::new(Agents {
+            v1: offer1,
+            v2: offer2.clone(),
+            upgraded: AtomicBool::new(false),
+            done,
+        });
+        let config = ServerConfig::builder()
+            .listen_addr("127.0.0.1:0".parse().unwrap())
+            .build()
+            .unwrap();
+        let server = Server::bind(config, Arc::new(Fleet(agents))).await.unwrap();
+
+        let n = DIRS.fetch_add(1, Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("opamp-pkg-ws-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let provider = Arc::new(FsProvider::new(&dir).unwrap());
+        let public = PackageFile::ed25519_public_key(&SERVER_KEY);
+        let verifier = Arc::new(Ed25519Verifier::new([public.as_slice()]).unwrap());
+        let settings = common::settings(format!("ws://{}/v1/opamp", server.local_addr()))
+            .with_agent_description(common::description())
+            .with_packages(provider.clone(), verifier, fast_settings());
+        let (recorder, _cbs) = common::Recorder::new();
+        let client = OpampClient::start(settings, recorder).unwrap();
+
+        let statuses = tokio::time::timeout(Duration::from_secs(15), done_rx.recv())
+            .await
+            .expect("v2 reported installed in time")
+            .unwrap();
+        let report: Vec<_> = package_reports(&statuses).collect();
+        assert_eq!(report.len(), 1);
+        assert_eq!(report[0].status, Some(PackageStatusEnum::Installed));
+        assert_eq!(report[0].agent_has_version, "2.0");
+        assert_eq!(
+            std::fs::read(provider.content_path("agent")).unwrap(),
+            v2.to_vec()
+        );
+        assert_eq!(
+            files.seen().iter().filter(|r| r.path == "/agent/1").count(),
+            1
+        );
+        assert_eq!(
+            files.seen().iter().filter(|r| r.path == "/agent/2").count(),
+            1
+        );
+        client.stop().await.unwrap();
+        server.shutdown().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

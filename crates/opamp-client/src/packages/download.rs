@@ -31,6 +31,7 @@ use crate::net::BoxedIo;
 /// | `max_redirects` | 5 |
 /// | `max_resumes` (new connections after a broken one) | 5 |
 /// | `progress_interval` (DOWNLOADING reports) | 1 s |
+/// | `retry_failed_after` (same offer failed: not retried sooner; doubles per failure, up to 1 h) | 30 s |
 /// | TLS (feature `tls`) | the system's root certificates |
 ///
 /// No proxy is used.
@@ -52,6 +53,10 @@ pub struct DownloadSettings {
     pub max_resumes: u32,
     /// The shortest time between two DOWNLOADING reports of one package (PKG-12, PKG-20).
     pub progress_interval: Duration,
+    /// A package whose install failed is not tried again at the same package hash before
+    /// this long (PKG-8), doubling with each failure up to an hour: a server that repeats
+    /// its offer does not cause a download loop. A new package hash is tried at once.
+    pub retry_failed_after: Duration,
     #[cfg(feature = "tls")]
     tls_config: Option<Arc<rustls::ClientConfig>>,
 }
@@ -66,6 +71,7 @@ impl Default for DownloadSettings {
             max_redirects: 5,
             max_resumes: 5,
             progress_interval: Duration::from_secs(1),
+            retry_failed_after: Duration::from_secs(30),
             #[cfg(feature = "tls")]
             tls_config: None,
         }
@@ -103,6 +109,12 @@ impl DownloadSettings {
         self
     }
 
+    /// Sets the first pause before a failed package is tried again at the same hash.
+    pub fn with_retry_failed_after(mut self, pause: Duration) -> Self {
+        self.retry_failed_after = pause;
+        self
+    }
+
     /// Uses this rustls configuration for `https` downloads, e.g. the one the OpAMP
     /// connection uses (see [`StartSettings::with_tls_config`](crate::StartSettings::with_tls_config)).
     #[cfg(feature = "tls")]
@@ -126,7 +138,8 @@ impl std::fmt::Debug for DownloadSettings {
             .field("idle_timeout", &self.idle_timeout)
             .field("max_redirects", &self.max_redirects)
             .field("max_resumes", &self.max_resumes)
-            .field("progress_interval", &self.progress_interval);
+            .field("progress_interval", &self.progress_interval)
+            .field("retry_failed_after", &self.retry_failed_after);
         #[cfg(feature = "tls")]
         d.field("tls_config", &self.tls_config.as_ref().map(|_| "<custom>"));
         d.finish()

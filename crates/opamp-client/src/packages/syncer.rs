@@ -1,9 +1,12 @@
 //! [`PackageSyncer`]: runs the [`plan`] of an offer with real downloads.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
 
 use opamp_proto::{PackageAvailable, PackageStatuses, PackagesAvailable};
 use tokio::task::JoinHandle;
@@ -35,12 +38,31 @@ impl<F: Fn(PackageStatuses) + Send + Sync + 'static> StatusSink for F {
 /// stays) and the new sync starts once the old one has stopped. [`sync`](Self::sync) runs one
 /// in the caller's task.
 ///
+/// An offer equal to the one being synced is ignored. A package whose install failed is not
+/// tried again at the same package hash for a while
+/// ([`DownloadSettings::retry_failed_after`], PKG-8); it stays reported as INSTALL_FAILED
+/// with its message meanwhile.
+///
 /// Packages are handled one at a time, in name order. The all-packages hash is stored in the
 /// provider only when every offered package is installed, so an offer that failed in part is
 /// tried again when the server offers it again (on reconnect, PKG-15).
 pub struct PackageSyncer {
     inner: Arc<Inner>,
-    current: Mutex<Option<JoinHandle<PackageStatuses>>>,
+    current: Mutex<Option<Running>>,
+}
+
+/// The sync under way (or last started), with its offer.
+struct Running {
+    offer: PackagesAvailable,
+    handle: JoinHandle<PackageStatuses>,
+}
+
+/// A package hash whose install failed: when to try it again.
+struct Failed {
+    hash: Bytes,
+    message: String,
+    failures: u32,
+    retry_at: Instant,
 }
 
 struct Inner {
@@ -49,6 +71,7 @@ struct Inner {
     downloader: Downloader,
     sink: Arc<dyn StatusSink>,
     counter: AtomicU64,
+    failed: Mutex<HashMap<String, Failed>>,
 }
 
 impl std::fmt::Debug for PackageSyncer {
@@ -75,28 +98,41 @@ impl PackageSyncer {
                 downloader: Downloader::new(settings),
                 sink: Arc::new(sink),
                 counter: AtomicU64::new(0),
+                failed: Mutex::new(HashMap::new()),
             }),
             current: Mutex::new(None),
         }
     }
 
     /// Starts syncing `offer` in a new task, cancelling the sync under way if any. Must be
-    /// called within a tokio runtime. [`wait`](Self::wait) waits for it.
+    /// called within a tokio runtime. [`wait`](Self::wait) waits for it. An offer equal to
+    /// the one whose sync is under way is ignored.
     pub fn offer(&self, offer: PackagesAvailable) {
         let inner = self.inner.clone();
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        let previous = current.take();
+        if current
+            .as_ref()
+            .is_some_and(|r| !r.handle.is_finished() && r.offer == offer)
+        {
+            return;
+        }
+        let previous = current.take().map(|r| r.handle);
         if let Some(previous) = &previous {
             previous.abort();
         }
-        *current = Some(tokio::spawn(async move {
+        let running = offer.clone();
+        let handle = tokio::spawn(async move {
             if let Some(previous) = previous {
                 // The old sync stops at its next await; its provider call, if one is under
                 // way, finishes first. Only then does the new one touch the provider.
                 let _ = previous.await;
             }
             inner.sync(offer).await
-        }));
+        });
+        *current = Some(Running {
+            offer: running,
+            handle,
+        });
     }
 
     /// Waits for the sync [`offer`](Self::offer) started last; its final statuses, or `None`
@@ -106,19 +142,20 @@ impl PackageSyncer {
             .current
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .take()?;
+            .take()?
+            .handle;
         handle.await.ok()
     }
 
     /// Cancels the sync under way, if any.
     pub fn cancel(&self) {
-        if let Some(handle) = self
+        if let Some(running) = self
             .current
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take()
         {
-            handle.abort();
+            running.handle.abort();
         }
     }
 
@@ -189,9 +226,20 @@ impl Inner {
                     self.sink.report(board.snapshot());
                 }
                 PackageAction::Download { name, offered } => {
+                    if let Some(message) = self.failed_recently(name, &offered.hash) {
+                        // PKG-8: this very offer failed a moment ago.
+                        board.failed(name, message);
+                        continue;
+                    }
                     match self.install(name, offered, &mut board).await {
-                        Ok(()) => board.installed(name),
-                        Err(message) => board.failed(name, message),
+                        Ok(()) => {
+                            self.failed_map().remove(name);
+                            board.installed(name);
+                        }
+                        Err(message) => {
+                            self.record_failure(name, &offered.hash, &message);
+                            board.failed(name, message);
+                        }
                     }
                     self.sink.report(board.snapshot());
                 }
@@ -213,6 +261,38 @@ impl Inner {
         let statuses = board.snapshot();
         self.sink.report(statuses.clone());
         statuses
+    }
+
+    fn failed_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Failed>> {
+        self.failed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The message of a failure of this package hash whose retry time has not come.
+    fn failed_recently(&self, name: &str, hash: &Bytes) -> Option<String> {
+        let failed = self.failed_map();
+        let f = failed.get(name)?;
+        (f.hash == *hash && Instant::now() < f.retry_at).then(|| f.message.clone())
+    }
+
+    fn record_failure(&self, name: &str, hash: &Bytes, message: &str) {
+        let mut failed = self.failed_map();
+        let failures = match failed.get(name) {
+            Some(f) if f.hash == *hash => f.failures.saturating_add(1),
+            _ => 1,
+        };
+        let first = self.downloader.settings().retry_failed_after;
+        let pause = first
+            .saturating_mul(1 << (failures - 1).min(16))
+            .min(Duration::from_secs(3600).max(first));
+        failed.insert(
+            name.to_owned(),
+            Failed {
+                hash: hash.clone(),
+                message: message.to_owned(),
+                failures,
+                retry_at: Instant::now() + pause,
+            },
+        );
     }
 
     /// Downloads, verifies and installs one package; the INSTALL_FAILED message on failure.
