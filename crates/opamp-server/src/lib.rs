@@ -121,9 +121,9 @@
 //! With `default-features = false` the crate is the sans-IO core ([`AgentSession`],
 //! [`SessionConfig`], [`Received`], [`PushPlan`], [`reassign_reply`],
 //! [`is_usable_instance_uid`]), the configuration types ([`ServerConfig`],
-//! [`ConnectionLimits`] and the defaults), [`packages`], [`ReadMessageError`], [`ConfigError`] and the reply
-//! helpers [`bad_request`] and [`unavailable`], for a driver on another runtime; neither tokio,
-//! hyper, tungstenite, rustls nor ring is built. With `tokio` but not `tls`, the server speaks
+//! [`ConnectionLimits`] and the defaults), [`packages`], [`ReadMessageError`],
+//! [`ConfigError`] and the reply helpers [`bad_request`] and [`unavailable`], for a driver on
+//! another runtime; neither tokio, hyper, tungstenite, rustls nor ring is built. With `tokio` but not `tls`, the server speaks
 //! `ws://` and `http://`; an embedder may still terminate TLS in front of [`OpampService`].
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
