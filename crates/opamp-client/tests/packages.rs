@@ -21,8 +21,8 @@ use opamp_proto::{
     PackageType, PackagesAvailable,
 };
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 
 /// How the test server answers one path.
 #[derive(Clone)]
@@ -69,9 +69,23 @@ struct FileServer {
 
 impl FileServer {
     async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// Over TLS with this configuration; URLs name the host `localhost`.
+    async fn start_tls(config: Arc<rustls::ServerConfig>) -> Self {
+        Self::start_with(Some(tokio_rustls::TlsAcceptor::from(config))).await
+    }
+
+    async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let base = match tls {
+            Some(_) => format!("https://localhost:{}", addr.port()),
+            None => format!("http://{addr}"),
+        };
         let server = Self {
-            base: format!("http://{}", listener.local_addr().unwrap()),
+            base,
             routes: Default::default(),
             seen: Default::default(),
             cut_done: Default::default(),
@@ -83,8 +97,18 @@ impl FileServer {
                     return;
                 };
                 let s = s.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let _ = s.handle(stream).await;
+                    match tls {
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                let _ = s.handle(stream).await;
+                            }
+                        }
+                        None => {
+                            let _ = s.handle(stream).await;
+                        }
+                    }
                 });
             }
         });
@@ -100,7 +124,10 @@ impl FileServer {
         self.seen.lock().unwrap().clone()
     }
 
-    async fn handle(&self, mut stream: TcpStream) -> std::io::Result<()> {
+    async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        mut stream: S,
+    ) -> std::io::Result<()> {
         let mut head = Vec::new();
         let mut buf = [0u8; 1024];
         while !head.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -181,8 +208,8 @@ impl FileServer {
     }
 }
 
-async fn send_file(
-    stream: &mut TcpStream,
+async fn send_file<S: AsyncWrite + Unpin>(
+    stream: &mut S,
     data: &[u8],
     from: u64,
     pace: Option<(usize, Duration)>,
@@ -984,6 +1011,92 @@ mod with_opamp_server {
         );
         client.stop().await.unwrap();
         server.shutdown().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// `https` downloads with the client's TLS settings (`with_tls_ca_pem`), the OpAMP
+/// connection itself being plain HTTP; without the CA the download fails with a TLS error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_download_uses_the_clients_tls_settings() {
+    use opamp_client::OpampClient;
+    use opamp_proto::ServerToAgent;
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let identity = opamp_transport::tls::CertifiedKeyPem {
+        cert_chain: cert.pem().into_bytes(),
+        private_key: key.serialize_pem().into_bytes(),
+    };
+    let files =
+        FileServer::start_tls(opamp_transport::tls::server_config(&identity, None).unwrap()).await;
+    let data = content("over tls ", 20_000);
+    let url = files.route("/tls", Serve::File(data.clone()));
+    let the_offer = offer("all-tls", vec![("agent", package(&url, "1", &data, None))]);
+
+    for trust_ca in [true, false] {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<PackageStatuses>();
+        let o = the_offer.clone();
+        let addr = common::http_server(move |_, parts, body| {
+            let tx = tx.clone();
+            let o = o.clone();
+            async move {
+                let msg = common::decode_request(&parts, &body);
+                if let Some(s) = &msg.package_statuses {
+                    let _ = tx.send(s.clone());
+                }
+                let mut answer: ServerToAgent = common::ack(&msg);
+                answer.packages_available = Some(o);
+                common::ok(&answer)
+            }
+        })
+        .await;
+        let n = DIRS.fetch_add(1, Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("opamp-pkg-tls-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let provider = Arc::new(FsProvider::new(&dir).unwrap());
+        let mut settings = common::settings(format!("http://{addr}/v1/opamp"))
+            .with_agent_description(common::description())
+            .with_heartbeat_interval(Duration::from_millis(200))
+            .with_packages(provider.clone(), unsigned(), fast_settings());
+        if trust_ca {
+            settings = settings.with_tls_ca_pem(ca.pem());
+        }
+        let (recorder, _cbs) = common::Recorder::new();
+        let client = OpampClient::start(settings, recorder).unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let done = loop {
+            let s = tokio::time::timeout_at(deadline, rx.recv())
+                .await
+                .expect("a final status in time")
+                .unwrap();
+            let state = s.packages.get("agent").map(|p| p.status);
+            if state == Some(PackageStatusEnum::Installed as i32)
+                || state == Some(PackageStatusEnum::InstallFailed as i32)
+            {
+                break s;
+            }
+        };
+        let (state, version, error) = status_of(&done, "agent");
+        if trust_ca {
+            assert_eq!(state, PackageStatusEnum::Installed, "{error}");
+            assert_eq!(version, "1");
+            assert_eq!(
+                std::fs::read(provider.content_path("agent")).unwrap(),
+                data.to_vec()
+            );
+        } else {
+            assert_eq!(state, PackageStatusEnum::InstallFailed);
+            assert!(error.contains("TLS"), "{error}");
+        }
+        client.stop().await.unwrap();
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

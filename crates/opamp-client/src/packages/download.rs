@@ -465,7 +465,16 @@ impl Downloader {
             let tls = tokio_rustls::TlsConnector::from(config)
                 .connect(name, tcp)
                 .await
-                .map_err(|e| Attempt::Broken(format!("TLS: {e}")))?;
+                .map_err(|e| {
+                    let message = format!("TLS: {e}");
+                    // A certificate or protocol error (InvalidData) will not go away by
+                    // trying again; a connection that broke during the handshake may.
+                    if e.kind() == std::io::ErrorKind::InvalidData {
+                        Attempt::Fatal(DownloadError::Connection(message))
+                    } else {
+                        Attempt::Broken(message)
+                    }
+                })?;
             Ok(Box::new(tls))
         }
         #[cfg(not(feature = "tls"))]
