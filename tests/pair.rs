@@ -312,10 +312,11 @@ impl Pair {
                     })
                     .unwrap();
             }
-            if matches!(event, Event::Reconnect | Event::ServerUnresponsive) {
-                self.agents[i].ws_session = None;
-            }
             self.agents[i].events.push(event);
+        }
+        if self.agents[i].core.poll_driver_action().is_some() {
+            // Reconnect (THR-2) or drop a half-open connection: the link is gone.
+            self.agents[i].ws_session = None;
         }
         if self.transport == TransportKind::WebSocket && self.agents[i].ws_session.is_none() {
             let Some(at) = self.agents[i].core.connect_at() else {

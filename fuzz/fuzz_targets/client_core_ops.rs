@@ -58,7 +58,10 @@ fuzz_target!(|data: &[u8]| {
                     ..Default::default()
                 });
             }
-            7 => while core.poll_event().is_some() {},
+            7 => {
+                while core.poll_event().is_some() {}
+                let _ = core.poll_driver_action();
+            }
             8 => core.handle_activity(now),
             _ => now += Duration::from_millis(u64::from(input.u16()) * 50),
         }

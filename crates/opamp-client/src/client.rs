@@ -14,7 +14,7 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use crate::callbacks::Callbacks;
-use crate::core::{ClientCore, CoreConfig, Event, Failure, TransportKind};
+use crate::core::{ClientCore, CoreConfig, DriverAction, Event, Failure, TransportKind};
 use crate::error::{ClientError, ConnectError, StartError, StopError};
 use crate::packages::PackageSyncer;
 use crate::settings::{Endpoint, StartSettings};
@@ -81,15 +81,21 @@ impl Driver {
         self.shared.core().handle_timeout(Instant::now());
         let mut action = LinkAction::Keep;
         loop {
-            let event = self.shared.core().poll_event();
+            let (event, driver) = {
+                let mut core = self.shared.core();
+                (core.poll_event(), core.poll_driver_action())
+            };
+            match driver {
+                Some(DriverAction::Reconnect) => action = LinkAction::Reconnect,
+                Some(DriverAction::DropConnection) => action = LinkAction::Drop,
+                None => {}
+            }
             let Some(event) = event else {
                 return action;
             };
             match event {
                 Event::Connected => self.callbacks.on_connect().await,
                 Event::ServerError(e) => self.callbacks.on_error(&e).await,
-                Event::Reconnect => action = LinkAction::Reconnect,
-                Event::ServerUnresponsive => action = LinkAction::Drop,
                 Event::Command(c) => self.callbacks.on_command(&c).await,
                 Event::OpampConnectionSettings {
                     settings,

@@ -18,7 +18,9 @@
 //!    [`handle_activity`](ClientCore::handle_activity) whenever bytes arrived over WebSocket),
 //!    [`handle_request_rejected`](ClientCore::handle_request_rejected) for a plain-HTTP request
 //!    the server refused (413, 400), and the `set_*` methods for the agent's status;
-//! 2. drain [`poll_event`](ClientCore::poll_event) and act on each event (an OpAMP
+//! 2. act on [`poll_driver_action`](ClientCore::poll_driver_action) (WebSocket: reconnect or
+//!    drop the connection), and drain [`poll_event`](ClientCore::poll_event), handing each
+//!    event to the application (an OpAMP
 //!    connection-settings offer is answered with
 //!    [`accept_opamp_connection_settings`](ClientCore::accept_opamp_connection_settings) or
 //!    [`reject_opamp_connection_settings`](ClientCore::reject_opamp_connection_settings));
@@ -206,7 +208,9 @@ pub enum Failure {
     },
 }
 
-/// Something the driver must act on, from [`ClientCore::poll_event`].
+/// Something for the application (the driver calls its callbacks), from
+/// [`ClientCore::poll_event`]. What the driver does with its own connection comes apart,
+/// from [`ClientCore::poll_driver_action`].
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum Event {
@@ -214,10 +218,6 @@ pub enum Event {
     Connected,
     /// The server answered with an error: call `on_error`.
     ServerError(ServerErrorResponse),
-    /// WebSocket only: the server is UNAVAILABLE (THR-2). Send the message from
-    /// [`ClientCore::disconnect_message`] (WS-19), close the connection, then reconnect at
-    /// [`ClientCore::connect_at`]. The core is already in the disconnected state.
-    Reconnect,
     /// The server sent a command: call `on_command` (the rest of the message was ignored,
     /// S2A-2).
     Command(ServerToAgentCommand),
@@ -233,15 +233,26 @@ pub enum Event {
     },
     /// The server sent data for the agent: call `on_message`.
     Message(Box<MessageData>),
-    /// WebSocket only: the server sent nothing for too long after a message it must answer
-    /// (REP-4, [`ServerGuards::reply_timeout_factor`]); the connection is taken for half-open.
-    /// Drop it (a close frame at most, no goodbye message) and reconnect at
-    /// [`ClientCore::connect_at`]. The core is already in the disconnected state.
-    ServerUnresponsive,
     /// A part of the agent's report can never be sent: alone it is over the message size
     /// limit (WS-12, HTTP-17). The rest of the report went out; the part is sent again once
     /// it changes. Call `on_report_too_large`.
     ReportTooLarge(ReportTooLarge),
+}
+
+/// What the driver must do with its connection, from [`ClientCore::poll_driver_action`].
+/// Apart from [`Event`]s, which are for the application: a driver acts on these itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DriverAction {
+    /// WebSocket only: the server is UNAVAILABLE (THR-2). Send the message from
+    /// [`ClientCore::disconnect_message`] (WS-19), close the connection, then reconnect at
+    /// [`ClientCore::connect_at`]. The core is already in the disconnected state.
+    Reconnect,
+    /// WebSocket only: the server sent nothing for too long after a message it must answer
+    /// (REP-4, [`ServerGuards::reply_timeout_factor`]); the connection is taken for half-open.
+    /// Drop it (a close frame at most, no goodbye message) and reconnect at
+    /// [`ClientCore::connect_at`]. The core is already in the disconnected state.
+    DropConnection,
 }
 
 /// Where the link stands.
@@ -316,6 +327,8 @@ pub struct ClientCore {
     last_sent: Option<Instant>,
     backoff: Backoff,
     events: VecDeque<Event>,
+    /// What the driver must do with its connection; the first one stands until taken.
+    driver_action: Option<DriverAction>,
     dropped_outgoing: u64,
     guards: ServerGuards,
     /// The local heartbeat interval, the base of the reply timeout when heartbeats are off.
@@ -378,6 +391,7 @@ impl ClientCore {
             last_sent: None,
             backoff: Backoff::new(config.backoff, config.jitter_seed),
             events: VecDeque::new(),
+            driver_action: None,
             dropped_outgoing: 0,
             guards: config.guards,
             local_heartbeat: config.heartbeat_interval,
@@ -724,7 +738,7 @@ impl ClientCore {
     }
 
     /// Checks the timers that do not send anything: a WebSocket server silent for too long
-    /// after a message it must answer (REP-4, [`Event::ServerUnresponsive`]), and a remote
+    /// after a message it must answer (REP-4, [`DriverAction::DropConnection`]), and a remote
     /// config deferred by [`ServerGuards::remote_config_min_interval`] (handed over as an
     /// [`Event::Message`]). Call it before draining events, with the current time.
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -739,7 +753,8 @@ impl ClientCore {
                 );
                 let delay = self.session_ended(now);
                 self.go_down(now, delay);
-                self.events.push_back(Event::ServerUnresponsive);
+                self.driver_action
+                    .get_or_insert(DriverAction::DropConnection);
             }
         }
         if let Some(due) = self.deferred_remote_config_due() {
@@ -1109,7 +1124,7 @@ impl ClientCore {
             let delay = self.backoff.delay_after_failure(true, retry_after);
             self.go_down(now, delay);
             if self.transport == TransportKind::WebSocket {
-                self.events.push_back(Event::Reconnect);
+                self.driver_action.get_or_insert(DriverAction::Reconnect);
             }
         } else {
             // RETRY-3: BAD_REQUEST and UNKNOWN are not retried. The server answered, so the
@@ -1130,10 +1145,16 @@ impl ClientCore {
 
     // ---- outputs ---------------------------------------------------------------------------
 
-    /// The next event for the driver.
+    /// The next event for the application (its callbacks).
     #[must_use]
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
+    }
+
+    /// What the driver must do with its connection, if anything (taken once).
+    #[must_use]
+    pub fn poll_driver_action(&mut self) -> Option<DriverAction> {
+        self.driver_action.take()
     }
 
     /// The status parts the server can take (CAP-4): everything until its capabilities are
