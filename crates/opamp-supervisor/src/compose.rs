@@ -55,10 +55,16 @@ pub fn compose(
 ) -> Result<ComposedConfig, ComposeError> {
     let mut remote_files = Vec::new();
     if let Some(map) = remote.filter(|m| !m.config_map.is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| ComposeError::Write { path: dir.to_owned(), source: e })?;
+        std::fs::create_dir_all(dir).map_err(|e| ComposeError::Write {
+            path: dir.to_owned(),
+            source: e,
+        })?;
         for (i, (key, object)) in map.config_map.iter().enumerate() {
             let path = dir.join(file_name(i, key, &object.content_type));
-            write_atomic(&path, &object.body).map_err(|e| ComposeError::Write { path: path.clone(), source: e })?;
+            write_atomic(&path, &object.body).map_err(|e| ComposeError::Write {
+                path: path.clone(),
+                source: e,
+            })?;
             remote_files.push((path, object.content_type.clone(), object.body.clone()));
         }
     }
@@ -87,7 +93,10 @@ pub fn compose(
             continue;
         }
         let path = PathBuf::from(entry);
-        let body = std::fs::read(&path).map_err(|e| ComposeError::ReadLocal { path: path.clone(), source: e })?;
+        let body = std::fs::read(&path).map_err(|e| ComposeError::ReadLocal {
+            path: path.clone(),
+            source: e,
+        })?;
         effective.config_map.insert(
             entry.clone(),
             AgentConfigObject {
@@ -181,7 +190,10 @@ mod tests {
             Bytes::from_static(b"base: 1\n")
         );
 
-        let local = vec![REMOTE_CONFIG_PLACEHOLDER.to_owned(), base.display().to_string()];
+        let local = vec![
+            REMOTE_CONFIG_PLACEHOLDER.to_owned(),
+            base.display().to_string(),
+        ];
         let c = compose(&local, Some(&map), &tmp.path().join("g2")).unwrap();
         assert_eq!(c.files.last(), Some(&base));
         let args = c.args();
@@ -193,7 +205,8 @@ mod tests {
     fn server_keys_cannot_escape_the_directory() {
         let tmp = tempfile::tempdir().unwrap();
         let mut map = AgentConfigMap::default();
-        map.config_map.insert("../../etc/passwd".into(), object("x"));
+        map.config_map
+            .insert("../../etc/passwd".into(), object("x"));
         map.config_map.insert("/abs".into(), object("y"));
         map.config_map.insert("...".into(), object("z"));
         let dir = tmp.path().join("g");

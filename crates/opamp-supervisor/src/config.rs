@@ -609,7 +609,9 @@ mod tests {
         c.agent.instance_id = Some("not-a-uuid".into());
         assert_eq!(field(&c), "agent::instance_id");
         let mut c = ok;
-        c.server.headers.insert("bad header".into(), HeaderValues::One("x".into()));
+        c.server
+            .headers
+            .insert("bad header".into(), HeaderValues::One("x".into()));
         assert_eq!(field(&c), "server::headers");
     }
 }

@@ -173,7 +173,10 @@ impl AgentProcess {
             if let Ok(status) = tokio::time::timeout(grace, self.child.wait()).await {
                 return self.exit(status).await;
             }
-            tracing::warn!(pid = self.pid, "agent still running {grace:?} after SIGTERM; killing it");
+            tracing::warn!(
+                pid = self.pid,
+                "agent still running {grace:?} after SIGTERM; killing it"
+            );
         }
         let _ = self.child.start_kill();
         let status = self.child.wait().await;
@@ -224,7 +227,9 @@ async fn read_lines(mut pipe: impl AsyncRead + Unpin, tail: Option<Tail>, log: O
     let mut buf = [0u8; 8192];
     let mut line = Vec::new();
     let emit = |line: &mut Vec<u8>| {
-        let text = String::from_utf8_lossy(line).trim_end_matches('\r').to_owned();
+        let text = String::from_utf8_lossy(line)
+            .trim_end_matches('\r')
+            .to_owned();
         line.clear();
         if let Some(stream) = log {
             tracing::info!(target: "opamp_supervisor::agent", stream, "{text}");

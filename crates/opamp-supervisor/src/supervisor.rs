@@ -84,11 +84,9 @@ impl Supervisor {
         config.validate()?;
         let storage = Storage::open(&config.storage.directory)?;
         let uid = match &config.agent.instance_id {
-            Some(text) => text
-                .parse()
-                .map_err(|e: opamp_proto::InvalidInstanceUid| {
-                    ConfigError::invalid("agent::instance_id", e.to_string())
-                })?,
+            Some(text) => text.parse().map_err(|e: opamp_proto::InvalidInstanceUid| {
+                ConfigError::invalid("agent::instance_id", e.to_string())
+            })?,
             None => storage.instance_uid()?,
         };
 
@@ -184,9 +182,7 @@ impl Supervisor {
     /// the future leaves the stop under way.
     pub async fn stop(self) -> Result<(), StopError> {
         let _ = self.commands.send(Command::Stop);
-        self.task
-            .await
-            .map_err(|e| StopError::Task(e.to_string()))
+        self.task.await.map_err(|e| StopError::Task(e.to_string()))
     }
 }
 
@@ -231,7 +227,10 @@ impl Callbacks for Hooks {
     }
 }
 
-fn client_settings(config: &SupervisorConfig, uid: InstanceUid) -> Result<StartSettings, StartError> {
+fn client_settings(
+    config: &SupervisorConfig,
+    uid: InstanceUid,
+) -> Result<StartSettings, StartError> {
     let server = &config.server;
     let mut settings = StartSettings::new(server.endpoint.trim())
         .with_instance_uid(uid)
@@ -248,7 +247,10 @@ fn client_settings(config: &SupervisorConfig, uid: InstanceUid) -> Result<StartS
     }
     let tls = &server.tls;
     let read = |path: &PathBuf| {
-        std::fs::read(path).map_err(|e| StartError::TlsFile { path: path.clone(), source: e })
+        std::fs::read(path).map_err(|e| StartError::TlsFile {
+            path: path.clone(),
+            source: e,
+        })
     };
     let ca = match (&tls.ca_file, &tls.ca_pem) {
         (Some(file), _) => Some(read(file)?),
@@ -260,7 +262,9 @@ fn client_settings(config: &SupervisorConfig, uid: InstanceUid) -> Result<StartS
     }
     let cert = match (&tls.cert_file, &tls.key_file, &tls.cert_pem, &tls.key_pem) {
         (Some(cert), Some(key), _, _) => Some((read(cert)?, read(key)?)),
-        (_, _, Some(cert), Some(key)) => Some((cert.clone().into_bytes(), key.clone().into_bytes())),
+        (_, _, Some(cert), Some(key)) => {
+            Some((cert.clone().into_bytes(), key.clone().into_bytes()))
+        }
         _ => None,
     };
     if let Some((cert, key)) = cert {
@@ -284,9 +288,12 @@ fn description(config: &SupervisorConfig, uid: InstanceUid) -> AgentDescription 
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "localhost".into());
-    let merge = |base: Vec<(String, String)>, extra: &std::collections::BTreeMap<String, String>| {
-        let mut out: Vec<(String, String)> =
-            base.into_iter().filter(|(k, _)| !extra.contains_key(k)).collect();
+    let merge = |base: Vec<(String, String)>,
+                 extra: &std::collections::BTreeMap<String, String>| {
+        let mut out: Vec<(String, String)> = base
+            .into_iter()
+            .filter(|(k, _)| !extra.contains_key(k))
+            .collect();
         out.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
         out.into_iter().map(|(k, v)| KeyValue::new(k, v)).collect()
     };
@@ -398,7 +405,8 @@ impl Runner {
             }
         }
         if let Some(process) = self.process.take() {
-            process.stop(self.config.agent.stop_timeout).await;
+            let exit = process.stop(self.config.agent.stop_timeout).await;
+            self.status.send_modify(|s| s.last_exit = Some(exit));
         }
         self.status.send_modify(|s| s.pid = None);
         if let Err(e) = self.client.stop().await {
@@ -413,7 +421,11 @@ impl Runner {
         LaunchSpec {
             executable: agent.executable.clone(),
             args,
-            env: agent.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            env: agent
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             stderr_lines: agent.stderr_lines,
             passthrough_logs: agent.passthrough_logs,
         }
@@ -458,7 +470,10 @@ impl Runner {
         self.process = None;
         self.stable_at = None;
         let delay = self.backoff.next_delay();
-        tracing::warn!("the agent {}; restarting it in {delay:.1?}", exit.describe());
+        tracing::warn!(
+            "the agent {}; restarting it in {delay:.1?}",
+            exit.describe()
+        );
         self.restart_at = Some(Instant::now() + delay);
         self.report_health(ComponentHealth {
             healthy: false,
@@ -615,7 +630,10 @@ impl Runner {
     fn health_attributes(&self, exit: Option<&Exit>) -> Vec<KeyValue> {
         let status = self.status.borrow();
         let mut attributes = vec![
-            KeyValue::new("agent.starts", i64::try_from(status.starts).unwrap_or(i64::MAX)),
+            KeyValue::new(
+                "agent.starts",
+                i64::try_from(status.starts).unwrap_or(i64::MAX),
+            ),
             KeyValue::new(
                 "agent.restarts",
                 i64::try_from(status.crash_restarts + u64::from(exit.is_some()))
@@ -633,7 +651,9 @@ impl Runner {
             return;
         };
         let status = self.status.borrow().clone();
-        let pid = process.pid().map_or_else(String::new, |p| format!(" (pid {p})"));
+        let pid = process
+            .pid()
+            .map_or_else(String::new, |p| format!(" (pid {p})"));
         let mut attributes = self.health_attributes(None);
         if let Some(exit) = &status.last_exit {
             if let Some(code) = exit.code {

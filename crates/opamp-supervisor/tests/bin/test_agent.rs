@@ -48,7 +48,10 @@ async fn main() {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_millis();
-    log(&format!("start pid={pid} at_ms={now_ms} configs={}", files.join(",")));
+    log(&format!(
+        "start pid={pid} at_ms={now_ms} configs={}",
+        files.join(",")
+    ));
     // Registered before anything else can happen: from here SIGTERM is ours to handle.
     let mut term =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
