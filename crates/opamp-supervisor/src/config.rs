@@ -551,7 +551,7 @@ pub fn parse_go_duration(text: &str) -> Result<Duration, String> {
 
 fn go_duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(deserializer)?;
-    parse_go_duration(&text).map_err(serde::de::Error::custom)
+    parse_go_duration(&text).map_err(|e| serde::de::Error::custom(format!("invalid duration {e}")))
 }
 
 #[cfg(test)]
