@@ -192,6 +192,67 @@ impl Drop for AgentProcess {
     }
 }
 
+/// Stops an agent that an earlier supervisor left running (it was killed with `kill -9`):
+/// if process `pid` still runs `executable` (checked through `/proc/<pid>/exe`, so Linux
+/// only: elsewhere nothing is done, as the pid may have been reused), SIGTERM, then SIGKILL
+/// after `grace`. Returns whether there was such a process.
+pub async fn stop_leftover(pid: u32, executable: &std::path::Path, grace: Duration) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        let Ok(running) = std::fs::read_link(format!("/proc/{pid}/exe")) else {
+            return false;
+        };
+        let Ok(expected) = std::fs::canonicalize(executable) else {
+            return false;
+        };
+        let Some(raw) = i32::try_from(pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+        else {
+            return false;
+        };
+        if running != expected {
+            return false;
+        }
+        tracing::warn!(
+            pid,
+            "an agent of an earlier supervisor is still running; stopping it"
+        );
+        let gone = || rustix::process::test_kill_process(raw).is_err() || !is_running(pid);
+        let _ = rustix::process::kill_process(raw, rustix::process::Signal::TERM);
+        let deadline = Instant::now() + grace;
+        while !gone() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if !gone() {
+            let _ = rustix::process::kill_process(raw, rustix::process::Signal::KILL);
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while !gone() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        true
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (pid, executable, grace);
+        false
+    }
+}
+
+/// Whether `pid` is a live process (not a zombie waiting for its parent).
+#[cfg(target_os = "linux")]
+fn is_running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
 /// Sends SIGTERM; false if it could not be sent (then the caller kills).
 #[cfg(unix)]
 fn terminate(pid: Option<u32>) -> bool {

@@ -9,6 +9,7 @@
 //! | `good_remote_config.pb` | the last one that was APPLIED (protobuf) |
 //! | `remote_config_status.pb` | the last `RemoteConfigStatus` reported (protobuf) |
 //! | `agent-config/` | the files given to the agent, one directory per composed config |
+//! | `agent.pid` | the running agent's process id and executable, to stop an agent left running by a supervisor that was killed |
 //!
 //! Every file is written through a temporary file, `fsync` and a rename, so a crash leaves
 //! the old or the new content, never half of one.
@@ -133,6 +134,30 @@ impl Storage {
         status: &RemoteConfigStatus,
     ) -> Result<(), StorageError> {
         self.save("remote_config_status.pb", Some(status))
+    }
+}
+
+impl Storage {
+    /// The agent process recorded as running: its pid and executable.
+    pub fn agent_pid(&self) -> Option<(u32, PathBuf)> {
+        let text = std::fs::read_to_string(self.path("agent.pid")).ok()?;
+        let (pid, exe) = text.split_once('\n')?;
+        Some((
+            pid.trim().parse().ok()?,
+            PathBuf::from(exe.trim_end_matches('\n')),
+        ))
+    }
+
+    /// Records the running agent's pid and executable.
+    pub fn save_agent_pid(&self, pid: u32, executable: &Path) -> Result<(), StorageError> {
+        let path = self.path("agent.pid");
+        let text = format!("{pid}\n{}\n", executable.display());
+        write_atomic(&path, text.as_bytes()).map_err(|e| StorageError::new(&path, e))
+    }
+
+    /// Forgets the running agent (it was stopped or exited).
+    pub fn clear_agent_pid(&self) {
+        let _ = std::fs::remove_file(self.path("agent.pid"));
     }
 }
 

@@ -379,6 +379,10 @@ async fn sleep_until(at: Option<Instant>) {
 
 impl Runner {
     async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        if let Some((pid, executable)) = self.storage.agent_pid() {
+            crate::process::stop_leftover(pid, &executable, self.config.agent.stop_timeout).await;
+            self.storage.clear_agent_pid();
+        }
         self.start_agent(&self.current.clone());
         loop {
             tokio::select! {
@@ -408,6 +412,7 @@ impl Runner {
             let exit = process.stop(self.config.agent.stop_timeout).await;
             self.status.send_modify(|s| s.last_exit = Some(exit));
         }
+        self.storage.clear_agent_pid();
         self.status.send_modify(|s| s.pid = None);
         if let Err(e) = self.client.stop().await {
             tracing::warn!("stopping the OpAMP client: {e}");
@@ -434,6 +439,14 @@ impl Runner {
     fn spawn(&mut self, composed: &ComposedConfig) -> std::io::Result<()> {
         let process = AgentProcess::spawn(&self.launch_spec(composed))?;
         let pid = process.pid();
+        if let Some(pid) = pid {
+            if let Err(e) = self
+                .storage
+                .save_agent_pid(pid, &self.config.agent.executable)
+            {
+                tracing::warn!("cannot record the agent's pid: {e}");
+            }
+        }
         self.stable_at = Some(Instant::now() + self.config.agent.restart_policy.reset_after);
         self.restart_at = None;
         self.process = Some(process);
@@ -468,6 +481,7 @@ impl Runner {
 
     fn on_exit(&mut self, exit: Exit) {
         self.process = None;
+        self.storage.clear_agent_pid();
         self.stable_at = None;
         let delay = self.backoff.next_delay();
         tracing::warn!(

@@ -545,3 +545,42 @@ async fn stop_escalates_to_sigkill_after_the_grace() {
     let exit = status.borrow().last_exit.clone().unwrap();
     assert_eq!(exit.signal, Some(9), "{exit:?}");
 }
+
+/// A supervisor killed with `kill -9` leaves its agent running; the next one stops that agent
+/// before it starts its own, so there are never two.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leftover_agent_of_a_killed_supervisor_is_stopped_first() {
+    let h = Harness::new().await;
+    let config = h.config();
+    // The state a killed supervisor leaves: its agent running and recorded in agent.pid.
+    let mut orphan = std::process::Command::new(AGENT)
+        .arg("--config")
+        .arg(h.dir.path().join("base.yaml"))
+        .env("TEST_AGENT_LOG", h.agent_log())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let orphan_pid = orphan.id();
+    // Reaped as soon as it exits, as init would reap a real orphan.
+    let reaper = std::thread::spawn(move || orphan.wait().unwrap());
+    h.wait_log("the orphan's start", |h| h.starts().len() == 1)
+        .await;
+    opamp_supervisor::Storage::open(&config.storage.directory)
+        .unwrap()
+        .save_agent_pid(orphan_pid, Path::new(AGENT))
+        .unwrap();
+
+    let sup = Supervisor::start(config).unwrap();
+    h.wait_log("the supervisor's own start", |h| h.starts().len() == 2)
+        .await;
+    assert!(
+        h.stops().contains(&orphan_pid),
+        "the orphan got SIGTERM first"
+    );
+    assert!(reaper.join().unwrap().success());
+    let own = h.starts()[1].pid;
+    assert_ne!(own, orphan_pid);
+    assert!(alive(own));
+    sup.stop().await.unwrap();
+}
