@@ -546,6 +546,17 @@ async fn stop_escalates_to_sigkill_after_the_grace() {
     assert_eq!(exit.signal, Some(9), "{exit:?}");
 }
 
+/// Kills a process the test started by hand if the test fails before it is gone.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.0 as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+    }
+}
+
 /// A supervisor killed with `kill -9` leaves its agent running; the next one stops that agent
 /// before it starts its own, so there are never two.
 #[cfg(target_os = "linux")]
@@ -558,10 +569,12 @@ async fn leftover_agent_of_a_killed_supervisor_is_stopped_first() {
         .arg("--config")
         .arg(h.dir.path().join("base.yaml"))
         .env("TEST_AGENT_LOG", h.agent_log())
+        .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let orphan_pid = orphan.id();
+    let cleanup = KillOnDrop(orphan_pid);
     // Reaped as soon as it exits, as init would reap a real orphan.
     let reaper = std::thread::spawn(move || orphan.wait().unwrap());
     h.wait_log("the orphan's start", |h| h.starts().len() == 1)
@@ -579,6 +592,8 @@ async fn leftover_agent_of_a_killed_supervisor_is_stopped_first() {
         "the orphan got SIGTERM first"
     );
     assert!(reaper.join().unwrap().success());
+    // Reaped: its pid may belong to another process from now on.
+    std::mem::forget(cleanup);
     let own = h.starts()[1].pid;
     assert_ne!(own, orphan_pid);
     assert!(alive(own));
