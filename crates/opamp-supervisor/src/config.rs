@@ -419,6 +419,11 @@ pub struct AgentConfig {
     /// Ours: how many of the agent's last stderr lines go into a FAILED status and the
     /// health's `last_error` (default 20).
     pub stderr_lines: usize,
+    /// Ours: the agent's stdout and stderr are kept in `agent.log` in the storage directory,
+    /// rotated at this size (default 10 MiB; 0 keeps no log file).
+    pub log_max_bytes: u64,
+    /// Ours: how many rotated log files are kept, `agent.log.1` the newest (default 3).
+    pub log_files_kept: usize,
 }
 
 impl Default for AgentConfig {
@@ -440,6 +445,8 @@ impl Default for AgentConfig {
             stop_timeout: Duration::from_secs(10),
             restart_policy: RestartPolicy::default(),
             stderr_lines: 20,
+            log_max_bytes: 10 << 20,
+            log_files_kept: 3,
         }
     }
 }

@@ -18,8 +18,11 @@
 //! - [`Supervisor`]: the running supervisor.
 //! - [`AgentProcess`], [`compose()`], [`Storage`]: the parts, usable on their own.
 //!
+//! The agent's stdout and stderr are kept in `agent.log` in the storage directory, rotated by
+//! size ([`LogFile`]).
+//!
 //! Not (yet) here: agents that speak OpAMP themselves (the Collector's `opampextension`),
-//! packages, an agent health endpoint, and log files of the agent in the storage directory.
+//! packages, and an agent health endpoint.
 //!
 //! # Quick start
 //!
@@ -58,6 +61,6 @@ mod supervisor;
 pub use compose::{ComposedConfig, compose};
 pub use config::{ConfigError, SupervisorConfig};
 pub use error::{ComposeError, StartError, StopError, StorageError};
-pub use process::{AgentProcess, Exit, LaunchSpec};
+pub use process::{AgentProcess, Exit, LaunchSpec, LogFile};
 pub use storage::Storage;
 pub use supervisor::{AgentStatus, Supervisor};

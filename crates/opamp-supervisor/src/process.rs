@@ -31,6 +31,8 @@ pub struct LaunchSpec {
     pub stderr_lines: usize,
     /// Copy stdout and stderr lines into the supervisor's log.
     pub passthrough_logs: bool,
+    /// Append stdout and stderr lines to this file, rotated (see [`LogFile`]).
+    pub log_file: Option<Arc<LogFile>>,
 }
 
 /// How the agent ended.
@@ -78,7 +80,7 @@ impl AgentProcess {
             .args(&spec.args)
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
-            .stdout(if spec.passthrough_logs {
+            .stdout(if spec.passthrough_logs || spec.log_file.is_some() {
                 Stdio::piped()
             } else {
                 Stdio::null()
@@ -95,10 +97,16 @@ impl AgentProcess {
                 stderr,
                 Some((tail.clone(), spec.stderr_lines)),
                 spec.passthrough_logs.then_some("stderr"),
+                spec.log_file.clone(),
             )));
         }
         if let Some(stdout) = child.stdout.take() {
-            readers.push(tokio::spawn(read_lines(stdout, None, Some("stdout"))));
+            readers.push(tokio::spawn(read_lines(
+                stdout,
+                None,
+                spec.passthrough_logs.then_some("stdout"),
+                spec.log_file.clone(),
+            )));
         }
         let pid = child.id();
         tracing::info!(pid, executable = %spec.executable.display(), "agent started");
@@ -282,9 +290,14 @@ fn signal_of(_status: &ExitStatus) -> Option<i32> {
 
 type Tail = (Arc<Mutex<VecDeque<String>>>, usize);
 
-/// Reads lines (bounded in length) until EOF, keeping the last ones in `tail` and logging
-/// them under `log` if set.
-async fn read_lines(mut pipe: impl AsyncRead + Unpin, tail: Option<Tail>, log: Option<&str>) {
+/// Reads lines (bounded in length) until EOF, keeping the last ones in `tail`, logging them
+/// under `log` and appending them to `file` if set.
+async fn read_lines(
+    mut pipe: impl AsyncRead + Unpin,
+    tail: Option<Tail>,
+    log: Option<&str>,
+    file: Option<Arc<LogFile>>,
+) {
     let mut buf = [0u8; 8192];
     let mut line = Vec::new();
     let emit = |line: &mut Vec<u8>| {
@@ -294,6 +307,9 @@ async fn read_lines(mut pipe: impl AsyncRead + Unpin, tail: Option<Tail>, log: O
         line.clear();
         if let Some(stream) = log {
             tracing::info!(target: "opamp_supervisor::agent", stream, "{text}");
+        }
+        if let Some(file) = &file {
+            file.append(&text);
         }
         if let Some((tail, cap)) = &tail {
             if *cap == 0 {
@@ -324,5 +340,126 @@ async fn read_lines(mut pipe: impl AsyncRead + Unpin, tail: Option<Tail>, log: O
     }
     if !line.is_empty() {
         emit(&mut line);
+    }
+}
+
+/// The agent's output kept in a file, rotated by size: once `path` would grow past
+/// `max_bytes` it becomes `path.1` (and `path.1` becomes `path.2`, ... up to `keep` old
+/// files, the oldest dropped). Lines of stdout and stderr go in as they come. A write that
+/// fails is logged once and given up on until the next rotation: the agent runs on.
+#[derive(Debug)]
+pub struct LogFile {
+    path: std::path::PathBuf,
+    max_bytes: u64,
+    keep: usize,
+    state: Mutex<Option<(std::fs::File, u64)>>,
+}
+
+impl LogFile {
+    /// A log at `path` of at most `max_bytes` per file, keeping `keep` rotated files.
+    pub fn new(path: impl Into<std::path::PathBuf>, max_bytes: u64, keep: usize) -> Self {
+        Self {
+            path: path.into(),
+            max_bytes: max_bytes.max(1),
+            keep,
+            state: Mutex::new(None),
+        }
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    fn open(&self) -> std::io::Result<(std::fs::File, u64)> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
+        let size = file.metadata()?.len();
+        Ok((file, size))
+    }
+
+    fn rotated(&self, n: usize) -> std::path::PathBuf {
+        let mut name = self.path.clone().into_os_string();
+        name.push(format!(".{n}"));
+        name.into()
+    }
+
+    fn rotate(&self) {
+        if self.keep == 0 {
+            let _ = std::fs::remove_file(&self.path);
+            return;
+        }
+        let _ = std::fs::remove_file(self.rotated(self.keep));
+        for n in (1..self.keep).rev() {
+            let _ = std::fs::rename(self.rotated(n), self.rotated(n + 1));
+        }
+        let _ = std::fs::rename(&self.path, self.rotated(1));
+    }
+
+    /// Appends one line.
+    pub fn append(&self, line: &str) {
+        use std::io::Write as _;
+        let mut state = match self.state.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let len = line.len() as u64 + 1;
+        if let Some((_, size)) = &*state {
+            if *size > 0 && size + len > self.max_bytes {
+                *state = None;
+                self.rotate();
+            }
+        }
+        if state.is_none() {
+            match self.open() {
+                Ok((file, size)) if size > 0 && size + len > self.max_bytes => {
+                    drop(file);
+                    self.rotate();
+                    *state = self.open().ok();
+                }
+                Ok(opened) => *state = Some(opened),
+                Err(e) => {
+                    tracing::warn!(path = %self.path.display(), "cannot open the agent log: {e}");
+                    return;
+                }
+            }
+        }
+        if let Some((file, size)) = &mut *state {
+            let mut buf = Vec::with_capacity(line.len() + 1);
+            buf.extend_from_slice(line.as_bytes());
+            buf.push(b'\n');
+            match file.write_all(&buf) {
+                Ok(()) => *size += len,
+                Err(e) => {
+                    tracing::warn!(path = %self.path.display(), "cannot write the agent log: {e}");
+                    *state = None;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_file_rotates_by_size_and_keeps_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = LogFile::new(dir.path().join("agent.log"), 20, 2);
+        for i in 0..10 {
+            log.append(&format!("line {i:02} ......")); // 16 bytes with the newline
+        }
+        let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap_or_default();
+        assert_eq!(read("agent.log"), "line 09 ......\n");
+        assert_eq!(read("agent.log.1"), "line 08 ......\n");
+        assert_eq!(read("agent.log.2"), "line 07 ......\n");
+        assert!(!dir.path().join("agent.log.3").exists());
+        // A new LogFile on the same path (a restarted supervisor) goes on from the file's size.
+        let again = LogFile::new(dir.path().join("agent.log"), 40, 2);
+        again.append("next");
+        assert_eq!(read("agent.log"), "line 09 ......\nnext\n");
     }
 }

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use crate::compose::{ComposedConfig, compose};
 use crate::config::{ConfigError, RestartPolicy, SupervisorConfig};
 use crate::error::{StartError, StopError};
-use crate::process::{AgentProcess, Exit, LaunchSpec};
+use crate::process::{AgentProcess, Exit, LaunchSpec, LogFile};
 use crate::storage::Storage;
 
 /// The longest `error_message` of a FAILED status and `last_error` of the health.
@@ -135,7 +135,15 @@ impl Supervisor {
             config_files: current.files.clone(),
             ..AgentStatus::default()
         });
+        let log_file = (config.agent.log_max_bytes > 0).then(|| {
+            Arc::new(LogFile::new(
+                storage.dir().join("agent.log"),
+                config.agent.log_max_bytes,
+                config.agent.log_files_kept,
+            ))
+        });
         let runner = Runner {
+            log_file,
             backoff: Backoff::new(config.agent.restart_policy.clone()),
             config,
             storage,
@@ -361,6 +369,7 @@ struct Runner {
     stable_at: Option<Instant>,
     last_status: Option<RemoteConfigStatus>,
     status: watch::Sender<AgentStatus>,
+    log_file: Option<Arc<LogFile>>,
 }
 
 async fn exited(process: &mut Option<AgentProcess>) -> Exit {
@@ -433,6 +442,7 @@ impl Runner {
                 .collect(),
             stderr_lines: agent.stderr_lines,
             passthrough_logs: agent.passthrough_logs,
+            log_file: self.log_file.clone(),
         }
     }
 
