@@ -172,12 +172,13 @@ impl AgentProcess {
         }
     }
 
-    /// Stops the agent: SIGTERM, then SIGKILL if it is still running after `grace`.
+    /// Stops the agent: SIGTERM, then SIGKILL if it is still running after `grace`. The
+    /// signals go to the agent's process group (on Unix), so processes it started go too.
     pub async fn stop(mut self, grace: Duration) -> Exit {
         if let Ok(Some(status)) = self.child.try_wait() {
             return self.exit(Ok(status)).await;
         }
-        if terminate(self.pid) {
+        if signal_group(self.pid, Sig::Term) {
             if let Ok(status) = tokio::time::timeout(grace, self.child.wait()).await {
                 return self.exit(status).await;
             }
@@ -186,6 +187,7 @@ impl AgentProcess {
                 "agent still running {grace:?} after SIGTERM; killing it"
             );
         }
+        signal_group(self.pid, Sig::Kill);
         let _ = self.child.start_kill();
         let status = self.child.wait().await;
         self.exit(status).await
@@ -227,13 +229,19 @@ pub async fn stop_leftover(pid: u32, executable: &std::path::Path, grace: Durati
             "an agent of an earlier supervisor is still running; stopping it"
         );
         let gone = || rustix::process::test_kill_process(raw).is_err() || !is_running(pid);
-        let _ = rustix::process::kill_process(raw, rustix::process::Signal::TERM);
+        // Its group, as a supervisor started it; the process alone if it leads none.
+        let signal = |sig: Sig, raw_sig| {
+            if !signal_group(Some(pid), sig) {
+                let _ = rustix::process::kill_process(raw, raw_sig);
+            }
+        };
+        signal(Sig::Term, rustix::process::Signal::TERM);
         let deadline = Instant::now() + grace;
         while !gone() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         if !gone() {
-            let _ = rustix::process::kill_process(raw, rustix::process::Signal::KILL);
+            signal(Sig::Kill, rustix::process::Signal::KILL);
             let deadline = Instant::now() + Duration::from_secs(2);
             while !gone() && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -261,20 +269,31 @@ fn is_running(pid: u32) -> bool {
     }
 }
 
-/// Sends SIGTERM; false if it could not be sent (then the caller kills).
+#[derive(Debug, Clone, Copy)]
+enum Sig {
+    Term,
+    Kill,
+}
+
+/// Sends the signal to the process group `pid` leads (the agent was started as a group
+/// leader); false if it could not be sent (then the caller kills the process itself).
 #[cfg(unix)]
-fn terminate(pid: Option<u32>) -> bool {
+fn signal_group(pid: Option<u32>, sig: Sig) -> bool {
     let Some(pid) = pid
         .and_then(|p| i32::try_from(p).ok())
         .and_then(rustix::process::Pid::from_raw)
     else {
         return false;
     };
-    rustix::process::kill_process(pid, rustix::process::Signal::TERM).is_ok()
+    let sig = match sig {
+        Sig::Term => rustix::process::Signal::TERM,
+        Sig::Kill => rustix::process::Signal::KILL,
+    };
+    rustix::process::kill_process_group(pid, sig).is_ok()
 }
 
 #[cfg(not(unix))]
-fn terminate(_pid: Option<u32>) -> bool {
+fn signal_group(_pid: Option<u32>, _sig: Sig) -> bool {
     false
 }
 

@@ -111,9 +111,19 @@ impl Supervisor {
             effective: effective.clone(),
         });
         let settings = client_settings(&config, uid)?;
-        let client = OpampClient::start(settings, hooks)?;
-
         let mut last_status = storage.remote_config_status();
+        if !config.capabilities.accepts_remote_config {
+            last_status = None;
+        }
+        let client = OpampClient::start(settings, hooks)?;
+        // At once: the first report should carry the stored status, not UNSET (RC-6). The
+        // client has no start setting for it, so a very fast connection may still send UNSET
+        // first; the stored status follows in the next message.
+        if config.capabilities.reports_remote_config {
+            if let Some(status) = &last_status {
+                let _ = client.set_remote_config_status(status.clone());
+            }
+        }
         // An apply the supervisor did not finish (it was stopped or killed): do it again.
         if let (Some(status), Some(last)) = (&last_status, storage.last_remote_config()) {
             if status.status == RemoteConfigStatuses::Applying as i32
@@ -121,13 +131,6 @@ impl Supervisor {
             {
                 let _ = commands.send(Command::Apply(last));
             }
-        }
-        if config.capabilities.reports_remote_config {
-            if let Some(status) = &last_status {
-                let _ = client.set_remote_config_status(status.clone());
-            }
-        } else if !config.capabilities.accepts_remote_config {
-            last_status = None;
         }
 
         let (status_tx, status) = watch::channel(AgentStatus {
