@@ -64,7 +64,10 @@ impl Seen {
 }
 
 #[derive(Clone)]
-struct Recorder(Arc<watch::Sender<Seen>>);
+struct Recorder(
+    Arc<watch::Sender<Seen>>,
+    Arc<std::sync::Mutex<Option<ServerToAgent>>>,
+);
 
 #[async_trait]
 impl ServerCallbacks for Recorder {
@@ -93,7 +96,8 @@ impl ConnectionCallbacks for Recorder {
                 s.healths.push(health);
             }
         });
-        None
+        // A reply set by the test goes out with the next answer (plain HTTP has no push).
+        self.1.lock().unwrap().take()
     }
 }
 
@@ -107,7 +111,7 @@ struct Harness {
 impl Harness {
     async fn new() -> Self {
         let (tx, seen) = watch::channel(Seen::default());
-        let recorder = Recorder(Arc::new(tx));
+        let recorder = Recorder(Arc::new(tx), Arc::default());
         let config = ServerConfig::builder()
             .listen_addr("127.0.0.1:0".parse().unwrap())
             .build()
@@ -608,5 +612,36 @@ async fn leftover_agent_of_a_killed_supervisor_is_stopped_first() {
     let own = h.starts()[1].pid;
     assert_ne!(own, orphan_pid);
     assert!(alive(own));
+    sup.stop().await.unwrap();
+}
+
+/// Over plain HTTP the config comes in a poll's answer, and APPLYING, APPLIED and the new
+/// effective config go out at once (HTTP-7: a change is sent without waiting for the poll).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_config_applied_over_plain_http() {
+    let mut h = Harness::new().await;
+    *h.recorder.1.lock().unwrap() = Some(ServerToAgent {
+        remote_config: Some(AgentRemoteConfig {
+            config: Some(AgentConfigMap::single("pipeline: http\n", "text/yaml")),
+            config_hash: Bytes::from_static(b"http"),
+        }),
+        ..Default::default()
+    });
+    let endpoint = h.endpoint().replace("ws://", "http://");
+    let sup = Supervisor::start(h.config_for(&endpoint)).unwrap();
+    let seen = h
+        .wait("APPLIED over HTTP", |s| {
+            s.status_of(b"http").contains(&APPLIED)
+        })
+        .await;
+    assert_eq!(seen.status_of(b"http"), [APPLYING, APPLIED]);
+    h.wait("the effective config over HTTP", |s| {
+        s.effective_bodies().iter().any(|b| b == "pipeline: http\n")
+    })
+    .await;
+    assert_eq!(
+        h.starts().last().unwrap().config_text(),
+        "base: true\npipeline: http\n"
+    );
     sup.stop().await.unwrap();
 }
