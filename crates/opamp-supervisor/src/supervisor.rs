@@ -189,8 +189,9 @@ impl Supervisor {
         let _ = self.commands.send(Command::Restart);
     }
 
-    /// Stops the agent gracefully and disconnects from the server. Cancel-safe: dropping
-    /// the future leaves the stop under way.
+    /// Stops the agent gracefully and disconnects from the server. A config being applied
+    /// is finished first (at most `agent::config_apply_timeout` plus the stop timeouts).
+    /// Cancel-safe: dropping the future leaves the stop under way.
     pub async fn stop(self) -> Result<(), StopError> {
         let _ = self.commands.send(Command::Stop);
         self.task.await.map_err(|e| StopError::Task(e.to_string()))
