@@ -20,6 +20,9 @@ fi
 echo "== doc";     RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 echo "== facade without default features"
 cargo check -p opamp --no-default-features --locked
+
+echo "== feature combinations and what they keep out of the build"
+bash scripts/check-features.sh
 echo "== tests";   cargo test --workspace --locked
 
 echo "== MSRV"
@@ -31,6 +34,16 @@ else
     echo "MSRV: Rust toolchain $msrv is not installed; checking only that no dependency needs a newer Rust"
     python3 scripts/check_msrv_deps.py
 fi
+
+echo "== fuzz: every target for a short bounded time (bash scripts/fuzz.sh SECONDS for longer)"
+bash scripts/fuzz.sh 10
+
+echo "== hostile probes: the rows of docs/hostile-input.md fixed for issue #9 (the full run: see that file)"
+cargo build --examples --locked
+examples="${CARGO_TARGET_DIR:-target}/debug/examples"
+python3 tests/hostile/probe.py --server "$examples/server" --agent "$examples/agent" --check \
+    --only ws-duplicate-uid,ws-silent-upgrades,ws-60-of-64,tiny-attributes,client-restart \
+    --out "${CARGO_TARGET_DIR:-target}/hostile-ci.md"
 
 echo "== interop: third-party peers (Collector, supervisor, opamp-go, Java, Python, Node, browser)"
 bash tests/interop/run.sh

@@ -16,6 +16,27 @@
 //! ```text
 //! opamp-proto  <-  opamp-transport  <-  opamp-client / opamp-server  <-  opamp
 //! ```
+//!
+//! # Features
+//!
+//! | feature | default | what it adds |
+//! | --- | --- | --- |
+//! | `client` | on | [`client`]: the agent side (its sans-IO core [`client::core`] at least) |
+//! | `server` | on | [`server`]: the server side (its sans-IO core `AgentSession` at least) |
+//! | `tokio` | on | the tokio drivers of the enabled sides (`OpampClient`; `Server`, `OpampService`), and [`transport`]'s `ws` settings |
+//! | `tls` | on | TLS with rustls (ring): `wss://`/`https://` and mTLS for the drivers, and [`transport`]'s `tls` module; implies `tokio` |
+//!
+//! Each feature is forwarded to `opamp-transport`, `opamp-client` and `opamp-server`, so one
+//! switch here turns it off through the whole stack. For the protocol cores alone, on your
+//! own runtime or event loop:
+//!
+//! ```toml
+//! opamp = { version = "0.1", default-features = false, features = ["client", "server"] }
+//! ```
+//!
+//! This builds neither tokio, hyper, tungstenite, rustls nor ring. Without `tls` (but with
+//! `tokio`), the drivers speak `ws://` and `http://` only; `wss://` and `https://` endpoints
+//! are refused at start, and no rustls or ring is built.
 
 pub use opamp_proto as proto;
 

@@ -47,6 +47,7 @@ LIMIT = 64 * MIB  # DEFAULT_MAX_MESSAGE_SIZE (WS-8, HTTP-13)
 HOST = "127.0.0.1"
 RSS_CAP_KB = 8 * 1024 * 1024  # the sampler kills a server above 8 GiB: memory safety
 AFTER_WAIT = 3.0  # seconds between closing a probe's sockets and reading "after"
+FIRST_MESSAGE_DEADLINE = 15  # the server's default first-message timeout, in s
 SLOW_HOLD = 36.0  # slow-loris observation; the server's header/body deadlines are 30 s
 CLIENT_WINDOW = 10.0  # client probes: seconds of agent behaviour counted
 MEM_SLACK_KB = 32 * 1024  # "after" within max(32 MiB, 50 %) of "before" counts as returned
@@ -1119,15 +1120,23 @@ def p_dup_uid(c: Ctx):
             if ev[0] == "close":
                 got = f"close {ev[1]}"
                 break
-            if ev[0] == "bin" and 3 in pb_decode(ws_payload_pb(ev[1])):
-                got = "the good agent's config"
-                break
+            if ev[0] == "bin":
+                fields = pb_decode(ws_payload_pb(ev[1]))
+                if 3 in fields:
+                    got = "the good agent's config"
+                    break
+                if 8 in fields:  # agent_identification: told to switch uid (UID-8)
+                    got = "new_instance_uid"
+                    break
     except (TimeoutError, EOFError, OSError):
         pass
     c.mark_during()
     time.sleep(1.0)
     ws.close()
-    if "new_instance_uid" not in first and not first.startswith("close"):
+    # Detection may wait for proof (the good agent's next message on its older socket),
+    # so the answer may come with the first reply or after it.
+    told = "new_instance_uid" in first or got == "new_instance_uid"
+    if not told and not first.startswith("close") and not got.startswith("close"):
         c.problem("duplicate uid not detected (UID-8/WS-21: new_instance_uid or refuse)")
     if got == "the good agent's config":
         c.problem("the impostor socket received the good agent's config")
@@ -1325,15 +1334,18 @@ def p_silent(c: Ctx):
     opened = len(socks)
     c.mark_during()
     fds1 = proc_fds(c.server.pid)
-    closes = watch_closes(socks, 15)
+    # The server's first-message deadline (15 s by default) runs from each upgrade; the
+    # watch starts once all are open and allows 10 s beyond the deadline for the closes.
+    hold = FIRST_MESSAGE_DEADLINE + 10
+    closes = watch_closes(socks, hold)
     c.mark_during()
     close_all(socks)
     held = opened - len(closes)
     if held:
-        c.problem(f"{held} silent WebSockets held {15} s with no first message (fds pinned: "
+        c.problem(f"{held} silent WebSockets held {hold} s with no first message (fds pinned: "
                   f"{fds1 - fds0} extra server fds)")
     return (f"{opened}/{SILENT_WS} upgraded; server fds {fds0}->{fds1}; "
-            + summarize_closes(opened, closes, 15))
+            + summarize_closes(opened, closes, hold))
 
 
 @probe("size", "ws-60-of-64-MiB-x12 (12 sockets send 60 MiB of a 64 MiB message, then silent)")

@@ -2,14 +2,19 @@
 
 use std::collections::BTreeMap;
 
+#[cfg(feature = "tokio")]
 use async_trait::async_trait;
 use bytes::Bytes;
 use opamp_proto::{
-    AgentRemoteConfig, CustomCapabilities, CustomMessage, EffectiveConfig, InstanceUid,
-    OpAmpConnectionSettings, OtherConnectionSettings, PackagesAvailable, ServerErrorResponse,
-    ServerToAgentCommand, ServerToAgentFlagSet, TelemetryConnectionSettings,
+    AgentRemoteConfig, CustomCapabilities, CustomMessage, InstanceUid, OtherConnectionSettings,
+    PackagesAvailable, ServerToAgentFlagSet, TelemetryConnectionSettings,
+};
+#[cfg(feature = "tokio")]
+use opamp_proto::{
+    EffectiveConfig, OpAmpConnectionSettings, ServerErrorResponse, ServerToAgentCommand,
 };
 
+#[cfg(feature = "tokio")]
 use crate::error::{ConnectError, ReportTooLarge};
 
 /// The hooks the client calls. Every method has a default, so an embedder implements only
@@ -20,6 +25,7 @@ use crate::error::{ConnectError, ReportTooLarge};
 /// long work to a task of your own. Calling the client's setters and even
 /// [`OpampClient::stop`](crate::OpampClient::stop) from inside a callback is fine: it never
 /// deadlocks.
+#[cfg(feature = "tokio")]
 #[async_trait]
 pub trait Callbacks: Send + Sync + 'static {
     /// The client connected: the WebSocket handshake succeeded, or a plain-HTTP request was
@@ -78,6 +84,7 @@ pub trait Callbacks: Send + Sync + 'static {
 }
 
 /// The embedder's refusal of a connection-settings offer (CS-4).
+#[cfg(feature = "tokio")]
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("connection settings rejected: {reason}")]
 pub struct SettingsRejected {
@@ -85,6 +92,7 @@ pub struct SettingsRejected {
     pub reason: String,
 }
 
+#[cfg(feature = "tokio")]
 impl SettingsRejected {
     /// A rejection with this reason.
     pub fn new(reason: impl Into<String>) -> Self {

@@ -1,7 +1,9 @@
 //! Errors, one enum per domain. `Display` text is for humans and is not API.
 
+#[cfg(feature = "tokio")]
 use std::time::Duration;
 
+#[cfg(feature = "tokio")]
 use opamp_proto::framing::{DecodeError, MessageTooLarge};
 use opamp_proto::{AgentCapabilitySet, ServerCapabilitySet};
 
@@ -49,6 +51,7 @@ pub struct ReportTooLarge {
     pub limit: usize,
 }
 
+#[cfg(feature = "tokio")]
 /// Why [`OpampClient::start`](crate::OpampClient::start) refused its settings.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -65,6 +68,10 @@ pub enum StartError {
     /// The TLS settings could not be turned into a rustls configuration.
     #[error("TLS configuration: {0}")]
     Tls(String),
+    /// The endpoint's scheme (`wss` or `https`) needs TLS, and this build of opamp-client has
+    /// no `tls` feature.
+    #[error("the {0} scheme needs TLS: enable the `tls` feature of opamp-client")]
+    TlsDisabled(String),
     /// A setting is out of range.
     #[error("invalid settings: {0}")]
     InvalidSettings(&'static str),
@@ -73,6 +80,7 @@ pub enum StartError {
     NoRuntime,
 }
 
+#[cfg(feature = "tokio")]
 /// Why a connection attempt or an exchange with the server failed. Given to
 /// [`Callbacks::on_connect_failed`](crate::Callbacks::on_connect_failed); the client retries
 /// on its own.
@@ -118,6 +126,7 @@ pub enum ConnectError {
     Closed,
 }
 
+#[cfg(feature = "tokio")]
 impl ConnectError {
     /// Whether this is a throttling answer (HTTP 429 or 503, THR-5), and its retry time.
     pub(crate) fn throttling(&self) -> Option<Option<Duration>> {
@@ -135,18 +144,21 @@ impl ConnectError {
     }
 }
 
+#[cfg(feature = "tokio")]
 impl From<tokio_tungstenite::tungstenite::Error> for ConnectError {
     fn from(e: tokio_tungstenite::tungstenite::Error) -> Self {
         ConnectError::WebSocket(Box::new(e))
     }
 }
 
+#[cfg(feature = "tokio")]
 impl From<hyper::Error> for ConnectError {
     fn from(e: hyper::Error) -> Self {
         ConnectError::Http(Box::new(e))
     }
 }
 
+#[cfg(feature = "tokio")]
 /// Why [`OpampClient::stop`](crate::OpampClient::stop) did not finish cleanly.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

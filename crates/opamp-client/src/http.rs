@@ -167,6 +167,8 @@ async fn exchange(
     } else {
         body
     };
+    opamp_proto::elements::count_elements::<ServerToAgent>(&body, d.settings.max_message_elements)
+        .map_err(|e| ConnectError::Decode(DecodeError::from(e)))?;
     let answer =
         ServerToAgent::decode(body).map_err(|e| ConnectError::Decode(DecodeError::from(e)))?;
     Ok(Outcome::Answer(Box::new(answer)))

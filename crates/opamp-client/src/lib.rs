@@ -13,7 +13,8 @@
 //!
 //! - [`core`]: the sans-IO protocol core ([`core::ClientCore`]): status compression, sequence
 //!   numbers, `ReportFullState`, heartbeat/poll and backoff timers. No sockets, no clock.
-//! - [`OpampClient`]: the tokio driver over that core, with [`StartSettings`] and setters.
+//! - [`OpampClient`]: the tokio driver over that core, with [`StartSettings`] and setters
+//!   (feature `tokio`, on by default; see [Features](#features)).
 //! - [`Callbacks`]: the embedder's hooks (`#[async_trait]`, see `docs/ARCHITECTURE.md`).
 //!
 //! # Quick start
@@ -110,22 +111,48 @@
 //!
 //! [`OpampClient::stop`] is the only async method; dropping its future leaves the stop under
 //! way. The setters are synchronous and never wait for the network.
+//!
+//! # Features
+//!
+//! | feature | default | what it adds |
+//! | --- | --- | --- |
+//! | `tokio` | on | the driver: [`OpampClient`] over WebSocket (tokio-tungstenite) and plain HTTP (hyper), [`StartSettings`], [`Callbacks`] and their errors |
+//! | `tls` | on | `wss://` and `https://` with rustls (ring): custom CAs, client certificates (mTLS), [`StartSettings::with_tls_config`]; implies `tokio` |
+//!
+//! With `default-features = false` the crate is the sans-IO [`core`] with what it needs
+//! ([`BackoffPolicy`], [`ServerGuards`], [`MessageData`], [`ClientError`],
+//! [`ReportTooLarge`]), for a driver on another runtime or an event loop of its own; neither
+//! tokio, hyper, tungstenite, rustls nor ring is built. With `tokio` but not `tls`, `ws://` and
+//! `http://` work and a `wss://` or `https://` endpoint is refused by [`OpampClient::start`]
+//! ([`StartError::TlsDisabled`]).
 
 mod backoff;
 mod callbacks;
+#[cfg(feature = "tokio")]
 mod client;
 pub mod core;
 mod error;
+#[cfg(feature = "tokio")]
 mod http;
+#[cfg(feature = "tokio")]
 mod net;
+#[cfg(feature = "tokio")]
 mod settings;
+#[cfg(feature = "tokio")]
 mod ws;
 
 /// Re-exported: implementations of [`Callbacks`] use it.
+#[cfg(feature = "tokio")]
 pub use async_trait::async_trait;
 pub use backoff::BackoffPolicy;
-pub use callbacks::{Callbacks, MessageData, SettingsRejected};
+pub use callbacks::MessageData;
+#[cfg(feature = "tokio")]
+pub use callbacks::{Callbacks, SettingsRejected};
+#[cfg(feature = "tokio")]
 pub use client::OpampClient;
 pub use core::ServerGuards;
-pub use error::{ClientError, ConnectError, ReportTooLarge, StartError, StopError};
+pub use error::{ClientError, ReportTooLarge};
+#[cfg(feature = "tokio")]
+pub use error::{ConnectError, StartError, StopError};
+#[cfg(feature = "tokio")]
 pub use settings::{HeaderFn, StartSettings};

@@ -1,7 +1,8 @@
-//! Opening a byte stream to the server: TCP, then TLS for `wss` and `https`.
+//! Opening a byte stream to the server: TCP, then TLS for `wss` and `https` (feature `tls`).
 
 use std::time::Duration;
 
+#[cfg(feature = "tls")]
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -31,18 +32,17 @@ async fn connect_inner(endpoint: &Endpoint) -> Result<BoxedIo, ConnectError> {
     let tcp = TcpStream::connect((endpoint.host.as_str(), endpoint.port)).await?;
     // OpAMP messages are small and latency-sensitive.
     tcp.set_nodelay(true)?;
-    match &endpoint.tls_config {
-        None => Ok(Box::new(tcp)),
-        Some(config) => {
-            let name = ServerName::try_from(endpoint.host.clone())
-                .map_err(|e| ConnectError::Tls(e.to_string()))?;
-            let tls = tokio_rustls::TlsConnector::from(config.clone())
-                .connect(name, tcp)
-                .await
-                .map_err(|e| ConnectError::Tls(e.to_string()))?;
-            Ok(Box::new(tls))
-        }
+    #[cfg(feature = "tls")]
+    if let Some(config) = &endpoint.tls_config {
+        let name = ServerName::try_from(endpoint.host.clone())
+            .map_err(|e| ConnectError::Tls(e.to_string()))?;
+        let tls = tokio_rustls::TlsConnector::from(config.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| ConnectError::Tls(e.to_string()))?;
+        return Ok(Box::new(tls));
     }
+    Ok(Box::new(tcp))
 }
 
 /// The headers for a request or handshake: the static ones, then the header function's.

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 use opamp_proto::{AgentCapabilitySet, AgentDescription, AgentToServerFlagSet, InstanceUid};
+#[cfg(feature = "tls")]
 use opamp_transport::tls::{CertifiedKeyPem, ClientTls};
 
 use crate::backoff::BackoffPolicy;
@@ -29,20 +30,23 @@ pub type HeaderFn = Arc<dyn Fn() -> HeaderMap + Send + Sync>;
 /// | backoff | [`BackoffPolicy::default`]: 500 ms × 1.5 up to 60 s, ±50 % jitter, never gives up |
 /// | message size limit | 64 MiB, both ways (WS-8, HTTP-13) |
 /// | gzip request bodies (plain HTTP) | off; gzip responses are always accepted and decompressed with the limit |
-/// | TLS (`wss`, `https`) | the system's root certificates, no client certificate |
+/// | TLS (`wss`, `https`, feature `tls`) | the system's root certificates, no client certificate |
 /// | connect / request timeout | 30 s |
 /// | stop timeout | 5 s |
 /// | bounds on the server | [`ServerGuards::default`] |
 ///
 /// The endpoint's scheme picks the transport (GEN-4): `ws`/`wss` for WebSocket,
-/// `http`/`https` for plain HTTP.
+/// `http`/`https` for plain HTTP. Without the `tls` feature, `wss` and `https` are refused
+/// with [`StartError::TlsDisabled`].
 #[derive(Clone)]
 #[non_exhaustive]
 pub struct StartSettings {
     pub(crate) endpoint: String,
     pub(crate) headers: HeaderMap,
     pub(crate) header_fn: Option<HeaderFn>,
+    #[cfg(feature = "tls")]
     pub(crate) tls: ClientTls,
+    #[cfg(feature = "tls")]
     pub(crate) tls_config: Option<Arc<rustls::ClientConfig>>,
     pub(crate) instance_uid: InstanceUid,
     pub(crate) capabilities: AgentCapabilitySet,
@@ -51,6 +55,7 @@ pub struct StartSettings {
     pub(crate) heartbeat_interval: Duration,
     pub(crate) backoff: BackoffPolicy,
     pub(crate) max_message_size: usize,
+    pub(crate) max_message_elements: usize,
     pub(crate) compression: bool,
     pub(crate) connect_timeout: Duration,
     pub(crate) request_timeout: Duration,
@@ -67,7 +72,9 @@ impl StartSettings {
             endpoint: endpoint.into(),
             headers: HeaderMap::new(),
             header_fn: None,
+            #[cfg(feature = "tls")]
             tls: ClientTls::default(),
+            #[cfg(feature = "tls")]
             tls_config: None,
             instance_uid: InstanceUid::new_v7(),
             capabilities: AgentCapabilitySet::REPORTS_STATUS,
@@ -76,6 +83,7 @@ impl StartSettings {
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             backoff: BackoffPolicy::default(),
             max_message_size: opamp_proto::DEFAULT_MAX_MESSAGE_SIZE,
+            max_message_elements: opamp_proto::DEFAULT_MAX_MESSAGE_ELEMENTS,
             compression: false,
             connect_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(30),
@@ -130,12 +138,14 @@ impl StartSettings {
     }
 
     /// Trust only the CA certificates in this PEM instead of the system's roots.
+    #[cfg(feature = "tls")]
     pub fn with_tls_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
         self.tls.ca_pem = Some(pem.into());
         self
     }
 
     /// Present this client certificate chain and key (PEM) for mutual TLS.
+    #[cfg(feature = "tls")]
     pub fn with_tls_client_cert_pem(
         mut self,
         cert_chain: impl Into<Vec<u8>>,
@@ -150,12 +160,14 @@ impl StartSettings {
 
     /// Use this rustls configuration for `wss`/`https` as is, instead of building one from the
     /// CA and client certificate settings. It should advertise ALPN `http/1.1` or none.
+    #[cfg(feature = "tls")]
     pub fn with_tls_config(mut self, config: Arc<rustls::ClientConfig>) -> Self {
         self.tls_config = Some(config);
         self
     }
 
     /// Accept any server certificate. This removes all protection TLS gives; for tests only.
+    #[cfg(feature = "tls")]
     pub fn dangerous_skip_tls_verify(mut self) -> Self {
         self.tls.dangerous_skip_verify = true;
         self
@@ -191,6 +203,16 @@ impl StartSettings {
     /// The size limit of a message in both directions, after decompression (WS-8, HTTP-13).
     pub fn with_max_message_size(mut self, limit: usize) -> Self {
         self.max_message_size = limit;
+        self
+    }
+
+    /// The limit on the elements a `ServerToAgent` decodes into (config files, packages,
+    /// headers, ...; [`opamp_proto::elements`]), checked before decoding: within the size
+    /// limit a message can decode into ten times its size. A message past it is treated as
+    /// malformed: the connection is closed (1009 over WebSocket) and retried with backoff.
+    /// Default 262,144 ([`opamp_proto::DEFAULT_MAX_MESSAGE_ELEMENTS`]).
+    pub fn with_max_message_elements(mut self, limit: usize) -> Self {
+        self.max_message_elements = limit;
         self
     }
 
@@ -262,6 +284,12 @@ impl StartSettings {
                 "the message size limit must be at least 64 bytes",
             ));
         }
+        if self.max_message_elements == 0 {
+            return Err(StartError::InvalidSettings(
+                "the message element limit must be at least 1",
+            ));
+        }
+        #[cfg(feature = "tls")]
         let tls_config = if tls {
             Some(match &self.tls_config {
                 Some(config) => config.clone(),
@@ -271,6 +299,10 @@ impl StartSettings {
         } else {
             None
         };
+        #[cfg(not(feature = "tls"))]
+        if tls {
+            return Err(StartError::TlsDisabled(scheme));
+        }
         let path_and_query = uri
             .path_and_query()
             .map(|p| p.as_str().to_owned())
@@ -284,6 +316,7 @@ impl StartSettings {
             path_and_query,
             uri,
             transport,
+            #[cfg(feature = "tls")]
             tls_config,
         })
     }
@@ -292,18 +325,20 @@ impl StartSettings {
 impl fmt::Debug for StartSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Header values may be credentials: only their names are shown.
-        f.debug_struct("StartSettings")
-            .field("endpoint", &self.endpoint)
+        let mut f = f.debug_struct("StartSettings");
+        f.field("endpoint", &self.endpoint)
             .field("headers", &self.headers.keys().collect::<Vec<_>>())
-            .field("header_fn", &self.header_fn.as_ref().map(|_| "<fn>"))
-            .field("tls", &self.tls)
-            .field("tls_config", &self.tls_config.as_ref().map(|_| "<custom>"))
-            .field("instance_uid", &self.instance_uid)
+            .field("header_fn", &self.header_fn.as_ref().map(|_| "<fn>"));
+        #[cfg(feature = "tls")]
+        f.field("tls", &self.tls)
+            .field("tls_config", &self.tls_config.as_ref().map(|_| "<custom>"));
+        f.field("instance_uid", &self.instance_uid)
             .field("capabilities", &self.capabilities)
             .field("flags", &self.flags)
             .field("heartbeat_interval", &self.heartbeat_interval)
             .field("backoff", &self.backoff)
             .field("max_message_size", &self.max_message_size)
+            .field("max_message_elements", &self.max_message_elements)
             .field("compression", &self.compression)
             .field("connect_timeout", &self.connect_timeout)
             .field("request_timeout", &self.request_timeout)
@@ -322,6 +357,7 @@ pub(crate) struct Endpoint {
     pub(crate) host_header: HeaderValue,
     pub(crate) path_and_query: String,
     pub(crate) transport: TransportKind,
+    #[cfg(feature = "tls")]
     pub(crate) tls_config: Option<Arc<rustls::ClientConfig>>,
 }
 
@@ -337,6 +373,7 @@ mod tests {
         assert_eq!(e.transport, TransportKind::WebSocket);
         assert_eq!((e.host.as_str(), e.port), ("127.0.0.1", 4320));
         assert_eq!(e.path_and_query, "/v1/opamp");
+        #[cfg(feature = "tls")]
         assert!(e.tls_config.is_none());
         let e = StartSettings::new("HTTP://[::1]/v1/opamp?x=1")
             .resolve()
@@ -344,6 +381,11 @@ mod tests {
         assert_eq!(e.transport, TransportKind::Http);
         assert_eq!((e.host.as_str(), e.port), ("::1", 80));
         assert_eq!(e.path_and_query, "/v1/opamp?x=1");
+    }
+
+    #[cfg(feature = "tls")]
+    #[test]
+    fn gen_4_tls_schemes_get_a_tls_config() {
         let e = StartSettings::new("https://example.com")
             .dangerous_skip_tls_verify()
             .resolve()
@@ -373,12 +415,24 @@ mod tests {
                 .resolve(),
             Err(StartError::InvalidSettings(_))
         ));
+        #[cfg(feature = "tls")]
         assert!(matches!(
             StartSettings::new("wss://x/")
                 .with_tls_ca_pem("garbage")
                 .resolve(),
             Err(StartError::Tls(_))
         ));
+    }
+
+    #[cfg(not(feature = "tls"))]
+    #[test]
+    fn tls_schemes_need_the_tls_feature() {
+        for url in ["wss://x/", "https://x/"] {
+            assert!(matches!(
+                StartSettings::new(url).resolve(),
+                Err(StartError::TlsDisabled(_))
+            ));
+        }
     }
 
     #[test]

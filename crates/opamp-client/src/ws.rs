@@ -161,6 +161,7 @@ impl AsyncWrite for ReadActivity {
 /// Drives one open connection.
 async fn connection(d: &Driver, mut ws: Ws, activity: &AtomicBool) -> End {
     let limit = d.settings.max_message_size;
+    let max_elements = d.settings.max_message_elements;
     loop {
         if activity.swap(false, Ordering::Relaxed) {
             d.shared.core().handle_activity(Instant::now());
@@ -205,7 +206,7 @@ async fn connection(d: &Driver, mut ws: Ws, activity: &AtomicBool) -> End {
                 Some(Ok(Message::Binary(data))) => {
                     // WS-10: the size was checked by tungstenite before buffering (the
                     // frame and message limits equal ours); the header and payload here.
-                    match framing::decode_bytes::<ServerToAgent>(data, limit) {
+                    match framing::decode_bytes_limited::<ServerToAgent>(data, limit, max_elements) {
                         Ok(msg) => d.shared.core().handle_message(msg, Instant::now()),
                         Err(e) => {
                             close(d, &mut ws, close_code_for(&e)).await;
@@ -250,7 +251,9 @@ async fn connection(d: &Driver, mut ws: Ws, activity: &AtomicBool) -> End {
 
 fn close_code_for(e: &opamp_proto::DecodeError) -> CloseCode {
     match e {
-        opamp_proto::DecodeError::TooLarge(_) => wsconf::CLOSE_MESSAGE_TOO_BIG,
+        opamp_proto::DecodeError::TooLarge(_) | opamp_proto::DecodeError::TooManyElements(_) => {
+            wsconf::CLOSE_MESSAGE_TOO_BIG
+        }
         _ => wsconf::CLOSE_INVALID_PAYLOAD,
     }
 }

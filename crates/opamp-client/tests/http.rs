@@ -776,3 +776,42 @@ async fn thr_5_huge_retry_after_is_capped() {
     expect_cb(&mut cbs, |c| matches!(c, Cb::Connect).then_some(())).await;
     client.stop().await.unwrap();
 }
+
+/// A plain-HTTP answer that decodes into more elements than the client's limit (2,000
+/// config files, limit 1,000) is refused before decoding and retried; the next answer's
+/// offer (one file) is delivered, the big one never.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answer_with_too_many_elements_is_refused_and_retried() {
+    let addr = http_server(move |n, parts, body| async move {
+        let msg = decode_request(&parts, &body);
+        let files = if n == 0 { 2000 } else { 1 };
+        let mut map = AgentConfigMap::default();
+        for i in 0..files {
+            map.config_map
+                .insert(format!("f{i}"), AgentConfigObject::default());
+        }
+        ok(&ServerToAgent {
+            remote_config: Some(AgentRemoteConfig {
+                config: Some(map),
+                config_hash: Bytes::from(if n == 0 { "big" } else { "small" }),
+            }),
+            ..ack(&msg)
+        })
+    })
+    .await;
+    let (cb, mut cbs) = Recorder::new();
+    let client = OpampClient::start(
+        settings(format!("http://{addr}/"))
+            .with_capabilities(caps() | AgentCapabilitySet::ACCEPTS_REMOTE_CONFIG)
+            .with_max_message_elements(1000),
+        cb,
+    )
+    .unwrap();
+    let hash = expect_cb(&mut cbs, |c| match c {
+        Cb::Message(d) => d.remote_config.as_ref().map(|r| r.config_hash.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(&hash[..], b"small");
+    client.stop().await.unwrap();
+}

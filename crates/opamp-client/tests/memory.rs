@@ -263,7 +263,10 @@ async fn run(
                     | AgentCapabilitySet::REPORTS_REMOTE_CONFIG,
             )
             .with_heartbeat_interval(Duration::from_millis(50))
-            .with_request_timeout(Duration::from_secs(60)),
+            .with_request_timeout(Duration::from_secs(60))
+            // What decoding costs is measured: a million files is past the default element
+            // limit, which refuses such a message before decoding it.
+            .with_max_message_elements(usize::MAX),
         agent.clone(),
     )
     .unwrap();

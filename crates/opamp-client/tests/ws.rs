@@ -713,3 +713,80 @@ async fn gen_8_ws_upgrade_redirect_loop_is_a_failure_with_backoff() {
     client.stop().await.ok();
     assert!((2..=8).contains(&n), "{n} upgrade attempts in 3 s");
 }
+
+/// A remote config of `files` files, with `hash`.
+fn config_offer(to: &AgentToServer, files: usize, hash: &'static [u8]) -> ServerToAgent {
+    let mut map = opamp_proto::AgentConfigMap::default();
+    for i in 0..files {
+        map.config_map
+            .insert(format!("f{i}"), opamp_proto::AgentConfigObject::default());
+    }
+    ServerToAgent {
+        remote_config: Some(opamp_proto::AgentRemoteConfig {
+            config: Some(map),
+            config_hash: bytes::Bytes::from_static(hash),
+        }),
+        ..ack(to)
+    }
+}
+
+/// A message that decodes into more elements than the client's limit (2,000 config files,
+/// limit 1,000) is refused before decoding: the client closes with 1009 and reconnects; the
+/// offer of the next connection (one file) is delivered, the big one never.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_with_too_many_elements_is_refused_with_1009() {
+    let (tx, mut seen) = mpsc::unbounded_channel();
+    let addr = tcp_server(move |n, stream| {
+        let tx = tx.clone();
+        async move {
+            let mut ws = accept(n, stream, &tx).await;
+            while let Some(Ok(frame)) = ws.next().await {
+                match frame {
+                    Message::Binary(data) => {
+                        let msg: AgentToServer = framing::decode(&data, 1 << 20).unwrap();
+                        let reply = if n == 0 {
+                            config_offer(&msg, 2000, b"big")
+                        } else {
+                            config_offer(&msg, 1, b"small")
+                        };
+                        if ws
+                            .send(Message::Binary(framing::encode(&reply)))
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                    Message::Close(frame) => {
+                        let _ = tx.send(Seen::Close(n, frame.map(|f| f.code)));
+                        let _ = ws.close(None).await;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+        }
+    })
+    .await;
+    let (cb, mut cbs) = Recorder::new();
+    let client = OpampClient::start(
+        settings(format!("ws://{addr}/"))
+            .with_capabilities(caps() | AgentCapabilitySet::ACCEPTS_REMOTE_CONFIG)
+            .with_max_message_elements(1000),
+        cb,
+    )
+    .unwrap();
+    let close = loop {
+        if let Seen::Close(n, code) = recv(&mut seen).await {
+            break (n, code);
+        }
+    };
+    assert_eq!(close, (0, Some(CloseCode::Size)));
+    let hash = expect_cb(&mut cbs, |c| match c {
+        Cb::Message(d) => d.remote_config.as_ref().map(|r| r.config_hash.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(&hash[..], b"small");
+    client.stop().await.unwrap();
+}

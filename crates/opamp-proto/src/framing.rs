@@ -116,6 +116,22 @@ pub fn decode_bytes<M: Message + Default>(frame: Bytes, limit: usize) -> Result<
     Ok(M::decode(frame.slice(header_len..))?)
 }
 
+/// Like [`decode_bytes`], but first counts the elements the payload decodes into and
+/// refuses it, without decoding, past `max_elements` ([`elements`](crate::elements)).
+pub fn decode_bytes_limited<M>(
+    frame: Bytes,
+    limit: usize,
+    max_elements: usize,
+) -> Result<M, DecodeError>
+where
+    M: Message + Default + crate::elements::CountElements,
+{
+    check_size(frame.len(), limit)?;
+    let header_len = read_zero_header(&frame)?;
+    crate::elements::count_elements::<M>(&frame[header_len..], max_elements)?;
+    Ok(M::decode(frame.slice(header_len..))?)
+}
+
 /// Reads the varint header at the start of `frame`; returns its length if its value is 0.
 fn read_zero_header(frame: &[u8]) -> Result<usize, DecodeError> {
     let mut value: u64 = 0;

@@ -1,18 +1,26 @@
 //! The traits an embedder implements, mirroring opamp-go's server callbacks.
 
+#[cfg(feature = "tokio")]
 use std::sync::Arc;
 use std::time::Duration;
 
+#[cfg(feature = "tokio")]
 use async_trait::async_trait;
+#[cfg(feature = "tokio")]
 use http::{HeaderMap, HeaderValue, StatusCode};
+#[cfg(feature = "tokio")]
+use opamp_proto::{AgentToServer, InstanceUid};
 use opamp_proto::{
-    AgentToServer, InstanceUid, RetryInfo, ServerErrorResponse, ServerErrorResponseType,
-    ServerToAgent, server_error_response::Details,
+    RetryInfo, ServerErrorResponse, ServerErrorResponseType, ServerToAgent,
+    server_error_response::Details,
 };
 
+#[cfg(feature = "tokio")]
 use crate::connection::Connection;
+#[cfg(feature = "tokio")]
 use crate::error::ReadMessageError;
 
+#[cfg(feature = "tokio")]
 /// Server-wide hook: decides whether an incoming request becomes a connection.
 ///
 /// Called for every WebSocket upgrade request and for **every** plain-HTTP request (so that
@@ -49,6 +57,7 @@ pub trait ServerCallbacks: Send + Sync + 'static {
     }
 }
 
+#[cfg(feature = "tokio")]
 /// What [`ServerCallbacks::on_duplicate_uid`] learns about a duplicate uid (UID-8).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -62,6 +71,7 @@ pub struct DuplicateUid {
     pub newcomer: Option<Connection>,
 }
 
+#[cfg(feature = "tokio")]
 /// What to do with the newcomer of a duplicate uid (UID-8).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -78,6 +88,7 @@ pub enum DuplicateUidPolicy {
     Allow,
 }
 
+#[cfg(feature = "tokio")]
 /// The answer of [`ServerCallbacks::on_connecting`].
 #[derive(Clone)]
 #[non_exhaustive]
@@ -88,6 +99,7 @@ pub enum ConnectionResponse {
     Reject(Rejection),
 }
 
+#[cfg(feature = "tokio")]
 impl ConnectionResponse {
     /// Accepts with `callbacks`.
     pub fn accept(callbacks: Arc<dyn ConnectionCallbacks>) -> Self {
@@ -95,6 +107,7 @@ impl ConnectionResponse {
     }
 }
 
+#[cfg(feature = "tokio")]
 impl std::fmt::Debug for ConnectionResponse {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -104,6 +117,7 @@ impl std::fmt::Debug for ConnectionResponse {
     }
 }
 
+#[cfg(feature = "tokio")]
 /// A refusal: HTTP status and headers sent instead of a connection.
 #[derive(Debug, Clone)]
 pub struct Rejection {
@@ -111,6 +125,7 @@ pub struct Rejection {
     headers: HeaderMap,
 }
 
+#[cfg(feature = "tokio")]
 impl Rejection {
     /// A rejection with any status. A status that is not a client or server error becomes
     /// 500: a rejection must never look like success.
@@ -166,12 +181,14 @@ impl Rejection {
     }
 }
 
+#[cfg(feature = "tokio")]
 /// `Retry-After` in delay-seconds form, rounded up (by the transport's one implementation),
 /// at least 1: "0" would invite an immediate retry storm.
 pub(crate) fn retry_after_value(after: Duration) -> HeaderValue {
     HeaderValue::from(opamp_transport::http::retry_after_seconds(after).max(1))
 }
 
+#[cfg(feature = "tokio")]
 /// Per-connection hooks. The driver never runs two of them concurrently for one connection.
 ///
 /// All methods but [`on_message`](Self::on_message) have empty defaults.
@@ -278,6 +295,7 @@ fn error_reply(
 mod tests {
     use super::*;
 
+    #[cfg(feature = "tokio")]
     #[test]
     fn thr_5_retry_after_rounds_up_to_whole_seconds() {
         assert_eq!(retry_after_value(Duration::from_millis(1500)), "2");

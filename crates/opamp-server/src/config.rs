@@ -681,6 +681,8 @@ impl ConnectionLimits {
         Ok(())
     }
 
+    // Pure arithmetic, tested without the drivers; only the WebSocket driver calls it.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     /// The WebSocket read-idle timeout of an agent: `heartbeat` is its heartbeat interval
     /// (`None` when it sends no heartbeats). `None`: no idle timeout.
     pub(crate) fn ws_idle_timeout(&self, heartbeat: Option<Duration>) -> Option<Duration> {
@@ -693,6 +695,7 @@ impl ConnectionLimits {
         )
     }
 
+    #[cfg(feature = "tokio")]
     /// The time by which a message in progress must be complete or have made progress:
     /// `received` bytes arrived since its first byte at `started`, the latest at
     /// `last_progress`. The average pace bounds the whole message; the gap bound stops a

@@ -509,7 +509,10 @@ impl AgentSession {
     }
 
     /// Completes an unsolicited message. Returns `None` when, after removing what the agent
-    /// cannot take or already has, nothing is left to send.
+    /// cannot take or already has, nothing is left to send. Call it only once a message of
+    /// the agent was handled ([`instance_uid`](Self::instance_uid) is `Some`): before that
+    /// its capabilities are unknown and the message would name no agent; hold pushes until
+    /// then (the drivers do).
     pub fn prepare_push(&mut self, mut msg: ServerToAgent, now: Instant) -> Option<ServerToAgent> {
         self.strip(&mut msg);
         let has_content = msg.error_response.is_some()

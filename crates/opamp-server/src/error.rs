@@ -2,11 +2,15 @@
 //!
 //! The `Display` text of these errors is for humans and logs; it is not API.
 
+#[cfg(feature = "tokio")]
 use std::io;
+#[cfg(feature = "tokio")]
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use opamp_proto::{DecodeError, InvalidInstanceUid, ServerToAgent};
+#[cfg(feature = "tokio")]
+use opamp_proto::ServerToAgent;
+use opamp_proto::{DecodeError, InvalidInstanceUid};
 
 /// A [`ServerConfig`](crate::ServerConfig) value is out of range.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -36,6 +40,7 @@ pub enum ConfigError {
     },
 }
 
+#[cfg(feature = "tokio")]
 /// The standalone server could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -54,6 +59,7 @@ pub enum ServerError {
     LocalAddr(#[source] io::Error),
 }
 
+#[cfg(feature = "tokio")]
 /// [`Connection::send`](crate::Connection::send) did not take the message; the message is
 /// handed back.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -69,6 +75,7 @@ pub enum SendError {
     Closed(Box<ServerToAgent>),
 }
 
+#[cfg(feature = "tokio")]
 impl SendError {
     /// The message that was not sent.
     pub fn into_message(self) -> ServerToAgent {

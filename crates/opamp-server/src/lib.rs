@@ -17,7 +17,8 @@
 //!   async through `async-trait`, taking `&self`, never called concurrently for one
 //!   connection; and the [`Connection`] handle to push messages to an agent;
 //! - drivers on tokio and hyper: the embeddable [`OpampService`] (a `tower::Service`, e.g.
-//!   for an axum router) and the standalone [`Server`].
+//!   for an axum router) and the standalone [`Server`] (feature `tokio`, on by default; see
+//!   [Features](#features)).
 //!
 //! Both transports share one endpoint (HTTP-2): a `POST` with
 //! `Content-Type: application/x-protobuf` is plain HTTP, anything else a WebSocket upgrade.
@@ -110,29 +111,50 @@
 //!
 //! # Features
 //!
-//! - `tls`: TLS and mTLS for the standalone server with rustls
-//!   ([`ServerConfigBuilder::tls`]), and [`Connection::peer_certificates`].
+//! | feature | default | what it adds |
+//! | --- | --- | --- |
+//! | `tokio` | on | the drivers on tokio and hyper: [`Server`], [`OpampService`], [`Connection`], the callback traits ([`ServerCallbacks`], [`ConnectionCallbacks`]) and their types |
+//! | `tls` | on | TLS and mTLS for the standalone server with rustls (ring): [`ServerConfigBuilder::tls`], [`Connection::peer_certificates`], and `opamp_transport::tls` to build the configuration; implies `tokio` |
+//!
+//! With `default-features = false` the crate is the sans-IO core ([`AgentSession`],
+//! [`SessionConfig`], [`Received`], [`PushPlan`], [`reassign_reply`],
+//! [`is_usable_instance_uid`]), the configuration types ([`ServerConfig`],
+//! [`ConnectionLimits`] and the defaults), [`ReadMessageError`], [`ConfigError`] and the reply
+//! helpers [`bad_request`] and [`unavailable`], for a driver on another runtime; neither tokio,
+//! hyper, tungstenite, rustls nor ring is built. With `tokio` but not `tls`, the server speaks
+//! `ws://` and `http://`; an embedder may still terminate TLS in front of [`OpampService`].
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "tokio")]
 mod admission;
 mod callbacks;
 mod config;
+#[cfg(feature = "tokio")]
 mod connection;
 mod core;
 mod error;
+#[cfg(feature = "tokio")]
 mod limits;
+#[cfg(feature = "tokio")]
 mod plain;
+#[cfg(feature = "tokio")]
 mod registry;
+#[cfg(feature = "tokio")]
 mod server;
+#[cfg(feature = "tokio")]
 mod service;
+#[cfg(feature = "tokio")]
 mod wire;
+#[cfg(feature = "tokio")]
 mod ws;
 
+#[cfg(feature = "tokio")]
 pub use callbacks::{
     ConnectionCallbacks, ConnectionResponse, DuplicateUid, DuplicateUidPolicy, Rejection,
-    ServerCallbacks, bad_request, unavailable,
+    ServerCallbacks,
 };
+pub use callbacks::{bad_request, unavailable};
 pub use config::{
     BUDGET_EXEMPT_MESSAGE_SIZE, ConnectionLimits, DEFAULT_AGENT_HEARTBEAT_INTERVAL,
     DEFAULT_FIRST_MESSAGE_TIMEOUT, DEFAULT_HEARTBEAT_TIMEOUT_FACTOR, DEFAULT_IDLE_TIMEOUT_FLOOR,
@@ -148,20 +170,26 @@ pub use config::{
 };
 #[cfg(feature = "tls")]
 pub use connection::PeerCertificates;
+#[cfg(feature = "tokio")]
 pub use connection::{Connection, SharedMessage, Transport};
 pub use core::{
     AgentSession, PushPlan, Received, SessionConfig, is_usable_instance_uid, reassign_reply,
 };
-pub use error::{ConfigError, ReadMessageError, SendError, ServerError};
+pub use error::{ConfigError, ReadMessageError};
+#[cfg(feature = "tokio")]
+pub use error::{SendError, ServerError};
+#[cfg(feature = "tokio")]
 pub use server::{Server, ServerHandle};
 
 /// The attribute that implements the async callback traits.
+#[cfg(feature = "tokio")]
 pub use async_trait::async_trait;
 /// The `http` crate, whose request parts [`ServerCallbacks::on_connecting`] receives.
 pub use http;
+#[cfg(feature = "tokio")]
 pub use service::{OpampService, ResponseBody};
 
-#[cfg(test)]
+#[cfg(all(test, feature = "tokio"))]
 mod tests_support {
     use async_trait::async_trait;
 

@@ -257,7 +257,35 @@ fn client_settings(
             settings = settings.with_header(header.clone(), value);
         }
     }
-    let tls = &server.tls;
+    #[cfg(feature = "tls")]
+    {
+        settings = with_tls(settings, &server.tls)?;
+    }
+    #[cfg(not(feature = "tls"))]
+    {
+        let tls = &server.tls;
+        let endpoint = server.endpoint.trim().to_ascii_lowercase();
+        let set = tls.insecure_skip_verify
+            || tls.ca_file.is_some()
+            || tls.ca_pem.is_some()
+            || tls.cert_file.is_some()
+            || tls.cert_pem.is_some();
+        if set || endpoint.starts_with("wss:") || endpoint.starts_with("https:") {
+            return Err(ConfigError::invalid(
+                "server::tls",
+                "this supervisor was built without the `tls` feature",
+            )
+            .into());
+        }
+    }
+    Ok(settings)
+}
+
+#[cfg(feature = "tls")]
+fn with_tls(
+    mut settings: StartSettings,
+    tls: &crate::config::TlsConfig,
+) -> Result<StartSettings, StartError> {
     let read = |path: &PathBuf| {
         std::fs::read(path).map_err(|e| StartError::TlsFile {
             path: path.clone(),

@@ -8,8 +8,8 @@
 //!
 //! It moves bytes and knows no protocol state:
 //!
-//! - [`ws`]: WebSocket settings for tokio-tungstenite with small buffers and the OpAMP size
-//!   limit, and the close codes OpAMP uses (WS-9, WS-10).
+//! - [`ws`] (feature `tokio`, on by default): WebSocket settings for tokio-tungstenite with
+//!   small buffers and the OpAMP size limit, and the close codes OpAMP uses (WS-9, WS-10).
 //! - [`http`]: plain-HTTP header helpers: content type (HTTP-2), gzip negotiation (HTTP-3,
 //!   HTTP-4), the `OpAMP-Instance-UID` header (HTTP-5), `Retry-After` (THR-5).
 //! - [`gzip`]: compression and **bounded** decompression: a body is measured after
@@ -20,11 +20,22 @@
 //!   client certificate), built from PEM.
 //!
 //! The message size limit is [`DEFAULT_MAX_MESSAGE_SIZE`] (64 MiB) unless configured.
+//!
+//! # Features
+//!
+//! | feature | default | what it adds |
+//! | --- | --- | --- |
+//! | `tokio` | on | the [`ws`] module (tokio-tungstenite's `WebSocketConfig` and close codes) |
+//! | `tls` | on | the [`tls`] module, with rustls (ring) and the system's root certificates |
+//!
+//! With `--no-default-features` only [`http`] and [`gzip`] are left, and neither tokio,
+//! tungstenite, rustls nor ring is built.
 
 pub mod gzip;
 pub mod http;
 #[cfg(feature = "tls")]
 pub mod tls;
+#[cfg(feature = "tokio")]
 pub mod ws;
 
 pub use opamp_proto::DEFAULT_MAX_MESSAGE_SIZE;

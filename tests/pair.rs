@@ -1,0 +1,841 @@
+//! The pair harness: the client's sans-IO core against the server's, on a virtual clock,
+//! over a simulated network with latency, loss, outages and throttling. No sockets, no
+//! tokio, no sleeps: each scenario runs minutes of protocol time in microseconds, and the
+//! same input gives the same run.
+//!
+//! The harness drives both cores as the tokio drivers do (`opamp-client`'s `ws.rs` and
+//! `http.rs`, `opamp-server`'s `ws.rs` and `plain.rs`): a WebSocket link has one server
+//! session per connection and loses what is in flight when it breaks; plain HTTP has one
+//! request in flight, a session table keyed by instance uid, and a lost request or answer
+//! is a failed request for the client.
+#![allow(clippy::unwrap_used, clippy::large_enum_variant)]
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use opamp::client::BackoffPolicy;
+use opamp::client::core::{ClientCore, CoreConfig, Event, Failure, TransportKind};
+use opamp::proto::{
+    AgentCapabilitySet, AgentConfigMap, AgentConfigObject, AgentDescription, AgentRemoteConfig,
+    AgentToServer, AgentToServerFlagSet, AnyValue, InstanceUid, KeyValue, RemoteConfigStatus,
+    RemoteConfigStatuses, ServerCapabilitySet, ServerToAgent, ServerToAgentFlagSet, any_value,
+};
+use opamp::server::{AgentSession, SessionConfig, reassign_reply};
+
+/// What the server application answers to a message (`None`: a bare acknowledgement).
+type App = Box<dyn FnMut(&AgentToServer) -> Option<ServerToAgent>>;
+
+/// Everything that crossed the simulated network, in order.
+#[derive(Debug, Clone)]
+enum Wire {
+    ToServer(Duration, usize, AgentToServer),
+    ToClient(Duration, usize, ServerToAgent),
+    Attempt(Duration, usize, Outcome),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Outcome {
+    Connected,
+    Refused,
+    Throttled(Option<Duration>),
+}
+
+/// One agent: its core and its side of the link.
+struct Agent {
+    core: ClientCore,
+    /// WebSocket: the connection's server session, while connected.
+    ws_session: Option<AgentSession>,
+    /// Plain HTTP: when the failure of the request in flight comes back, if it was lost.
+    failure_at: Option<Instant>,
+    events: Vec<Event>,
+    /// Apply offered remote configs and report APPLIED (RC-3), as an agent does.
+    apply_configs: bool,
+}
+
+struct Pair {
+    start: Instant,
+    now: Instant,
+    transport: TransportKind,
+    latency: Duration,
+    request_timeout: Duration,
+    server_caps: ServerCapabilitySet,
+    agents: Vec<Agent>,
+    /// Plain-HTTP session table, keyed by instance uid (the server's `plain.rs`).
+    http_sessions: HashMap<InstanceUid, AgentSession>,
+    app: App,
+    to_server: VecDeque<(Instant, usize, AgentToServer)>,
+    to_client: VecDeque<(Instant, usize, ServerToAgent)>,
+    /// The next this-many messages to the server / to the client are lost.
+    lose_to_server: usize,
+    lose_to_client: usize,
+    /// Connection attempts and requests fail while set.
+    server_down: bool,
+    throttle: Option<Option<Duration>>,
+    wire: Vec<Wire>,
+    uids_drawn: u8,
+}
+
+fn description(name: &str) -> AgentDescription {
+    AgentDescription {
+        identifying_attributes: vec![KeyValue {
+            key: "service.name".into(),
+            value: Some(AnyValue {
+                value: Some(any_value::Value::StringValue(name.into())),
+            }),
+        }],
+        non_identifying_attributes: vec![],
+    }
+}
+
+fn uid(n: u8) -> InstanceUid {
+    InstanceUid::from([n; 16])
+}
+
+const CAPS: AgentCapabilitySet = AgentCapabilitySet::REPORTS_STATUS
+    .union(AgentCapabilitySet::ACCEPTS_REMOTE_CONFIG)
+    .union(AgentCapabilitySet::REPORTS_REMOTE_CONFIG)
+    .union(AgentCapabilitySet::REPORTS_HEARTBEAT)
+    .union(AgentCapabilitySet::REPORTS_HEALTH);
+
+impl Pair {
+    fn new(transport: TransportKind) -> Self {
+        let start = Instant::now();
+        Self {
+            start,
+            now: start,
+            transport,
+            latency: Duration::from_millis(20),
+            request_timeout: Duration::from_secs(5),
+            server_caps: ServerCapabilitySet::ACCEPTS_STATUS
+                | ServerCapabilitySet::OFFERS_REMOTE_CONFIG
+                | ServerCapabilitySet::ACCEPTS_EFFECTIVE_CONFIG,
+            agents: Vec::new(),
+            http_sessions: HashMap::new(),
+            app: Box::new(|_| None),
+            to_server: VecDeque::new(),
+            to_client: VecDeque::new(),
+            lose_to_server: 0,
+            lose_to_client: 0,
+            server_down: false,
+            throttle: None,
+            wire: Vec::new(),
+            uids_drawn: 0,
+        }
+    }
+
+    fn with_app(
+        mut self,
+        app: impl FnMut(&AgentToServer) -> Option<ServerToAgent> + 'static,
+    ) -> Self {
+        self.app = Box::new(app);
+        self
+    }
+
+    /// Adds an agent with instance uid `id`; returns its index.
+    fn add_agent(&mut self, id: InstanceUid, backoff: BackoffPolicy) -> usize {
+        let mut config = CoreConfig::new(id, CAPS, self.transport);
+        config.jitter_seed = Some(7);
+        config.backoff = backoff;
+        let mut core = ClientCore::new(config, self.now);
+        core.set_agent_description(description("pair")).unwrap();
+        self.agents.push(Agent {
+            core,
+            ws_session: None,
+            failure_at: None,
+            events: Vec::new(),
+            apply_configs: true,
+        });
+        self.agents.len() - 1
+    }
+
+    fn elapsed(&self) -> Duration {
+        self.now - self.start
+    }
+
+    fn session_config(&self) -> SessionConfig {
+        match self.transport {
+            TransportKind::WebSocket => SessionConfig::websocket(self.server_caps),
+            _ => SessionConfig::plain_http(self.server_caps),
+        }
+    }
+
+    /// The server forgets every session (a restart of a server that keeps nothing).
+    fn restart_server(&mut self) {
+        self.http_sessions.clear();
+        for a in &mut self.agents {
+            if a.ws_session.take().is_some() {
+                a.core.handle_disconnected(self.now);
+            }
+        }
+        self.to_server.clear();
+        self.to_client.clear();
+    }
+
+    /// Breaks every WebSocket connection: what is in flight is lost.
+    fn break_links(&mut self) {
+        self.restart_server();
+    }
+
+    fn the_server_handles(&mut self, at: Instant, i: usize, msg: AgentToServer) {
+        let config = self.session_config();
+        let ws = self.transport == TransportKind::WebSocket;
+        let session = if ws {
+            match self.agents[i].ws_session.as_mut() {
+                Some(s) => s,
+                None => return, // the connection is gone
+            }
+        } else {
+            let key = InstanceUid::try_from(&msg.instance_uid[..]).unwrap();
+            self.http_sessions
+                .entry(key)
+                .or_insert_with(|| AgentSession::new(config))
+        };
+        let received = match session.handle_message(&msg, at) {
+            Ok(r) => r,
+            Err(e) => panic!("the client sent a message the server refuses: {e}"),
+        };
+        if session.needs_instance_uid() {
+            self.uids_drawn += 1;
+            session.provide_instance_uid(uid(0xa0 + self.uids_drawn));
+        }
+        let out = if received.duplicate {
+            // UID-8: a second agent polls with this session's uid.
+            self.uids_drawn += 1;
+            reassign_reply(
+                received.instance_uid,
+                uid(0xd0 + self.uids_drawn),
+                self.server_caps,
+            )
+        } else {
+            let reply = (self.app)(&msg);
+            let out = session.prepare_reply(reply, at);
+            if let Some(old) = received.switched_from.filter(|_| !ws) {
+                // UID-7: the session follows the agent to its new uid.
+                let s = self.http_sessions.remove(&old).unwrap();
+                self.http_sessions.insert(received.instance_uid, s);
+            }
+            out
+        };
+        self.send_to_client(at, i, out);
+        // S2A-1, S2A-2: what the reply could not carry follows at once over WebSocket.
+        if ws {
+            while let Some(session) = self.agents[i].ws_session.as_mut()
+                && session.has_deferred()
+            {
+                if let Some(out) = session.prepare_push(ServerToAgent::default(), at) {
+                    self.send_to_client(at, i, out);
+                }
+            }
+        }
+    }
+
+    fn send_to_client(&mut self, at: Instant, i: usize, out: ServerToAgent) {
+        self.wire
+            .push(Wire::ToClient(at - self.start, i, out.clone()));
+        if self.lose_to_client > 0 {
+            self.lose_to_client -= 1;
+            self.lose(at, i);
+        } else {
+            self.to_client.push_back((at + self.latency, i, out));
+        }
+    }
+
+    /// A lost message: a failed request over plain HTTP, a broken connection over WebSocket.
+    fn lose(&mut self, at: Instant, i: usize) {
+        match self.transport {
+            TransportKind::WebSocket => {
+                if self.agents[i].ws_session.take().is_some() {
+                    self.agents[i].core.handle_disconnected(at + self.latency);
+                }
+                self.to_server.retain(|(_, j, _)| *j != i);
+                self.to_client.retain(|(_, j, _)| *j != i);
+            }
+            _ => self.agents[i].failure_at = Some(at + self.request_timeout),
+        }
+    }
+
+    /// A push from the server application to agent `i` (WebSocket: at once; plain HTTP: the
+    /// application answers the next poll).
+    fn push(&mut self, i: usize, msg: ServerToAgent) {
+        let now = self.now;
+        let Some(session) = self.agents[i].ws_session.as_mut() else {
+            panic!("push to an agent that is not connected over WebSocket");
+        };
+        if let Some(out) = session.prepare_push(msg, now) {
+            self.send_to_client(now, i, out);
+        }
+    }
+
+    /// One round at `self.now`: everything due is delivered and answered.
+    fn round(&mut self) {
+        let now = self.now;
+        for i in 0..self.agents.len() {
+            self.drive_client(i, now);
+        }
+        while let Some(&(at, _, _)) = self.to_server.front() {
+            if at > now {
+                break;
+            }
+            let (at, i, msg) = self.to_server.pop_front().unwrap();
+            self.the_server_handles(at, i, msg);
+        }
+        while let Some(&(at, _, _)) = self.to_client.front() {
+            if at > now {
+                break;
+            }
+            let (at, i, msg) = self.to_client.pop_front().unwrap();
+            self.agents[i].core.handle_activity(at);
+            self.agents[i].core.handle_message(msg, at);
+            self.drive_client(i, at);
+        }
+    }
+
+    fn drive_client(&mut self, i: usize, now: Instant) {
+        if self.agents[i].failure_at.is_some_and(|t| t <= now) {
+            self.agents[i].failure_at = None;
+            self.agents[i]
+                .core
+                .handle_connect_failure(Failure::Transport, now);
+        }
+        self.agents[i].core.handle_timeout(now);
+        while let Some(event) = self.agents[i].core.poll_event() {
+            if let Event::Message(data) = &event
+                && self.agents[i].apply_configs
+                && let Some(config) = &data.remote_config
+            {
+                self.agents[i]
+                    .core
+                    .set_remote_config_status(RemoteConfigStatus {
+                        last_remote_config_hash: config.config_hash.clone(),
+                        status: RemoteConfigStatuses::Applied as i32,
+                        error_message: String::new(),
+                    })
+                    .unwrap();
+            }
+            if matches!(event, Event::Reconnect | Event::ServerUnresponsive) {
+                self.agents[i].ws_session = None;
+            }
+            self.agents[i].events.push(event);
+        }
+        if self.transport == TransportKind::WebSocket && self.agents[i].ws_session.is_none() {
+            let Some(at) = self.agents[i].core.connect_at() else {
+                return;
+            };
+            if at > now {
+                return;
+            }
+            let outcome = if self.server_down {
+                Outcome::Refused
+            } else if let Some(retry_after) = self.throttle {
+                Outcome::Throttled(retry_after)
+            } else {
+                Outcome::Connected
+            };
+            self.wire.push(Wire::Attempt(now - self.start, i, outcome));
+            match outcome {
+                Outcome::Connected => {
+                    self.agents[i].ws_session = Some(AgentSession::new(self.session_config()));
+                    self.agents[i].core.handle_connected(now);
+                }
+                Outcome::Refused => {
+                    self.agents[i]
+                        .core
+                        .handle_connect_failure(Failure::Transport, now);
+                    return;
+                }
+                Outcome::Throttled(retry_after) => {
+                    self.agents[i]
+                        .core
+                        .handle_connect_failure(Failure::Throttled { retry_after }, now);
+                    return;
+                }
+            }
+        }
+        while let Some(msg) = self.agents[i].core.poll_transmit(now) {
+            self.wire
+                .push(Wire::ToServer(now - self.start, i, msg.clone()));
+            if self.transport == TransportKind::Http {
+                if self.server_down {
+                    self.wire
+                        .push(Wire::Attempt(now - self.start, i, Outcome::Refused));
+                    self.agents[i].failure_at = Some(now + self.latency);
+                    continue;
+                }
+                if let Some(retry_after) = self.throttle {
+                    self.wire.push(Wire::Attempt(
+                        now - self.start,
+                        i,
+                        Outcome::Throttled(retry_after),
+                    ));
+                    self.agents[i].core.handle_connect_failure(
+                        Failure::Throttled { retry_after },
+                        now + self.latency,
+                    );
+                    continue;
+                }
+            }
+            if self.lose_to_server > 0 {
+                self.lose_to_server -= 1;
+                self.lose(now, i);
+                continue;
+            }
+            self.to_server.push_back((now + self.latency, i, msg));
+        }
+    }
+
+    /// The next time something happens.
+    fn next_time(&self) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        let mut consider = |t: Option<Instant>| {
+            if let Some(t) = t {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+        };
+        consider(self.to_server.front().map(|m| m.0));
+        consider(self.to_client.front().map(|m| m.0));
+        for a in &self.agents {
+            consider(a.core.poll_timeout());
+            consider(a.failure_at);
+            if self.transport == TransportKind::WebSocket && a.ws_session.is_none() {
+                consider(a.core.connect_at());
+            }
+        }
+        next
+    }
+
+    /// Runs until `for_` of virtual time has passed.
+    fn run(&mut self, for_: Duration) {
+        let deadline = self.now + for_;
+        let mut rounds_at_this_instant = 0;
+        loop {
+            self.round();
+            let next = self.next_time().map(|t| t.max(self.now));
+            match next {
+                Some(t) if t <= deadline => {
+                    if t == self.now {
+                        rounds_at_this_instant += 1;
+                        assert!(
+                            rounds_at_this_instant < 1000,
+                            "no progress at {:?}",
+                            self.elapsed()
+                        );
+                    } else {
+                        rounds_at_this_instant = 0;
+                    }
+                    self.now = t;
+                }
+                _ => {
+                    self.now = deadline;
+                    self.round();
+                    return;
+                }
+            }
+        }
+    }
+
+    fn sent(&self, i: usize) -> Vec<(Duration, AgentToServer)> {
+        self.wire
+            .iter()
+            .filter_map(|w| match w {
+                Wire::ToServer(t, j, m) if *j == i => Some((*t, m.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn replies(&self, i: usize) -> Vec<(Duration, ServerToAgent)> {
+        self.wire
+            .iter()
+            .filter_map(|w| match w {
+                Wire::ToClient(t, j, m) if *j == i => Some((*t, m.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn attempts(&self, i: usize) -> Vec<(Duration, Outcome)> {
+        self.wire
+            .iter()
+            .filter_map(|w| match w {
+                Wire::Attempt(t, j, o) if *j == i => Some((*t, *o)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn fast_backoff() -> BackoffPolicy {
+    BackoffPolicy::default()
+}
+
+fn both() -> [TransportKind; 2] {
+    [TransportKind::WebSocket, TransportKind::Http]
+}
+
+fn config_offer(body: &str, hash: &'static [u8]) -> AgentRemoteConfig {
+    let mut map = AgentConfigMap::default();
+    map.config_map.insert(
+        String::new(),
+        AgentConfigObject {
+            body: body.as_bytes().to_vec().into(),
+            content_type: "text/yaml".into(),
+            ..Default::default()
+        },
+    );
+    AgentRemoteConfig {
+        config: Some(map),
+        config_hash: hash.into(),
+    }
+}
+
+/// SEQ-1, CAP-3, HB-1: the first message carries the full status from sequence number 0;
+/// the first answer carries the server's capabilities; numbers go up by one.
+#[test]
+fn pair_first_report_full_status_and_server_capabilities() {
+    for t in both() {
+        let mut p = Pair::new(t);
+        let a = p.add_agent(uid(1), fast_backoff());
+        p.run(Duration::from_secs(1));
+        let sent = p.sent(a);
+        let first = &sent[0].1;
+        assert_eq!(first.sequence_num, 0, "{t:?}");
+        assert!(first.agent_description.is_some(), "{t:?}");
+        assert_eq!(first.capabilities & CAPS.bits(), CAPS.bits(), "{t:?}");
+        let replies = p.replies(a);
+        assert_eq!(
+            replies[0].1.capabilities,
+            p.server_caps.bits(),
+            "CAP-3 {t:?}"
+        );
+        assert_eq!(p.agents[a].core.server_capabilities(), p.server_caps);
+        for (n, (_, m)) in sent.iter().enumerate() {
+            assert_eq!(m.sequence_num, n as u64, "SEQ-1 {t:?}");
+        }
+    }
+}
+
+/// HB-4, HTTP-7: with nothing to report, the agent sends a heartbeat (WebSocket) or polls
+/// (plain HTTP) every 30 s, and only then; each is answered; nothing else is sent.
+#[test]
+fn pair_heartbeats_and_polls_every_interval() {
+    for t in both() {
+        let mut p = Pair::new(t);
+        let a = p.add_agent(uid(1), fast_backoff());
+        p.run(Duration::from_secs(300) + Duration::from_millis(500));
+        let sent = p.sent(a);
+        // The first report at 0 s, then one every 30 s up to 300 s.
+        assert_eq!(
+            sent.len(),
+            11,
+            "{t:?}: {:?}",
+            sent.iter().map(|s| s.0).collect::<Vec<_>>()
+        );
+        for w in sent.windows(2) {
+            let gap = w[1].0 - w[0].0;
+            assert!(
+                gap >= Duration::from_secs(30) && gap <= Duration::from_secs(31),
+                "{t:?}: gap {gap:?}"
+            );
+            assert!(
+                w[1].1.agent_description.is_none(),
+                "CMP-1: unchanged parts left out"
+            );
+        }
+        assert_eq!(p.replies(a).len(), 11, "REP-4: every message answered");
+    }
+}
+
+/// SEQ-2: a server that lost its state (a restart) answers the next message of an agent it
+/// does not know with ReportFullState, and the agent's next message carries everything.
+#[test]
+fn pair_full_state_recovered_after_the_server_forgot() {
+    for t in both() {
+        let mut p = Pair::new(t);
+        let a = p.add_agent(uid(1), fast_backoff());
+        p.run(Duration::from_secs(40));
+        p.restart_server();
+        p.run(Duration::from_secs(70));
+        let replies = p.replies(a);
+        let asked = replies.iter().position(|(_, m)| {
+            ServerToAgentFlagSet::from_bits_retain(m.flags)
+                .contains(ServerToAgentFlagSet::REPORT_FULL_STATE)
+        });
+        match t {
+            // A new WebSocket connection starts with a full report anyway (the client
+            // resends everything on a new connection), so nothing needs asking.
+            TransportKind::WebSocket => {
+                let sent = p.sent(a);
+                let after = sent.iter().filter(|(at, _)| *at > Duration::from_secs(40));
+                assert!(
+                    after.clone().any(|(_, m)| m.agent_description.is_some()),
+                    "the reconnect's first message is a full report"
+                );
+            }
+            _ => {
+                let asked_at = replies[asked.expect("ReportFullState asked")].0;
+                let full = p
+                    .sent(a)
+                    .into_iter()
+                    .find(|(at, m)| *at > asked_at && m.agent_description.is_some());
+                assert!(full.is_some(), "the agent answered with its full state");
+            }
+        }
+    }
+}
+
+/// RC-3..RC-6: an offered config is applied and acknowledged with its hash; the server then
+/// stops offering it. Over plain HTTP an answer lost on the way (a proxy timeout) does not
+/// strand the config: it is offered again until the agent reports its hash.
+#[test]
+fn pair_config_hash_ack_loop_survives_a_lost_answer() {
+    for t in both() {
+        let mut p = Pair::new(t).with_app(|msg: &AgentToServer| {
+            let acked = msg
+                .remote_config_status
+                .as_ref()
+                .is_some_and(|s| &s.last_remote_config_hash[..] == b"h1");
+            (!acked).then(|| ServerToAgent {
+                remote_config: Some(config_offer("a: 1\n", b"h1")),
+                ..Default::default()
+            })
+        });
+        let a = p.add_agent(uid(1), fast_backoff());
+        // The answer that carries the config first is lost.
+        p.lose_to_client = 1;
+        p.run(Duration::from_secs(120));
+        let status = p
+            .sent(a)
+            .into_iter()
+            .filter_map(|(_, m)| m.remote_config_status)
+            .last()
+            .expect("a remote config status");
+        assert_eq!(&status.last_remote_config_hash[..], b"h1", "{t:?}");
+        assert_eq!(status.status, RemoteConfigStatuses::Applied as i32);
+        // Once acknowledged, the offer is not repeated.
+        let replies = p.replies(a);
+        let last_offer = replies
+            .iter()
+            .rposition(|(_, m)| m.remote_config.is_some())
+            .unwrap();
+        let ack_at = p
+            .sent(a)
+            .into_iter()
+            .find(|(_, m)| {
+                m.remote_config_status
+                    .as_ref()
+                    .is_some_and(|s| &s.last_remote_config_hash[..] == b"h1")
+            })
+            .unwrap()
+            .0;
+        assert!(
+            replies[last_offer].0 <= ack_at + p.latency,
+            "{t:?}: offered after the ack"
+        );
+        assert!(
+            replies.len() > last_offer + 1,
+            "{t:?}: the exchange went on"
+        );
+    }
+}
+
+/// UID-5, UID-7: an agent that asks for a uid gets one, switches to it, and the server's
+/// session follows it: later messages carry the new uid and are answered under it.
+#[test]
+fn pair_uid_requested_assigned_and_followed() {
+    for t in both() {
+        let mut p = Pair::new(t);
+        let a = p.add_agent(uid(1), fast_backoff());
+        p.agents[a]
+            .core
+            .set_flags(AgentToServerFlagSet::REQUEST_INSTANCE_UID)
+            .unwrap();
+        p.run(Duration::from_secs(70));
+        let assigned = p
+            .replies(a)
+            .into_iter()
+            .find_map(|(_, m)| m.agent_identification)
+            .expect("a uid assigned");
+        let new = InstanceUid::try_from(&assigned.new_instance_uid[..]).unwrap();
+        assert_eq!(p.agents[a].core.instance_uid(), new, "{t:?}");
+        let sent = p.sent(a);
+        let last = &sent.last().unwrap().1;
+        assert_eq!(&last.instance_uid[..], new.as_array(), "{t:?}");
+        let reply = p.replies(a).last().unwrap().1.clone();
+        assert_eq!(&reply.instance_uid[..], new.as_array(), "UID-6 {t:?}");
+        assert!(
+            !AgentToServerFlagSet::from_bits_retain(last.flags)
+                .contains(AgentToServerFlagSet::REQUEST_INSTANCE_UID),
+            "the request stops once granted"
+        );
+    }
+}
+
+/// UID-8: two agents polling with one uid (a cloned VM) share a plain-HTTP session; their
+/// interleaving sequence numbers give them away and the newcomer is given a new uid; both
+/// then poll under their own uids, and neither is asked for its full state in a loop.
+#[test]
+fn pair_duplicate_uid_over_http_is_detected_and_reassigned() {
+    let mut p = Pair::new(TransportKind::Http);
+    let a = p.add_agent(uid(1), fast_backoff());
+    // The second agent's counter starts well behind the first's. (Two counters that stay
+    // equal look like retries: the documented limit of AgentSession, "Duplicate uids".)
+    p.run(Duration::from_secs(200));
+    let b = p.add_agent(uid(1), fast_backoff());
+    p.run(Duration::from_secs(300));
+    let ua = p.agents[a].core.instance_uid();
+    let ub = p.agents[b].core.instance_uid();
+    assert_ne!(ua, ub, "one of them switched");
+    // Asked for full state: the newcomer at its jump, again under its new uid (a session
+    // the server has not seen), and the original once, since the newcomer's report may have
+    // overwritten what the session knew. Then never again: no loop.
+    let asks: Vec<(usize, Duration)> = [a, b]
+        .into_iter()
+        .flat_map(|i| {
+            p.replies(i).into_iter().filter_map(move |(at, m)| {
+                ServerToAgentFlagSet::from_bits_retain(m.flags)
+                    .contains(ServerToAgentFlagSet::REPORT_FULL_STATE)
+                    .then_some((i, at))
+            })
+        })
+        .collect();
+    assert!(asks.len() <= 3, "{asks:?}");
+    assert!(
+        asks.iter().all(|(_, at)| *at < Duration::from_secs(260)),
+        "ReportFullState keeps coming: {asks:?}"
+    );
+    assert_eq!(p.http_sessions.len(), 2, "two sessions, one per agent");
+}
+
+/// GEN-8: while the server is down, reconnect attempts back off exponentially with jitter
+/// up to the maximum; once it is back the agent connects at its next attempt and reports.
+#[test]
+fn pair_backoff_while_the_server_is_down() {
+    for t in both() {
+        let mut p = Pair::new(t);
+        p.server_down = true;
+        let a = p.add_agent(uid(1), fast_backoff());
+        p.run(Duration::from_secs(600));
+        let attempts: Vec<Duration> = p.attempts(a).into_iter().map(|(at, _)| at).collect();
+        assert!(attempts.len() >= 5, "{t:?}: {attempts:?}");
+        let gaps: Vec<Duration> = attempts.windows(2).map(|w| w[1] - w[0]).collect();
+        // Jittered by ±50 %, the gaps still grow: each later quarter's mean is larger.
+        let first = gaps[0];
+        let late = gaps[gaps.len() - 1];
+        assert!(late > first * 4, "{t:?}: gaps {gaps:?}");
+        assert!(
+            gaps.len() < 60,
+            "{t:?}: no reconnect storm: {} attempts",
+            attempts.len()
+        );
+        p.server_down = false;
+        p.run(late * 2);
+        assert!(
+            !p.replies(a).is_empty(),
+            "{t:?}: served once the server is back"
+        );
+    }
+}
+
+/// THR-5: a throttled attempt with Retry-After is not retried before it; without the
+/// header the backoff applies.
+#[test]
+fn pair_retry_after_is_honoured() {
+    for t in both() {
+        let mut p = Pair::new(t);
+        p.throttle = Some(Some(Duration::from_secs(120)));
+        let a = p.add_agent(uid(1), fast_backoff());
+        p.run(Duration::from_secs(1));
+        p.throttle = None;
+        p.run(Duration::from_secs(200));
+        let attempts = p.attempts(a);
+        let throttled = attempts[0];
+        assert_eq!(
+            throttled.1,
+            Outcome::Throttled(Some(Duration::from_secs(120))),
+            "{t:?}"
+        );
+        let sent = p.sent(a);
+        let next = sent
+            .iter()
+            .map(|(at, _)| *at)
+            .chain(attempts.iter().skip(1).map(|(at, _)| *at))
+            .filter(|at| *at > throttled.0)
+            .min()
+            .expect("tried again");
+        assert!(
+            next >= throttled.0 + Duration::from_secs(120),
+            "{t:?}: retried at {next:?}, before the Retry-After of 120 s"
+        );
+        assert!(!p.replies(a).is_empty(), "{t:?}: served afterwards");
+    }
+}
+
+/// WS: a connection broken mid-exchange is re-established; the new connection's first
+/// message is a full report, so nothing the server knew is missing (SEQ-2 on a new stream).
+#[test]
+fn pair_ws_reconnect_after_a_broken_link_reports_full_state() {
+    let mut p = Pair::new(TransportKind::WebSocket);
+    let a = p.add_agent(uid(1), fast_backoff());
+    p.run(Duration::from_secs(35));
+    p.break_links();
+    p.run(Duration::from_secs(120));
+    let attempts = p.attempts(a);
+    assert_eq!(
+        attempts
+            .iter()
+            .filter(|(_, o)| *o == Outcome::Connected)
+            .count(),
+        2,
+        "{attempts:?}"
+    );
+    let reconnected_at = attempts[1].0;
+    let first_after = p
+        .sent(a)
+        .into_iter()
+        .find(|(at, _)| *at >= reconnected_at)
+        .unwrap()
+        .1;
+    assert!(first_after.agent_description.is_some());
+}
+
+/// S2A-3, RC-4: over WebSocket a config pushed mid-session reaches the agent at once, is
+/// applied and acknowledged; the same offer pushed again is not sent (already sent on this
+/// stream), and a new one is.
+#[test]
+fn pair_ws_push_config_applied_and_not_resent() {
+    let mut p = Pair::new(TransportKind::WebSocket);
+    let a = p.add_agent(uid(1), fast_backoff());
+    p.run(Duration::from_secs(40));
+    let offer = |hash: &'static [u8]| ServerToAgent {
+        remote_config: Some(config_offer("b: 2\n", hash)),
+        ..Default::default()
+    };
+    p.push(a, offer(b"h2"));
+    p.run(Duration::from_secs(1));
+    let acked = |p: &Pair, hash: &[u8]| {
+        p.sent(a).into_iter().any(|(_, m)| {
+            m.remote_config_status.as_ref().is_some_and(|s| {
+                &s.last_remote_config_hash[..] == hash
+                    && s.status == RemoteConfigStatuses::Applied as i32
+            })
+        })
+    };
+    assert!(
+        acked(&p, b"h2"),
+        "applied within a round trip, not at the next heartbeat"
+    );
+    let offers = |p: &Pair| {
+        p.replies(a)
+            .iter()
+            .filter(|(_, m)| m.remote_config.is_some())
+            .count()
+    };
+    assert_eq!(offers(&p), 1);
+    p.push(a, offer(b"h2"));
+    p.run(Duration::from_secs(1));
+    assert_eq!(offers(&p), 1, "RC-4: the agent has it");
+    p.push(a, offer(b"h3"));
+    p.run(Duration::from_secs(1));
+    assert_eq!(offers(&p), 2);
+    assert!(acked(&p, b"h3"));
+}
