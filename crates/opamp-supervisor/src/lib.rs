@@ -46,6 +46,13 @@
 //! # }
 //! ```
 //!
+//! # Features
+//!
+//! - `tls` (default): `wss://` and `https://` endpoints and the `server::tls` settings,
+//!   through `opamp-client/tls` (rustls). Without it such a configuration is refused at start.
+//!
+//! The supervisor always runs on tokio (`opamp-client/tokio`).
+//!
 //! # Cancel safety
 //!
 //! [`Supervisor::stop`] and [`AgentProcess::wait`] are cancel-safe; [`AgentProcess::stop`]
