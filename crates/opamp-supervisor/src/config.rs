@@ -174,6 +174,17 @@ impl SupervisorConfig {
                 "must be at least 1",
             ));
         }
+        let health = &agent.health_check;
+        if let Some(endpoint) = &health.endpoint {
+            crate::health::HealthEndpoint::parse(endpoint)
+                .map_err(|e| ConfigError::invalid("agent::health_check::endpoint", e))?;
+            if health.interval.is_zero() || health.timeout.is_zero() {
+                return Err(ConfigError::invalid(
+                    "agent::health_check",
+                    "interval and timeout must be positive",
+                ));
+            }
+        }
         if self.storage.directory.as_os_str().is_empty() {
             return Err(ConfigError::invalid(
                 "storage::directory",
@@ -416,6 +427,8 @@ pub struct AgentConfig {
     pub stop_timeout: Duration,
     /// Ours: how the agent is restarted after it exits on its own.
     pub restart_policy: RestartPolicy,
+    /// Ours: the agent's own health endpoint, if it has one.
+    pub health_check: HealthCheckConfig,
     /// Ours: how many of the agent's last stderr lines go into a FAILED status and the
     /// health's `last_error` (default 20).
     pub stderr_lines: usize,
@@ -444,6 +457,7 @@ impl Default for AgentConfig {
             validate_config: false,
             stop_timeout: Duration::from_secs(10),
             restart_policy: RestartPolicy::default(),
+            health_check: HealthCheckConfig::default(),
             stderr_lines: 20,
             log_max_bytes: 10 << 20,
             log_files_kept: 3,
@@ -490,6 +504,34 @@ impl Default for RestartPolicy {
             max_interval: Duration::from_secs(60),
             multiplier: 2.0,
             reset_after: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Ours (`agent::health_check`): the agent's own HTTP health endpoint (for the Collector, its
+/// `health_check` extension, e.g. `http://127.0.0.1:13133/`). When set, the agent is healthy
+/// only while the endpoint answers 2xx (polled every `interval`), and a new config is APPLIED
+/// only if it answers 2xx at the end of `agent::config_apply_timeout`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct HealthCheckConfig {
+    /// `http://host:port/path`; none by default.
+    pub endpoint: Option<String>,
+    /// How often it is polled (default 5 s).
+    #[serde(deserialize_with = "go_duration")]
+    pub interval: Duration,
+    /// How long one probe may take (default 2 s).
+    #[serde(deserialize_with = "go_duration")]
+    pub timeout: Duration,
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(2),
         }
     }
 }

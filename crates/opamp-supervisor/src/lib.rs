@@ -21,8 +21,11 @@
 //! The agent's stdout and stderr are kept in `agent.log` in the storage directory, rotated by
 //! size ([`LogFile`]).
 //!
-//! Not (yet) here: agents that speak OpAMP themselves (the Collector's `opampextension`),
-//! packages, and an agent health endpoint.
+//! When the agent has a health endpoint (`agent.health_check`, [`health`]), its answers are
+//! part of the health, and a new config must leave it healthy to be APPLIED.
+//!
+//! Not (yet) here: agents that speak OpAMP themselves (the Collector's `opampextension`) and
+//! packages.
 //!
 //! # Quick start
 //!
@@ -61,6 +64,7 @@
 pub mod compose;
 pub mod config;
 mod error;
+pub mod health;
 pub mod process;
 pub mod storage;
 mod supervisor;

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use crate::compose::{ComposedConfig, compose};
 use crate::config::{ConfigError, RestartPolicy, SupervisorConfig};
 use crate::error::{StartError, StopError};
+use crate::health::{HealthEndpoint, Probe};
 use crate::process::{AgentProcess, Exit, LaunchSpec, LogFile};
 use crate::storage::Storage;
 
@@ -145,8 +146,18 @@ impl Supervisor {
                 config.agent.log_files_kept,
             ))
         });
+        let health_endpoint = match &config.agent.health_check.endpoint {
+            Some(url) => Some(
+                HealthEndpoint::parse(url)
+                    .map_err(|e| ConfigError::invalid("agent::health_check::endpoint", e))?,
+            ),
+            None => None,
+        };
         let runner = Runner {
             log_file,
+            health_endpoint,
+            probe: None,
+            next_probe: None,
             backoff: Backoff::new(config.agent.restart_policy.clone()),
             config,
             storage,
@@ -402,6 +413,10 @@ struct Runner {
     last_status: Option<RemoteConfigStatus>,
     status: watch::Sender<AgentStatus>,
     log_file: Option<Arc<LogFile>>,
+    health_endpoint: Option<HealthEndpoint>,
+    /// The last probe of the running agent's health endpoint.
+    probe: Option<Probe>,
+    next_probe: Option<Instant>,
 }
 
 async fn exited(process: &mut Option<AgentProcess>) -> Exit {
@@ -447,6 +462,7 @@ impl Runner {
                     self.stable_at = None;
                     self.backoff.reset();
                 }
+                () = sleep_until(self.next_probe) => self.probe_health().await,
             }
         }
         if let Some(process) = self.process.take() {
@@ -491,6 +507,20 @@ impl Runner {
         }
         self.stable_at = Some(Instant::now() + self.config.agent.restart_policy.reset_after);
         self.restart_at = None;
+        self.probe = None;
+        self.next_probe = self
+            .health_endpoint
+            .as_ref()
+            // The first probe soon: until then the agent does not count as healthy.
+            .map(|_| {
+                Instant::now()
+                    + self
+                        .config
+                        .agent
+                        .health_check
+                        .interval
+                        .min(Duration::from_secs(1))
+            });
         self.process = Some(process);
         self.status.send_modify(|s| {
             s.pid = pid;
@@ -523,6 +553,8 @@ impl Runner {
 
     fn on_exit(&mut self, exit: Exit) {
         self.process = None;
+        self.probe = None;
+        self.next_probe = None;
         self.storage.clear_agent_pid();
         self.stable_at = None;
         let delay = self.backoff.next_delay();
@@ -601,7 +633,7 @@ impl Runner {
             Ok(()) => {
                 self.report_running();
                 let grace = self.config.agent.config_apply_timeout;
-                tokio::select! {
+                let failure = tokio::select! {
                     exit = exited(&mut self.process) => {
                         let message = format!(
                             "the agent {} {:.1?} after starting with the new config \
@@ -618,6 +650,21 @@ impl Runner {
                         Some(message)
                     }
                     () = tokio::time::sleep(grace) => None,
+                };
+                match (&failure, &self.health_endpoint) {
+                    (None, Some(endpoint)) => {
+                        let probe = endpoint.probe(self.config.agent.health_check.timeout).await;
+                        let unhealthy = (!probe.healthy).then(|| {
+                            format!(
+                                "the agent runs but its health check is failing {grace:?} after \
+                                 starting with the new config: {}",
+                                probe.status
+                            )
+                        });
+                        self.probe = Some(probe);
+                        unhealthy
+                    }
+                    _ => failure,
                 }
             }
         };
@@ -633,6 +680,7 @@ impl Runner {
                     tracing::error!("cannot persist the applied config: {e}");
                 }
                 self.backoff.reset();
+                self.report_running();
                 self.publish_effective();
                 self.set_status(&hash, RemoteConfigStatuses::Applied, String::new());
             }
@@ -716,14 +764,53 @@ impl Runner {
                 attributes.push(KeyValue::new("agent.last_exit_code", i64::from(code)));
             }
         }
-        self.report_health(ComponentHealth {
+        let now = unix_nanos(SystemTime::now());
+        let mut health = ComponentHealth {
             healthy: true,
             start_time_unix_nano: unix_nanos(process.started_at()),
             status: format!("running{pid}, restarts: {}", status.crash_restarts),
-            status_time_unix_nano: unix_nanos(SystemTime::now()),
+            status_time_unix_nano: now,
             attributes,
             ..Default::default()
-        });
+        };
+        if let Some(endpoint) = &self.health_endpoint {
+            // Not known until the first probe: not healthy yet (HLT-1).
+            let (healthy, text) = match &self.probe {
+                Some(p) => (p.healthy, p.status.clone()),
+                None => (false, "not checked yet".to_owned()),
+            };
+            health.healthy = healthy;
+            if !healthy {
+                health.last_error = format!("health check {}: {text}", endpoint.url());
+            }
+            health.component_health_map.insert(
+                "health_check".into(),
+                ComponentHealth {
+                    healthy,
+                    status: text,
+                    status_time_unix_nano: now,
+                    ..Default::default()
+                },
+            );
+        }
+        self.report_health(health);
+    }
+
+    async fn probe_health(&mut self) {
+        let (Some(endpoint), Some(_)) = (&self.health_endpoint, &self.process) else {
+            self.next_probe = None;
+            return;
+        };
+        let check = &self.config.agent.health_check;
+        let probe = endpoint.probe(check.timeout).await;
+        self.next_probe = Some(Instant::now() + check.interval);
+        if self.probe.as_ref() != Some(&probe) {
+            if !probe.healthy {
+                tracing::warn!("the agent's health check fails: {}", probe.status);
+            }
+            self.probe = Some(probe);
+            self.report_running();
+        }
     }
 
     fn report_health(&self, health: ComponentHealth) {

@@ -645,3 +645,65 @@ async fn http_config_applied_over_plain_http() {
     );
     sup.stop().await.unwrap();
 }
+
+/// HLT: with a health endpoint, the agent is healthy only while it answers 2xx, and a config
+/// that leaves it running but unhealthy is FAILED with the endpoint's answer and rolled back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hlt_health_endpoint_decides_health_and_apply() {
+    let mut h = Harness::new().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::write(
+        h.dir.path().join("base.yaml"),
+        format!("HEALTH_PORT={port}\n"),
+    )
+    .unwrap();
+    let mut config = h.config();
+    config.agent.health_check.endpoint = Some(format!("http://127.0.0.1:{port}/"));
+    config.agent.health_check.interval = Duration::from_millis(100);
+    let sup = Supervisor::start(config).unwrap();
+    let component_ok = |h: &ComponentHealth| {
+        h.healthy
+            && h.component_health_map
+                .get("health_check")
+                .is_some_and(|c| c.healthy && c.status == "200 OK: ok")
+    };
+    h.wait("healthy through the endpoint", |s| {
+        s.healths.iter().any(component_ok)
+    })
+    .await;
+
+    h.push("pipeline: UNHEALTHY\n", b"sick").await;
+    let seen = h
+        .wait("FAILED for the unhealthy config", |s| {
+            s.status_of(b"sick").contains(&FAILED)
+        })
+        .await;
+    let failed = seen.last_status(b"sick").unwrap();
+    assert!(
+        failed.error_message.contains("health check")
+            && failed
+                .error_message
+                .contains("503 Service Unavailable: pipeline broken"),
+        "{}",
+        failed.error_message
+    );
+    // Rolled back to the local config only, and healthy again.
+    h.wait_log("the rollback", |h| {
+        h.starts().last().is_some_and(|s| s.configs.len() == 1) && h.starts().len() >= 3
+    })
+    .await;
+    let before = seen.healths.len();
+    h.wait("healthy again", |s| {
+        s.healths[before..].iter().any(component_ok)
+    })
+    .await;
+
+    h.push("pipeline: fine\n", b"fine").await;
+    h.wait("APPLIED", |s| s.status_of(b"fine").contains(&APPLIED))
+        .await;
+    sup.stop().await.unwrap();
+}

@@ -3,7 +3,9 @@
 //! - exits with code 3 at once, after writing why to stderr, when a file contains `CRASH`;
 //! - exits with code 4 after N milliseconds when a file contains `EXIT_AFTER_MS=N`;
 //! - otherwise runs until SIGTERM (then exits 0), or ignores SIGTERM when a file contains
-//!   `IGNORE_SIGTERM` (so only SIGKILL ends it).
+//!   `IGNORE_SIGTERM` (so only SIGKILL ends it);
+//! - with `HEALTH_PORT=N` in a file, serves a health endpoint on 127.0.0.1:N: 200 `ok`, or
+//!   503 `pipeline broken` when a file contains `UNHEALTHY`.
 //!
 //! Each start appends a line to the file named by `TEST_AGENT_LOG`:
 //! `start pid=<pid> at_ms=<unix ms> configs=<file>,<file>` and each exit on SIGTERM
@@ -66,6 +68,44 @@ async fn main() {
         .find_map(|w| w.strip_prefix("EXIT_AFTER_MS="))
         .map(|ms| Duration::from_millis(ms.parse().unwrap()));
     let ignore_term = text.contains("IGNORE_SIGTERM");
+    if let Some(port) = text
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("HEALTH_PORT="))
+    {
+        let port: u16 = port.parse().unwrap();
+        let healthy = !text.contains("UNHEALTHY");
+        // The agent before this one may have just let the port go.
+        let mut listener = None;
+        for _ in 0..100 {
+            match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+                Ok(l) => {
+                    listener = Some(l);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        let listener = listener.expect("health port");
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut conn, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    let _ = conn.read(&mut buf).await;
+                    let (status, body) = if healthy {
+                        ("200 OK", "ok")
+                    } else {
+                        ("503 Service Unavailable", "pipeline broken")
+                    };
+                    let answer = format!(
+                        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = conn.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+    }
     let deadline = async {
         match exit_after {
             Some(d) => tokio::time::sleep(d).await,
