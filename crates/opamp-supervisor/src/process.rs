@@ -236,7 +236,9 @@ pub async fn stop_leftover(pid: u32, executable: &std::path::Path, grace: Durati
             }
         };
         signal(Sig::Term, rustix::process::Signal::TERM);
-        let deadline = Instant::now() + grace;
+        let deadline = Instant::now()
+            .checked_add(grace.min(Duration::from_secs(86400)))
+            .unwrap_or_else(Instant::now);
         while !gone() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -384,10 +384,10 @@ impl Backoff {
 
     fn next_delay(&mut self) -> Duration {
         let delay = self.next;
-        self.next = self
-            .next
-            .mul_f64(self.policy.multiplier)
-            .min(self.policy.max_interval);
+        // Not `mul_f64`: it panics on overflow, and both numbers come from a config file.
+        let grown = Duration::try_from_secs_f64(self.next.as_secs_f64() * self.policy.multiplier)
+            .unwrap_or(self.policy.max_interval);
+        self.next = grown.min(self.policy.max_interval);
         delay
     }
 
@@ -424,6 +424,13 @@ async fn exited(process: &mut Option<AgentProcess>) -> Exit {
         Some(p) => p.wait().await,
         None => std::future::pending().await,
     }
+}
+
+/// `now + d`, or a year from now if that overflows (durations come from a config file).
+fn later(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d.min(Duration::from_secs(365 * 86400)))
+        .unwrap_or(now)
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -505,7 +512,7 @@ impl Runner {
                 tracing::warn!("cannot record the agent's pid: {e}");
             }
         }
-        self.stable_at = Some(Instant::now() + self.config.agent.restart_policy.reset_after);
+        self.stable_at = Some(later(self.config.agent.restart_policy.reset_after));
         self.restart_at = None;
         self.probe = None;
         self.next_probe = self
@@ -539,7 +546,7 @@ impl Runner {
                     "cannot start {}: {e}; trying again in {delay:?}",
                     self.config.agent.executable.display()
                 );
-                self.restart_at = Some(Instant::now() + delay);
+                self.restart_at = Some(later(delay));
                 self.report_health(ComponentHealth {
                     healthy: false,
                     status: format!("cannot start the agent; retrying in {delay:.1?}"),
@@ -562,7 +569,7 @@ impl Runner {
             "the agent {}; restarting it in {delay:.1?}",
             exit.describe()
         );
-        self.restart_at = Some(Instant::now() + delay);
+        self.restart_at = Some(later(delay));
         self.report_health(ComponentHealth {
             healthy: false,
             status: format!("agent {}; restarting in {delay:.1?}", exit.describe()),
@@ -803,7 +810,7 @@ impl Runner {
         };
         let check = &self.config.agent.health_check;
         let probe = endpoint.probe(check.timeout).await;
-        self.next_probe = Some(Instant::now() + check.interval);
+        self.next_probe = Some(later(check.interval));
         if self.probe.as_ref() != Some(&probe) {
             if !probe.healthy {
                 tracing::warn!("the agent's health check fails: {}", probe.status);
@@ -860,6 +867,15 @@ mod tests {
         assert_eq!(delays, [100, 200, 400, 500, 500]);
         b.reset();
         assert_eq!(b.next_delay(), Duration::from_millis(100));
+        // Huge numbers from a config file cap instead of panicking.
+        let mut b = Backoff::new(RestartPolicy {
+            initial_interval: Duration::from_secs(u64::MAX / 2),
+            max_interval: Duration::MAX,
+            multiplier: 1e300,
+            reset_after: Duration::from_secs(1),
+        });
+        b.next_delay();
+        assert_eq!(b.next_delay(), Duration::MAX);
     }
 
     #[test]
