@@ -63,19 +63,35 @@ fn expand_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> String {
     out
 }
 
+/// Sections of `opampsupervisor`'s file this supervisor has no use for: not worth a warning.
+const IGNORED_SECTIONS: &[&str] = &["telemetry", "healthcheck", "extensions"];
+
 /// Reads, parses and checks the configuration file; the error is a message for the user.
-fn load(path: &Path) -> Result<SupervisorConfig, String> {
+/// Also returns the keys it does not know (typos, or `opampsupervisor` fields not listed in
+/// [`IGNORED_SECTIONS`]), as `agent.restart_polcy`.
+fn load(path: &Path) -> Result<(SupervisorConfig, Vec<String>), String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let text = expand_env(&text, |name| std::env::var(name).ok());
+    let mut unknown = Vec::new();
     let config: SupervisorConfig = if text.trim().is_empty() {
         SupervisorConfig::default()
     } else {
-        serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?
+        let deserializer = serde_yaml::Deserializer::from_str(&text);
+        serde_ignored::deserialize(deserializer, |key| {
+            let key = key.to_string();
+            if !IGNORED_SECTIONS
+                .iter()
+                .any(|s| key == *s || key.starts_with(&format!("{s}.")))
+            {
+                unknown.push(key);
+            }
+        })
+        .map_err(|e| format!("{}: {e}", path.display()))?
     };
     config
         .validate()
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(config)
+    Ok((config, unknown))
 }
 
 #[tokio::main]
@@ -89,7 +105,12 @@ async fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let config = match parse_args(std::env::args().skip(1)).and_then(|path| load(&path)) {
-        Ok(config) => config,
+        Ok((config, unknown)) => {
+            for key in unknown {
+                tracing::warn!("unknown configuration key {key}; ignored");
+            }
+            config
+        }
         Err(message) => {
             eprintln!("opamp-supervisor: {message}");
             return ExitCode::from(2);
@@ -197,7 +218,8 @@ telemetry:
                 dir = dir.path().display()
             ),
         );
-        let c = load(&path).unwrap();
+        let (c, unknown) = load(&path).unwrap();
+        assert!(unknown.is_empty(), "{unknown:?}");
         assert_eq!(c.server.endpoint, "wss://opamp.example.com:4320/v1/opamp");
         assert_eq!(
             c.server.headers["Authorization"].values(),
@@ -261,6 +283,17 @@ telemetry:
         let path = write(dir.path(), "agent: {executable: /bin/sh}\n");
         let err = load(&path).unwrap_err();
         assert!(err.contains("server::endpoint: must be specified"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            "server: {endpoint: ws://x/, endpont: y}\nagent:\n  executable: /bin/sh\n  restart_polcy: {}\ntelemetry: {logs: {level: info}}\n",
+        );
+        let (_, unknown) = load(&path).unwrap();
+        assert_eq!(unknown, ["server.endpont", "agent.restart_polcy"]);
     }
 
     #[test]
