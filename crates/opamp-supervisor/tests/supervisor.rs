@@ -707,3 +707,38 @@ async fn hlt_health_endpoint_decides_health_and_apply() {
         .await;
     sup.stop().await.unwrap();
 }
+
+/// RC-7: a supervisor stopped while applying (e.g. `kill -9`) left APPLYING stored; the next
+/// one applies that config again instead of leaving it half done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rc_7_an_interrupted_apply_is_done_again_after_a_restart() {
+    let mut h = Harness::new().await;
+    let config = h.config();
+    let storage = opamp_supervisor::Storage::open(&config.storage.directory).unwrap();
+    let remote = AgentRemoteConfig {
+        config: Some(AgentConfigMap::single(
+            "pipeline: interrupted\n",
+            "text/yaml",
+        )),
+        config_hash: Bytes::from_static(b"again"),
+    };
+    storage.save_last_remote_config(&remote).unwrap();
+    storage
+        .save_remote_config_status(&RemoteConfigStatus {
+            last_remote_config_hash: Bytes::from_static(b"again"),
+            status: APPLYING,
+            error_message: String::new(),
+        })
+        .unwrap();
+    let sup = Supervisor::start(config).unwrap();
+    h.wait("APPLIED for the interrupted config", |s| {
+        s.status_of(b"again").contains(&APPLIED)
+    })
+    .await;
+    assert_eq!(
+        h.starts().last().unwrap().config_text(),
+        "base: true\npipeline: interrupted\n"
+    );
+    assert_eq!(storage.good_remote_config(), Some(remote));
+    sup.stop().await.unwrap();
+}
