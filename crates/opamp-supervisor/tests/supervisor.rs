@@ -2,6 +2,7 @@
 //! package) against the workspace's own `opamp-server` on loopback.
 //!
 //! Every wait is for a condition, bounded by [`STEP`]; no test passes by sleeping.
+#![cfg(unix)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};

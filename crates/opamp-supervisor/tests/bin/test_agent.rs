@@ -12,9 +12,12 @@
 //! `stop pid=<pid>`; the tests read it to see starts, configs and graceful stops.
 #![allow(clippy::unwrap_used)]
 
+#[cfg(unix)]
 use std::io::Write;
+#[cfg(unix)]
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+#[cfg(unix)]
 fn log(line: &str) {
     if let Ok(path) = std::env::var("TEST_AGENT_LOG") {
         let mut f = std::fs::OpenOptions::new()
@@ -26,6 +29,13 @@ fn log(line: &str) {
     }
 }
 
+#[cfg(not(unix))]
+fn main() {
+    eprintln!("test-agent: Unix only");
+    std::process::exit(2);
+}
+
+#[cfg(unix)]
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let mut files = Vec::new();
