@@ -174,20 +174,18 @@ impl Harness {
         })
     }
 
-    async fn push(&mut self, body: &str, hash: &'static [u8]) {
+    /// Sends `message` to the agent once it is connected.
+    async fn send(&mut self, message: ServerToAgent) {
         let conn = self
             .wait("a connection", |s| s.conn.is_some())
             .await
             .conn
             .unwrap();
-        conn.send(ServerToAgent {
-            remote_config: Some(AgentRemoteConfig {
-                config: Some(AgentConfigMap::single(body.to_owned(), "text/yaml")),
-                config_hash: Bytes::from_static(hash),
-            }),
-            ..Default::default()
-        })
-        .unwrap();
+        conn.send(message).unwrap();
+    }
+
+    async fn push(&mut self, body: &str, hash: &'static [u8]) {
+        self.send(config_message(body, hash)).await;
     }
 
     fn starts(&self) -> Vec<Start> {
@@ -215,6 +213,16 @@ impl Harness {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+fn config_message(body: &str, hash: &'static [u8]) -> ServerToAgent {
+    ServerToAgent {
+        remote_config: Some(AgentRemoteConfig {
+            config: Some(AgentConfigMap::single(body.to_owned(), "text/yaml")),
+            config_hash: Bytes::from_static(hash),
+        }),
+        ..Default::default()
     }
 }
 
@@ -451,18 +459,13 @@ async fn cmd_1_restart_command_restarts_the_agent() {
     h.wait_log("the first start", |h| h.starts().len() == 1)
         .await;
     let first = h.starts()[0].pid;
-    let conn = h
-        .wait("a connection", |s| s.conn.is_some())
-        .await
-        .conn
-        .unwrap();
-    conn.send(ServerToAgent {
+    h.send(ServerToAgent {
         command: Some(ServerToAgentCommand {
             r#type: CommandType::Restart as i32,
         }),
         ..Default::default()
     })
-    .unwrap();
+    .await;
     h.wait_log("a second start", |h| h.starts().len() == 2)
         .await;
     assert!(h.stops().contains(&first), "SIGTERM first");
@@ -621,13 +624,7 @@ async fn leftover_agent_of_a_killed_supervisor_is_stopped_first() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_config_applied_over_plain_http() {
     let mut h = Harness::new().await;
-    *h.recorder.1.lock().unwrap() = Some(ServerToAgent {
-        remote_config: Some(AgentRemoteConfig {
-            config: Some(AgentConfigMap::single("pipeline: http\n", "text/yaml")),
-            config_hash: Bytes::from_static(b"http"),
-        }),
-        ..Default::default()
-    });
+    *h.recorder.1.lock().unwrap() = Some(config_message("pipeline: http\n", b"http"));
     let endpoint = h.endpoint().replace("ws://", "http://");
     let sup = Supervisor::start(h.config_for(&endpoint)).unwrap();
     let seen = h
