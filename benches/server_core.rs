@@ -31,9 +31,9 @@ fn session() -> AgentSession {
 fn established(uid: InstanceUid) -> AgentSession {
     let mut s = session();
     let now = Instant::now();
-    s.handle_message(&full_status(uid), now)
+    s.handle_message(now, &full_status(uid))
         .expect("valid first message");
-    s.prepare_reply(None, now);
+    let _ = s.prepare_reply(now, None);
     s
 }
 
@@ -50,9 +50,9 @@ fn bench_step(c: &mut Criterion, name: &str, msg: AgentToServer) {
         b.iter(|| {
             seq += 1;
             msg.sequence_num = seq;
-            let received = s.handle_message(black_box(&msg), now).expect("valid");
+            let received = s.handle_message(now, black_box(&msg)).expect("valid");
             black_box(received);
-            black_box(s.prepare_reply(None, now))
+            black_box(s.prepare_reply(now, None))
         })
     });
 
@@ -69,8 +69,8 @@ fn bench_step(c: &mut Criterion, name: &str, msg: AgentToServer) {
                     .expect("valid");
             seq += 1;
             msg.sequence_num = seq;
-            s.handle_message(&msg, now).expect("valid");
-            let reply = s.prepare_reply(None, now);
+            s.handle_message(now, &msg).expect("valid");
+            let reply = s.prepare_reply(now, None);
             black_box(framing::encode(&reply))
         })
     });
@@ -102,7 +102,7 @@ fn bench_push(c: &mut Criterion) {
                 remote_config: Some(configs[i].clone()),
                 ..Default::default()
             };
-            black_box(s.prepare_push(push, now).expect("not redundant"))
+            black_box(s.prepare_push(now, push).expect("not redundant"))
         })
     });
     group.bench_function("prepare_push+encode", |b| {
@@ -115,7 +115,7 @@ fn bench_push(c: &mut Criterion) {
                 remote_config: Some(configs[i].clone()),
                 ..Default::default()
             };
-            let out = s.prepare_push(push, now).expect("not redundant");
+            let out = s.prepare_push(now, push).expect("not redundant");
             black_box(framing::encode(&out))
         })
     });

@@ -190,7 +190,7 @@ impl Pair {
                 .entry(key)
                 .or_insert_with(|| AgentSession::new(config))
         };
-        let received = match session.handle_message(&msg, at) {
+        let received = match session.handle_message(at, &msg) {
             Ok(r) => r,
             Err(e) => panic!("the client sent a message the server refuses: {e}"),
         };
@@ -208,7 +208,7 @@ impl Pair {
             )
         } else {
             let reply = (self.app)(&msg);
-            let out = session.prepare_reply(reply, at);
+            let out = session.prepare_reply(at, reply);
             if let Some(old) = received.switched_from.filter(|_| !ws) {
                 // UID-7: the session follows the agent to its new uid.
                 let s = self.http_sessions.remove(&old).unwrap();
@@ -222,7 +222,7 @@ impl Pair {
             while let Some(session) = self.agents[i].ws_session.as_mut()
                 && session.has_deferred()
             {
-                if let Some(out) = session.prepare_push(ServerToAgent::default(), at) {
+                if let Some(out) = session.prepare_push(at, ServerToAgent::default()) {
                     self.send_to_client(at, i, out);
                 }
             }
@@ -261,7 +261,7 @@ impl Pair {
         let Some(session) = self.agents[i].ws_session.as_mut() else {
             panic!("push to an agent that is not connected over WebSocket");
         };
-        if let Some(out) = session.prepare_push(msg, now) {
+        if let Some(out) = session.prepare_push(now, msg) {
             self.send_to_client(now, i, out);
         }
     }
@@ -285,7 +285,7 @@ impl Pair {
             }
             let (at, i, msg) = self.to_client.pop_front().unwrap();
             self.agents[i].core.handle_activity(at);
-            self.agents[i].core.handle_message(msg, at);
+            self.agents[i].core.handle_message(at, msg);
             self.drive_client(i, at);
         }
     }
@@ -295,7 +295,7 @@ impl Pair {
             self.agents[i].failure_at = None;
             self.agents[i]
                 .core
-                .handle_connect_failure(Failure::Transport, now);
+                .handle_connect_failure(now, Failure::Transport);
         }
         self.agents[i].core.handle_timeout(now);
         while let Some(event) = self.agents[i].core.poll_event() {
@@ -340,13 +340,13 @@ impl Pair {
                 Outcome::Refused => {
                     self.agents[i]
                         .core
-                        .handle_connect_failure(Failure::Transport, now);
+                        .handle_connect_failure(now, Failure::Transport);
                     return;
                 }
                 Outcome::Throttled(retry_after) => {
                     self.agents[i]
                         .core
-                        .handle_connect_failure(Failure::Throttled { retry_after }, now);
+                        .handle_connect_failure(now, Failure::Throttled { retry_after });
                     return;
                 }
             }
@@ -368,8 +368,8 @@ impl Pair {
                         Outcome::Throttled(retry_after),
                     ));
                     self.agents[i].core.handle_connect_failure(
-                        Failure::Throttled { retry_after },
                         now + self.latency,
+                        Failure::Throttled { retry_after },
                     );
                     continue;
                 }

@@ -37,7 +37,7 @@ fuzz_target!(|data: &[u8]| {
             0 => core.handle_connected(now),
             1 | 2 => {
                 if let Ok(msg) = ServerToAgent::decode(input.chunk()) {
-                    core.handle_message(msg, now);
+                    core.handle_message(now, msg);
                 }
             }
             3 => core.handle_timeout(now),
@@ -45,7 +45,7 @@ fuzz_target!(|data: &[u8]| {
                 let _ = core.handle_disconnected(now);
             }
             5 => {
-                let _ = core.handle_connect_failure(Failure::Transport, now);
+                let _ = core.handle_connect_failure(now, Failure::Transport);
             }
             6 => {
                 let _ = core.set_health(ComponentHealth {
@@ -81,7 +81,7 @@ fuzz_target!(|data: &[u8]| {
             // The answer the transport would get: over HTTP one request is in flight until
             // then; an empty acknowledgement keeps the exchange going.
             if input.byte() & 1 == 1 {
-                core.handle_message(ServerToAgent::default(), now);
+                core.handle_message(now, ServerToAgent::default());
             }
             if input.is_empty() {
                 break;

@@ -88,7 +88,7 @@ fuzz_target!(|data: &[u8]| {
                     // Mostly a valid uid of a small set, so sessions go on.
                     msg.instance_uid = vec![input.byte() % 3 + 1; 16].into();
                 }
-                if session.handle_message(&msg, now).is_err() {
+                if session.handle_message(now, &msg).is_err() {
                     continue;
                 }
                 if session.needs_instance_uid() {
@@ -97,7 +97,7 @@ fuzz_target!(|data: &[u8]| {
                         .provide_instance_uid(InstanceUid::from([0xa0 | (uid_counter & 0xf); 16]));
                 }
                 let reply = ServerToAgent::decode(input.chunk()).ok();
-                let out = session.prepare_reply(reply, now);
+                let out = session.prepare_reply(now, reply);
                 check(&session, &out, &mut caps_sent, http);
             }
             // A push from the application: only to a known agent (the calling contract; the
@@ -107,7 +107,7 @@ fuzz_target!(|data: &[u8]| {
                 let Ok(msg) = ServerToAgent::decode(input.chunk()) else {
                     continue;
                 };
-                if let Some(out) = session.prepare_push(msg, now) {
+                if let Some(out) = session.prepare_push(now, msg) {
                     check(&session, &out, &mut caps_sent, http);
                 }
             }
@@ -116,7 +116,7 @@ fuzz_target!(|data: &[u8]| {
                 let Ok(msg) = ServerToAgent::decode(input.chunk()) else {
                     continue;
                 };
-                let _ = session.prepare_shared_push(&msg, now);
+                let _ = session.prepare_shared_push(now, &msg);
             }
             // Time passes.
             _ => now += Duration::from_millis(u64::from(input.u16()) * 100),

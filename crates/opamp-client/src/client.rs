@@ -6,9 +6,9 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use opamp_proto::{
-    AgentDescription, AgentToServerFlagSet, AvailableComponents, ComponentHealth,
-    ConnectionSettingsRequest, ConnectionSettingsStatus, CustomCapabilities, CustomMessage,
-    InstanceUid, PackageStatuses, RemoteConfigStatus, ServerCapabilitySet,
+    AgentCapabilitySet, AgentDescription, AgentToServerFlagSet, AvailableComponents,
+    ComponentHealth, ConnectionSettingsRequest, ConnectionSettingsStatus, CustomCapabilities,
+    CustomMessage, InstanceUid, PackageStatuses, RemoteConfigStatus, ServerCapabilitySet,
 };
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 use crate::callbacks::Callbacks;
 use crate::core::{ClientCore, CoreConfig, Event, Failure, TransportKind};
 use crate::error::{ClientError, ConnectError, StartError, StopError};
+use crate::packages::PackageSyncer;
 use crate::settings::{Endpoint, StartSettings};
 
 /// State shared by the handle and the driver task.
@@ -56,6 +57,8 @@ pub(crate) struct Driver {
     pub(crate) callbacks: Arc<dyn Callbacks>,
     pub(crate) settings: StartSettings,
     pub(crate) endpoint: Endpoint,
+    /// Syncs `packages_available` offers, with [`StartSettings::with_packages`].
+    pub(crate) packages: Option<PackageSyncer>,
 }
 
 impl Driver {
@@ -109,7 +112,14 @@ impl Driver {
                         }
                     }
                 }
-                Event::Message(data) => self.callbacks.on_message(*data).await,
+                Event::Message(data) => {
+                    if let (Some(syncer), Some(offer)) = (&self.packages, &data.packages_available)
+                    {
+                        // PKG-4..PKG-6: a new offer cancels the sync under way.
+                        syncer.offer(offer.clone());
+                    }
+                    self.callbacks.on_message(*data).await
+                }
                 Event::ReportTooLarge(e) => self.callbacks.on_report_too_large(&e).await,
                 // The core's events are all handled above; a new one is logged until it is.
                 #[allow(unreachable_patterns)]
@@ -127,7 +137,7 @@ impl Driver {
         let delay = self
             .shared
             .core()
-            .handle_connect_failure(failure, Instant::now());
+            .handle_connect_failure(Instant::now(), failure);
         tracing::debug!(?delay, "connection failed: {error}");
         self.callbacks.on_connect_failed(error).await;
     }
@@ -194,11 +204,13 @@ impl OpampClient {
     ) -> Result<Self, StartError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| StartError::NoRuntime)?;
         let endpoint = settings.resolve()?;
-        let mut config = CoreConfig::new(
-            settings.instance_uid,
-            settings.capabilities,
-            endpoint.transport,
-        );
+        let download = settings.package_download_settings()?;
+        let mut capabilities = settings.capabilities;
+        if settings.packages.is_some() {
+            capabilities |=
+                AgentCapabilitySet::ACCEPTS_PACKAGES | AgentCapabilitySet::REPORTS_PACKAGE_STATUSES;
+        }
+        let mut config = CoreConfig::new(settings.instance_uid, capabilities, endpoint.transport);
         config.heartbeat_interval = settings.heartbeat_interval;
         config.backoff = settings.backoff.clone();
         config.max_message_size = settings.max_message_size;
@@ -221,11 +233,36 @@ impl OpampClient {
             driver_task: OnceLock::new(),
         });
         let stop_timeout = settings.stop_timeout;
+        let packages = match (&settings.packages, download) {
+            (Some(p), Some(download)) => {
+                // PKG-13: what the agent has, from the first message on.
+                match crate::packages::initial_statuses(&*p.provider) {
+                    Ok(statuses) => {
+                        let _ = shared.core().set_package_statuses(statuses);
+                    }
+                    Err(e) => tracing::warn!("reading the installed packages: {e}"),
+                }
+                let sink = shared.clone();
+                Some(PackageSyncer::new(
+                    p.provider.clone(),
+                    p.verifier.clone(),
+                    download,
+                    move |statuses| {
+                        // Fails only once the client is stopped: nothing is reported then.
+                        if sink.core().set_package_statuses(statuses).is_ok() {
+                            sink.wake.notify_one();
+                        }
+                    },
+                ))
+            }
+            _ => None,
+        };
         let driver = Driver {
             shared: shared.clone(),
             callbacks,
             settings,
             endpoint,
+            packages,
         };
         let task = runtime.spawn(async move {
             let _ = driver.shared.driver_task.set(tokio::task::id());
@@ -233,7 +270,7 @@ impl OpampClient {
                 TransportKind::WebSocket => crate::ws::run(&driver).await,
                 TransportKind::Http => crate::http::run(&driver).await,
             }
-            driver.shared.core().stop(Instant::now());
+            let _ = driver.shared.core().stop(Instant::now());
             driver.shared.done_tx.send_replace(true);
         });
         Ok(Self {

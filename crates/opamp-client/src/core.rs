@@ -678,7 +678,7 @@ impl ClientCore {
     /// A connection attempt or a plain-HTTP request failed. The next attempt is scheduled
     /// with backoff (GEN-8), or later if the server asked so (THR-5); the full status is
     /// sent once the link is back (RETRY-1). Returns the delay.
-    pub fn handle_connect_failure(&mut self, failure: Failure, now: Instant) -> Duration {
+    pub fn handle_connect_failure(&mut self, now: Instant, failure: Failure) -> Duration {
         self.in_flight = false;
         let delay = match failure {
             Failure::Transport => self.backoff.delay_after_failure(false, None),
@@ -821,6 +821,7 @@ impl ClientCore {
     }
 
     /// When the next connection attempt is due; `None` while connected or stopped.
+    #[must_use]
     pub fn connect_at(&self) -> Option<Instant> {
         match self.link {
             Link::Down { retry_at } => Some(retry_at),
@@ -830,7 +831,7 @@ impl ClientCore {
 
     /// Processes a `ServerToAgent` (REP-6). Over plain HTTP this is the answer to the request
     /// in flight.
-    pub fn handle_message(&mut self, msg: ServerToAgent, now: Instant) {
+    pub fn handle_message(&mut self, now: Instant, msg: ServerToAgent) {
         if self.link == Link::Stopped {
             return;
         }
@@ -1130,6 +1131,7 @@ impl ClientCore {
     // ---- outputs ---------------------------------------------------------------------------
 
     /// The next event for the driver.
+    #[must_use]
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }
@@ -1210,6 +1212,7 @@ impl ClientCore {
     /// The next message to send, if one is due: everything dirty coalesced into one message,
     /// or a heartbeat / poll (HB-4, HTTP-7). Over plain HTTP at most one request is in flight
     /// (HTTP-10); a request is also the reconnect attempt while the link is down.
+    #[must_use]
     pub fn poll_transmit(&mut self, now: Instant) -> Option<AgentToServer> {
         match self.link {
             Link::Stopped => return None,
@@ -1243,6 +1246,7 @@ impl ClientCore {
     /// The earliest time at which something timer-driven happens: a heartbeat or poll, the
     /// next connection attempt, a deferred full report or remote config, or the end of the
     /// wait for a WebSocket server's answer. `None` when only new input can make progress.
+    #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
         let link = match self.link {
             Link::Stopped => return None,
@@ -1266,6 +1270,7 @@ impl ClientCore {
     /// Stops the core and returns the last message to send, with `agent_disconnect` set
     /// (WS-16, HTTP-11, DIS-1), if the link is up. Setters fail with
     /// [`ClientError::Stopped`] afterwards.
+    #[must_use]
     pub fn stop(&mut self, now: Instant) -> Option<AgentToServer> {
         let msg = (self.link == Link::Up).then(|| self.disconnect_message(now));
         self.link = Link::Stopped;
@@ -1275,6 +1280,7 @@ impl ClientCore {
 
     /// A message with `agent_disconnect` set and anything pending, sent before closing a
     /// WebSocket on purpose (WS-19, DIS-1).
+    #[must_use]
     pub fn disconnect_message(&mut self, now: Instant) -> AgentToServer {
         let mut msg = self.build(true);
         self.last_sent = Some(now);

@@ -54,7 +54,7 @@ pub(crate) async fn run(d: &Driver) {
             };
             match result {
                 Ok(Outcome::Answer(answer)) => {
-                    d.shared.core().handle_message(*answer, Instant::now());
+                    d.shared.core().handle_message(Instant::now(), *answer);
                 }
                 Ok(Outcome::Rejected(status)) => {
                     d.shared.core().handle_request_rejected(Instant::now());

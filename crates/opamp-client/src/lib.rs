@@ -16,6 +16,9 @@
 //! - [`OpampClient`]: the tokio driver over that core, with [`StartSettings`] and setters
 //!   (feature `tokio`, on by default; see [Features](#features)).
 //! - [`Callbacks`]: the embedder's hooks (`#[async_trait]`, see `docs/ARCHITECTURE.md`).
+//! - [`packages`]: installs the packages the server offers (PKG-*): the sans-IO decisions and
+//!   a file-system provider always, the downloading syncer with `tokio`
+//!   (`StartSettings::with_packages` wires it into the client).
 //!
 //! # Quick start
 //!
@@ -121,7 +124,8 @@
 //!
 //! With `default-features = false` the crate is the sans-IO [`core`] with what it needs
 //! ([`BackoffPolicy`], [`ServerGuards`], [`MessageData`], [`ClientError`],
-//! [`ReportTooLarge`]), for a driver on another runtime or an event loop of its own; neither
+//! [`ReportTooLarge`], and of [`packages`] the planning, statuses, verifiers and
+//! [`packages::FsProvider`]), for a driver on another runtime or an event loop of its own; neither
 //! tokio, hyper, tungstenite, rustls nor ring is built. With `tokio` but not `tls`, `ws://` and
 //! `http://` work and a `wss://` or `https://` endpoint is refused by [`OpampClient::start`]
 //! ([`StartError::TlsDisabled`]).
@@ -136,6 +140,7 @@ mod error;
 mod http;
 #[cfg(feature = "tokio")]
 mod net;
+pub mod packages;
 #[cfg(feature = "tokio")]
 mod settings;
 #[cfg(feature = "tokio")]

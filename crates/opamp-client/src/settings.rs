@@ -12,6 +12,15 @@ use opamp_transport::tls::{CertifiedKeyPem, ClientTls};
 use crate::backoff::BackoffPolicy;
 use crate::core::{DEFAULT_HEARTBEAT_INTERVAL, ServerGuards, TransportKind};
 use crate::error::StartError;
+use crate::packages::{DownloadSettings, PackagesStateProvider, SignatureVerifier};
+
+/// What [`StartSettings::with_packages`] sets: the agent's packages and how to sync them.
+#[derive(Clone)]
+pub(crate) struct PackagesSettings {
+    pub(crate) provider: Arc<dyn PackagesStateProvider>,
+    pub(crate) verifier: Arc<dyn SignatureVerifier>,
+    pub(crate) download: DownloadSettings,
+}
 
 /// A function called before every plain-HTTP request and every WebSocket handshake; the
 /// headers it returns are added to the static ones (for rotating tokens, AUTH-1).
@@ -62,6 +71,7 @@ pub struct StartSettings {
     pub(crate) stop_timeout: Duration,
     pub(crate) jitter_seed: Option<u64>,
     pub(crate) guards: ServerGuards,
+    pub(crate) packages: Option<PackagesSettings>,
 }
 
 impl StartSettings {
@@ -90,6 +100,7 @@ impl StartSettings {
             stop_timeout: Duration::from_secs(5),
             jitter_seed: None,
             guards: ServerGuards::default(),
+            packages: None,
         }
     }
 
@@ -103,6 +114,31 @@ impl StartSettings {
     /// undeclared capabilities fail with [`ClientError::MissingCapability`](crate::ClientError::MissingCapability).
     pub fn with_capabilities(mut self, capabilities: AgentCapabilitySet) -> Self {
         self.capabilities = capabilities;
+        self
+    }
+
+    /// Lets the client install the packages the server offers (PKG-*): it declares
+    /// `AcceptsPackages` and `ReportsPackageStatuses` (added to
+    /// [`with_capabilities`](Self::with_capabilities)' set), reports what `provider` has
+    /// from the first message on (PKG-13), and syncs every `packages_available` with a
+    /// [`PackageSyncer`](crate::packages::PackageSyncer) (downloads with `download`, the
+    /// signature checked by `verifier`), reporting its statuses as it goes. A new offer
+    /// cancels the sync under way. [`Callbacks::on_message`](crate::Callbacks::on_message)
+    /// still sees the offer.
+    ///
+    /// Downloads over `https` use the client's TLS settings (CA, client certificate, or
+    /// [`with_tls_config`](Self::with_tls_config)) unless `download` has its own.
+    pub fn with_packages(
+        mut self,
+        provider: Arc<dyn PackagesStateProvider>,
+        verifier: Arc<dyn SignatureVerifier>,
+        download: DownloadSettings,
+    ) -> Self {
+        self.packages = Some(PackagesSettings {
+            provider,
+            verifier,
+            download,
+        });
         self
     }
 
@@ -246,6 +282,26 @@ impl StartSettings {
         self.instance_uid
     }
 
+    /// The download settings of packages, with the client's TLS settings when they have
+    /// none of their own.
+    pub(crate) fn package_download_settings(&self) -> Result<Option<DownloadSettings>, StartError> {
+        let Some(packages) = &self.packages else {
+            return Ok(None);
+        };
+        #[allow(unused_mut)]
+        let mut download = packages.download.clone();
+        #[cfg(feature = "tls")]
+        if !download.has_tls_config() {
+            let config = match &self.tls_config {
+                Some(config) => config.clone(),
+                None => opamp_transport::tls::client_config(&self.tls)
+                    .map_err(|e| StartError::Tls(e.to_string()))?,
+            };
+            download = download.with_tls_config(config);
+        }
+        Ok(Some(download))
+    }
+
     /// Checks the settings and derives what the drivers need.
     pub(crate) fn resolve(&self) -> Result<Endpoint, StartError> {
         let uri: Uri = self
@@ -344,6 +400,10 @@ impl fmt::Debug for StartSettings {
             .field("request_timeout", &self.request_timeout)
             .field("stop_timeout", &self.stop_timeout)
             .field("guards", &self.guards)
+            .field(
+                "packages",
+                &self.packages.as_ref().map(|p| p.download.clone()),
+            )
             .finish_non_exhaustive()
     }
 }

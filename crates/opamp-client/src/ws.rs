@@ -207,7 +207,7 @@ async fn connection(d: &Driver, mut ws: Ws, activity: &AtomicBool) -> End {
                     // WS-10: the size was checked by tungstenite before buffering (the
                     // frame and message limits equal ours); the header and payload here.
                     match framing::decode_bytes_limited::<ServerToAgent>(data, limit, max_elements) {
-                        Ok(msg) => d.shared.core().handle_message(msg, Instant::now()),
+                        Ok(msg) => d.shared.core().handle_message(Instant::now(), msg),
                         Err(e) => {
                             close(d, &mut ws, close_code_for(&e)).await;
                             return End::Broken(e.into());

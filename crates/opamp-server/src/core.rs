@@ -361,8 +361,8 @@ impl AgentSession {
     /// `BAD_REQUEST` (ERR-1) and not given to the application.
     pub fn handle_message(
         &mut self,
-        msg: &AgentToServer,
         now: Instant,
+        msg: &AgentToServer,
     ) -> Result<Received, ReadMessageError> {
         // UID-2: the uid is the key of everything else; reject before touching state.
         let uid = InstanceUid::try_from(&msg.instance_uid[..])?;
@@ -502,7 +502,8 @@ impl AgentSession {
 
     /// Completes the reply to the last handled message. `reply` is what the application
     /// returned (`None`: nothing to say; an acknowledgement still goes out, REP-4).
-    pub fn prepare_reply(&mut self, reply: Option<ServerToAgent>, now: Instant) -> ServerToAgent {
+    #[must_use]
+    pub fn prepare_reply(&mut self, now: Instant, reply: Option<ServerToAgent>) -> ServerToAgent {
         let mut msg = reply.unwrap_or_default();
         self.finish(&mut msg, now);
         msg
@@ -513,7 +514,8 @@ impl AgentSession {
     /// the agent was handled ([`instance_uid`](Self::instance_uid) is `Some`): before that
     /// its capabilities are unknown and the message would name no agent; hold pushes until
     /// then (the drivers do).
-    pub fn prepare_push(&mut self, mut msg: ServerToAgent, now: Instant) -> Option<ServerToAgent> {
+    #[must_use]
+    pub fn prepare_push(&mut self, now: Instant, mut msg: ServerToAgent) -> Option<ServerToAgent> {
         self.strip(&mut msg);
         let has_content = msg.error_response.is_some()
             || msg.remote_config.is_some()
@@ -535,8 +537,9 @@ impl AgentSession {
     /// [`SharedMessage`](crate::SharedMessage)): the same decisions as
     /// [`prepare_push`](Self::prepare_push), then whether the agent can take the shared
     /// encoding as it is, behind its own per-agent fields.
-    pub fn prepare_shared_push(&mut self, shared: &ServerToAgent, now: Instant) -> PushPlan {
-        let Some(out) = self.prepare_push(shared.clone(), now) else {
+    #[must_use]
+    pub fn prepare_shared_push(&mut self, now: Instant, shared: &ServerToAgent) -> PushPlan {
+        let Some(out) = self.prepare_push(now, shared.clone()) else {
             return PushPlan::Skip;
         };
         if same_except_per_agent_fields(&out, shared) {

@@ -16,6 +16,8 @@
 //!   and [`ConnectionCallbacks`] (per connection: connected, message, close, read error),
 //!   async through `async-trait`, taking `&self`, never called concurrently for one
 //!   connection; and the [`Connection`] handle to push messages to an agent;
+//! - [`packages`]: building package offers with their hashes (and Ed25519 signatures) and
+//!   reading package statuses;
 //! - drivers on tokio and hyper: the embeddable [`OpampService`] (a `tower::Service`, e.g.
 //!   for an axum router) and the standalone [`Server`] (feature `tokio`, on by default; see
 //!   [Features](#features)).
@@ -119,9 +121,9 @@
 //! With `default-features = false` the crate is the sans-IO core ([`AgentSession`],
 //! [`SessionConfig`], [`Received`], [`PushPlan`], [`reassign_reply`],
 //! [`is_usable_instance_uid`]), the configuration types ([`ServerConfig`],
-//! [`ConnectionLimits`] and the defaults), [`ReadMessageError`], [`ConfigError`] and the reply
-//! helpers [`bad_request`] and [`unavailable`], for a driver on another runtime; neither tokio,
-//! hyper, tungstenite, rustls nor ring is built. With `tokio` but not `tls`, the server speaks
+//! [`ConnectionLimits`] and the defaults), [`packages`], [`ReadMessageError`],
+//! [`ConfigError`] and the reply helpers [`bad_request`] and [`unavailable`], for a driver on
+//! another runtime; neither tokio, hyper, tungstenite, rustls nor ring is built. With `tokio` but not `tls`, the server speaks
 //! `ws://` and `http://`; an embedder may still terminate TLS in front of [`OpampService`].
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -136,6 +138,7 @@ mod core;
 mod error;
 #[cfg(feature = "tokio")]
 mod limits;
+pub mod packages;
 #[cfg(feature = "tokio")]
 mod plain;
 #[cfg(feature = "tokio")]

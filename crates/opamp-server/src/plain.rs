@@ -611,7 +611,7 @@ where
             cbs.on_connected(&conn).await;
         }
 
-        let received = match state.core.handle_message(&msg, now) {
+        let received = match state.core.handle_message(now, &msg) {
             Ok(r) => r,
             Err(e) => {
                 // Cannot happen: the uid was checked above. Answer as for any bad message.
@@ -679,7 +679,7 @@ where
                 None => out = Some(reply),
             }
         }
-        let reply = state.core.prepare_reply(out, Instant::now());
+        let reply = state.core.prepare_reply(Instant::now(), out);
         session.note_offer(&reply, shared.config.limits());
         if let Some(assigned) = state.core.assigned_instance_uid() {
             // UID-5: the agent's next poll carries the new uid; find this session by it.

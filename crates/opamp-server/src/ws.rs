@@ -359,7 +359,7 @@ pub(crate) async fn run<S>(
         // round takes something out of the deferred part, so this ends.
         if core.has_deferred() && core.instance_uid().is_some() {
             let frame = core
-                .prepare_push(ServerToAgent::default(), Instant::now())
+                .prepare_push(Instant::now(), ServerToAgent::default())
                 .map(|out| {
                     live.note(&out);
                     encode_frame(&out, limit)
@@ -397,7 +397,7 @@ pub(crate) async fn run<S>(
                 };
                 // Encoded before the write is awaited, so no message is held across it.
                 let frame = {
-                    let out = core.prepare_reply(reply, Instant::now());
+                    let out = core.prepare_reply(Instant::now(), reply);
                     live.note(&out);
                     encode_frame(&out, limit)
                 };
@@ -420,7 +420,7 @@ pub(crate) async fn run<S>(
                     // would stay in the future's storage across the write.
                     let parts = match *push {
                         Outbound::Message(m) => core
-                            .prepare_push(m, Instant::now())
+                            .prepare_push(Instant::now(), m)
                             .map(|out| {
                                 live.note(&out);
                                 Outgoing::one(encode_frame(&out, limit))
@@ -450,7 +450,7 @@ pub(crate) async fn run<S>(
                                 break None;
                             }
                         }
-                        Ok(msg) => match core.handle_message(&msg, Instant::now()) {
+                        Ok(msg) => match core.handle_message(Instant::now(), &msg) {
                             Ok(received) => {
                                 if core.needs_instance_uid() {
                                     // UID-5, UID-2: the core asks, the driver draws.
@@ -546,7 +546,7 @@ pub(crate) async fn run<S>(
     // socket still takes it.
     if let Some(pending) = in_flight.take() {
         let reply = pending.await;
-        let frame = encode_frame(&core.prepare_reply(reply, Instant::now()), limit);
+        let frame = encode_frame(&core.prepare_reply(Instant::now(), reply), limit);
         if close.is_some() {
             let _ = send_parts(&mut ws, Outgoing::one(frame), fragment, write_timeout).await;
         }
@@ -672,7 +672,7 @@ fn shared_parts(
     shared: &SharedMessage,
     limit: usize,
 ) -> Option<Outgoing> {
-    match core.prepare_shared_push(shared.message(), Instant::now()) {
+    match core.prepare_shared_push(Instant::now(), shared.message()) {
         PushPlan::Shared(own) => {
             live.note(shared.message());
             // The per-agent fields, framed (header 0x00), then the shared fields: protobuf

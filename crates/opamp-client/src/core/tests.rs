@@ -64,7 +64,7 @@ fn ws_up(caps: AgentCapabilitySet, t0: Instant) -> ClientCore {
     let mut c = core(TransportKind::WebSocket, caps, t0);
     c.handle_connected(t0);
     c.poll_transmit(t0).expect("first message");
-    c.handle_message(ack(), t0);
+    c.handle_message(t0, ack());
     events(&mut c);
     c
 }
@@ -73,7 +73,7 @@ fn ws_up(caps: AgentCapabilitySet, t0: Instant) -> ClientCore {
 fn http_up(caps: AgentCapabilitySet, t0: Instant) -> ClientCore {
     let mut c = core(TransportKind::Http, caps, t0);
     c.poll_transmit(t0).expect("first request");
-    c.handle_message(ack(), t0);
+    c.handle_message(t0, ack());
     events(&mut c);
     c
 }
@@ -188,7 +188,7 @@ fn rep_7_setting_an_unchanged_value_sends_nothing() {
     c.set_health(health(true)).unwrap();
     assert_eq!(c.poll_transmit(t0), None);
     // Nor does processing a server message that changes nothing.
-    c.handle_message(ack(), t0);
+    c.handle_message(t0, ack());
     assert_eq!(c.poll_transmit(t0), None);
 }
 
@@ -201,11 +201,11 @@ fn seq_3_report_full_state_resends_everything() {
     c.handle_connected(t0);
     c.poll_transmit(t0).unwrap();
     c.handle_message(
+        t0,
         ServerToAgent {
             flags: ServerToAgentFlagSet::REPORT_FULL_STATE.bits(),
             ..ack()
         },
-        t0,
     );
     let Some(Event::Message(data)) = events(&mut c).pop() else {
         panic!("flags are reported")
@@ -277,7 +277,7 @@ fn offer(heartbeat_seconds: u64) -> ServerToAgent {
 /// Handles `msg` and accepts every OpAMP connection-settings offer it carries, as the driver
 /// does when the callback returns `Ok`; returns the other events.
 fn handle_and_accept(c: &mut ClientCore, msg: ServerToAgent, now: Instant) -> Vec<Event> {
-    c.handle_message(msg, now);
+    c.handle_message(now, msg);
     let mut rest = vec![];
     for e in events(c) {
         match e {
@@ -295,7 +295,7 @@ fn handle_and_accept(c: &mut ClientCore, msg: ServerToAgent, now: Instant) -> Ve
 fn hb_2_server_offered_interval_is_honoured_and_0_turns_ws_heartbeats_off() {
     let t0 = Instant::now();
     let mut c = ws_up(all_caps(), t0);
-    c.handle_message(offer(5), t0);
+    c.handle_message(t0, offer(5));
     let ev = events(&mut c);
     let Some(Event::OpampConnectionSettings {
         settings,
@@ -323,7 +323,7 @@ fn hb_2_offer_ignored_without_reports_heartbeat() {
     let t0 = Instant::now();
     let caps = AgentCapabilitySet::REPORTS_STATUS;
     let mut c = http_up(caps, t0);
-    c.handle_message(offer(5), t0);
+    c.handle_message(t0, offer(5));
     assert_eq!(c.heartbeat_interval(), Some(secs(30.0)));
     // Nor is the offer passed on without AcceptsOpAMPConnectionSettings.
     let ev = events(&mut c);
@@ -345,7 +345,7 @@ fn http_7_polls_at_the_interval_and_keeps_polling_when_offered_0() {
     handle_and_accept(&mut c, offer(10), t0 + secs(30.1));
     // The APPLIED status (CSS-1) goes at once; polling goes on from there.
     c.poll_transmit(t0 + secs(30.1)).unwrap();
-    c.handle_message(ack(), t0 + secs(30.1));
+    c.handle_message(t0 + secs(30.1), ack());
     assert_eq!(c.poll_timeout(), Some(t0 + secs(40.1)), "HB-5");
     c.poll_transmit(t0 + secs(40.1)).unwrap();
     // Checklist 4.2.2: 0 does not stop HTTP polling.
@@ -368,7 +368,7 @@ fn http_10_at_most_one_request_in_flight_and_changes_go_at_once_after() {
     assert_eq!(c.poll_transmit(t0 + secs(100.0)), None);
     assert_eq!(c.poll_timeout(), None);
     // The answer arrives: the change goes immediately.
-    c.handle_message(ack(), t0 + secs(100.0));
+    c.handle_message(t0 + secs(100.0), ack());
     let next = c.poll_transmit(t0 + secs(100.0)).unwrap();
     assert_eq!(next.health, Some(health(false)));
     assert_eq!(next.sequence_num, first.sequence_num + 1);
@@ -383,7 +383,7 @@ fn gen_8_backoff_sequence_within_jitter_bounds_and_no_traffic_while_down() {
     for _ in 0..20 {
         let m = c.poll_transmit(now).expect("the retry is due");
         assert!(m.sequence_num < 100);
-        let delay = c.handle_connect_failure(Failure::Transport, now);
+        let delay = c.handle_connect_failure(now, Failure::Transport);
         let d = delay.as_secs_f64();
         assert!(
             d >= base * 0.5 - 1e-9 && d <= base * 1.5 + 1e-9,
@@ -400,11 +400,11 @@ fn gen_8_backoff_sequence_within_jitter_bounds_and_no_traffic_while_down() {
     // The retry after recovery carries the full state (RETRY-1).
     let m = c.poll_transmit(now).unwrap();
     assert!(m.health.is_some());
-    c.handle_message(ack(), now);
+    c.handle_message(now, ack());
     assert_eq!(events(&mut c), vec![Event::Connected]);
     // A valid answer resets the backoff.
     c.poll_transmit(now + secs(30.0)).unwrap();
-    let d = c.handle_connect_failure(Failure::Transport, now + secs(30.0));
+    let d = c.handle_connect_failure(now + secs(30.0), Failure::Transport);
     assert!(d <= secs(0.75));
 }
 
@@ -431,15 +431,15 @@ fn thr_5_retry_after_is_honoured_and_thr_7_minimum_without_it() {
     let mut c = core(TransportKind::Http, all_caps(), t0);
     c.poll_transmit(t0).unwrap();
     let d = c.handle_connect_failure(
+        t0,
         Failure::Throttled {
             retry_after: Some(secs(120.0)),
         },
-        t0,
     );
     assert_eq!(d, secs(120.0));
     assert_eq!(c.poll_transmit(t0 + secs(119.9)), None);
     assert!(c.poll_transmit(t0 + secs(120.0)).is_some());
-    let d = c.handle_connect_failure(Failure::Throttled { retry_after: None }, t0 + secs(120.0));
+    let d = c.handle_connect_failure(t0 + secs(120.0), Failure::Throttled { retry_after: None });
     assert!(d >= secs(30.0));
 }
 
@@ -448,6 +448,7 @@ fn thr_2_unavailable_with_retry_info_disconnects_and_waits() {
     let t0 = Instant::now();
     let mut c = ws_up(all_caps(), t0);
     c.handle_message(
+        t0,
         ServerToAgent {
             instance_uid: uid().to_bytes(),
             error_response: Some(ServerErrorResponse {
@@ -459,7 +460,6 @@ fn thr_2_unavailable_with_retry_info_disconnects_and_waits() {
             }),
             ..Default::default()
         },
-        t0,
     );
     let ev = events(&mut c);
     assert!(matches!(ev[0], Event::ServerError(_)));
@@ -479,6 +479,7 @@ fn retry_3_bad_request_is_not_retried() {
     let m = c.poll_transmit(t0).unwrap();
     assert!(m.health.is_some());
     c.handle_message(
+        t0 + secs(1.0),
         ServerToAgent {
             error_response: Some(ServerErrorResponse {
                 r#type: ServerErrorResponseType::BadRequest as i32,
@@ -486,7 +487,6 @@ fn retry_3_bad_request_is_not_retried() {
             }),
             ..Default::default()
         },
-        t0 + secs(1.0),
     );
     assert!(matches!(events(&mut c)[..], [Event::ServerError(_)]));
     assert!(c.is_connected());
@@ -511,13 +511,13 @@ fn uid_7_new_instance_uid_is_adopted_and_reported() {
     assert_eq!(m.flags, AgentToServerFlagSet::REQUEST_INSTANCE_UID.bits());
     let new = InstanceUid::from_array([9; 16]);
     c.handle_message(
+        t0,
         ServerToAgent {
             agent_identification: Some(AgentIdentification {
                 new_instance_uid: new.to_bytes(),
             }),
             ..ack()
         },
-        t0,
     );
     let Some(Event::Message(data)) = events(&mut c).pop() else {
         panic!()
@@ -530,6 +530,7 @@ fn uid_7_new_instance_uid_is_adopted_and_reported() {
 
     // Not 16 bytes: ignored.
     c.handle_message(
+        t0,
         ServerToAgent {
             instance_uid: Bytes::new(),
             agent_identification: Some(AgentIdentification {
@@ -537,7 +538,6 @@ fn uid_7_new_instance_uid_is_adopted_and_reported() {
             }),
             ..ack()
         },
-        t0,
     );
     assert_eq!(c.instance_uid(), new);
 }
@@ -547,12 +547,12 @@ fn uid_6_message_for_another_agent_is_ignored() {
     let t0 = Instant::now();
     let mut c = ws_up(AgentCapabilitySet::all(), t0);
     c.handle_message(
+        t0,
         ServerToAgent {
             instance_uid: Bytes::from_static(&[1; 16]),
             flags: ServerToAgentFlagSet::REPORT_FULL_STATE.bits(),
             ..Default::default()
         },
-        t0,
     );
     assert!(events(&mut c).is_empty());
     assert_eq!(c.poll_transmit(t0), None);
@@ -564,19 +564,19 @@ fn cap_3_last_non_zero_server_capabilities_are_kept() {
     let mut c = ws_up(all_caps(), t0);
     assert_eq!(c.server_capabilities(), ServerCapabilitySet::all());
     c.handle_message(
+        t0,
         ServerToAgent {
             capabilities: 0,
             ..ack()
         },
-        t0,
     );
     assert_eq!(c.server_capabilities(), ServerCapabilitySet::all());
     c.handle_message(
+        t0,
         ServerToAgent {
             capabilities: ServerCapabilitySet::ACCEPTS_STATUS.bits(),
             ..ack()
         },
-        t0,
     );
     assert_eq!(c.server_capabilities(), ServerCapabilitySet::ACCEPTS_STATUS);
     // CAP-4: the CSR flow needs the server's capability.
@@ -712,11 +712,11 @@ fn avc_3_hash_only_until_the_server_asks_for_the_map() {
     assert_eq!(sent.hash, components.hash);
     assert!(sent.components.is_empty());
     c.handle_message(
+        t0,
         ServerToAgent {
             flags: ServerToAgentFlagSet::REPORT_AVAILABLE_COMPONENTS.bits(),
             ..ack()
         },
-        t0,
     );
     let m = c.poll_transmit(t0).unwrap();
     assert_eq!(m.available_components, Some(components));
@@ -730,12 +730,12 @@ fn s2a_2_command_stands_alone() {
     let t0 = Instant::now();
     let mut c = ws_up(all_caps(), t0);
     c.handle_message(
+        t0,
         ServerToAgent {
             command: Some(ServerToAgentCommand::default()),
             flags: ServerToAgentFlagSet::REPORT_FULL_STATE.bits(),
             ..ack()
         },
-        t0,
     );
     assert_eq!(
         events(&mut c),
@@ -746,12 +746,12 @@ fn s2a_2_command_stands_alone() {
     // CMD-2: without the capability the command is ignored and the rest processed.
     let mut c = ws_up(all_caps() - AgentCapabilitySet::ACCEPTS_RESTART_COMMAND, t0);
     c.handle_message(
+        t0,
         ServerToAgent {
             command: Some(ServerToAgentCommand::default()),
             flags: ServerToAgentFlagSet::REPORT_FULL_STATE.bits(),
             ..ack()
         },
-        t0,
     );
     assert!(matches!(events(&mut c)[..], [Event::Message(_)]));
 }
@@ -761,6 +761,7 @@ fn cap_2_offers_for_undeclared_capabilities_are_dropped() {
     let t0 = Instant::now();
     let mut c = ws_up(AgentCapabilitySet::REPORTS_STATUS, t0);
     c.handle_message(
+        t0,
         ServerToAgent {
             remote_config: Some(Default::default()),
             packages_available: Some(Default::default()),
@@ -770,18 +771,17 @@ fn cap_2_offers_for_undeclared_capabilities_are_dropped() {
             }),
             ..ack()
         },
-        t0,
     );
     assert!(events(&mut c).is_empty());
 
     let mut c = ws_up(all_caps(), t0);
     c.handle_message(
+        t0,
         ServerToAgent {
             remote_config: Some(Default::default()),
             packages_available: Some(Default::default()),
             ..ack()
         },
-        t0,
     );
     let Some(Event::Message(data)) = events(&mut c).pop() else {
         panic!()
@@ -948,7 +948,7 @@ fn random_operation_sequences_keep_the_client_rules() {
                         "b"
                     }));
                 }
-                2 => c.handle_message(random_server_message(&mut rng), now),
+                2 => c.handle_message(now, random_server_message(&mut rng)),
                 3 => {
                     let failure = if rng.chance(50) {
                         Failure::Transport
@@ -961,7 +961,7 @@ fn random_operation_sequences_keep_the_client_rules() {
                             }),
                         }
                     };
-                    let _ = c.handle_connect_failure(failure, now);
+                    let _ = c.handle_connect_failure(now, failure);
                 }
                 4 => {
                     let _ = c.handle_disconnected(now);
@@ -1038,11 +1038,11 @@ fn gen_8_retry_3_rejections_while_down_back_off_instead_of_flooding() {
     let m = c.poll_transmit(now).unwrap();
     assert_eq!(m.health, Some(health(false)));
     // Once the server answers, the link is up and the backoff starts over.
-    c.handle_message(ack(), now);
+    c.handle_message(now, ack());
     assert!(c.is_connected());
     assert!(c.poll_transmit(now + secs(1.0)).is_none());
     c.poll_transmit(now + secs(30.0)).unwrap();
-    let d = c.handle_connect_failure(Failure::Transport, now + secs(30.0));
+    let d = c.handle_connect_failure(now + secs(30.0), Failure::Transport);
     assert!(d <= secs(0.75));
 }
 
@@ -1060,13 +1060,13 @@ fn uid_7_uid_8_unprompted_new_uid_is_announced_at_once_and_old_uid_pushes_accept
     let new = InstanceUid::from_array([9; 16]);
     // UID-8: unprompted (RequestInstanceUid was never set).
     c.handle_message(
+        t0,
         ServerToAgent {
             agent_identification: Some(AgentIdentification {
                 new_instance_uid: new.to_bytes(),
             }),
             ..ack()
         },
-        t0,
     );
     events(&mut c);
     assert_eq!(c.instance_uid(), new);
@@ -1077,12 +1077,12 @@ fn uid_7_uid_8_unprompted_new_uid_is_announced_at_once_and_old_uid_pushes_accept
         ..Default::default()
     };
     c.handle_message(
+        t0,
         ServerToAgent {
             instance_uid: old.to_bytes(),
             remote_config: Some(config.clone()),
             ..Default::default()
         },
-        t0,
     );
     let Some(Event::Message(data)) = events(&mut c).pop() else {
         panic!("a push addressed to the previous uid was dropped")
@@ -1098,15 +1098,15 @@ fn uid_7_uid_8_unprompted_new_uid_is_announced_at_once_and_old_uid_pushes_accept
     assert_eq!(c.poll_transmit(t0), None, "announced once");
 
     // Once the server addresses the new uid, the old one is another agent's again (UID-6).
-    c.handle_message(ack_for(new), t0);
+    c.handle_message(t0, ack_for(new));
     events(&mut c);
     c.handle_message(
+        t0,
         ServerToAgent {
             instance_uid: old.to_bytes(),
             flags: ServerToAgentFlagSet::REPORT_FULL_STATE.bits(),
             ..Default::default()
         },
-        t0,
     );
     assert!(events(&mut c).is_empty());
     assert_eq!(c.poll_transmit(t0), None);
@@ -1122,13 +1122,13 @@ fn uid_7_http_new_uid_is_reported_without_waiting_for_the_poll() {
     assert_eq!(c.poll_transmit(t0 + secs(1.0)), None);
     c.poll_transmit(t0 + secs(30.0)).unwrap();
     c.handle_message(
+        t0 + secs(30.0),
         ServerToAgent {
             agent_identification: Some(AgentIdentification {
                 new_instance_uid: new.to_bytes(),
             }),
             ..ack()
         },
-        t0 + secs(30.0),
     );
     let m = c
         .poll_transmit(t0 + secs(30.0))
@@ -1167,7 +1167,7 @@ fn rc_6_first_message_reports_unset_remote_config_status_when_none_was_set() {
         assert_eq!(status.status, RemoteConfigStatuses::Unset as i32);
         assert!(status.last_remote_config_hash.is_empty());
         // Once answered, it is not repeated (CMP-1), but it is part of every full report.
-        c.handle_message(ack(), t0);
+        c.handle_message(t0, ack());
         events(&mut c);
         assert!(
             c.poll_transmit(t0 + secs(30.0))
@@ -1194,7 +1194,7 @@ fn rc_6_first_message_reports_unset_remote_config_status_when_none_was_set() {
 fn cs_4_rejected_offer_applies_nothing_and_reports_failed_with_the_hash() {
     let t0 = Instant::now();
     let mut c = ws_up(all_caps(), t0);
-    c.handle_message(offer(5), t0);
+    c.handle_message(t0, offer(5));
     let Some((settings, offer_hash)) = events(&mut c).into_iter().find_map(|e| match e {
         Event::OpampConnectionSettings {
             settings,
@@ -1232,7 +1232,7 @@ fn cs_4_rejected_offer_applies_nothing_and_reports_failed_with_the_hash() {
     // Without ReportsConnectionSettingsStatus the rejection is only not applied.
     let caps = all_caps() - AgentCapabilitySet::REPORTS_CONNECTION_SETTINGS_STATUS;
     let mut c = ws_up(caps, t0);
-    c.handle_message(offer(5), t0);
+    c.handle_message(t0, offer(5));
     events(&mut c);
     c.reject_opamp_connection_settings(b"offer", "no");
     assert_eq!(c.poll_transmit(t0), None);
@@ -1278,7 +1278,7 @@ fn cap_4_parts_the_server_cannot_take_are_held_back_until_one_can() {
     c.handle_connected(t0);
     c.poll_transmit(t0).unwrap();
     // The server takes status only.
-    c.handle_message(no_server_caps_but_status(), t0);
+    c.handle_message(t0, no_server_caps_but_status());
     events(&mut c);
     c.set_effective_config(EffectiveConfig::default()).unwrap();
     c.set_package_statuses(PackageStatuses::default()).unwrap();
@@ -1303,18 +1303,18 @@ fn cap_4_parts_the_server_cannot_take_are_held_back_until_one_can() {
     );
     // Nor in a full report.
     c.handle_message(
+        t0,
         ServerToAgent {
             flags: ServerToAgentFlagSet::REPORT_FULL_STATE.bits(),
             ..no_server_caps_but_status()
         },
-        t0,
     );
     events(&mut c);
     let full = c.poll_transmit(t0).unwrap();
     assert!(full.health.is_some());
     assert!(full.effective_config.is_none() && full.package_statuses.is_none());
     // A server that can take them gets them, without any change on the agent's side.
-    c.handle_message(ack(), t0 + secs(1.0));
+    c.handle_message(t0 + secs(1.0), ack());
     events(&mut c);
     let m = c
         .poll_transmit(t0 + secs(1.0))
@@ -1372,7 +1372,7 @@ fn ws_12_oversized_report_is_split_and_nothing_queued_is_lost() {
     .unwrap();
     c.handle_connected(t0);
     c.poll_transmit(t0).unwrap();
-    c.handle_message(ack(), t0);
+    c.handle_message(t0, ack());
     events(&mut c);
     // Each part fits alone, not together.
     c.set_effective_config(config_of(200)).unwrap();
@@ -1420,7 +1420,7 @@ fn ws_12_part_over_the_limit_alone_is_surfaced_as_report_too_large() {
     );
     assert_eq!(c.dropped_outgoing(), 1);
     // Not retried in a loop: only once it changes.
-    c.handle_message(ack(), t0);
+    c.handle_message(t0, ack());
     events(&mut c);
     assert_eq!(c.poll_transmit(t0), None);
 }
@@ -1453,7 +1453,7 @@ fn half_open_ws_server_silent_after_a_message_is_dropped_and_reconnected() {
     for i in 1..20 {
         let now = t0 + secs(30.0 * f64::from(i));
         assert!(c.poll_transmit(now).is_some());
-        c.handle_message(ack(), now + secs(1.0));
+        c.handle_message(now + secs(1.0), ack());
         c.handle_timeout(now + secs(29.0));
         assert!(events(&mut c).is_empty());
     }
@@ -1470,7 +1470,7 @@ fn gen_8_ws_18_sessions_that_die_young_do_not_reset_the_backoff() {
         c.handle_connected(now);
         c.poll_transmit(now).unwrap();
         // The server answers, then closes at once.
-        c.handle_message(ack(), now);
+        c.handle_message(now, ack());
         events(&mut c);
         let d = c.handle_disconnected(now + secs(0.01));
         delays.push(d);
@@ -1480,7 +1480,7 @@ fn gen_8_ws_18_sessions_that_die_young_do_not_reset_the_backoff() {
     // A session that lasted starts the backoff over.
     c.handle_connected(now);
     c.poll_transmit(now).unwrap();
-    c.handle_message(ack(), now);
+    c.handle_message(now, ack());
     let d = c.handle_disconnected(now + secs(3600.0));
     assert!(d <= secs(0.75), "{d:?}");
 }
@@ -1500,11 +1500,11 @@ fn seq_3_report_full_state_in_every_answer_is_rate_limited() {
             sent += 1;
             full += usize::from(m.agent_description.is_some());
             c.handle_message(
+                now,
                 ServerToAgent {
                     flags: ServerToAgentFlagSet::REPORT_FULL_STATE.bits(),
                     ..ack()
                 },
-                now,
             );
             events(&mut c);
             assert!(sent < 100, "a report loop");
@@ -1530,11 +1530,11 @@ fn rc_3_config_changing_in_every_message_is_handed_over_at_most_once_per_interva
     for i in 0..1000 {
         c.handle_timeout(now);
         c.handle_message(
+            now,
             ServerToAgent {
                 remote_config: Some(config(i)),
                 ..ack()
             },
-            now,
         );
         for e in events(&mut c) {
             if let Event::Message(data) = e {
@@ -1566,11 +1566,11 @@ fn cmd_1_command_in_every_message_is_delivered_at_most_once_per_interval() {
     let mut now = t0;
     for _ in 0..3000 {
         c.handle_message(
+            now,
             ServerToAgent {
                 command: Some(ServerToAgentCommand::default()),
                 ..ack()
             },
-            now,
         );
         commands += events(&mut c)
             .iter()
@@ -1610,7 +1610,7 @@ fn memory_core_keeps_no_reference_to_a_handled_message() {
     let frame = opamp_proto::framing::encode(&msg);
     let decoded: ServerToAgent =
         opamp_proto::framing::decode_bytes(frame.clone(), usize::MAX).unwrap();
-    c.handle_message(decoded, t0);
+    c.handle_message(t0, decoded);
     for e in events(&mut c) {
         match e {
             Event::Message(data) => {

@@ -60,8 +60,8 @@ fn full_state(m: &ServerToAgent) -> bool {
 
 /// Sends `msg` and returns the completed acknowledgement.
 fn exchange(s: &mut AgentSession, msg: &AgentToServer, now: Instant) -> ServerToAgent {
-    s.handle_message(msg, now).unwrap();
-    s.prepare_reply(None, now)
+    s.handle_message(now, msg).unwrap();
+    s.prepare_reply(now, None)
 }
 
 fn remote_config(hash: &'static [u8]) -> ServerToAgent {
@@ -118,10 +118,10 @@ fn cap_3_capabilities_in_every_plain_http_reply() {
 fn cap_3_first_reply_capabilities_survive_a_push_before_it() {
     let clock = Clock::new();
     let mut s = ws_session();
-    s.handle_message(&full_report(0), clock.now()).unwrap();
-    let push = s.prepare_push(remote_config(b"h1"), clock.now()).unwrap();
+    s.handle_message(clock.now(), &full_report(0)).unwrap();
+    let push = s.prepare_push(clock.now(), remote_config(b"h1")).unwrap();
     assert_ne!(push.capabilities, 0, "the push is the first ServerToAgent");
-    let reply = s.prepare_reply(None, clock.now());
+    let reply = s.prepare_reply(clock.now(), None);
     assert_eq!(reply.capabilities, 0);
 }
 
@@ -182,9 +182,9 @@ fn retry_2_repeated_number_is_answered_and_triggers_nothing() {
     let mut s = ws_session();
     exchange(&mut s, &full_report(0), clock.now());
     exchange(&mut s, &report(1), clock.now());
-    let received = s.handle_message(&report(1), clock.now()).unwrap();
+    let received = s.handle_message(clock.now(), &report(1)).unwrap();
     assert!(received.repeated);
-    let r = s.prepare_reply(None, clock.now());
+    let r = s.prepare_reply(clock.now(), None);
     assert!(!full_state(&r));
     assert_eq!(&r.instance_uid[..], &UID);
     // And the sequence continues normally.
@@ -249,8 +249,8 @@ fn seq_2_full_state_request_waits_behind_an_error_reply() {
     // S2A-1: an error reply carries nothing else; the owed flag goes with the next reply.
     let clock = Clock::new();
     let mut s = ws_session();
-    s.handle_message(&report(5), clock.now()).unwrap();
-    let r = s.prepare_reply(Some(bad_request("no")), clock.now());
+    s.handle_message(clock.now(), &report(5)).unwrap();
+    let r = s.prepare_reply(clock.now(), Some(bad_request("no")));
     assert!(r.error_response.is_some());
     assert_eq!(r.flags, 0);
     assert_eq!(
@@ -269,11 +269,11 @@ fn uid_5_request_instance_uid_is_answered_with_a_new_uid() {
     let mut s = ws_session();
     let mut msg = full_report(0);
     msg.flags = AgentToServerFlagSet::REQUEST_INSTANCE_UID.bits();
-    s.handle_message(&msg, clock.now()).unwrap();
+    s.handle_message(clock.now(), &msg).unwrap();
     assert!(s.needs_instance_uid(), "the core asks the driver for a uid");
     s.provide_instance_uid(InstanceUid::from_array([0x5a; 16]));
     assert!(!s.needs_instance_uid());
-    let r = s.prepare_reply(None, clock.now());
+    let r = s.prepare_reply(clock.now(), None);
     assert_eq!(
         &r.instance_uid[..],
         &UID,
@@ -288,10 +288,10 @@ fn uid_5_request_instance_uid_is_answered_with_a_new_uid() {
 
     // A repeated request before switching gets the same uid.
     msg.sequence_num = 1;
-    s.handle_message(&msg, clock.now()).unwrap();
+    s.handle_message(clock.now(), &msg).unwrap();
     assert!(!s.needs_instance_uid(), "one uid until the agent switches");
     s.provide_instance_uid(InstanceUid::from_array([0x6b; 16]));
-    let r = s.prepare_reply(None, clock.now());
+    let r = s.prepare_reply(clock.now(), None);
     assert_eq!(
         &r.agent_identification.unwrap().new_instance_uid[..],
         new.as_array()
@@ -300,9 +300,9 @@ fn uid_5_request_instance_uid_is_answered_with_a_new_uid() {
     // UID-7: the agent switches; the session follows it without asking for full state.
     let mut next = report(2);
     next.instance_uid = new.to_bytes();
-    let received = s.handle_message(&next, clock.now()).unwrap();
+    let received = s.handle_message(clock.now(), &next).unwrap();
     assert_eq!(received.switched_from, Some(InstanceUid::from_array(UID)));
-    let r = s.prepare_reply(None, clock.now());
+    let r = s.prepare_reply(clock.now(), None);
     assert_eq!(&r.instance_uid[..], new.as_array());
     assert!(!full_state(&r));
     assert!(r.agent_identification.is_none());
@@ -315,7 +315,7 @@ fn uid_7_application_chosen_uid_is_used_and_invalid_one_dropped() {
     let mut s = ws_session();
     let mut msg = full_report(0);
     msg.flags = AgentToServerFlagSet::REQUEST_INSTANCE_UID.bits();
-    s.handle_message(&msg, clock.now()).unwrap();
+    s.handle_message(clock.now(), &msg).unwrap();
     s.provide_instance_uid(InstanceUid::from_array([0x5a; 16]));
     let bad = ServerToAgent {
         agent_identification: Some(opamp_proto::AgentIdentification {
@@ -323,21 +323,21 @@ fn uid_7_application_chosen_uid_is_used_and_invalid_one_dropped() {
         }),
         ..Default::default()
     };
-    let r = s.prepare_reply(Some(bad), clock.now());
+    let r = s.prepare_reply(clock.now(), Some(bad));
     let got = r
         .agent_identification
         .expect("replaced by a valid generated uid");
     assert_eq!(got.new_instance_uid.len(), 16);
 
     let mut s = ws_session();
-    s.handle_message(&msg, clock.now()).unwrap();
+    s.handle_message(clock.now(), &msg).unwrap();
     let chosen = ServerToAgent {
         agent_identification: Some(opamp_proto::AgentIdentification {
             new_instance_uid: Bytes::from_static(&[9; 16]),
         }),
         ..Default::default()
     };
-    let r = s.prepare_reply(Some(chosen), clock.now());
+    let r = s.prepare_reply(clock.now(), Some(chosen));
     assert_eq!(
         &r.agent_identification.unwrap().new_instance_uid[..],
         &[9; 16]
@@ -355,7 +355,7 @@ fn uid_2_wrong_length_uid_is_an_error() {
     let mut msg = report(0);
     msg.instance_uid = Bytes::from_static(b"short");
     assert!(matches!(
-        s.handle_message(&msg, clock.now()),
+        s.handle_message(clock.now(), &msg),
         Err(crate::ReadMessageError::InstanceUid(_))
     ));
     assert_eq!(s.instance_uid(), None);
@@ -368,9 +368,9 @@ fn ws_21_another_uid_on_the_stream_starts_over() {
     exchange(&mut s, &full_report(0), clock.now());
     let mut other = report(100);
     other.instance_uid = Bytes::from_static(&[8; 16]);
-    let received = s.handle_message(&other, clock.now()).unwrap();
+    let received = s.handle_message(clock.now(), &other).unwrap();
     assert!(received.first);
-    let r = s.prepare_reply(None, clock.now());
+    let r = s.prepare_reply(clock.now(), None);
     assert!(full_state(&r), "unknown agent without description");
     assert_ne!(r.capabilities, 0, "first reply to this agent");
 }
@@ -381,7 +381,7 @@ fn cap_4_offers_are_gated_on_agent_capabilities() {
     let mut s = ws_session();
     let mut msg = full_report(0);
     msg.capabilities = A::REPORTS_STATUS.bits(); // accepts nothing
-    s.handle_message(&msg, clock.now()).unwrap();
+    s.handle_message(clock.now(), &msg).unwrap();
     let offer = ServerToAgent {
         packages_available: Some(PackagesAvailable::default()),
         command: Some(ServerToAgentCommand::default()),
@@ -393,7 +393,7 @@ fn cap_4_offers_are_gated_on_agent_capabilities() {
         flags: F::REPORT_AVAILABLE_COMPONENTS.bits(),
         ..remote_config(b"h")
     };
-    let r = s.prepare_reply(Some(offer.clone()), clock.now());
+    let r = s.prepare_reply(clock.now(), Some(offer.clone()));
     assert!(r.remote_config.is_none());
     assert!(r.packages_available.is_none());
     assert!(r.command.is_none());
@@ -407,10 +407,10 @@ fn cap_4_offers_are_gated_on_agent_capabilities() {
         | A::ACCEPTS_PACKAGES
         | A::ACCEPTS_OPAMP_CONNECTION_SETTINGS)
         .bits();
-    s.handle_message(&msg, clock.now()).unwrap();
+    s.handle_message(clock.now(), &msg).unwrap();
     let mut offer = offer;
     offer.command = None;
-    let r = s.prepare_reply(Some(offer), clock.now());
+    let r = s.prepare_reply(clock.now(), Some(offer));
     assert!(r.remote_config.is_some());
     assert!(r.packages_available.is_some());
     let cs = r.connection_settings.expect("opamp settings accepted");
@@ -424,7 +424,7 @@ fn cap_4_heartbeat_interval_needs_reports_heartbeat() {
     let mut s = ws_session();
     let mut msg = full_report(0);
     msg.capabilities = (A::REPORTS_STATUS | A::ACCEPTS_OPAMP_CONNECTION_SETTINGS).bits();
-    s.handle_message(&msg, clock.now()).unwrap();
+    s.handle_message(clock.now(), &msg).unwrap();
     let offer = ServerToAgent {
         connection_settings: Some(ConnectionSettingsOffers {
             hash: Bytes::from_static(b"cs"),
@@ -436,7 +436,7 @@ fn cap_4_heartbeat_interval_needs_reports_heartbeat() {
         }),
         ..Default::default()
     };
-    let r = s.prepare_reply(Some(offer), clock.now());
+    let r = s.prepare_reply(clock.now(), Some(offer));
     assert_eq!(
         r.connection_settings
             .unwrap()
@@ -451,8 +451,8 @@ fn cap_4_heartbeat_interval_needs_reports_heartbeat() {
 fn cap_4_offers_the_server_did_not_advertise_are_removed() {
     let clock = Clock::new();
     let mut s = AgentSession::new(SessionConfig::websocket(S::ACCEPTS_STATUS));
-    s.handle_message(&full_report(0), clock.now()).unwrap();
-    let r = s.prepare_reply(Some(remote_config(b"h")), clock.now());
+    s.handle_message(clock.now(), &full_report(0)).unwrap();
+    let r = s.prepare_reply(clock.now(), Some(remote_config(b"h")));
     assert!(r.remote_config.is_none());
 }
 
@@ -465,12 +465,12 @@ fn rc_6_config_the_agent_reports_is_not_resent() {
         last_remote_config_hash: Bytes::from_static(b"h1"),
         ..Default::default()
     });
-    s.handle_message(&msg, clock.now()).unwrap();
-    let r = s.prepare_reply(Some(remote_config(b"h1")), clock.now());
+    s.handle_message(clock.now(), &msg).unwrap();
+    let r = s.prepare_reply(clock.now(), Some(remote_config(b"h1")));
     assert!(r.remote_config.is_none(), "agent already has h1");
     // A different hash differs from what the agent reports: it MUST be included (RC-6).
-    s.handle_message(&report(1), clock.now()).unwrap();
-    let r = s.prepare_reply(Some(remote_config(b"h2")), clock.now());
+    s.handle_message(clock.now(), &report(1)).unwrap();
+    let r = s.prepare_reply(clock.now(), Some(remote_config(b"h2")));
     assert!(r.remote_config.is_some());
 }
 
@@ -478,29 +478,29 @@ fn rc_6_config_the_agent_reports_is_not_resent() {
 fn rc_4_config_is_not_resent_while_unchanged() {
     let clock = Clock::new();
     let mut s = ws_session();
-    s.handle_message(&full_report(0), clock.now()).unwrap();
+    s.handle_message(clock.now(), &full_report(0)).unwrap();
     assert!(
-        s.prepare_reply(Some(remote_config(b"h1")), clock.now())
+        s.prepare_reply(clock.now(), Some(remote_config(b"h1")))
             .remote_config
             .is_some()
     );
     // The application returns the same desired config at every message.
-    s.handle_message(&report(1), clock.now()).unwrap();
+    s.handle_message(clock.now(), &report(1)).unwrap();
     assert!(
-        s.prepare_reply(Some(remote_config(b"h1")), clock.now())
+        s.prepare_reply(clock.now(), Some(remote_config(b"h1")))
             .remote_config
             .is_none()
     );
-    assert!(s.prepare_push(remote_config(b"h1"), clock.now()).is_none());
+    assert!(s.prepare_push(clock.now(), remote_config(b"h1")).is_none());
     // The agent reports APPLYING h1: still not resent.
     let mut msg = report(2);
     msg.remote_config_status = Some(RemoteConfigStatus {
         last_remote_config_hash: Bytes::from_static(b"h1"),
         ..Default::default()
     });
-    s.handle_message(&msg, clock.now()).unwrap();
+    s.handle_message(clock.now(), &msg).unwrap();
     assert!(
-        s.prepare_reply(Some(remote_config(b"h1")), clock.now())
+        s.prepare_reply(clock.now(), Some(remote_config(b"h1")))
             .remote_config
             .is_none()
     );
@@ -510,9 +510,9 @@ fn rc_4_config_is_not_resent_while_unchanged() {
         last_remote_config_hash: Bytes::from_static(b"old"),
         ..Default::default()
     });
-    s.handle_message(&msg, clock.now()).unwrap();
+    s.handle_message(clock.now(), &msg).unwrap();
     assert!(
-        s.prepare_reply(Some(remote_config(b"h1")), clock.now())
+        s.prepare_reply(clock.now(), Some(remote_config(b"h1")))
             .remote_config
             .is_some()
     );
@@ -522,10 +522,10 @@ fn rc_4_config_is_not_resent_while_unchanged() {
 fn rc_4_config_without_hash_is_always_sent() {
     let clock = Clock::new();
     let mut s = ws_session();
-    s.handle_message(&full_report(0), clock.now()).unwrap();
+    s.handle_message(clock.now(), &full_report(0)).unwrap();
     for _ in 0..2 {
         assert!(
-            s.prepare_reply(Some(remote_config(b"")), clock.now())
+            s.prepare_reply(clock.now(), Some(remote_config(b"")))
                 .remote_config
                 .is_some()
         );
@@ -542,7 +542,7 @@ fn pkg_15_packages_with_reported_hash_are_not_resent() {
         server_provided_all_packages_hash: Bytes::from_static(b"p1"),
         ..Default::default()
     });
-    s.handle_message(&msg, clock.now()).unwrap();
+    s.handle_message(clock.now(), &msg).unwrap();
     let offer = |h: &'static [u8]| ServerToAgent {
         packages_available: Some(PackagesAvailable {
             all_packages_hash: Bytes::from_static(h),
@@ -551,15 +551,15 @@ fn pkg_15_packages_with_reported_hash_are_not_resent() {
         ..Default::default()
     };
     assert!(
-        s.prepare_reply(Some(offer(b"p1")), clock.now())
+        s.prepare_reply(clock.now(), Some(offer(b"p1")))
             .packages_available
             .is_none()
     );
     let mut next = report(1);
     next.capabilities |= A::ACCEPTS_PACKAGES.bits();
-    s.handle_message(&next, clock.now()).unwrap();
+    s.handle_message(clock.now(), &next).unwrap();
     assert!(
-        s.prepare_reply(Some(offer(b"p2")), clock.now())
+        s.prepare_reply(clock.now(), Some(offer(b"p2")))
             .packages_available
             .is_some()
     );
@@ -571,7 +571,7 @@ fn connection_settings_hash_is_not_resent() {
     let mut s = ws_session();
     let mut msg = full_report(0);
     msg.capabilities |= A::ACCEPTS_OPAMP_CONNECTION_SETTINGS.bits();
-    s.handle_message(&msg, clock.now()).unwrap();
+    s.handle_message(clock.now(), &msg).unwrap();
     let offer = ServerToAgent {
         connection_settings: Some(ConnectionSettingsOffers {
             hash: Bytes::from_static(b"c1"),
@@ -581,15 +581,15 @@ fn connection_settings_hash_is_not_resent() {
         ..Default::default()
     };
     assert!(
-        s.prepare_reply(Some(offer.clone()), clock.now())
+        s.prepare_reply(clock.now(), Some(offer.clone()))
             .connection_settings
             .is_some()
     );
     let mut next = report(1);
     next.capabilities |= A::ACCEPTS_OPAMP_CONNECTION_SETTINGS.bits();
-    s.handle_message(&next, clock.now()).unwrap();
+    s.handle_message(clock.now(), &next).unwrap();
     assert!(
-        s.prepare_reply(Some(offer), clock.now())
+        s.prepare_reply(clock.now(), Some(offer))
             .connection_settings
             .is_none()
     );
@@ -601,21 +601,21 @@ fn s2a_2_command_goes_alone_and_owed_items_wait() {
     let mut s = ws_session();
     let mut msg = report(3); // unknown agent without description: full state owed
     msg.capabilities |= A::ACCEPTS_RESTART_COMMAND.bits();
-    s.handle_message(&msg, clock.now()).unwrap();
+    s.handle_message(clock.now(), &msg).unwrap();
     let r = s.prepare_reply(
+        clock.now(),
         Some(ServerToAgent {
             command: Some(ServerToAgentCommand::default()),
             ..remote_config(b"h1")
         }),
-        clock.now(),
     );
     assert!(r.command.is_some());
     assert!(r.remote_config.is_none());
     assert_eq!(r.flags, 0);
     assert_ne!(r.capabilities, 0, "capabilities may accompany a command");
     // The config was not recorded as sent, and the flag is still owed.
-    s.handle_message(&report(4), clock.now()).unwrap();
-    let r = s.prepare_reply(Some(remote_config(b"h1")), clock.now());
+    s.handle_message(clock.now(), &report(4)).unwrap();
+    let r = s.prepare_reply(clock.now(), Some(remote_config(b"h1")));
     assert!(r.remote_config.is_some());
     assert!(full_state(&r));
 }
@@ -626,11 +626,11 @@ fn push_with_nothing_left_is_not_sent() {
     let mut s = ws_session();
     let mut msg = full_report(0);
     msg.capabilities = A::REPORTS_STATUS.bits();
-    s.handle_message(&msg, clock.now()).unwrap();
-    s.prepare_reply(None, clock.now());
-    assert!(s.prepare_push(remote_config(b"h"), clock.now()).is_none());
+    s.handle_message(clock.now(), &msg).unwrap();
+    let _ = s.prepare_reply(clock.now(), None);
+    assert!(s.prepare_push(clock.now(), remote_config(b"h")).is_none());
     assert!(
-        s.prepare_push(bad_request("x"), clock.now())
+        s.prepare_push(clock.now(), bad_request("x"))
             .is_some_and(|m| m.error_response.is_some())
     );
 }
@@ -641,17 +641,17 @@ fn dis_2_agent_disconnect_is_reported() {
     let mut s = ws_session();
     let mut msg = full_report(0);
     msg.agent_disconnect = Some(AgentDisconnect {});
-    assert!(s.handle_message(&msg, clock.now()).unwrap().disconnect);
+    assert!(s.handle_message(clock.now(), &msg).unwrap().disconnect);
 }
 
 #[test]
 fn cap_1_zero_capabilities_keep_the_last_set() {
     let clock = Clock::new();
     let mut s = ws_session();
-    s.handle_message(&full_report(0), clock.now()).unwrap();
+    s.handle_message(clock.now(), &full_report(0)).unwrap();
     let mut poll = report(1);
     poll.capabilities = 0;
-    s.handle_message(&poll, clock.now()).unwrap();
+    s.handle_message(clock.now(), &poll).unwrap();
     assert_eq!(s.agent_capabilities(), caps());
 }
 
@@ -661,7 +661,7 @@ fn shared_push_goes_out_shared_behind_per_agent_fields() {
     let mut s = ws_session();
     exchange(&mut s, &full_report(0), clock.now());
     let shared = remote_config(b"h1");
-    match s.prepare_shared_push(&shared, clock.now()) {
+    match s.prepare_shared_push(clock.now(), &shared) {
         PushPlan::Shared(own) => {
             assert_eq!(&own.instance_uid[..], &UID, "UID-6: the agent's own uid");
             assert!(
@@ -672,7 +672,7 @@ fn shared_push_goes_out_shared_behind_per_agent_fields() {
         other => panic!("expected a shared plan, got {other:?}"),
     }
     // RC-4: the same config again is not re-sent.
-    assert_eq!(s.prepare_shared_push(&shared, clock.now()), PushPlan::Skip);
+    assert_eq!(s.prepare_shared_push(clock.now(), &shared), PushPlan::Skip);
 }
 
 #[test]
@@ -686,7 +686,7 @@ fn shared_push_is_skipped_when_the_agent_reports_the_hash_rc_6() {
     });
     exchange(&mut s, &msg, clock.now());
     assert_eq!(
-        s.prepare_shared_push(&remote_config(b"h1"), clock.now()),
+        s.prepare_shared_push(clock.now(), &remote_config(b"h1")),
         PushPlan::Skip
     );
 }
@@ -703,7 +703,7 @@ fn shared_push_changed_for_one_agent_is_sent_as_its_own_message_cap_4() {
     shared.custom_capabilities = Some(opamp_proto::CustomCapabilities {
         capabilities: vec!["io.example.cap".into()],
     });
-    match s.prepare_shared_push(&shared, clock.now()) {
+    match s.prepare_shared_push(clock.now(), &shared) {
         PushPlan::Owned(out) => {
             assert!(
                 out.remote_config.is_none(),
@@ -910,21 +910,21 @@ fn random_operation_sequences_keep_the_protocol_rules() {
                     let msg = random_agent_message(&mut rng, &mut seq);
                     // A message flagged as a second agent's (UID-8) is answered by the
                     // driver without the session (reassign_reply).
-                    if s.handle_message(&msg, clock.now())
+                    if s.handle_message(clock.now(), &msg)
                         .is_ok_and(|r| !r.duplicate)
                     {
                         if msg.capabilities != 0 {
                             agent_caps = A::from_bits_retain(msg.capabilities);
                         }
                         let reply = random_server_message(&mut rng);
-                        let out = s.prepare_reply(reply, clock.now());
+                        let out = s.prepare_reply(clock.now(), reply);
                         check_outgoing(&s, &out, agent_caps, step);
                     }
                 }
                 2 => {
                     if let Some(push) = random_server_message(&mut rng)
                         && s.instance_uid().is_some()
-                        && let Some(out) = s.prepare_push(push, clock.now())
+                        && let Some(out) = s.prepare_push(clock.now(), push)
                     {
                         check_outgoing(&s, &out, agent_caps, step);
                     }
@@ -933,7 +933,7 @@ fn random_operation_sequences_keep_the_protocol_rules() {
                     if let Some(push) = random_server_message(&mut rng)
                         && s.instance_uid().is_some()
                     {
-                        match s.prepare_shared_push(&push, clock.now()) {
+                        match s.prepare_shared_push(clock.now(), &push) {
                             PushPlan::Shared(own) => {
                                 // What the agent receives: its own fields, then the shared ones.
                                 let mut full = push.clone();
@@ -980,35 +980,35 @@ fn rc_6_config_reoffered_after_lost_http_response() {
         } else {
             full_report(0)
         };
-        s.handle_message(&first, clock.now()).unwrap();
-        let r = s.prepare_reply(Some(remote_config(b"h1")), clock.now());
+        s.handle_message(clock.now(), &first).unwrap();
+        let r = s.prepare_reply(clock.now(), Some(remote_config(b"h1")));
         assert!(r.remote_config.is_some(), "offered");
         // That response is lost: the agent polls again without the hash.
         for seq in 1..3 {
-            s.handle_message(&report(seq), clock.now()).unwrap();
-            let r = s.prepare_reply(Some(remote_config(b"h1")), clock.now());
+            s.handle_message(clock.now(), &report(seq)).unwrap();
+            let r = s.prepare_reply(clock.now(), Some(remote_config(b"h1")));
             assert!(r.remote_config.is_some(), "RC-6: reoffered at poll {seq}");
         }
         // An agent still reporting its old config gets it too.
-        s.handle_message(&with_rc_hash(report(3), b"old"), clock.now())
+        s.handle_message(clock.now(), &with_rc_hash(report(3), b"old"))
             .unwrap();
-        let r = s.prepare_reply(Some(remote_config(b"h1")), clock.now());
+        let r = s.prepare_reply(clock.now(), Some(remote_config(b"h1")));
         assert!(r.remote_config.is_some());
         // Once it reports h1, it is not sent again (RC-4).
-        s.handle_message(&with_rc_hash(report(4), b"h1"), clock.now())
+        s.handle_message(clock.now(), &with_rc_hash(report(4), b"h1"))
             .unwrap();
-        let r = s.prepare_reply(Some(remote_config(b"h1")), clock.now());
+        let r = s.prepare_reply(clock.now(), Some(remote_config(b"h1")));
         assert!(r.remote_config.is_none());
     }
     // Within one WebSocket stream, sent is delivered: no resend (RC-4).
     let mut s = ws_session();
     exchange(&mut s, &full_report(0), clock.now());
     assert!(
-        s.prepare_push(remote_config(b"h1"), clock.now())
+        s.prepare_push(clock.now(), remote_config(b"h1"))
             .is_some_and(|m| m.remote_config.is_some())
     );
-    s.handle_message(&report(1), clock.now()).unwrap();
-    let r = s.prepare_reply(Some(remote_config(b"h1")), clock.now());
+    s.handle_message(clock.now(), &report(1)).unwrap();
+    let r = s.prepare_reply(clock.now(), Some(remote_config(b"h1")));
     assert!(r.remote_config.is_none());
 }
 
@@ -1034,8 +1034,8 @@ fn rc_6_connection_settings_and_packages_reoffered_over_http() {
     for seq in 0..3 {
         let mut msg = full_report(seq);
         msg.capabilities = caps.bits();
-        s.handle_message(&msg, clock.now()).unwrap();
-        let r = s.prepare_reply(Some(offer.clone()), clock.now());
+        s.handle_message(clock.now(), &msg).unwrap();
+        let r = s.prepare_reply(clock.now(), Some(offer.clone()));
         assert!(r.connection_settings.is_some(), "poll {seq}");
         assert!(r.packages_available.is_some(), "poll {seq}");
     }
@@ -1049,8 +1049,8 @@ fn rc_6_connection_settings_and_packages_reoffered_over_http() {
         last_connection_settings_hash: Bytes::from_static(b"c1"),
         ..Default::default()
     });
-    s.handle_message(&msg, clock.now()).unwrap();
-    let r = s.prepare_reply(Some(offer), clock.now());
+    s.handle_message(clock.now(), &msg).unwrap();
+    let r = s.prepare_reply(clock.now(), Some(offer));
     assert!(r.connection_settings.is_none());
     assert!(r.packages_available.is_none());
 }
@@ -1064,24 +1064,24 @@ fn uid_8_interleaving_sequences_flag_the_second_agent() {
     // Agent A polls 10, 11; its clone B starts at 3 (looks like a restart).
     exchange(&mut s, &full_report(10), clock.now());
     exchange(&mut s, &report(11), clock.now());
-    let r = s.handle_message(&full_report(3), clock.now()).unwrap();
+    let r = s.handle_message(clock.now(), &full_report(3)).unwrap();
     assert!(!r.duplicate, "a jump alone is a restart");
-    s.prepare_reply(None, clock.now());
+    let _ = s.prepare_reply(clock.now(), None);
     // A continues its sequence: the interleaving shows.
     clock.advance(Duration::from_secs(60));
-    let r = s.handle_message(&report(12), clock.now()).unwrap();
+    let r = s.handle_message(clock.now(), &report(12)).unwrap();
     assert!(!r.duplicate, "A keeps the session");
-    let reply = s.prepare_reply(None, clock.now());
+    let reply = s.prepare_reply(clock.now(), None);
     assert!(full_state(&reply), "A's state may have been overwritten");
     // B's next messages (and retries) are flagged; A's are not, and no full-state loop.
     for round in 0..20u64 {
-        let r = s.handle_message(&report(4 + round), clock.now()).unwrap();
+        let r = s.handle_message(clock.now(), &report(4 + round)).unwrap();
         assert!(r.duplicate, "B round {round}");
-        let r = s.handle_message(&report(4 + round), clock.now()).unwrap();
+        let r = s.handle_message(clock.now(), &report(4 + round)).unwrap();
         assert!(r.duplicate && r.repeated, "B retry round {round}");
-        let r = s.handle_message(&report(13 + round), clock.now()).unwrap();
+        let r = s.handle_message(clock.now(), &report(13 + round)).unwrap();
         assert!(!r.duplicate, "A round {round}");
-        let reply = s.prepare_reply(None, clock.now());
+        let reply = s.prepare_reply(clock.now(), None);
         assert!(
             !full_state(&reply),
             "no ReportFullState loop (round {round})"
@@ -1091,11 +1091,11 @@ fn uid_8_interleaving_sequences_flag_the_second_agent() {
     let mut s = ws_session();
     for seq in [10, 11, 3, 12, 4, 13, 5] {
         assert!(
-            !s.handle_message(&full_report(seq), clock.now())
+            !s.handle_message(clock.now(), &full_report(seq))
                 .unwrap()
                 .duplicate
         );
-        s.prepare_reply(None, clock.now());
+        let _ = s.prepare_reply(clock.now(), None);
     }
     let reassign = reassign_reply(
         InstanceUid::from_array(UID),
@@ -1124,9 +1124,9 @@ fn uid_8_restart_loss_and_retries_are_not_duplicates() {
     // Counting back up past the old numbers after a restart is no duplicate either.
     seqs.extend(11..120);
     for seq in seqs {
-        let r = s.handle_message(&full_report(seq), clock.now()).unwrap();
+        let r = s.handle_message(clock.now(), &full_report(seq)).unwrap();
         assert!(!r.duplicate, "seq {seq}");
-        s.prepare_reply(None, clock.now());
+        let _ = s.prepare_reply(clock.now(), None);
     }
 }
 
@@ -1178,7 +1178,7 @@ fn uid_2_nil_uid_is_unusable_and_wrong_lengths_are_errors() {
         msg.instance_uid = Bytes::from(vec![1; len]);
         assert!(
             matches!(
-                s.handle_message(&msg, clock.now()),
+                s.handle_message(clock.now(), &msg),
                 Err(crate::ReadMessageError::InstanceUid(_))
             ),
             "{len}"
@@ -1202,8 +1202,9 @@ fn s2a2_config_queued_with_restart_goes_out_next() {
             .bits(),
         ..AgentToServer::default()
     };
-    s.handle_message(&msg, now).unwrap();
+    s.handle_message(now, &msg).unwrap();
     let out = s.prepare_reply(
+        now,
         Some(ServerToAgent {
             remote_config: Some(AgentRemoteConfig {
                 config: None,
@@ -1212,13 +1213,12 @@ fn s2a2_config_queued_with_restart_goes_out_next() {
             command: Some(ServerToAgentCommand::default()),
             ..ServerToAgent::default()
         }),
-        now,
     );
     assert!(out.command.is_some());
     assert!(out.remote_config.is_none(), "S2A-2: the command goes alone");
     assert!(s.has_deferred());
     let next = s
-        .prepare_push(ServerToAgent::default(), now)
+        .prepare_push(now, ServerToAgent::default())
         .expect("the config follows");
     assert_eq!(
         next.remote_config.unwrap().config_hash,
