@@ -28,6 +28,9 @@ for features in "" tokio tls tokio,tls; do
         check_features "$crate" "$features"
     done
 done
+for features in "" tls; do
+    check_features opamp-supervisor "$features"
+done
 for sides in "" client server client,server; do
     for features in "" tokio tls tokio,tls; do
         check_features opamp "$(echo "$sides,$features" | sed 's/^,//; s/,$//')"
@@ -55,6 +58,7 @@ for crate in opamp-transport opamp-client opamp-server opamp; do
     forbid_in_tree "$tls_crates" -p "$crate" --no-default-features --features tokio
     forbid_in_tree "$tls_crates|$io_crates" -p "$crate" --no-default-features
 done
+forbid_in_tree "$tls_crates" -p opamp-supervisor --no-default-features
 forbid_in_tree "$tls_crates" -p opamp --no-default-features --features client,server,tokio
 forbid_in_tree "$tls_crates|$io_crates" -p opamp --no-default-features --features client,server
 # The cores' own unit tests, built without tokio (each crate alone: built together, the
