@@ -190,7 +190,7 @@ pub use async_trait::async_trait;
 /// The `http` crate, whose request parts [`ServerCallbacks::on_connecting`] receives.
 pub use http;
 #[cfg(feature = "tokio")]
-pub use service::{OpampService, ResponseBody};
+pub use service::{Broadcast, OpampService, ResponseBody};
 
 #[cfg(all(test, feature = "tokio"))]
 mod tests_support {

@@ -130,6 +130,28 @@ impl UidRegistry {
             })
     }
 
+    /// The live connection that holds `uid` now, if any.
+    pub(crate) fn get(&self, uid: &InstanceUid) -> Option<Connection> {
+        lock(self.shard(uid))
+            .get(uid)
+            .filter(|h| !h.conn.is_closed())
+            .map(|h| h.conn.clone())
+    }
+
+    /// Every live connection that holds a uid, one per uid.
+    pub(crate) fn all(&self) -> Vec<Connection> {
+        self.shards
+            .iter()
+            .flat_map(|shard| {
+                lock(shard)
+                    .values()
+                    .filter(|h| !h.conn.is_closed())
+                    .map(|h| h.conn.clone())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
     /// The claim's holder shares the uid with the current holder (the application allowed
     /// it): no more disputes between these two.
     pub(crate) fn tolerate(&self, claim: &Claim) {

@@ -163,6 +163,36 @@ impl OpampService {
         self.shared.budget.used()
     }
 
+    /// The connection of the agent with `uid`: its WebSocket connection, or its plain-HTTP
+    /// session (a message sent to that goes out with the answer to its next poll). `None`
+    /// if no live connection has announced that uid. Known from the agent's first message
+    /// on; when two connections claim one uid (UID-8), the one that holds it now.
+    pub fn connection(&self, uid: &opamp_proto::InstanceUid) -> Option<crate::Connection> {
+        self.shared.uids.get(uid)
+    }
+
+    /// Every live connection whose agent announced its uid, one per uid, in no particular
+    /// order (a snapshot: connections come and go meanwhile).
+    pub fn connections(&self) -> Vec<crate::Connection> {
+        self.shared.uids.all()
+    }
+
+    /// Sends `message` to every live connection of [`connections`](Self::connections),
+    /// encoded once ([`SharedMessage`](crate::SharedMessage)); each agent's session still
+    /// strips what that agent cannot take (CAP-4). Returns how many connections it was
+    /// queued to and how many refused it (queue full or closed meanwhile; see
+    /// [`Connection::send_shared`](crate::Connection::send_shared)).
+    pub fn broadcast(&self, message: &crate::SharedMessage) -> Broadcast {
+        let mut outcome = Broadcast::default();
+        for conn in self.shared.uids.all() {
+            match conn.send_shared(message) {
+                Ok(()) => outcome.queued += 1,
+                Err(_) => outcome.refused += 1,
+            }
+        }
+        outcome
+    }
+
     /// Number of live plain-HTTP sessions.
     pub fn plain_http_sessions(&self) -> usize {
         self.shared.sessions.len()
@@ -287,4 +317,14 @@ where
         let this = self.clone();
         Box::pin(async move { Ok(this.handle(req).await) })
     }
+}
+
+/// What [`OpampService::broadcast`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Broadcast {
+    /// Connections the message was queued to.
+    pub queued: usize,
+    /// Connections that refused it: their queue was full, or they closed meanwhile.
+    pub refused: usize,
 }

@@ -373,3 +373,62 @@ async fn http5_bad_instance_uid_header_gets_400_and_session_is_unharmed() {
     assert_eq!(server.service().plain_http_sessions(), 1);
     server.shutdown().await;
 }
+
+/// The connection registry by instance uid: `connection(uid)` finds a WebSocket agent and a
+/// plain-HTTP session once they sent their first message; `connections()` lists both;
+/// `broadcast` reaches both, encoded once (the HTTP agent with the answer to its next
+/// poll); a closed WebSocket leaves the registry.
+#[tokio::test]
+async fn registry_finds_connections_by_uid_and_broadcasts() {
+    use opamp_proto::ServerToAgentFlagSet;
+    use opamp_server::{SharedMessage, Transport};
+    let (rec, _events) = Recorder::quiet();
+    let server = Server::bind(loopback_config().build().unwrap(), rec.server_callbacks())
+        .await
+        .unwrap();
+    let addr = server.local_addr();
+    let service = server.service().clone();
+    let mut ws = ws_connect(addr, PATH).await;
+    ws_send(&mut ws, &first_report(uid(1))).await;
+    ws_recv(&mut ws).await;
+    poll(addr, PATH, &first_report(uid(2))).await;
+
+    let one = service.connection(&uid(1)).expect("the WebSocket agent");
+    assert_eq!(one.instance_uid(), Some(uid(1)));
+    assert_eq!(one.transport(), Transport::WebSocket);
+    let two = service.connection(&uid(2)).expect("the plain-HTTP session");
+    assert_eq!(two.transport(), Transport::PlainHttp);
+    assert!(service.connection(&uid(3)).is_none());
+    let mut listed: Vec<InstanceUid> = service
+        .connections()
+        .iter()
+        .filter_map(|c| c.instance_uid())
+        .collect();
+    listed.sort_by_key(|u| *u.as_array());
+    assert_eq!(listed, vec![uid(1), uid(2)]);
+
+    let ask = SharedMessage::new(ServerToAgent {
+        flags: ServerToAgentFlagSet::REPORT_FULL_STATE.bits(),
+        ..Default::default()
+    });
+    let outcome = service.broadcast(&ask);
+    assert_eq!((outcome.queued, outcome.refused), (2, 0));
+    let pushed = ws_recv(&mut ws).await;
+    assert_eq!(pushed.flags, ServerToAgentFlagSet::REPORT_FULL_STATE.bits());
+    let answer = poll(addr, PATH, &report(uid(2), 1)).await;
+    assert_ne!(
+        answer.flags & ServerToAgentFlagSet::REPORT_FULL_STATE.bits(),
+        0,
+        "the broadcast rides on the next poll"
+    );
+
+    drop(ws);
+    within(async {
+        while service.connection(&uid(1)).is_some() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert_eq!(service.connections().len(), 1);
+    server.shutdown().await;
+}
