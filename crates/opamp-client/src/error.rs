@@ -107,10 +107,10 @@ pub enum ConnectError {
     },
     /// A WebSocket protocol error.
     #[error("WebSocket error: {0}")]
-    WebSocket(Box<tokio_tungstenite::tungstenite::Error>),
+    WebSocket(#[source] ProtocolError),
     /// An HTTP protocol error.
     #[error("HTTP error: {0}")]
-    Http(Box<hyper::Error>),
+    Http(#[source] ProtocolError),
     /// A message from the server was over the receive limit and was not processed (WS-10,
     /// HTTP-15).
     #[error(transparent)]
@@ -124,6 +124,28 @@ pub enum ConnectError {
     /// The server closed the connection.
     #[error("connection closed by the server")]
     Closed,
+}
+
+/// An error of the HTTP or WebSocket implementation under the client (hyper,
+/// tungstenite), kept opaque so that the public API does not depend on those crates or
+/// their versions. Its [`source`](std::error::Error::source) is the original error, for
+/// logging or downcasting.
+#[cfg(feature = "tokio")]
+#[derive(Debug)]
+pub struct ProtocolError(Box<dyn std::error::Error + Send + Sync + 'static>);
+
+#[cfg(feature = "tokio")]
+impl std::fmt::Display for ProtocolError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+#[cfg(feature = "tokio")]
+impl std::error::Error for ProtocolError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
 }
 
 #[cfg(feature = "tokio")]
@@ -147,14 +169,14 @@ impl ConnectError {
 #[cfg(feature = "tokio")]
 impl From<tokio_tungstenite::tungstenite::Error> for ConnectError {
     fn from(e: tokio_tungstenite::tungstenite::Error) -> Self {
-        ConnectError::WebSocket(Box::new(e))
+        ConnectError::WebSocket(ProtocolError(Box::new(e)))
     }
 }
 
 #[cfg(feature = "tokio")]
 impl From<hyper::Error> for ConnectError {
     fn from(e: hyper::Error) -> Self {
-        ConnectError::Http(Box::new(e))
+        ConnectError::Http(ProtocolError(Box::new(e)))
     }
 }
 

@@ -158,6 +158,6 @@ pub use client::OpampClient;
 pub use core::ServerGuards;
 pub use error::{ClientError, ReportTooLarge};
 #[cfg(feature = "tokio")]
-pub use error::{ConnectError, StartError, StopError};
+pub use error::{ConnectError, ProtocolError, StartError, StopError};
 #[cfg(feature = "tokio")]
 pub use settings::{HeaderFn, StartSettings};
