@@ -16,6 +16,7 @@ use opamp::server::SharedMessage;
 use serde_json::json;
 
 use crate::State;
+use crate::packages::{PackageSet, RangeAsk, RepoError, parse_range};
 use crate::store::{hex, remote_config};
 
 type Shared = Arc<State>;
@@ -146,6 +147,10 @@ pub(crate) fn router(state: Shared, policy: HostPolicy) -> Router {
         .route("/api/agents/{uid}/config", put(put_agent_config))
         .route("/api/agents/{uid}/restart", post(restart_agent))
         .route("/api/config", put(put_config))
+        .route("/api/v1/packages", get(list_packages))
+        .route("/api/v1/packages/{name}/{version}", put(put_package))
+        .route("/api/v1/packages/{name}/{version}/file", get(package_file))
+        .route("/api/v1/package-sets/{name}", put(put_package_set))
         .with_state(state)
         .layer(middleware::from_fn_with_state(Arc::new(policy), guard))
 }
@@ -158,7 +163,7 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
-/// POST actions take `Content-Type: application/json`: a page on another site can make a
+/// POST actions and package sets take `Content-Type: application/json`: a page on another site can make a
 /// browser send a "simple" cross-site POST, but not with this content type (that needs a CORS
 /// preflight, which this server never grants).
 fn require_json(headers: &HeaderMap) -> Option<Response> {
@@ -170,7 +175,7 @@ fn require_json(headers: &HeaderMap) -> Option<Response> {
     (!json).then(|| {
         error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "POST requests need Content-Type: application/json",
+            "this request needs Content-Type: application/json",
         )
     })
 }
@@ -326,6 +331,188 @@ async fn put_config(
     Json(json!({
         "config_hash": hex(&config.config_hash),
         "agents": targeted.iter().map(ToString::to_string).collect::<Vec<_>>(),
+    }))
+    .into_response()
+}
+
+fn repo_error(e: RepoError) -> Response {
+    match e {
+        RepoError::Invalid(m) => error(StatusCode::BAD_REQUEST, m),
+        RepoError::NotFound(m) => error(StatusCode::NOT_FOUND, m),
+        RepoError::Conflict(m) => error(StatusCode::CONFLICT, m),
+        RepoError::TooLarge(m) => error(StatusCode::PAYLOAD_TOO_LARGE, m),
+    }
+}
+
+/// `GET /api/v1/packages`: the server's public key, every stored version (name, version,
+/// size, sha256) and the package sets.
+async fn list_packages(AxumState(state): AxumState<Shared>) -> Response {
+    Json(state.packages.list_json()).into_response()
+}
+
+/// `PUT /api/v1/packages/{name}/{version}`: the body (`Content-Type:
+/// application/octet-stream`) is the file. The server signs its SHA-256 with its key, unless
+/// `X-Package-Signature` carries a signature made elsewhere (128 hex digits, PKG-21).
+async fn put_package(
+    AxumState(state): AxumState<Shared>,
+    Path((name, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    let octets = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/octet-stream"));
+    if !octets {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "package uploads need Content-Type: application/octet-stream",
+        );
+    }
+    let signature = match headers.get("x-package-signature") {
+        None => None,
+        Some(v) => match v.to_str().ok().and_then(unhex) {
+            Some(sig) => Some(Bytes::from(sig)),
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "X-Package-Signature must be hex (an Ed25519 signature is 128 digits)",
+                );
+            }
+        },
+    };
+    let limit = state.packages.max_package_bytes();
+    let content = match axum::body::to_bytes(body, limit).await {
+        Ok(content) => content,
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the body is over the package limit of {limit} bytes (or broke off)"),
+            );
+        }
+    };
+    match state.packages.put(&name, &version, content, signature) {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => repo_error(e),
+    }
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    let s = s.trim();
+    if !s.len().is_multiple_of(2) || !s.is_ascii() {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
+        .collect()
+}
+
+/// `GET /api/v1/packages/{name}/{version}/file`: the download the offers point to. Needs
+/// the agent's token from the offer's headers (401 without); one `Range` is answered with
+/// 206 and `Content-Range` (PKG-7), a range outside the file with 416.
+async fn package_file(
+    AxumState(state): AxumState<Shared>,
+    Path((name, version)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if !state.packages.authorized(authorization) {
+        let mut r = error(
+            StatusCode::UNAUTHORIZED,
+            "downloads need the Authorization header of the package offer",
+        );
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return r;
+    }
+    let Some(file) = state.packages.file(&name, &version) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no package {name:?} version {version:?}"),
+        );
+    };
+    let len = file.len() as u64;
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let octets = (header::CONTENT_TYPE, "application/octet-stream");
+    let ranges = (header::ACCEPT_RANGES, "bytes");
+    match parse_range(range, len) {
+        RangeAsk::Full => ([octets, ranges], file).into_response(),
+        RangeAsk::Part(start, end) => {
+            // `end < len`, which came from a usize.
+            let part = file.slice(start as usize..=end as usize);
+            (
+                StatusCode::PARTIAL_CONTENT,
+                [
+                    octets,
+                    ranges,
+                    (
+                        header::CONTENT_RANGE,
+                        &format!("bytes {start}-{end}/{len}") as &str,
+                    ),
+                ],
+                part,
+            )
+                .into_response()
+        }
+        RangeAsk::Unsatisfiable => {
+            let mut r = error(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                format!("the range {range:?} is not within the file's {len} bytes"),
+            );
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
+                r.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            r
+        }
+    }
+}
+
+/// `PUT /api/v1/package-sets/{name}` with `{"selector": {"key": "value"}, "packages":
+/// {"NAME": "VERSION"}}`: offers those packages to every agent whose attributes match (all
+/// pairs; an empty selector matches every agent), now if connected, else when it connects.
+async fn put_package_set(
+    AxumState(state): AxumState<Shared>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(refused) = require_json(&headers) {
+        return refused;
+    }
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        return error(StatusCode::BAD_REQUEST, "the body is not JSON");
+    };
+    let strings = |field: &str| -> Result<std::collections::BTreeMap<String, String>, String> {
+        let bad = || format!("{field:?} must be an object of strings");
+        match value.get(field) {
+            None | Some(serde_json::Value::Null) => Ok(Default::default()),
+            Some(serde_json::Value::Object(m)) => m
+                .iter()
+                .map(|(k, v)| {
+                    v.as_str()
+                        .map(|v| (k.clone(), v.to_owned()))
+                        .ok_or_else(bad)
+                })
+                .collect(),
+            Some(_) => Err(bad()),
+        }
+    };
+    let set = match (strings("selector"), strings("packages")) {
+        (Ok(selector), Ok(packages)) => PackageSet { selector, packages },
+        (Err(m), _) | (_, Err(m)) => return error(StatusCode::BAD_REQUEST, m),
+    };
+    let selector = set.selector.clone();
+    if let Err(e) = state.packages.put_set(&name, set) {
+        return repo_error(e);
+    }
+    let agents = state.push_packages(&selector);
+    Json(json!({
+        "package_set": name,
+        "agents": agents.iter().map(ToString::to_string).collect::<Vec<_>>(),
     }))
     .into_response()
 }
@@ -551,6 +738,46 @@ mod tests {
                 assert_eq!(a["effective_config"][""]["size"], 11);
             }
         }
+    }
+
+    /// PKG-6, PKG-7: downloads need the agent's token; one range is answered with 206 and
+    /// `Content-Range`, a range outside the file with 416.
+    #[tokio::test]
+    async fn package_downloads_check_the_token_and_answer_ranges() {
+        let state = Arc::new(State::default());
+        state
+            .packages
+            .put("tool", "1", Bytes::from_static(b"0123456789"), None)
+            .unwrap();
+        let addr = serve_state(&[], state.clone()).await;
+        let host = format!("Host: 127.0.0.1:{}", addr.port());
+        let path = "/api/v1/packages/tool/1/file";
+        let uid = InstanceUid::new_v7();
+        let auth = format!("Authorization: {}", state.packages.authorization(uid));
+        let (status, head, _) = exchange(addr, "GET", path, &[&host]).await;
+        assert_eq!(status, 401);
+        assert!(head.contains("www-authenticate: bearer"), "{head}");
+        let forged = format!("Authorization: Bearer {uid}.{}", "0".repeat(64));
+        let (status, _, _) = exchange(addr, "GET", path, &[&host, &forged]).await;
+        assert_eq!(status, 401);
+        let (status, head, body) = exchange(addr, "GET", path, &[&host, &auth]).await;
+        assert_eq!((status, &body[..]), (200, &b"0123456789"[..]));
+        assert!(head.contains("accept-ranges: bytes"), "{head}");
+        let (status, head, body) =
+            exchange(addr, "GET", path, &[&host, &auth, "Range: bytes=4-"]).await;
+        assert_eq!((status, &body[..]), (206, &b"456789"[..]));
+        assert!(head.contains("content-range: bytes 4-9/10"), "{head}");
+        let (status, _, body) =
+            exchange(addr, "GET", path, &[&host, &auth, "Range: bytes=-2"]).await;
+        assert_eq!((status, &body[..]), (206, &b"89"[..]));
+        for bad in ["Range: bytes=10-", "Range: bytes=7-3", "Range: bytes=a-b"] {
+            let (status, head, _) = exchange(addr, "GET", path, &[&host, &auth, bad]).await;
+            assert_eq!(status, 416, "{bad}");
+            assert!(head.contains("content-range: bytes */10"), "{head}");
+        }
+        let (status, _, _) =
+            exchange(addr, "GET", "/api/v1/packages/tool/2/file", &[&host, &auth]).await;
+        assert_eq!(status, 404);
     }
 
     /// The CSP allows only `script-src 'self'`: the UI must have no inline script or handler.
