@@ -1,6 +1,7 @@
 //! The reference programs' packages over loopback (issue #13, PKG-*): the reference server
 //! and reference agents as real processes. A package uploaded to the server and put in a
-//! package set is installed by the matching agent (and by an agent that connects later),
+//! package set is installed by the matching agent (WebSocket) and by an agent that connects
+//! later (plain HTTP),
 //! and a v2 signed by another key is refused with INSTALL_FAILED while v1 stays installed.
 //!
 //! Uses the built example binaries: `cargo test -p opamp` builds them; to run only this
@@ -306,7 +307,9 @@ fn pkg_reference_server_offers_signed_packages_the_reference_agent_installs() {
         json!({"selector": {"service.name": "refpkg-b"}, "packages": {"tool": "1.0"}}),
     );
     assert!(pushed.is_empty(), "{pushed:?}");
-    let (_agent_b, b_dir) = start_agent(&dir, "refpkg-b", &endpoint, &key_file);
+    // Agent b polls over plain HTTP: the offer rides on a poll response.
+    let http_endpoint = endpoint.replacen("ws://", "http://", 1);
+    let (_agent_b, b_dir) = start_agent(&dir, "refpkg-b", &http_endpoint, &key_file);
     let b_log = dir.join("refpkg-b.log");
     let uid_b = uid_of(&b_dir, &b_log);
     let s = wait_status(
@@ -346,6 +349,8 @@ fn pkg_reference_server_offers_signed_packages_the_reference_agent_installs() {
     // Agent b's set did not change: it still has v1, INSTALLED.
     let b = agent_json(&ui, &uid_b);
     assert_eq!(b["package_statuses"]["tool"]["status"], "INSTALLED", "{b}");
+    assert_eq!(b["transport"], "http", "{b}");
+    assert_eq!(agent_json(&ui, &uid_a)["transport"], "websocket");
 
     drop(server);
 }

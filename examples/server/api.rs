@@ -651,6 +651,8 @@ mod tests {
                 "PUT",
                 "/api/agents/00000000-0000-0000-0000-000000000000/config",
             ),
+            ("PUT", "/api/v1/packages/tool/1"),
+            ("PUT", "/api/v1/package-sets/s"),
         ] {
             for origin in [
                 "Origin: http://attacker.example",
@@ -778,6 +780,99 @@ mod tests {
         let (status, _, _) =
             exchange(addr, "GET", "/api/v1/packages/tool/2/file", &[&host, &auth]).await;
         assert_eq!(status, 404);
+    }
+
+    /// Sends `body` with `content_type`; returns (status, JSON answer).
+    async fn send_body(
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        extra: &str,
+        body: &[u8],
+    ) -> (u16, serde_json::Value) {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n\
+             Content-Type: {content_type}\r\n{extra}Content-Length: {}\r\n\r\n",
+            addr.port(),
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        // The server may answer (413) before it has read the whole body.
+        let _ = s.write_all(body).await;
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer).await;
+        let split = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let status = String::from_utf8_lossy(&answer[9..12]).parse().unwrap();
+        let json = serde_json::from_slice(&answer[split + 4..]).unwrap_or_default();
+        (status, json)
+    }
+
+    /// Uploads and package sets over the API: clear 415, 413, 409, 404 and 400 answers.
+    #[tokio::test]
+    async fn package_uploads_and_sets_are_checked_and_bounded() {
+        use crate::packages::{PackageLimits, Repo};
+        let limits = PackageLimits {
+            package_bytes: 1000,
+            total_bytes: 1500,
+            packages: 2,
+            ..PackageLimits::default()
+        };
+        let state = Arc::new(State::with_packages(Repo::new(
+            limits,
+            [1; 32],
+            "http://127.0.0.1:1".into(),
+        )));
+        let addr = serve_state(&[], state.clone()).await;
+        let put = "/api/v1/packages/tool/1";
+        let oct = "application/octet-stream";
+        let (status, _) = send_body(addr, "PUT", put, "text/plain", "", b"x").await;
+        assert_eq!(status, 415);
+        let (status, v) = send_body(addr, "PUT", put, oct, "", &[0; 1001]).await;
+        assert_eq!(status, 413, "{v}");
+        assert!(v["error"].as_str().unwrap().contains("1000 bytes"), "{v}");
+        let (status, v) = send_body(addr, "PUT", put, oct, "", &[0; 1000]).await;
+        assert_eq!((status, &v["size"]), (200, &serde_json::json!(1000)), "{v}");
+        let (status, v) = send_body(addr, "PUT", put, oct, "", &[1; 10]).await;
+        assert_eq!(status, 409, "immutable: {v}");
+        let (status, v) =
+            send_body(addr, "PUT", "/api/v1/packages/tool/2", oct, "", &[0; 600]).await;
+        assert_eq!(status, 413, "total bytes: {v}");
+        let bad_sig = "X-Package-Signature: zz\r\n";
+        let (status, _) =
+            send_body(addr, "PUT", "/api/v1/packages/tool/2", oct, bad_sig, b"x").await;
+        assert_eq!(status, 400);
+        let (status, _) = send_body(addr, "PUT", "/api/v1/packages/tool/2", oct, "", b"x").await;
+        assert_eq!(status, 200);
+        let (status, v) = send_body(addr, "PUT", "/api/v1/packages/tool/3", oct, "", b"y").await;
+        assert_eq!(status, 409, "count: {v}");
+        let sets = "/api/v1/package-sets/s";
+        let json = "application/json";
+        let (status, _) = send_body(addr, "PUT", sets, "text/plain", "", b"{}").await;
+        assert_eq!(status, 415);
+        let body = br#"{"selector": {"a": 1}, "packages": {}}"#;
+        let (status, _) = send_body(addr, "PUT", sets, json, "", body).await;
+        assert_eq!(status, 400);
+        let body = br#"{"packages": {"tool": "9"}}"#;
+        let (status, _) = send_body(addr, "PUT", sets, json, "", body).await;
+        assert_eq!(status, 404);
+        let body = br#"{"selector": {"service.name": "x"}, "packages": {"tool": "1"}}"#;
+        let (status, v) = send_body(addr, "PUT", sets, json, "", body).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["agents"], serde_json::json!([]));
+        let (status, _, body) = exchange(
+            addr,
+            "GET",
+            "/api/v1/packages",
+            &[&format!("Host: 127.0.0.1:{}", addr.port())],
+        )
+        .await;
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(v["packages"].as_array().unwrap().len(), 2);
+        assert_eq!(v["total_bytes"], 1001);
+        assert_eq!(v["package_sets"]["s"]["packages"]["tool"], "1");
     }
 
     /// The CSP allows only `script-src 'self'`: the UI must have no inline script or handler.

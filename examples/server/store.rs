@@ -1426,6 +1426,53 @@ mod tests {
     }
 
     #[test]
+    fn package_statuses_are_bounded_and_shown_by_name() {
+        use opamp::proto::PackageDownloadDetails;
+        let fleet = Fleet::default();
+        let limits = Limits::default();
+        let mut statuses = PackageStatuses {
+            error_message: "e".repeat(1 << 20),
+            ..Default::default()
+        };
+        for i in 0..10_000 {
+            statuses.packages.insert(
+                format!("p{i:05}"),
+                PackageStatus {
+                    name: format!("p{i:05}"),
+                    agent_has_version: "1".into(),
+                    server_offered_version: "2".into(),
+                    status: PackageStatusEnum::Downloading as i32,
+                    error_message: "x".repeat(1 << 16),
+                    download_details: Some(PackageDownloadDetails {
+                        download_percent: 42.0,
+                        download_bytes_per_second: 1.0,
+                    }),
+                    ..Default::default()
+                },
+            );
+        }
+        let msg = AgentToServer {
+            package_statuses: Some(statuses),
+            ..report(1)
+        };
+        fleet.report(uid(1), &msg);
+        let a = fleet.agent_json(uid(1)).unwrap();
+        let shown = a["package_statuses"].as_object().unwrap();
+        assert_eq!(shown.len(), limits.package_statuses);
+        let p = &shown["p00000"];
+        assert_eq!(p["status"], "DOWNLOADING");
+        assert_eq!(p["download_percent"], 42.0);
+        assert_eq!(p["agent_has_version"], "1");
+        assert_eq!(p["error_message"].as_str().unwrap().len(), limits.text);
+        assert!(a["truncated"]["package_statuses"].is_string());
+        assert!(fleet.accounted_bytes() <= limits.agent_bytes());
+        assert!(
+            fleet.accounted_bytes() >= limits.package_statuses * limits.text,
+            "the statuses are accounted"
+        );
+    }
+
+    #[test]
     fn the_listing_is_slim_and_the_agent_has_everything() {
         let fleet = Fleet::default();
         let mut map = AgentConfigMap::single("receivers: {}", "text/yaml");
