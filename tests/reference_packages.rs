@@ -2,7 +2,8 @@
 //! and reference agents as real processes. A package uploaded to the server and put in a
 //! package set is installed by the matching agent (WebSocket) and by an agent that connects
 //! later (plain HTTP),
-//! and a v2 signed by another key is refused with INSTALL_FAILED while v1 stays installed.
+//! a v2 signed by another key is refused with INSTALL_FAILED while v1 stays installed, and so
+//! is a v3 whose download is corrupted on the way (by a proxy in front of the server).
 //!
 //! Uses the built example binaries: `cargo test -p opamp` builds them; to run only this
 //! test, `cargo build -p opamp --examples && cargo test -p opamp --test reference_packages`.
@@ -151,6 +152,59 @@ fn wait_for<T>(what: &str, logs: &[&Path], mut probe: impl FnMut() -> (Option<T>
     }
 }
 
+/// A loopback HTTP proxy in front of the server's downloads that flips the last byte of every
+/// answer whose path contains `corrupt`: a download broken on the way, as the agent sees it.
+fn corrupting_proxy(
+    corrupt: &'static str,
+) -> (String, std::sync::Arc<std::sync::OnceLock<String>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let upstream = std::sync::Arc::new(std::sync::OnceLock::<String>::new());
+    let up = upstream.clone();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(mut client) = client else { continue };
+            let up = up.clone();
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if client.read_exact(&mut byte).is_err() {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).to_string();
+                let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+                // One request per connection: the server closes after answering.
+                let mut forwarded: String = head
+                    .trim_end()
+                    .lines()
+                    .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
+                    .map(|l| format!("{l}\r\n"))
+                    .collect();
+                forwarded.push_str("Connection: close\r\n\r\n");
+                let Some(target) = up.get() else { return };
+                let Ok(mut server) = TcpStream::connect(target) else {
+                    return;
+                };
+                if server.write_all(forwarded.as_bytes()).is_err() {
+                    return;
+                }
+                let mut answer = Vec::new();
+                let _ = server.read_to_end(&mut answer);
+                if path.contains(corrupt) && answer.starts_with(b"HTTP/1.1 20") {
+                    if let Some(last) = answer.last_mut() {
+                        *last ^= 0xff;
+                    }
+                }
+                let _ = client.write_all(&answer);
+            });
+        }
+    });
+    (addr, upstream)
+}
+
 fn agent_json(ui: &str, uid: &str) -> Value {
     let (status, v) = api(ui, "GET", &format!("/api/agents/{uid}"), &[], b"");
     if status == 200 { v } else { Value::Null }
@@ -229,8 +283,14 @@ fn pkg_reference_server_offers_signed_packages_the_reference_agent_installs() {
         .verifying_key()
         .to_bytes();
     let server_log = dir.join("server.log");
+    // Downloads go through a proxy that corrupts version 3.0 (`--package-url-base`); the
+    // proxy's `Host` is let in with `--ui-allowed-host`.
+    let (proxy, upstream) = corrupting_proxy("/3.0/");
     let mut server = Command::new(example("server"))
         .args(["--opamp-addr", "127.0.0.1:0", "--ui-addr", "127.0.0.1:0"])
+        .args(["--ui-allowed-host", "127.0.0.1"])
+        .arg("--package-url-base")
+        .arg(format!("http://{proxy}"))
         .arg("--package-signing-key")
         .arg(&seed_file)
         .env("RUST_LOG", "warn")
@@ -260,6 +320,7 @@ fn pkg_reference_server_offers_signed_packages_the_reference_agent_installs() {
         }
     }
     let (endpoint, ui, key) = (endpoint.unwrap(), ui.unwrap(), key.unwrap());
+    upstream.set(ui.clone()).unwrap();
     assert_eq!(key, hex(&public), "the public key of --package-signing-key");
     assert!(endpoint.starts_with("ws://"), "{endpoint}");
     let (_, listing) = api(&ui, "GET", "/api/v1/packages", &[], b"");
@@ -346,6 +407,28 @@ fn pkg_reference_server_offers_signed_packages_the_reference_agent_installs() {
         Some(&v1[..]),
         "v1 kept on disk"
     );
+
+    // v3 signed by the server, but corrupted on the way: the SHA-256 check refuses it, and
+    // v1 stays.
+    let v3 = b"tool version 3, intact on the server".to_vec();
+    put_package(&ui, "tool", "3.0", &v3, None);
+    put_set(
+        &ui,
+        "a",
+        json!({"selector": {"service.name": "refpkg-a"}, "packages": {"tool": "3.0"}}),
+    );
+    let s = wait_status(&ui, &uid_a, "tool", &logs, |s| {
+        s["status"] == "INSTALL_FAILED" && s["server_offered_version"] == "3.0"
+    });
+    assert_eq!(s["agent_has_version"], "1.0", "v1 kept: {s}");
+    let message = s["error_message"].as_str().unwrap_or_default();
+    assert!(message.contains("hash mismatch"), "{s}");
+    assert_eq!(
+        installed(&a_dir, "tool").as_deref(),
+        Some(&v1[..]),
+        "v1 kept on disk"
+    );
+
     // Agent b's set did not change: it still has v1, INSTALLED.
     let b = agent_json(&ui, &uid_b);
     assert_eq!(b["package_statuses"]["tool"]["status"], "INSTALLED", "{b}");
