@@ -5,8 +5,8 @@
 //! a v2 signed by another key is refused with INSTALL_FAILED while v1 stays installed, and so
 //! is a v3 whose download is corrupted on the way (by a proxy in front of the server).
 //!
-//! Uses the built example binaries: `cargo test -p opamp` builds them; to run only this
-//! test, `cargo build -p opamp --examples && cargo test -p opamp --test reference_packages`.
+//! Builds the `server` and `agent` examples first (`cargo build`, a no-op when they are up to
+//! date), then runs them: `cargo test -p opamp --test reference_packages`.
 
 // Test helpers outside `#[test]` functions: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
@@ -21,18 +21,33 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-/// `target/debug/examples/NAME`, next to this test's `deps` directory.
+/// `target/debug/examples/NAME`, next to this test's `deps` directory, built first:
+/// `cargo test` builds the `server` example only as its unit-test harness, so the binary could
+/// be stale. The build is a no-op when it is up to date.
 fn example(name: &str) -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
     let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("examples");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
+    BUILT.call_once(|| {
+        let cargo = option_env!("CARGO").unwrap_or("cargo");
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+        let mut build = Command::new(cargo);
+        build
+            .arg("build")
+            .arg("--manifest-path")
+            .arg(&manifest)
+            .args(["-p", "opamp", "--example", "server", "--example", "agent"]);
+        if profile_dir.ends_with("release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("run cargo build for the examples");
+        assert!(status.success(), "building the examples failed");
+    });
+    let dir = profile_dir.join("examples");
     let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     assert!(
         path.exists(),
-        "{} is missing: build the examples first (cargo build -p opamp --examples)",
+        "{} is missing after the build",
         path.display()
     );
     path
