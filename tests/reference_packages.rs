@@ -40,6 +40,25 @@ fn example(name: &str) -> PathBuf {
         if profile_dir.ends_with("release") {
             build.arg("--release");
         }
+        // What cargo set for this test's own crate would look like a changed environment to
+        // build scripts (and make the two builds rebuild each other's dependencies).
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy().into_owned();
+            let crate_var = [
+                "CARGO_PKG_",
+                "CARGO_MANIFEST_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_RUSTC_CURRENT_DIR",
+            ]
+            .iter()
+            .any(|p| key.starts_with(p));
+            if crate_var {
+                build.env_remove(&key);
+            }
+        }
         let status = build.status().expect("run cargo build for the examples");
         assert!(status.success(), "building the examples failed");
     });
