@@ -10,6 +10,9 @@
 //! Restart command restarts the agent. Its instance uid and last remote config status persist
 //! in a state directory, so a restarted process is the same agent, not a new one.
 //!
+//! With `--accept-packages KEY` it also installs the packages the server offers, signed with
+//! that Ed25519 key, under `<state-dir>/agent-N/packages`.
+//!
 //! Run `agent --help` for the flags (count of agents in one process, heartbeat, headers, TLS).
 
 use std::path::{Path, PathBuf};
@@ -18,6 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderName, HeaderValue};
 use opamp::async_trait;
+use opamp::client::packages::{DownloadSettings, Ed25519Verifier, FsProvider};
 use opamp::client::{Callbacks, MessageData, OpampClient, StartSettings};
 use opamp::proto::{
     AgentCapabilitySet, AgentConfigMap, AgentDescription, AgentRemoteConfig, ComponentHealth,
@@ -29,6 +33,7 @@ use tokio::sync::mpsc;
 const USAGE: &str = "usage: agent --endpoint URL [--count N] [--name NAME] [--state-dir DIR]
              [--heartbeat SECONDS] [--header NAME=VALUE]... [--tls-ca PEM]
              [--tls-cert PEM --tls-key PEM] [--dangerous-skip-tls-verify]
+             [--accept-packages PUBKEY_HEX_OR_FILE]
   URL is ws://, wss://, http:// or https://, e.g. ws://127.0.0.1:4320/v1/opamp";
 
 /// The initial effective config of an agent that has not received a remote one.
@@ -46,6 +51,8 @@ struct Args {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     dangerous_skip_tls_verify: bool,
+    /// The Ed25519 public key package signatures must verify with (`--accept-packages`).
+    package_key: Option<[u8; 32]>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -60,6 +67,7 @@ fn parse_args() -> Result<Args, String> {
         tls_cert: None,
         tls_key: None,
         dangerous_skip_tls_verify: false,
+        package_key: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -90,6 +98,7 @@ fn parse_args() -> Result<Args, String> {
             "--tls-cert" => args.tls_cert = Some(value()?.into()),
             "--tls-key" => args.tls_key = Some(value()?.into()),
             "--dangerous-skip-tls-verify" => args.dangerous_skip_tls_verify = true,
+            "--accept-packages" => args.package_key = Some(package_key(&value()?)?),
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown flag {other}\n{USAGE}")),
         }
@@ -104,6 +113,30 @@ fn parse_args() -> Result<Args, String> {
         return Err("--tls-cert and --tls-key go together".into());
     }
     Ok(args)
+}
+
+/// `--accept-packages`: 64 hex digits, or a file holding them.
+fn package_key(arg: &str) -> Result<[u8; 32], String> {
+    let text = match parse_hex32(arg.trim()) {
+        Some(key) => return Ok(key),
+        None => std::fs::read_to_string(arg).map_err(|e| {
+            format!("--accept-packages: {arg:?} is neither 64 hex digits nor a readable file: {e}")
+        })?,
+    };
+    parse_hex32(text.trim()).ok_or_else(|| {
+        format!("--accept-packages: {arg} does not hold a 32-byte Ed25519 public key in hex")
+    })
+}
+
+fn parse_hex32(text: &str) -> Option<[u8; 32]> {
+    if text.len() != 64 || !text.is_ascii() {
+        return None;
+    }
+    let mut key = [0u8; 32];
+    for (i, byte) in key.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(key)
 }
 
 fn unix_nanos(t: SystemTime) -> u64 {
@@ -126,6 +159,10 @@ impl AgentFiles {
     }
     fn config_path(&self) -> PathBuf {
         self.dir.join("config.yaml")
+    }
+    /// Where the packages the server offers are kept (`FsProvider`'s root).
+    fn packages_dir(&self) -> PathBuf {
+        self.dir.join("packages")
     }
 
     /// The persisted uid, or a new UUID v7 that is persisted at once (UID-1, UID-3).
@@ -295,7 +332,12 @@ impl Callbacks for Agent {
     }
 }
 
-fn settings(args: &Args, index: usize, uid: InstanceUid) -> Result<StartSettings, String> {
+fn settings(
+    args: &Args,
+    index: usize,
+    uid: InstanceUid,
+    files: &AgentFiles,
+) -> Result<StartSettings, String> {
     let name = if args.count == 1 {
         args.name.clone()
     } else {
@@ -342,6 +384,19 @@ fn settings(args: &Args, index: usize, uid: InstanceUid) -> Result<StartSettings
     if args.dangerous_skip_tls_verify {
         s = s.dangerous_skip_tls_verify();
     }
+    if let Some(key) = &args.package_key {
+        // PKG-*: offered packages are downloaded, checked (SHA-256, then the Ed25519
+        // signature of the digest by the trusted key, PKG-21) and kept in the state dir.
+        let dir = files.packages_dir();
+        let provider = FsProvider::new(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let verifier =
+            Ed25519Verifier::new([&key[..]]).map_err(|e| format!("--accept-packages: {e}"))?;
+        s = s.with_packages(
+            Arc::new(provider),
+            Arc::new(verifier),
+            DownloadSettings::default(),
+        );
+    }
     Ok(s)
 }
 
@@ -366,7 +421,7 @@ async fn run_agent(
             client: OnceLock::new(),
             events,
         });
-        let client = OpampClient::start(settings(&args, index, uid)?, agent.clone())
+        let client = OpampClient::start(settings(&args, index, uid, &files)?, agent.clone())
             .map_err(|e| format!("agent {index}: {e}"))?;
         let started = SystemTime::now();
         client

@@ -16,6 +16,7 @@ use opamp::server::SharedMessage;
 use serde_json::json;
 
 use crate::State;
+use crate::packages::{PackageSet, RangeAsk, RepoError, parse_range};
 use crate::store::{hex, remote_config};
 
 type Shared = Arc<State>;
@@ -146,6 +147,10 @@ pub(crate) fn router(state: Shared, policy: HostPolicy) -> Router {
         .route("/api/agents/{uid}/config", put(put_agent_config))
         .route("/api/agents/{uid}/restart", post(restart_agent))
         .route("/api/config", put(put_config))
+        .route("/api/v1/packages", get(list_packages))
+        .route("/api/v1/packages/{name}/{version}", put(put_package))
+        .route("/api/v1/packages/{name}/{version}/file", get(package_file))
+        .route("/api/v1/package-sets/{name}", put(put_package_set))
         .with_state(state)
         .layer(middleware::from_fn_with_state(Arc::new(policy), guard))
 }
@@ -158,7 +163,7 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
-/// POST actions take `Content-Type: application/json`: a page on another site can make a
+/// POST actions and package sets take `Content-Type: application/json`: a page on another site can make a
 /// browser send a "simple" cross-site POST, but not with this content type (that needs a CORS
 /// preflight, which this server never grants).
 fn require_json(headers: &HeaderMap) -> Option<Response> {
@@ -170,7 +175,7 @@ fn require_json(headers: &HeaderMap) -> Option<Response> {
     (!json).then(|| {
         error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "POST requests need Content-Type: application/json",
+            "this request needs Content-Type: application/json",
         )
     })
 }
@@ -330,6 +335,188 @@ async fn put_config(
     .into_response()
 }
 
+fn repo_error(e: RepoError) -> Response {
+    match e {
+        RepoError::Invalid(m) => error(StatusCode::BAD_REQUEST, m),
+        RepoError::NotFound(m) => error(StatusCode::NOT_FOUND, m),
+        RepoError::Conflict(m) => error(StatusCode::CONFLICT, m),
+        RepoError::TooLarge(m) => error(StatusCode::PAYLOAD_TOO_LARGE, m),
+    }
+}
+
+/// `GET /api/v1/packages`: the server's public key, every stored version (name, version,
+/// size, sha256) and the package sets.
+async fn list_packages(AxumState(state): AxumState<Shared>) -> Response {
+    Json(state.packages.list_json()).into_response()
+}
+
+/// `PUT /api/v1/packages/{name}/{version}`: the body (`Content-Type:
+/// application/octet-stream`) is the file. The server signs its SHA-256 with its key, unless
+/// `X-Package-Signature` carries a signature made elsewhere (128 hex digits, PKG-21).
+async fn put_package(
+    AxumState(state): AxumState<Shared>,
+    Path((name, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    let octets = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/octet-stream"));
+    if !octets {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "package uploads need Content-Type: application/octet-stream",
+        );
+    }
+    let signature = match headers.get("x-package-signature") {
+        None => None,
+        Some(v) => match v.to_str().ok().and_then(unhex) {
+            Some(sig) => Some(Bytes::from(sig)),
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "X-Package-Signature must be hex (an Ed25519 signature is 128 digits)",
+                );
+            }
+        },
+    };
+    let limit = state.packages.max_package_bytes();
+    let content = match axum::body::to_bytes(body, limit).await {
+        Ok(content) => content,
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the body is over the package limit of {limit} bytes (or broke off)"),
+            );
+        }
+    };
+    match state.packages.put(&name, &version, content, signature) {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => repo_error(e),
+    }
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    let s = s.trim();
+    if !s.len().is_multiple_of(2) || !s.is_ascii() {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
+        .collect()
+}
+
+/// `GET /api/v1/packages/{name}/{version}/file`: the download the offers point to. Needs
+/// the agent's token from the offer's headers (401 without); one `Range` is answered with
+/// 206 and `Content-Range` (PKG-7), a range outside the file with 416.
+async fn package_file(
+    AxumState(state): AxumState<Shared>,
+    Path((name, version)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if !state.packages.authorized(authorization) {
+        let mut r = error(
+            StatusCode::UNAUTHORIZED,
+            "downloads need the Authorization header of the package offer",
+        );
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return r;
+    }
+    let Some(file) = state.packages.file(&name, &version) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no package {name:?} version {version:?}"),
+        );
+    };
+    let len = file.len() as u64;
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let octets = (header::CONTENT_TYPE, "application/octet-stream");
+    let ranges = (header::ACCEPT_RANGES, "bytes");
+    match parse_range(range, len) {
+        RangeAsk::Full => ([octets, ranges], file).into_response(),
+        RangeAsk::Part(start, end) => {
+            // `end < len`, which came from a usize.
+            let part = file.slice(start as usize..=end as usize);
+            (
+                StatusCode::PARTIAL_CONTENT,
+                [
+                    octets,
+                    ranges,
+                    (
+                        header::CONTENT_RANGE,
+                        &format!("bytes {start}-{end}/{len}") as &str,
+                    ),
+                ],
+                part,
+            )
+                .into_response()
+        }
+        RangeAsk::Unsatisfiable => {
+            let mut r = error(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                format!("the range {range:?} is not within the file's {len} bytes"),
+            );
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
+                r.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            r
+        }
+    }
+}
+
+/// `PUT /api/v1/package-sets/{name}` with `{"selector": {"key": "value"}, "packages":
+/// {"NAME": "VERSION"}}`: offers those packages to every agent whose attributes match (all
+/// pairs; an empty selector matches every agent), now if connected, else when it connects.
+async fn put_package_set(
+    AxumState(state): AxumState<Shared>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(refused) = require_json(&headers) {
+        return refused;
+    }
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        return error(StatusCode::BAD_REQUEST, "the body is not JSON");
+    };
+    let strings = |field: &str| -> Result<std::collections::BTreeMap<String, String>, String> {
+        let bad = || format!("{field:?} must be an object of strings");
+        match value.get(field) {
+            None | Some(serde_json::Value::Null) => Ok(Default::default()),
+            Some(serde_json::Value::Object(m)) => m
+                .iter()
+                .map(|(k, v)| {
+                    v.as_str()
+                        .map(|v| (k.clone(), v.to_owned()))
+                        .ok_or_else(bad)
+                })
+                .collect(),
+            Some(_) => Err(bad()),
+        }
+    };
+    let set = match (strings("selector"), strings("packages")) {
+        (Ok(selector), Ok(packages)) => PackageSet { selector, packages },
+        (Err(m), _) | (_, Err(m)) => return error(StatusCode::BAD_REQUEST, m),
+    };
+    let selector = set.selector.clone();
+    if let Err(e) = state.packages.put_set(&name, set) {
+        return repo_error(e);
+    }
+    let agents = state.push_packages(&selector);
+    Json(json!({
+        "package_set": name,
+        "agents": agents.iter().map(ToString::to_string).collect::<Vec<_>>(),
+    }))
+    .into_response()
+}
+
 #[cfg(test)]
 mod tests {
     //! The UI's guard over a real loopback socket: raw HTTP/1.1 so that `Host` and `Origin`
@@ -464,6 +651,8 @@ mod tests {
                 "PUT",
                 "/api/agents/00000000-0000-0000-0000-000000000000/config",
             ),
+            ("PUT", "/api/v1/packages/tool/1"),
+            ("PUT", "/api/v1/package-sets/s"),
         ] {
             for origin in [
                 "Origin: http://attacker.example",
@@ -551,6 +740,139 @@ mod tests {
                 assert_eq!(a["effective_config"][""]["size"], 11);
             }
         }
+    }
+
+    /// PKG-6, PKG-7: downloads need the agent's token; one range is answered with 206 and
+    /// `Content-Range`, a range outside the file with 416.
+    #[tokio::test]
+    async fn package_downloads_check_the_token_and_answer_ranges() {
+        let state = Arc::new(State::default());
+        state
+            .packages
+            .put("tool", "1", Bytes::from_static(b"0123456789"), None)
+            .unwrap();
+        let addr = serve_state(&[], state.clone()).await;
+        let host = format!("Host: 127.0.0.1:{}", addr.port());
+        let path = "/api/v1/packages/tool/1/file";
+        let uid = InstanceUid::new_v7();
+        let auth = format!("Authorization: {}", state.packages.authorization(uid));
+        let (status, head, _) = exchange(addr, "GET", path, &[&host]).await;
+        assert_eq!(status, 401);
+        assert!(head.contains("www-authenticate: bearer"), "{head}");
+        let forged = format!("Authorization: Bearer {uid}.{}", "0".repeat(64));
+        let (status, _, _) = exchange(addr, "GET", path, &[&host, &forged]).await;
+        assert_eq!(status, 401);
+        let (status, head, body) = exchange(addr, "GET", path, &[&host, &auth]).await;
+        assert_eq!((status, &body[..]), (200, &b"0123456789"[..]));
+        assert!(head.contains("accept-ranges: bytes"), "{head}");
+        let (status, head, body) =
+            exchange(addr, "GET", path, &[&host, &auth, "Range: bytes=4-"]).await;
+        assert_eq!((status, &body[..]), (206, &b"456789"[..]));
+        assert!(head.contains("content-range: bytes 4-9/10"), "{head}");
+        let (status, _, body) =
+            exchange(addr, "GET", path, &[&host, &auth, "Range: bytes=-2"]).await;
+        assert_eq!((status, &body[..]), (206, &b"89"[..]));
+        for bad in ["Range: bytes=10-", "Range: bytes=7-3", "Range: bytes=a-b"] {
+            let (status, head, _) = exchange(addr, "GET", path, &[&host, &auth, bad]).await;
+            assert_eq!(status, 416, "{bad}");
+            assert!(head.contains("content-range: bytes */10"), "{head}");
+        }
+        let (status, _, _) =
+            exchange(addr, "GET", "/api/v1/packages/tool/2/file", &[&host, &auth]).await;
+        assert_eq!(status, 404);
+    }
+
+    /// Sends `body` with `content_type`; returns (status, JSON answer).
+    async fn send_body(
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        extra: &str,
+        body: &[u8],
+    ) -> (u16, serde_json::Value) {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n\
+             Content-Type: {content_type}\r\n{extra}Content-Length: {}\r\n\r\n",
+            addr.port(),
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        // The server may answer (413) before it has read the whole body.
+        let _ = s.write_all(body).await;
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer).await;
+        let split = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let status = String::from_utf8_lossy(&answer[9..12]).parse().unwrap();
+        let json = serde_json::from_slice(&answer[split + 4..]).unwrap_or_default();
+        (status, json)
+    }
+
+    /// Uploads and package sets over the API: clear 415, 413, 409, 404 and 400 answers.
+    #[tokio::test]
+    async fn package_uploads_and_sets_are_checked_and_bounded() {
+        use crate::packages::{PackageLimits, Repo};
+        let limits = PackageLimits {
+            package_bytes: 1000,
+            total_bytes: 1500,
+            packages: 2,
+            ..PackageLimits::default()
+        };
+        let state = Arc::new(State::with_packages(Repo::new(
+            limits,
+            [1; 32],
+            "http://127.0.0.1:1".into(),
+        )));
+        let addr = serve_state(&[], state.clone()).await;
+        let put = "/api/v1/packages/tool/1";
+        let oct = "application/octet-stream";
+        let (status, _) = send_body(addr, "PUT", put, "text/plain", "", b"x").await;
+        assert_eq!(status, 415);
+        let (status, v) = send_body(addr, "PUT", put, oct, "", &[0; 1001]).await;
+        assert_eq!(status, 413, "{v}");
+        assert!(v["error"].as_str().unwrap().contains("1000 bytes"), "{v}");
+        let (status, v) = send_body(addr, "PUT", put, oct, "", &[0; 1000]).await;
+        assert_eq!((status, &v["size"]), (200, &serde_json::json!(1000)), "{v}");
+        let (status, v) = send_body(addr, "PUT", put, oct, "", &[1; 10]).await;
+        assert_eq!(status, 409, "immutable: {v}");
+        let (status, v) =
+            send_body(addr, "PUT", "/api/v1/packages/tool/2", oct, "", &[0; 600]).await;
+        assert_eq!(status, 413, "total bytes: {v}");
+        let bad_sig = "X-Package-Signature: zz\r\n";
+        let (status, _) =
+            send_body(addr, "PUT", "/api/v1/packages/tool/2", oct, bad_sig, b"x").await;
+        assert_eq!(status, 400);
+        let (status, _) = send_body(addr, "PUT", "/api/v1/packages/tool/2", oct, "", b"x").await;
+        assert_eq!(status, 200);
+        let (status, v) = send_body(addr, "PUT", "/api/v1/packages/tool/3", oct, "", b"y").await;
+        assert_eq!(status, 409, "count: {v}");
+        let sets = "/api/v1/package-sets/s";
+        let json = "application/json";
+        let (status, _) = send_body(addr, "PUT", sets, "text/plain", "", b"{}").await;
+        assert_eq!(status, 415);
+        let body = br#"{"selector": {"a": 1}, "packages": {}}"#;
+        let (status, _) = send_body(addr, "PUT", sets, json, "", body).await;
+        assert_eq!(status, 400);
+        let body = br#"{"packages": {"tool": "9"}}"#;
+        let (status, _) = send_body(addr, "PUT", sets, json, "", body).await;
+        assert_eq!(status, 404);
+        let body = br#"{"selector": {"service.name": "x"}, "packages": {"tool": "1"}}"#;
+        let (status, v) = send_body(addr, "PUT", sets, json, "", body).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["agents"], serde_json::json!([]));
+        let (status, _, body) = exchange(
+            addr,
+            "GET",
+            "/api/v1/packages",
+            &[&format!("Host: 127.0.0.1:{}", addr.port())],
+        )
+        .await;
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(v["packages"].as_array().unwrap().len(), 2);
+        assert_eq!(v["total_bytes"], 1001);
+        assert_eq!(v["package_sets"]["s"]["packages"]["tool"], "1");
     }
 
     /// The CSP allows only `script-src 'self'`: the UI must have no inline script or handler.

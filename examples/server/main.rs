@@ -9,27 +9,35 @@
 //! Flags: `--opamp-addr ADDR` (default 127.0.0.1:4320), `--ui-addr ADDR` (default
 //! 127.0.0.1:4321), `--ui-allowed-host NAME[:PORT]` (repeatable: another `Host` name the UI
 //! answers to), `--tls-cert PEM --tls-key PEM` to serve OpAMP over TLS, `--tls-client-ca PEM`
-//! to require client certificates (mTLS). State is kept in memory only.
+//! to require client certificates (mTLS), `--package-signing-key FILE` (the Ed25519 seed,
+//! 64 hex digits, that signs uploaded packages; without it a key is generated at start and
+//! its public key printed) and `--package-url-base URL` (where agents download packages:
+//! default the UI listener's `http://ADDR`). State is kept in memory only.
 
 mod api;
+mod packages;
 mod store;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use opamp::async_trait;
-use opamp::proto::{AgentToServer, CommandType, InstanceUid, ServerToAgent, ServerToAgentCommand};
+use opamp::proto::{
+    AgentToServer, CommandType, InstanceUid, PackagesAvailable, ServerToAgent, ServerToAgentCommand,
+};
 use opamp::server::{
     Connection, ConnectionCallbacks, ConnectionResponse, Server, ServerCallbacks, ServerConfig,
     SharedMessage, Transport,
 };
 
-use crate::store::Fleet;
+use crate::packages::{PackageLimits, Repo};
+use crate::store::{Fleet, hex};
 
 const USAGE: &str = "usage: server [--opamp-addr ADDR] [--ui-addr ADDR] \
                      [--ui-allowed-host NAME[:PORT]]... \
-                     [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]]";
+                     [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]] \
+                     [--package-signing-key FILE] [--package-url-base URL]";
 
 struct Args {
     opamp_addr: SocketAddr,
@@ -39,6 +47,8 @@ struct Args {
     tls_cert: Option<String>,
     tls_key: Option<String>,
     tls_client_ca: Option<String>,
+    package_signing_key: Option<String>,
+    package_url_base: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -49,6 +59,8 @@ fn parse_args() -> Result<Args, String> {
         tls_cert: None,
         tls_key: None,
         tls_client_ca: None,
+        package_signing_key: None,
+        package_url_base: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -67,6 +79,8 @@ fn parse_args() -> Result<Args, String> {
             "--tls-cert" => args.tls_cert = Some(value()?),
             "--tls-key" => args.tls_key = Some(value()?),
             "--tls-client-ca" => args.tls_client_ca = Some(value()?),
+            "--package-signing-key" => args.package_signing_key = Some(value()?),
+            "--package-url-base" => args.package_url_base = Some(value()?),
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown flag {other}\n{USAGE}")),
         }
@@ -77,11 +91,51 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
-/// Shared state: the fleet and a live connection per agent, to push configs.
+/// Shared state: the fleet, the package repository and a live connection per agent, to push
+/// configs and package offers.
 #[derive(Debug, Default)]
 pub(crate) struct State {
     pub(crate) fleet: Fleet,
+    pub(crate) packages: Repo,
     connections: Mutex<HashMap<InstanceUid, Connection>>,
+}
+
+impl State {
+    /// A state whose repository is `packages`.
+    fn with_packages(packages: Repo) -> Self {
+        Self {
+            packages,
+            ..Self::default()
+        }
+    }
+
+    /// The package offer for `uid` (PKG-2: only to agents that accept packages), if a package
+    /// set matches it.
+    pub(crate) fn package_offer(&self, uid: InstanceUid) -> Option<PackagesAvailable> {
+        if !self.packages.has_sets() || !self.fleet.accepts_packages(uid) {
+            return None;
+        }
+        self.packages
+            .offer_for(uid, |selector| self.fleet.package_target(uid, selector))
+    }
+
+    /// Pushes its package offer to every connected agent `selector` matches; returns them.
+    /// Each offer carries the agent's own download token, so each is encoded for its agent.
+    pub(crate) fn push_packages(&self, selector: &BTreeMap<String, String>) -> Vec<InstanceUid> {
+        let targets = self.fleet.package_targets(selector);
+        for uid in &targets {
+            if let Some(offer) = self.package_offer(*uid) {
+                self.push(
+                    *uid,
+                    ServerToAgent {
+                        packages_available: Some(offer),
+                        ..Default::default()
+                    },
+                );
+            }
+        }
+        targets
+    }
 }
 
 impl State {
@@ -193,7 +247,13 @@ impl ConnectionCallbacks for AgentHandler {
                 .fleet
                 .connected(uid, transport, conn.remote_addr().map(|a| a.to_string()));
         }
-        self.state.fleet.report(uid, &msg)
+        let mut reply = self.state.fleet.report(uid, &msg);
+        // PKG-2: the offer rides on every reply; the session core drops it once the agent
+        // reports its all-packages hash (and, over WebSocket, once it was sent).
+        if let Some(offer) = self.state.package_offer(uid) {
+            reply.get_or_insert_default().packages_available = Some(offer);
+        }
+        reply
     }
 
     async fn on_connection_close(&self, conn: &Connection) {
@@ -201,6 +261,28 @@ impl ConnectionCallbacks for AgentHandler {
         if let Some(uid) = last {
             self.release(uid, conn);
         }
+    }
+}
+
+/// `--package-signing-key`: a file holding the 32-byte Ed25519 seed as 64 hex digits.
+fn read_seed(path: &str) -> Result<[u8; 32], String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("--package-signing-key {path}: {e}"))?;
+    let text = text.trim();
+    let mut seed = [0u8; 32];
+    let ok = text.len() == 64
+        && text.is_ascii()
+        && seed.iter_mut().enumerate().all(|(i, b)| {
+            u8::from_str_radix(&text[2 * i..2 * i + 2], 16)
+                .map(|v| *b = v)
+                .is_ok()
+        });
+    if ok {
+        Ok(seed)
+    } else {
+        Err(format!(
+            "--package-signing-key {path}: expected a 32-byte Ed25519 seed as 64 hex digits"
+        ))
     }
 }
 
@@ -236,7 +318,28 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
 
-    let state = Arc::new(State::default());
+    let ui = tokio::net::TcpListener::bind(args.ui_addr).await?;
+    let ui_addr = ui.local_addr()?;
+    let seed = match &args.package_signing_key {
+        Some(path) => read_seed(path)?,
+        None => rand::random(),
+    };
+    let url_base = args
+        .package_url_base
+        .clone()
+        .unwrap_or_else(|| format!("http://{ui_addr}"));
+    let repo = Repo::new(PackageLimits::default(), seed, url_base);
+    let public_key = hex(&repo.public_key());
+    println!(
+        "package signing public key: {public_key} ({})",
+        if args.package_signing_key.is_some() {
+            "from --package-signing-key"
+        } else {
+            "generated at start; agents: --accept-packages with it"
+        }
+    );
+    tracing::info!(%public_key, "package signing key");
+    let state = Arc::new(State::with_packages(repo));
     let mut config = ServerConfig::builder().listen_addr(args.opamp_addr);
     let tls = tls_config(&args)?;
     if let Some(tls) = tls.clone() {
@@ -254,8 +357,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         scheme.0, scheme.1
     );
 
-    let ui = tokio::net::TcpListener::bind(args.ui_addr).await?;
-    let ui_addr = ui.local_addr()?;
     println!("web UI: http://{ui_addr}/");
     if !ui_addr.ip().is_loopback() && args.ui_allowed_hosts.is_empty() {
         println!(

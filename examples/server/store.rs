@@ -9,8 +9,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use opamp::proto::{
     AgentCapabilitySet, AgentConfigMap, AgentConfigObject, AgentDescription, AgentRemoteConfig,
-    AgentToServer, AnyValue, ComponentHealth, InstanceUid, KeyValue, Message, RemoteConfigStatus,
-    RemoteConfigStatuses, ServerToAgent, any_value,
+    AgentToServer, AnyValue, ComponentHealth, InstanceUid, KeyValue, Message, PackageStatus,
+    PackageStatusEnum, PackageStatuses, RemoteConfigStatus, RemoteConfigStatuses, ServerToAgent,
+    any_value,
 };
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
@@ -43,6 +44,8 @@ pub(crate) struct Limits {
     /// Bytes accounted for the whole fleet; past it, departed agents are forgotten first and
     /// then new parts are refused (named in `truncated`).
     pub(crate) total_bytes: usize,
+    /// Packages of one agent's package statuses.
+    pub(crate) package_statuses: usize,
     /// Agents remembered, connected or not.
     pub(crate) max_agents: usize,
     /// Departed (disconnected) agents remembered; the one that left first goes first.
@@ -64,6 +67,7 @@ impl Default for Limits {
             text: 4 * 1024,
             effective_config_bytes: 1024 * 1024,
             config_objects: 64,
+            package_statuses: 64,
             total_bytes: 512 * 1024 * 1024,
             max_agents: 100_000,
             max_departed: 10_000,
@@ -82,6 +86,8 @@ impl Limits {
             + self.health_bytes
             + self.effective_config_bytes
             + 2 * self.text
+            + self.package_statuses * (size_of::<PackageStatus>() + 4 * self.text + 256)
+            + self.text
             + 64
     }
 }
@@ -104,6 +110,8 @@ pub(crate) struct AgentRecord {
     pub(crate) health: Option<ComponentHealth>,
     pub(crate) effective_config: Option<AgentConfigMap>,
     pub(crate) remote_config_status: Option<RemoteConfigStatus>,
+    /// The packages the agent reported (PKG-13..PKG-20), bounded.
+    pub(crate) package_statuses: Option<PackageStatuses>,
     /// The config the server wants this agent to run (shared by every agent it was pushed
     /// to; bounded by the API's request body limit).
     pub(crate) offered: Option<AgentRemoteConfig>,
@@ -121,6 +129,7 @@ struct Costs {
     effective_config: usize,
     status: usize,
     remote_addr: usize,
+    packages: usize,
 }
 
 impl Costs {
@@ -131,6 +140,7 @@ impl Costs {
             + self.effective_config
             + self.status
             + self.remote_addr
+            + self.packages
     }
 }
 
@@ -149,6 +159,16 @@ impl AgentRecord {
             .map(|s| &s.last_remote_config_hash);
         (self.accepts_remote_config() && reported != Some(&offered.config_hash))
             .then(|| offered.clone())
+    }
+
+    /// Whether every `selector` attribute equals this agent's (an empty selector matches).
+    fn matches_all(&self, selector: &BTreeMap<String, String>) -> bool {
+        selector.iter().all(|(k, v)| self.matches(k, v))
+    }
+
+    fn accepts_packages(&self) -> bool {
+        AgentCapabilitySet::from_bits_retain(self.capabilities)
+            .contains(AgentCapabilitySet::ACCEPTS_PACKAGES)
     }
 
     /// Whether `value` equals the attribute `key` of this agent's description.
@@ -449,6 +469,17 @@ impl Fleet {
                 agent.note("remote_config_status", Some(FLEET_FULL.into()));
             }
         }
+        if let Some(p) = &msg.package_statuses {
+            let (kept, cost, cut) = keep_package_statuses(p, limits);
+            let fits = inner.charge(limits, uid, |c| &mut c.packages, cost);
+            let agent = inner.agents.get_mut(&uid)?;
+            if fits {
+                agent.package_statuses = Some(kept);
+                agent.note("package_statuses", cut);
+            } else {
+                agent.note("package_statuses", Some(FLEET_FULL.into()));
+            }
+        }
         let remote_config = inner.agents.get(&uid)?.pending_config()?;
         Some(ServerToAgent {
             remote_config: Some(remote_config),
@@ -462,6 +493,36 @@ impl Fleet {
             AgentCapabilitySet::from_bits_retain(a.capabilities)
                 .contains(AgentCapabilitySet::ACCEPTS_RESTART_COMMAND)
         })
+    }
+
+    /// Whether the agent declared AcceptsPackages and its attributes match `selector`.
+    pub(crate) fn package_target(
+        &self,
+        uid: InstanceUid,
+        selector: &BTreeMap<String, String>,
+    ) -> bool {
+        self.lock()
+            .agents
+            .get(&uid)
+            .is_some_and(|a| a.accepts_packages() && a.matches_all(selector))
+    }
+
+    /// Whether the agent declared AcceptsPackages.
+    pub(crate) fn accepts_packages(&self, uid: InstanceUid) -> bool {
+        self.lock()
+            .agents
+            .get(&uid)
+            .is_some_and(AgentRecord::accepts_packages)
+    }
+
+    /// The connected agents that accept packages and match `selector`.
+    pub(crate) fn package_targets(&self, selector: &BTreeMap<String, String>) -> Vec<InstanceUid> {
+        self.lock()
+            .agents
+            .iter()
+            .filter(|(_, a)| a.connected && a.accepts_packages() && a.matches_all(selector))
+            .map(|(uid, _)| *uid)
+            .collect()
     }
 
     /// Sets the config offered to one agent; returns its hash, or `None` for an unknown agent.
@@ -805,6 +866,91 @@ fn keep_config(map: &AgentConfigMap, limits: &Limits) -> (AgentConfigMap, usize,
     (out, cost, cut)
 }
 
+/// The package statuses within the limits: at most `limits.package_statuses` packages, strings
+/// cut to the text limit, hashes to 64 bytes.
+fn keep_package_statuses(
+    p: &PackageStatuses,
+    limits: &Limits,
+) -> (PackageStatuses, usize, Option<String>) {
+    let mut cut = None;
+    let mut text = |s: &str| {
+        let (kept, was_cut) = cut_str(s, limits.text);
+        if was_cut {
+            cut = Some(format!("strings cut to {} bytes", limits.text));
+        }
+        kept
+    };
+    let hash = |b: &Bytes| Bytes::copy_from_slice(&b[..b.len().min(64)]);
+    let mut packages = BTreeMap::new();
+    let mut cost = 0;
+    for (name, s) in p.packages.iter().take(limits.package_statuses) {
+        let kept = PackageStatus {
+            name: text(name),
+            agent_has_version: text(&s.agent_has_version),
+            agent_has_hash: hash(&s.agent_has_hash),
+            server_offered_version: text(&s.server_offered_version),
+            server_offered_hash: hash(&s.server_offered_hash),
+            status: s.status,
+            error_message: text(&s.error_message),
+            download_details: s.download_details,
+        };
+        cost += size_of::<PackageStatus>()
+            + 2 * kept.name.len()
+            + kept.agent_has_version.len()
+            + kept.server_offered_version.len()
+            + kept.error_message.len()
+            + kept.agent_has_hash.len()
+            + kept.server_offered_hash.len();
+        packages.insert(kept.name.clone(), kept);
+    }
+    let error_message = text(&p.error_message);
+    if p.packages.len() > limits.package_statuses {
+        cut = Some(format!(
+            "{} packages reported, the first {} kept",
+            p.packages.len(),
+            limits.package_statuses
+        ));
+    }
+    let kept = PackageStatuses {
+        packages,
+        server_provided_all_packages_hash: hash(&p.server_provided_all_packages_hash),
+        error_message,
+    };
+    cost += kept.error_message.len() + kept.server_provided_all_packages_hash.len();
+    (kept, cost, cut)
+}
+
+fn package_status_name(status: i32) -> &'static str {
+    match PackageStatusEnum::try_from(status) {
+        Ok(PackageStatusEnum::Installed) => "INSTALLED",
+        Ok(PackageStatusEnum::InstallPending) => "INSTALL_PENDING",
+        Ok(PackageStatusEnum::Installing) => "INSTALLING",
+        Ok(PackageStatusEnum::InstallFailed) => "INSTALL_FAILED",
+        Ok(PackageStatusEnum::Downloading) => "DOWNLOADING",
+        Err(_) => "UNKNOWN",
+    }
+}
+
+fn package_statuses_json(p: &PackageStatuses) -> Value {
+    p.packages
+        .iter()
+        .map(|(name, s)| {
+            (
+                name.clone(),
+                json!({
+                    "status": package_status_name(s.status),
+                    "agent_has_version": s.agent_has_version,
+                    "agent_has_hash": hex(&s.agent_has_hash),
+                    "server_offered_version": s.server_offered_version,
+                    "error_message": s.error_message,
+                    "download_percent": s.download_details.map(|d| d.download_percent),
+                }),
+            )
+        })
+        .collect::<Map<_, _>>()
+        .into()
+}
+
 /// A remote config of one object under the key `""` (RC-9: single-file agents use one entry),
 /// with its hash: SHA-256 of the deterministic encoding of the config map (RC-4).
 pub(crate) fn remote_config(body: Bytes, content_type: String) -> AgentRemoteConfig {
@@ -944,6 +1090,18 @@ fn agent_value(uid: &InstanceUid, a: &AgentRecord, full: bool) -> Value {
         }),
         "truncated": a.truncated,
     });
+    if full {
+        v["package_statuses"] = a
+            .package_statuses
+            .as_ref()
+            .map_or(Value::Null, package_statuses_json);
+        v["package_sync"] = a.package_statuses.as_ref().map_or(Value::Null, |p| {
+            json!({
+                "server_provided_all_packages_hash": hex(&p.server_provided_all_packages_hash),
+                "error_message": p.error_message,
+            })
+        });
+    }
     v["identifying_attributes"] = ident;
     if full {
         v["non_identifying_attributes"] = non_ident;
@@ -1265,6 +1423,53 @@ mod tests {
         assert!(depth(&a["health"]) <= limits.health_depth);
         assert!(a["truncated"]["health"].is_string());
         assert!(fleet.accounted_bytes() <= limits.agent_bytes());
+    }
+
+    #[test]
+    fn package_statuses_are_bounded_and_shown_by_name() {
+        use opamp::proto::PackageDownloadDetails;
+        let fleet = Fleet::default();
+        let limits = Limits::default();
+        let mut statuses = PackageStatuses {
+            error_message: "e".repeat(1 << 20),
+            ..Default::default()
+        };
+        for i in 0..10_000 {
+            statuses.packages.insert(
+                format!("p{i:05}"),
+                PackageStatus {
+                    name: format!("p{i:05}"),
+                    agent_has_version: "1".into(),
+                    server_offered_version: "2".into(),
+                    status: PackageStatusEnum::Downloading as i32,
+                    error_message: "x".repeat(1 << 16),
+                    download_details: Some(PackageDownloadDetails {
+                        download_percent: 42.0,
+                        download_bytes_per_second: 1.0,
+                    }),
+                    ..Default::default()
+                },
+            );
+        }
+        let msg = AgentToServer {
+            package_statuses: Some(statuses),
+            ..report(1)
+        };
+        fleet.report(uid(1), &msg);
+        let a = fleet.agent_json(uid(1)).unwrap();
+        let shown = a["package_statuses"].as_object().unwrap();
+        assert_eq!(shown.len(), limits.package_statuses);
+        let p = &shown["p00000"];
+        assert_eq!(p["status"], "DOWNLOADING");
+        assert_eq!(p["download_percent"], 42.0);
+        assert_eq!(p["agent_has_version"], "1");
+        assert_eq!(p["error_message"].as_str().unwrap().len(), limits.text);
+        assert!(a["truncated"]["package_statuses"].is_string());
+        assert!(fleet.accounted_bytes() <= limits.agent_bytes());
+        assert!(
+            fleet.accounted_bytes() >= limits.package_statuses * limits.text,
+            "the statuses are accounted"
+        );
     }
 
     #[test]

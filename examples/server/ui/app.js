@@ -120,6 +120,19 @@ function agentView(gen, uid) {
   });
 }
 
+// PKG-13..PKG-20: what the agent reports of its packages, by name.
+function packagesTable(statuses, sync) {
+  const entries = Object.entries(statuses || {});
+  if (entries.length === 0) return '<p class="muted">none reported</p>';
+  const cls = { INSTALLED: "ok", INSTALL_FAILED: "bad", DOWNLOADING: "warn", INSTALLING: "warn", INSTALL_PENDING: "warn" };
+  const rows = entries.map(([name, p]) => `<tr><td>${esc(name)}</td>
+    <td><span class="${cls[p.status] || "muted"}">${esc(p.status)}</span>${p.download_percent != null ? ` ${esc(Math.round(p.download_percent))}%` : ""}</td>
+    <td>${esc(p.agent_has_version || "—")}</td><td>${esc(p.server_offered_version || "—")}</td>
+    <td>${p.error_message ? `<span class="bad">${esc(p.error_message)}</span>` : ""}</td></tr>`).join("");
+  const err = sync && sync.error_message ? `<p class="bad">${esc(sync.error_message)}</p>` : "";
+  return `<table><thead><tr><th>Package</th><th>Status</th><th>Has</th><th>Offered</th><th>Error</th></tr></thead><tbody>${rows}</tbody></table>${err}`;
+}
+
 function truncatedNote(t) {
   const parts = Object.entries(t || {});
   if (parts.length === 0) return "";
@@ -141,7 +154,8 @@ function renderAgent(a) {
   <section><h2>Health</h2>${healthTree(a.health)}</section>
   <section><h2>Remote config status</h2><span id="rcs">${rcsCell(a.remote_config_status)} ${short(a.remote_config_status && a.remote_config_status.hash)}</span></section>
   <section><h2>Remote config offered</h2>${a.remote_config ? `<p>hash ${short(a.remote_config.hash)}</p>${configMap(a.remote_config.config)}` : '<p class="muted">none</p>'}</section>
-  <section><h2>Effective config</h2>${configMap(a.effective_config)}</section>`;
+  <section><h2>Effective config</h2>${configMap(a.effective_config)}</section>
+  <section><h2>Packages</h2><div id="packages">${packagesTable(a.package_statuses, a.package_sync)}</div></section>`;
   const restart = document.getElementById("restart");
   if (restart) restart.addEventListener("click", async () => {
     const out = document.getElementById("restart-result");
