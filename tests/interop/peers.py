@@ -33,7 +33,7 @@ import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-PEERS = ["collector", "supervisor", "opampgo-client", "opampgo-server", "java"]
+PEERS = ["collector", "supervisor", "our-supervisor", "opampgo-client", "opampgo-server", "java"]
 TRANSPORTS = ["ws", "http"]
 
 results = []
@@ -484,6 +484,89 @@ def run_supervisor(args, t, state):
     return procs
 
 
+def run_our_supervisor(args, t, state):
+    """Our opamp-supervisor (examples/supervisor) running the real Collector: the Collector
+    does not speak OpAMP here; the supervisor composes its --config files, watches its
+    health_check endpoint, and reports APPLIED / FAILED with the Collector's own error."""
+    peer = "our-supervisor"
+    procs = Procs(state)
+    try:
+        srv = RefServer(procs, args.server)
+        if not check(peer, t, "reference server listens", srv.up, "no listener"):
+            return procs
+        storage = os.path.join(state, "supervisor-storage")
+        health = free_port()
+        local = os.path.join(state, "local.yaml")
+        with open(local, "w") as f:  # a base pipeline, off fixed ports, with a health endpoint
+            f.write(
+                "receivers:\n  hostmetrics/base:\n    collection_interval: 60s\n"
+                "    scrapers:\n      load: {}\n"
+                "exporters:\n  debug/base: {}\n"
+                f"extensions:\n  health_check:\n    endpoint: 127.0.0.1:{health}\n"
+                "service:\n  extensions: [health_check]\n"
+                "  telemetry:\n    metrics:\n      level: none\n"
+                "  pipelines:\n    metrics/base:\n      receivers: [hostmetrics/base]\n"
+                "      exporters: [debug/base]\n")
+        cfg = (
+            f"server:\n  endpoint: {srv.url(t)}\n"
+            "capabilities:\n  accepts_remote_config: true\n  reports_effective_config: true\n"
+            "  reports_remote_config: true\n  reports_health: true\n  reports_heartbeat: true\n"
+            f"agent:\n  executable: {os.path.join(args.bin, 'otelcol-interop')}\n"
+            f"  config_files: [{local}, $REMOTE_CONFIG]\n"
+            "  config_apply_timeout: 5s\n  stop_timeout: 10s\n"
+            "  description:\n    identifying_attributes:\n      service.name: otelcol-interop\n"
+            f"  health_check:\n    endpoint: http://127.0.0.1:{health}/\n    interval: 1s\n"
+            f"storage:\n  directory: {storage}\n"
+        )
+        path = os.path.join(state, "our-supervisor.yaml")
+        with open(path, "w") as f:
+            f.write(cfg)
+        sup = procs.spawn("our-supervisor", [args.supervisor, "--config", path], group=True)
+        found = wait_until(45, lambda: srv.find(lambda a: a["connected"]))
+        if not check(peer, t, "listed and connected", found and len(found) == 1,
+                     f"agents {srv.api('GET', '/api/agents')}"):
+            return procs
+        uid = found[0]["instance_uid"]
+        a = srv.agent(uid)
+        check(peer, t, f"transport is {ws_or_http(t)}", a["transport"] == ws_or_http(t), a["transport"])
+        check(peer, t, "capabilities ACCEPTS_REMOTE_CONFIG, REPORTS_REMOTE_CONFIG, REPORTS_EFFECTIVE_CONFIG",
+              {"ACCEPTS_REMOTE_CONFIG", "REPORTS_REMOTE_CONFIG", "REPORTS_EFFECTIVE_CONFIG"} <= set(a["capabilities"]),
+              f"{a['capabilities']}")
+        a = wait_until(30, lambda: (lambda x: x if (x.get("health") or {}).get("healthy") else None)(srv.agent(uid)))
+        check(peer, t, "the collector's base config runs: healthy (its health_check endpoint)", a,
+              f"health {srv.agent(uid).get('health')}")
+
+        h = srv.push(uid, HOSTMETRICS)
+        st = srv.wait_status(uid, h, "APPLIED", 90)  # over HTTP it polls every 30 s
+        check(peer, t, "hostmetrics config APPLIED with its hash", st,
+              f"status {srv.agent(uid).get('remote_config_status')}")
+        a = wait_until(30, lambda: (lambda x: x if "hostmetrics:" in effective_body(x) else None)(srv.agent(uid)))
+        body = effective_body(a or srv.agent(uid))
+        check(peer, t, "effective config: the files given to the collector, the pushed one included",
+              "collection_interval: 10s" in body and "hostmetrics/base" in body, f"effective {body[:300]!r}")
+        log = os.path.join(storage, "agent.log")
+        seen = wait_until(30, lambda: os.path.exists(log) and "data points" in open(log, errors="replace").read(), 1)
+        check(peer, t, "the collector exports host metrics (debug exporter, in the supervisor's agent.log)",
+              seen, "no debug exporter output in agent.log")
+
+        h = srv.push(uid, BROKEN)
+        st = srv.wait_status(uid, h, "FAILED", 90)
+        check(peer, t, "broken config FAILED with the collector's message",
+              st and "nosuchreceiver" in st.get("error_message", ""),
+              f"status {srv.agent(uid).get('remote_config_status')}")
+        if st:
+            print(f"  (our-supervisor error_message: {st.get('error_message')[:300]!r})", flush=True)
+        a = wait_until(30, lambda: (lambda x: x if (x.get("health") or {}).get("healthy")
+                                    and "collection_interval: 10s" in effective_body(x)
+                                    and "nosuchreceiver" not in effective_body(x) else None)(srv.agent(uid)))
+        check(peer, t, "rolled back: the previous config runs again, healthy", a,
+              f"health {srv.agent(uid).get('health')}, effective {effective_body(srv.agent(uid))[:200]!r}")
+        check(peer, t, "supervisor still running", sup.poll() is None, f"exit {sup.returncode}")
+    finally:
+        procs.stop()
+    return procs
+
+
 # ---------------------------------------------------------------------------------------------
 # Our reference agent against an opamp-go server
 
@@ -584,6 +667,7 @@ def run_opampgo_server(args, t, state):
 RUNNERS = {
     "collector": run_collector,
     "supervisor": run_supervisor,
+    "our-supervisor": run_our_supervisor,
     "opampgo-client": run_opampgo_client,
     "opampgo-server": run_opampgo_server,
     "java": run_java,
@@ -594,12 +678,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--server", required=True, help="examples/server binary")
     ap.add_argument("--agent", required=True, help="examples/agent binary")
+    ap.add_argument("--supervisor", required=True, help="our opamp-supervisor binary (examples/supervisor)")
     ap.add_argument("--bin", required=True, help="directory with the built Go peers")
     ap.add_argument("--java-cp", required=True, help="classpath file written by install.sh")
     ap.add_argument("--collector-version", required=True, help="the collector release pinned")
     ap.add_argument("--only", action="append", default=[], help="a peer (repeatable): " + ", ".join(PEERS))
     args = ap.parse_args()
-    for k in ("server", "agent", "bin", "java_cp"):  # the peers run in their own directories
+    for k in ("server", "agent", "supervisor", "bin", "java_cp"):  # the peers run in their own directories
         setattr(args, k, os.path.abspath(getattr(args, k)))
     only = [p for o in args.only for p in o.split(",") if p]
     unknown = [p for p in only if p not in PEERS]
@@ -610,13 +695,14 @@ def main():
 
     need = {
         "collector": ["otelcol-interop"], "supervisor": ["opampsupervisor", "otelcol-interop"],
+        "our-supervisor": ["otelcol-interop"],
         "opampgo-client": ["opampgo-client"], "opampgo-server": ["opampgo-server"], "java": [],
     }
     for peer in peers:
         missing = [b for b in need[peer] if not os.access(os.path.join(args.bin, b), os.X_OK)]
         if peer == "java" and not (os.path.exists(args.java_cp) and shutil.which("java")):
             missing.append(args.java_cp)
-        for p in (args.server, args.agent):
+        for p in (args.server, args.agent) + ((args.supervisor,) if peer == "our-supervisor" else ()):
             if not os.access(p, os.X_OK):
                 missing.append(p)
         if missing:

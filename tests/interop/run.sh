@@ -3,7 +3,7 @@
 #
 #   bash tests/interop/run.sh [--only PEER]...   (PEER, repeatable or comma-separated:
 #       python-node   run_interop.py: PyPI and npm clients, reference agents, browser UI
-#       collector supervisor opampgo-client opampgo-server java   peers.py)
+#       collector supervisor our-supervisor opampgo-client opampgo-server java   peers.py)
 #
 # Installs the pinned peers first (install.sh: cached, a second run builds nothing), builds
 # examples/server and examples/agent, then prints one line per check,
@@ -16,7 +16,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 cd "$repo"
 
-all=(python-node collector supervisor opampgo-client opampgo-server java)
+all=(python-node collector supervisor our-supervisor opampgo-client opampgo-server java)
 only=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -51,7 +51,8 @@ fi
 echo "  (install took $((SECONDS - t0)) s)"
 
 echo "== interop: building examples/server and examples/agent"
-if ! cargo build --locked --example server --example agent; then
+if ! cargo build --locked --example server --example agent \
+    || ! cargo build --locked -p opamp-supervisor-program --bin opamp-supervisor; then
     echo "FAIL peer=all transport=ws,http check=build: cargo build of the examples failed"
     failed_setup=1
 fi
@@ -67,6 +68,7 @@ if [[ $failed_setup == 0 && ${#go_peers[@]} -gt 0 ]]; then
     onlies=()
     for p in "${go_peers[@]}"; do onlies+=(--only "$p"); done
     timeout 1500 python3 "$here/peers.py" --server "$bin/server" --agent "$bin/agent" \
+        --supervisor "${CARGO_TARGET_DIR:-$repo/target}/debug/opamp-supervisor" \
         --bin "$out/bin" --java-cp "$out/java/classpath.txt" \
         --collector-version "$(sed -n 's/^const version = "\(.*\)"/\1/p' "$here/collector/main.go")" \
         "${onlies[@]}" | tee "$log/peers.out" || true
