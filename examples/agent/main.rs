@@ -368,6 +368,10 @@ fn settings(
         .with_instance_uid(uid)
         .with_capabilities(capabilities)
         .with_agent_description(description);
+    // RC-3: the status reported before a restart is in the first message, not UNSET.
+    if let Some(status) = files.status() {
+        s = s.with_remote_config_status(status);
+    }
     if let Some(interval) = args.heartbeat {
         s = s.with_heartbeat_interval(interval);
     }

@@ -229,6 +229,11 @@ impl OpampClient {
         }
         core.set_flags(settings.flags)
             .map_err(|_| StartError::InvalidSettings("flags"))?;
+        if let Some(status) = settings.remote_config_status.clone() {
+            core.set_remote_config_status(status).map_err(|_| {
+                StartError::InvalidSettings("a remote config status needs ReportsRemoteConfig")
+            })?;
+        }
 
         let shared = Arc::new(Shared {
             core: Mutex::new(core),

@@ -60,6 +60,7 @@ pub struct StartSettings {
     pub(crate) instance_uid: InstanceUid,
     pub(crate) capabilities: AgentCapabilitySet,
     pub(crate) agent_description: Option<AgentDescription>,
+    pub(crate) remote_config_status: Option<opamp_proto::RemoteConfigStatus>,
     pub(crate) flags: AgentToServerFlagSet,
     pub(crate) heartbeat_interval: Duration,
     pub(crate) backoff: BackoffPolicy,
@@ -89,6 +90,7 @@ impl StartSettings {
             instance_uid: InstanceUid::new_v7(),
             capabilities: AgentCapabilitySet::REPORTS_STATUS,
             agent_description: None,
+            remote_config_status: None,
             flags: AgentToServerFlagSet::empty(),
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             backoff: BackoffPolicy::default(),
@@ -145,6 +147,15 @@ impl StartSettings {
     /// The agent description sent in the first message (DESC-*).
     pub fn with_agent_description(mut self, description: AgentDescription) -> Self {
         self.agent_description = Some(description);
+        self
+    }
+
+    /// The remote config status the first message carries: what the agent last reported
+    /// before it restarted (persist it, RC-3). Without it the first message says UNSET
+    /// (RC-6), and a status set right after [`OpampClient::start`](crate::OpampClient::start)
+    /// may come only with the second message. Needs `ReportsRemoteConfig`.
+    pub fn with_remote_config_status(mut self, status: opamp_proto::RemoteConfigStatus) -> Self {
+        self.remote_config_status = Some(status);
         self
     }
 

@@ -15,8 +15,8 @@ use http_body_util::Full;
 use opamp_client::OpampClient;
 use opamp_proto::{
     AgentCapabilitySet, AgentConfigMap, AgentConfigObject, AgentRemoteConfig, AgentToServer,
-    ComponentHealth, InstanceUid, Message, ServerErrorResponse, ServerErrorResponseType,
-    ServerToAgent,
+    ComponentHealth, InstanceUid, Message, RemoteConfigStatus, RemoteConfigStatuses,
+    ServerErrorResponse, ServerErrorResponseType, ServerToAgent,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -813,5 +813,39 @@ async fn answer_with_too_many_elements_is_refused_and_retried() {
     })
     .await;
     assert_eq!(&hash[..], b"small");
+    client.stop().await.unwrap();
+}
+
+/// RC-3, RC-6: a status given at start (the one persisted before a restart) is in the first
+/// message, not UNSET.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rc_3_status_given_at_start_is_in_the_first_message() {
+    let (tx, mut seen) = mpsc::unbounded_channel::<AgentToServer>();
+    let addr = http_server(move |_, parts, body| {
+        let tx = tx.clone();
+        async move {
+            let msg = decode_request(&parts, &body);
+            let reply = ack(&msg);
+            let _ = tx.send(msg);
+            ok(&reply)
+        }
+    })
+    .await;
+    let status = RemoteConfigStatus {
+        last_remote_config_hash: Bytes::from_static(b"kept"),
+        status: RemoteConfigStatuses::Applied as i32,
+        error_message: String::new(),
+    };
+    let (cb, _cbs) = Recorder::new();
+    let client = OpampClient::start(
+        settings(format!("http://{addr}/"))
+            .with_capabilities(caps() | AgentCapabilitySet::REPORTS_REMOTE_CONFIG)
+            .with_remote_config_status(status.clone()),
+        cb,
+    )
+    .unwrap();
+    let first = recv(&mut seen).await;
+    assert_eq!(first.sequence_num, 0);
+    assert_eq!(first.remote_config_status, Some(status));
     client.stop().await.unwrap();
 }

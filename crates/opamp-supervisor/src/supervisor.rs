@@ -111,20 +111,18 @@ impl Supervisor {
             commands: commands.clone(),
             effective: effective.clone(),
         });
-        let settings = client_settings(&config, uid)?;
+        let mut settings = client_settings(&config, uid)?;
         let mut last_status = storage.remote_config_status();
         if !config.capabilities.accepts_remote_config {
             last_status = None;
         }
-        let client = OpampClient::start(settings, hooks)?;
-        // At once: the first report should carry the stored status, not UNSET (RC-6). The
-        // client has no start setting for it, so a very fast connection may still send UNSET
-        // first; the stored status follows in the next message.
+        // The first report carries the stored status, not UNSET (RC-3, RC-6).
         if config.capabilities.reports_remote_config {
             if let Some(status) = &last_status {
-                let _ = client.set_remote_config_status(status.clone());
+                settings = settings.with_remote_config_status(status.clone());
             }
         }
+        let client = OpampClient::start(settings, hooks)?;
         // An apply the supervisor did not finish (it was stopped or killed): do it again.
         if let (Some(status), Some(last)) = (&last_status, storage.last_remote_config()) {
             if status.status == RemoteConfigStatuses::Applying as i32

@@ -512,15 +512,8 @@ async fn uid_3_restarted_supervisor_is_the_same_agent_with_the_last_good_config(
     // With the server again: same uid, the config is not re-applied, its status is reported.
     h.recorder.0.send_modify(|s| *s = Seen::default());
     let sup = Supervisor::start(h.config()).unwrap();
-    // (A very fast connection may report UNSET before the stored status: the client cannot
-    // be given a status before it starts.)
-    let set = |s: &Seen| -> Vec<RemoteConfigStatus> {
-        s.statuses
-            .iter()
-            .filter(|s| s.status != 0)
-            .cloned()
-            .collect()
-    };
+    // The first report already carries the stored status (RC-3), never UNSET first.
+    let set = |s: &Seen| -> Vec<RemoteConfigStatus> { s.statuses.clone() };
     let seen = h
         .wait("the status after the restart", |s| !set(s).is_empty())
         .await;
