@@ -784,18 +784,10 @@ async fn thr_5_huge_retry_after_is_capped() {
 async fn answer_with_too_many_elements_is_refused_and_retried() {
     let addr = http_server(move |n, parts, body| async move {
         let msg = decode_request(&parts, &body);
-        let files = if n == 0 { 2000 } else { 1 };
-        let mut map = AgentConfigMap::default();
-        for i in 0..files {
-            map.config_map
-                .insert(format!("f{i}"), AgentConfigObject::default());
-        }
-        ok(&ServerToAgent {
-            remote_config: Some(AgentRemoteConfig {
-                config: Some(map),
-                config_hash: Bytes::from(if n == 0 { "big" } else { "small" }),
-            }),
-            ..ack(&msg)
+        ok(&if n == 0 {
+            config_offer(&msg, 2000, b"big")
+        } else {
+            config_offer(&msg, 1, b"small")
         })
     })
     .await;

@@ -49,12 +49,22 @@ async fn accept(
 
 /// Serves each connection: answers every message with an ack, reports everything.
 async fn well_behaved(n: usize, stream: TcpStream, tx: mpsc::UnboundedSender<Seen>) {
+    serve(n, stream, tx, ack).await;
+}
+
+/// Serves connection `n`: answers every message with `reply(message)`, reports everything.
+async fn serve(
+    n: usize,
+    stream: TcpStream,
+    tx: mpsc::UnboundedSender<Seen>,
+    reply: impl Fn(&AgentToServer) -> ServerToAgent,
+) {
     let mut ws = accept(n, stream, &tx).await;
     while let Some(Ok(frame)) = ws.next().await {
         match frame {
             Message::Binary(data) => {
                 let msg: AgentToServer = framing::decode(&data, 1 << 20).unwrap();
-                let reply = ack(&msg);
+                let reply = reply(&msg);
                 let _ = tx.send(Seen::Msg(n, msg));
                 if ws
                     .send(Message::Binary(framing::encode(&reply)))
@@ -714,22 +724,6 @@ async fn gen_8_ws_upgrade_redirect_loop_is_a_failure_with_backoff() {
     assert!((2..=8).contains(&n), "{n} upgrade attempts in 3 s");
 }
 
-/// A remote config of `files` files, with `hash`.
-fn config_offer(to: &AgentToServer, files: usize, hash: &'static [u8]) -> ServerToAgent {
-    let mut map = opamp_proto::AgentConfigMap::default();
-    for i in 0..files {
-        map.config_map
-            .insert(format!("f{i}"), opamp_proto::AgentConfigObject::default());
-    }
-    ServerToAgent {
-        remote_config: Some(opamp_proto::AgentRemoteConfig {
-            config: Some(map),
-            config_hash: bytes::Bytes::from_static(hash),
-        }),
-        ..ack(to)
-    }
-}
-
 /// A message that decodes into more elements than the client's limit (2,000 config files,
 /// limit 1,000) is refused before decoding: the client closes with 1009 and reconnects; the
 /// offer of the next connection (one file) is delivered, the big one never.
@@ -739,32 +733,14 @@ async fn message_with_too_many_elements_is_refused_with_1009() {
     let addr = tcp_server(move |n, stream| {
         let tx = tx.clone();
         async move {
-            let mut ws = accept(n, stream, &tx).await;
-            while let Some(Ok(frame)) = ws.next().await {
-                match frame {
-                    Message::Binary(data) => {
-                        let msg: AgentToServer = framing::decode(&data, 1 << 20).unwrap();
-                        let reply = if n == 0 {
-                            config_offer(&msg, 2000, b"big")
-                        } else {
-                            config_offer(&msg, 1, b"small")
-                        };
-                        if ws
-                            .send(Message::Binary(framing::encode(&reply)))
-                            .await
-                            .is_err()
-                        {
-                            break;
-                        }
-                    }
-                    Message::Close(frame) => {
-                        let _ = tx.send(Seen::Close(n, frame.map(|f| f.code)));
-                        let _ = ws.close(None).await;
-                        break;
-                    }
-                    _ => {}
+            let offer = move |msg: &AgentToServer| {
+                if n == 0 {
+                    config_offer(msg, 2000, b"big")
+                } else {
+                    config_offer(msg, 1, b"small")
                 }
-            }
+            };
+            serve(n, stream, tx, offer).await;
         }
     })
     .await;

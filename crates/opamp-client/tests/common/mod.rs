@@ -170,6 +170,22 @@ pub fn ack(msg: &AgentToServer) -> ServerToAgent {
     }
 }
 
+/// A remote config of `files` files, with `hash`.
+pub fn config_offer(to: &AgentToServer, files: usize, hash: &'static [u8]) -> ServerToAgent {
+    let mut map = opamp_proto::AgentConfigMap::default();
+    for i in 0..files {
+        map.config_map
+            .insert(format!("f{i}"), opamp_proto::AgentConfigObject::default());
+    }
+    ServerToAgent {
+        remote_config: Some(opamp_proto::AgentRemoteConfig {
+            config: Some(map),
+            config_hash: bytes::Bytes::from_static(hash),
+        }),
+        ..ack(to)
+    }
+}
+
 /// A TCP listener on loopback; `handle(n, stream)` runs per accepted connection `n`.
 pub async fn tcp_server<F, Fut>(handle: F) -> SocketAddr
 where
