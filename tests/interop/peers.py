@@ -410,6 +410,26 @@ BROKEN = (
 )
 
 
+def the_connected_agent(peer, t, srv):
+    """The one agent the reference server lists as connected (a supervisor's), or None."""
+    found = wait_until(45, lambda: srv.find(lambda a: a["connected"]))
+    if not check(peer, t, "listed and connected", found and len(found) == 1,
+                 f"agents {srv.api('GET', '/api/agents')}"):
+        return None
+    return found[0]["instance_uid"]
+
+
+def broken_config_fails(peer, t, srv, uid):
+    """Pushes BROKEN; the collector's own error must come back in FAILED."""
+    h = srv.push(uid, BROKEN)
+    st = srv.wait_status(uid, h, "FAILED", 90)
+    check(peer, t, "broken config FAILED with the collector's message",
+          st and "nosuchreceiver" in st.get("error_message", ""),
+          f"status {srv.agent(uid).get('remote_config_status')}")
+    if st:
+        print(f"  ({peer} error_message: {st.get('error_message')[:300]!r})", flush=True)
+
+
 def run_supervisor(args, t, state):
     peer = "supervisor"
     procs = Procs(state)
@@ -441,11 +461,9 @@ def run_supervisor(args, t, state):
         with open(path, "w") as f:
             f.write(cfg)
         sup = procs.spawn("supervisor", [os.path.join(args.bin, "opampsupervisor"), "--config", path], group=True)
-        found = wait_until(45, lambda: srv.find(lambda a: a["connected"]))
-        if not check(peer, t, "listed and connected", found and len(found) == 1,
-                     f"agents {srv.api('GET', '/api/agents')}"):
+        uid = the_connected_agent(peer, t, srv)
+        if uid is None:
             return procs
-        uid = found[0]["instance_uid"]
         a = wait_until(30, lambda: (lambda x: x if x.get("service_name") else None)(srv.agent(uid))) or srv.agent(uid)
         check(peer, t, f"transport is {ws_or_http(t)}", a["transport"] == ws_or_http(t), a["transport"])
         ident = a.get("identifying_attributes") or {}
@@ -471,13 +489,7 @@ def run_supervisor(args, t, state):
         check(peer, t, "collector exports host metrics with the debug exporter", seen_metrics,
               "no debug exporter output in the supervisor log")
 
-        h = srv.push(uid, BROKEN)
-        st = srv.wait_status(uid, h, "FAILED", 90)
-        check(peer, t, "broken config FAILED with the collector's message",
-              st and "nosuchreceiver" in st.get("error_message", ""),
-              f"status {srv.agent(uid).get('remote_config_status')}")
-        if st:
-            print(f"  (supervisor error_message: {st.get('error_message')[:300]!r})", flush=True)
+        broken_config_fails(peer, t, srv, uid)
         check(peer, t, "supervisor still running", sup.poll() is None, f"exit {sup.returncode}")
     finally:
         procs.stop()
@@ -522,11 +534,9 @@ def run_our_supervisor(args, t, state):
         with open(path, "w") as f:
             f.write(cfg)
         sup = procs.spawn("our-supervisor", [args.supervisor, "--config", path], group=True)
-        found = wait_until(45, lambda: srv.find(lambda a: a["connected"]))
-        if not check(peer, t, "listed and connected", found and len(found) == 1,
-                     f"agents {srv.api('GET', '/api/agents')}"):
+        uid = the_connected_agent(peer, t, srv)
+        if uid is None:
             return procs
-        uid = found[0]["instance_uid"]
         a = srv.agent(uid)
         check(peer, t, f"transport is {ws_or_http(t)}", a["transport"] == ws_or_http(t), a["transport"])
         check(peer, t, "capabilities ACCEPTS_REMOTE_CONFIG, REPORTS_REMOTE_CONFIG, REPORTS_EFFECTIVE_CONFIG",
@@ -549,13 +559,7 @@ def run_our_supervisor(args, t, state):
         check(peer, t, "the collector exports host metrics (debug exporter, in the supervisor's agent.log)",
               seen, "no debug exporter output in agent.log")
 
-        h = srv.push(uid, BROKEN)
-        st = srv.wait_status(uid, h, "FAILED", 90)
-        check(peer, t, "broken config FAILED with the collector's message",
-              st and "nosuchreceiver" in st.get("error_message", ""),
-              f"status {srv.agent(uid).get('remote_config_status')}")
-        if st:
-            print(f"  (our-supervisor error_message: {st.get('error_message')[:300]!r})", flush=True)
+        broken_config_fails(peer, t, srv, uid)
         a = wait_until(30, lambda: (lambda x: x if (x.get("health") or {}).get("healthy")
                                     and "collection_interval: 10s" in effective_body(x)
                                     and "nosuchreceiver" not in effective_body(x) else None)(srv.agent(uid)))
