@@ -131,15 +131,15 @@ pub(crate) fn router(state: Shared, policy: HostPolicy) -> Router {
     Router::new()
         .route(
             "/",
-            get(|| async { asset("text/html; charset=utf-8", include_str!("ui/index.html")) }),
+            get(|| async { asset("text/html; charset=utf-8", include_str!("../ui/index.html")) }),
         )
         .route(
             "/ui/app.js",
-            get(|| async { asset("text/javascript", include_str!("ui/app.js")) }),
+            get(|| async { asset("text/javascript", include_str!("../ui/app.js")) }),
         )
         .route(
             "/ui/style.css",
-            get(|| async { asset("text/css", include_str!("ui/style.css")) }),
+            get(|| async { asset("text/css", include_str!("../ui/style.css")) }),
         )
         .route("/api/agents", get(list_agents))
         .route("/api/agents/disconnect", post(disconnect_all))
@@ -878,8 +878,8 @@ mod tests {
     /// The CSP allows only `script-src 'self'`: the UI must have no inline script or handler.
     #[test]
     fn ui_has_no_inline_script_or_style() {
-        let html = include_str!("ui/index.html").to_ascii_lowercase();
-        let js = include_str!("ui/app.js").to_ascii_lowercase();
+        let html = include_str!("../ui/index.html").to_ascii_lowercase();
+        let js = include_str!("../ui/app.js").to_ascii_lowercase();
         for tag in html.match_indices("<script").map(|(i, _)| &html[i..]) {
             let open = &tag[..tag.find('>').unwrap()];
             assert!(open.contains(" src="), "inline script: {open}");

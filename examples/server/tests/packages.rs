@@ -5,128 +5,21 @@
 //! a v2 signed by another key is refused with INSTALL_FAILED while v1 stays installed, and so
 //! is a v3 whose download is corrupted on the way (by a proxy in front of the server).
 //!
-//! Builds the `server` and `agent` examples first (`cargo build`, a no-op when they are up to
-//! date), then runs them: `cargo test -p opamp --test reference_packages`.
+//! `cargo test -p opamp-reference-server --test packages` (builds the reference agent first).
 
 // Test helpers outside `#[test]` functions: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::path::Path;
+
+use common::{Scratch, agent_json, api, hex, start_agent, start_server, uid_of, wait_for};
 
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-
-/// `target/debug/examples/NAME`, next to this test's `deps` directory, built first:
-/// `cargo test` builds the `server` example only as its unit-test harness, so the binary could
-/// be stale. The build is a no-op when it is up to date.
-fn example(name: &str) -> PathBuf {
-    static BUILT: std::sync::Once = std::sync::Once::new();
-    let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
-    BUILT.call_once(|| {
-        let cargo = option_env!("CARGO").unwrap_or("cargo");
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
-        let mut build = Command::new(cargo);
-        build
-            .arg("build")
-            .arg("--manifest-path")
-            .arg(&manifest)
-            .args(["-p", "opamp", "--example", "server", "--example", "agent"]);
-        if profile_dir.ends_with("release") {
-            build.arg("--release");
-        }
-        // What cargo set for this test's own crate would look like a changed environment to
-        // build scripts (and make the two builds rebuild each other's dependencies).
-        for (key, _) in std::env::vars_os() {
-            let key = key.to_string_lossy().into_owned();
-            let crate_var = [
-                "CARGO_PKG_",
-                "CARGO_MANIFEST_",
-                "CARGO_CRATE_",
-                "CARGO_BIN_",
-                "CARGO_PRIMARY_PACKAGE",
-                "CARGO_TARGET_TMPDIR",
-                "CARGO_RUSTC_CURRENT_DIR",
-            ]
-            .iter()
-            .any(|p| key.starts_with(p));
-            if crate_var {
-                build.env_remove(&key);
-            }
-        }
-        let status = build.status().expect("run cargo build for the examples");
-        assert!(status.success(), "building the examples failed");
-    });
-    let dir = profile_dir.join("examples");
-    let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        path.exists(),
-        "{} is missing after the build",
-        path.display()
-    );
-    path
-}
-
-/// A child process killed when the test ends, passed or not.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A scratch directory removed at the end.
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// One HTTP/1.1 request to the API; returns the status and the JSON answer.
-fn api(
-    addr: &str,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> (u16, Value) {
-    let mut s = TcpStream::connect(addr).expect("connect to the API");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
-    let mut answer = Vec::new();
-    s.read_to_end(&mut answer).unwrap();
-    let split = answer
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("an HTTP answer");
-    let head = String::from_utf8_lossy(&answer[..split]).to_string();
-    let status = head[9..12].parse().expect("status");
-    let body = &answer[split + 4..];
-    let json = serde_json::from_slice(body).unwrap_or(Value::Null);
-    (status, json)
-}
 
 fn put_package(ui: &str, name: &str, version: &str, content: &[u8], signature: Option<&str>) {
     let mut headers = vec![("Content-Type", "application/octet-stream")];
@@ -156,34 +49,6 @@ fn put_set(ui: &str, name: &str, body: Value) -> Vec<String> {
         .iter()
         .map(|u| u.as_str().unwrap().to_owned())
         .collect()
-}
-
-/// Polls `probe` until it returns `Some`, or fails with `what` and the last agent JSON.
-fn wait_for<T>(what: &str, logs: &[&Path], mut probe: impl FnMut() -> (Option<T>, Value)) -> T {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (got, last) = probe();
-        if let Some(v) = got {
-            return v;
-        }
-        if Instant::now() > deadline {
-            let logs: Vec<String> = logs
-                .iter()
-                .map(|p| {
-                    format!(
-                        "--- {}\n{}",
-                        p.display(),
-                        std::fs::read_to_string(p).unwrap_or_default()
-                    )
-                })
-                .collect();
-            panic!(
-                "timed out waiting for {what}; last: {last}\n{}",
-                logs.join("\n")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// A loopback HTTP proxy in front of the server's downloads that flips the last byte of every
@@ -239,39 +104,6 @@ fn corrupting_proxy(
     (addr, upstream)
 }
 
-fn agent_json(ui: &str, uid: &str) -> Value {
-    let (status, v) = api(ui, "GET", &format!("/api/agents/{uid}"), &[], b"");
-    if status == 200 { v } else { Value::Null }
-}
-
-fn start_agent(dir: &Path, name: &str, endpoint: &str, key_file: &Path) -> (Proc, PathBuf) {
-    let state = dir.join(name);
-    let log = dir.join(format!("{name}.log"));
-    let child = Command::new(example("agent"))
-        .arg("--endpoint")
-        .arg(endpoint)
-        .arg("--name")
-        .arg(name)
-        .arg("--state-dir")
-        .arg(&state)
-        .arg("--heartbeat")
-        .arg("1")
-        .arg("--accept-packages")
-        .arg(key_file)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("start the reference agent");
-    (Proc(child), state.join("agent-0"))
-}
-
-fn uid_of(agent_dir: &Path, log: &Path) -> String {
-    wait_for("the agent's instance_uid file", &[log], || {
-        let uid = std::fs::read_to_string(agent_dir.join("instance_uid")).ok();
-        (uid.map(|u| u.trim().to_owned()), Value::Null)
-    })
-}
-
 /// The installed file of package `name` in the agent's `FsProvider` (names hex-encoded).
 fn installed(agent_dir: &Path, name: &str) -> Option<Vec<u8>> {
     let path = agent_dir
@@ -298,16 +130,8 @@ fn wait_status(
 
 #[test]
 fn pkg_reference_server_offers_signed_packages_the_reference_agent_installs() {
-    let dir = std::env::temp_dir().join(format!(
-        "opamp-reference-packages-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let _scratch = Scratch(dir.clone());
+    let scratch = Scratch::new("reference-packages");
+    let dir = scratch.path().to_owned();
 
     // The server signs with a known seed; its printed public key must be that seed's.
     let seed = [0x42u8; 32];
@@ -320,40 +144,25 @@ fn pkg_reference_server_offers_signed_packages_the_reference_agent_installs() {
     // Downloads go through a proxy that corrupts version 3.0 (`--package-url-base`); the
     // proxy's `Host` is let in with `--ui-allowed-host`.
     let (proxy, upstream) = corrupting_proxy("/3.0/");
-    let mut server = Command::new(example("server"))
-        .args(["--opamp-addr", "127.0.0.1:0", "--ui-addr", "127.0.0.1:0"])
-        .args(["--ui-allowed-host", "127.0.0.1"])
-        .arg("--package-url-base")
-        .arg(format!("http://{proxy}"))
-        .arg("--package-signing-key")
-        .arg(&seed_file)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&server_log).unwrap())
-        .spawn()
-        .expect("start the reference server");
-    let stdout = server.stdout.take().expect("piped stdout");
-    let server = Proc(server);
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let (mut endpoint, mut ui, mut key) = (None, None, None);
-    while endpoint.is_none() || ui.is_none() || key.is_none() {
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the server's start lines");
-        if let Some(rest) = line.strip_prefix("OpAMP endpoint: ") {
-            endpoint = rest.split_whitespace().next().map(str::to_owned);
-        } else if let Some(rest) = line.strip_prefix("web UI: http://") {
-            ui = Some(rest.trim_end_matches('/').to_owned());
-        } else if let Some(rest) = line.strip_prefix("package signing public key: ") {
-            key = rest.split_whitespace().next().map(str::to_owned);
-        }
-    }
-    let (endpoint, ui, key) = (endpoint.unwrap(), ui.unwrap(), key.unwrap());
+    let proxy_flag = format!("http://{proxy}");
+    let seed_flag = seed_file.to_str().unwrap().to_owned();
+    let server = start_server(
+        &[
+            "--ui-allowed-host",
+            "127.0.0.1",
+            "--package-url-base",
+            &proxy_flag,
+            "--package-signing-key",
+            &seed_flag,
+        ],
+        &server_log,
+        &[],
+    );
+    let (endpoint, ui, key) = (
+        server.endpoint.clone(),
+        server.ui.clone(),
+        server.package_key.clone(),
+    );
     upstream.set(ui.clone()).unwrap();
     assert_eq!(key, hex(&public), "the public key of --package-signing-key");
     assert!(endpoint.starts_with("ws://"), "{endpoint}");
@@ -363,7 +172,7 @@ fn pkg_reference_server_offers_signed_packages_the_reference_agent_installs() {
     // The agent trusts the key from a file (`--accept-packages FILE`).
     let key_file = dir.join("trusted.pub");
     std::fs::write(&key_file, format!("{key}\n")).unwrap();
-    let (_agent_a, a_dir) = start_agent(&dir, "refpkg-a", &endpoint, &key_file);
+    let (_agent_a, a_dir) = start_agent(&dir, "refpkg-a", &endpoint, &["--accept-packages", key_file.to_str().unwrap()]);
     let a_log = dir.join("refpkg-a.log");
     let logs = [a_log.as_path(), server_log.as_path()];
     let uid_a = uid_of(&a_dir, &a_log);
@@ -404,7 +213,7 @@ fn pkg_reference_server_offers_signed_packages_the_reference_agent_installs() {
     assert!(pushed.is_empty(), "{pushed:?}");
     // Agent b polls over plain HTTP: the offer rides on a poll response.
     let http_endpoint = endpoint.replacen("ws://", "http://", 1);
-    let (_agent_b, b_dir) = start_agent(&dir, "refpkg-b", &http_endpoint, &key_file);
+    let (_agent_b, b_dir) = start_agent(&dir, "refpkg-b", &http_endpoint, &["--accept-packages", key_file.to_str().unwrap()]);
     let b_log = dir.join("refpkg-b.log");
     let uid_b = uid_of(&b_dir, &b_log);
     let s = wait_status(

@@ -15,6 +15,7 @@
 //! default the UI listener's `http://ADDR`). State is kept in memory only.
 
 mod api;
+mod db;
 mod packages;
 mod store;
 
