@@ -17,15 +17,19 @@ OPAMP_PORT="${OPAMP_PORT:-14320}"
 UI_PORT="${UI_PORT:-14321}"
 LOG="${SERVER_LOG_FILE:-/tmp/opamp-fleet-server.log}"
 
-cargo build --release --example fleet --example server
+cargo build --release --example fleet -p opamp-reference-server
 bin="$CARGO_TARGET_DIR/release/examples"
+server_bin="$CARGO_TARGET_DIR/release/opamp-reference-server"
+# A new database per run (the server's store attached, as operators run it).
+db_dir=$(mktemp -d)
 
 ulimit -n "$(ulimit -Hn)"
 echo "fleet.sh: file limit soft $(ulimit -Sn) hard $(ulimit -Hn); $(nproc) cores; $(uptime)"
-RUST_LOG="${SERVER_LOG:-warn}" "$bin/server" \
-    --opamp-addr "127.0.0.1:$OPAMP_PORT" --ui-addr "127.0.0.1:$UI_PORT" >"$LOG" 2>&1 &
+RUST_LOG="${SERVER_LOG:-warn}" "$server_bin" \
+    --opamp-addr "127.0.0.1:$OPAMP_PORT" --ui-addr "127.0.0.1:$UI_PORT" \
+    --database "${FLEET_DATABASE:-sqlite://$db_dir/opamp-server.db}" >"$LOG" 2>&1 &
 server=$!
-trap 'kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true' EXIT
+trap 'kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; rm -rf "$db_dir"' EXIT
 
 for _ in $(seq 100); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$UI_PORT") 2>/dev/null; then break; fi

@@ -64,17 +64,18 @@ def main():
     deadline = time.monotonic() + args.timeout
     target = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
     if not args.no_build:
-        subprocess.run(["cargo", "build", "--release", "--locked", "--example", "server",
-                        "--example", "agent"], cwd=ROOT, check=True)
-    bin_dir = os.path.join(target, "release", "examples")
+        subprocess.run(["cargo", "build", "--release", "--locked", "-p", "opamp-reference-server",
+                        "-p", "opamp-reference-agent"], cwd=ROOT, check=True)
+    bin_dir = os.path.join(target, "release")
     state = tempfile.mkdtemp(prefix="opamp-packages-bench-")
     procs = []
     try:
         opamp, ui = free_port(), free_port()
         server_log = open(os.path.join(state, "server.log"), "w")
         procs.append(subprocess.Popen(
-            [os.path.join(bin_dir, "server"), "--opamp-addr", f"127.0.0.1:{opamp}",
-             "--ui-addr", f"127.0.0.1:{ui}"],
+            [os.path.join(bin_dir, "opamp-reference-server"), "--opamp-addr", f"127.0.0.1:{opamp}",
+             "--ui-addr", f"127.0.0.1:{ui}",
+             "--database", f"sqlite://{os.path.join(state, 'opamp-server.db')}"],
             stdout=server_log, stderr=subprocess.STDOUT, env={**os.environ, "RUST_LOG": "warn"}))
         listing = wait(30, lambda: _try(lambda: api(ui, "GET", "/api/v1/packages")))
         if not listing:
@@ -92,7 +93,7 @@ def main():
              os.path.join(state, "agents"), "--accept-packages", key],
             stdout=agent_log, stderr=subprocess.STDOUT, start_new_session=True))
         connected = wait(max(1, deadline - time.monotonic()), lambda: (lambda a: a if len(a) >= args.agents else None)(
-            [x for x in api(ui, "GET", "/api/agents") if x.get("connected")]), 0.5)
+            [x for x in api(ui, "GET", "/api/v1/agents") if x.get("connected")]), 0.5)
         if not connected:
             sys.exit(f"packages: fewer than {args.agents} agents connected")
         uids = [a["instance_uid"] for a in connected]
@@ -106,7 +107,7 @@ def main():
         last_report = t0
         while pending and time.monotonic() < deadline:
             for uid in list(pending):
-                a = api(ui, "GET", f"/api/agents/{uid}")
+                a = api(ui, "GET", f"/api/v1/agents/{uid}")
                 st = ((a.get("package_statuses") or {}).get("bench")) or {}
                 if st.get("status") == "INSTALLED" and st.get("agent_has_version") == "1.0":
                     pending.discard(uid)

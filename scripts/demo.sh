@@ -3,15 +3,16 @@
 # Open http://127.0.0.1:4321/ ; Ctrl-C stops everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --example server --example agent
-bin="${CARGO_TARGET_DIR:-target}/release/examples"
+cargo build --release -p opamp-reference-server -p opamp-reference-agent
+bin="${CARGO_TARGET_DIR:-target}/release"
 state=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; wait; rm -rf "$state"' EXIT
-"$bin/server" "$@" &
+# The demo's desired state lives in target/demo.db (kept between runs; delete it to start over).
+"$bin/opamp-reference-server" --database "sqlite://${CARGO_TARGET_DIR:-target}/demo.db" "$@" &
 sleep 1
-"$bin/agent" --endpoint ws://127.0.0.1:4320/v1/opamp --count 3 --name demo-ws-agent \
+"$bin/opamp-reference-agent" --endpoint ws://127.0.0.1:4320/v1/opamp --count 3 --name demo-ws-agent \
     --heartbeat 5 --state-dir "$state/ws" 2>/dev/null &
-"$bin/agent" --endpoint http://127.0.0.1:4320/v1/opamp --count 2 --name demo-http-agent \
+"$bin/opamp-reference-agent" --endpoint http://127.0.0.1:4320/v1/opamp --count 2 --name demo-http-agent \
     --heartbeat 5 --state-dir "$state/http" 2>/dev/null &
 echo "web UI: http://127.0.0.1:4321/  (Ctrl-C to stop)"
 wait

@@ -39,9 +39,9 @@ echo "== fuzz: every target for a short bounded time (bash scripts/fuzz.sh SECON
 bash scripts/fuzz.sh 10
 
 echo "== hostile probes: the rows of docs/hostile-input.md fixed for issue #9 (the full run: see that file)"
-cargo build --examples --locked
-examples="${CARGO_TARGET_DIR:-target}/debug/examples"
-python3 tests/hostile/probe.py --server "$examples/server" --agent "$examples/agent" --check \
+cargo build --locked -p opamp-reference-server -p opamp-reference-agent
+bins="${CARGO_TARGET_DIR:-target}/debug"
+python3 tests/hostile/probe.py --server "$bins/opamp-reference-server" --agent "$bins/opamp-reference-agent" --check \
     --only ws-duplicate-uid,ws-silent-upgrades,ws-60-of-64,tiny-attributes,client-restart \
     --out "${CARGO_TARGET_DIR:-target}/hostile-ci.md"
 

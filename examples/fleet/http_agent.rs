@@ -14,7 +14,7 @@
 //!   a request the closed connection did not answer is sent again on the new one (same
 //!   sequence number, so a server that did see it answers it as a retry, RETRY-2).
 //! - The server keeps a session per instance uid, not per connection: a closed TCP
-//!   connection is not a disconnect. `POST /api/agents/disconnect` ends the sessions; the agent
+//!   connection is not a disconnect. `POST /api/v1/agents/disconnect` ends the sessions; the agent
 //!   notices at its next poll, whose answer asks for a full report (a new session knows
 //!   nothing), and is re-admitted when that report is answered.
 

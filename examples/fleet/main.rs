@@ -16,10 +16,10 @@
 //!   probe heartbeat;
 //! - `throughput`: every agent sends status reports in a closed loop for `--duration` seconds
 //!   (messages per second, round-trip p50/p99, server CPU time per message);
-//! - `config`: `PUT /api/config` of a `--config-size` config to every agent, timed until every
+//! - `config`: `PUT /api/v1/configs/fleet` of a `--config-size` config to every agent, timed until every
 //!   agent has the server's reply to its APPLIED report (plain HTTP: the agents poll every
 //!   `--poll-during-config` seconds meanwhile, which bounds the time from below);
-//! - `storm`: `POST /api/agents/disconnect`, timed until every agent is admitted again;
+//! - `storm`: `POST /api/v1/agents/disconnect`, timed until every agent is admitted again;
 //!   handshake failures, HTTP rejections and errors are counted, and the fleet must then hold
 //!   (plain HTTP: the server ends the sessions; each agent's next poll opens a new one, which
 //!   asks for a full report, and its answer is the re-admission).

@@ -374,12 +374,25 @@ pub(crate) async fn run(args: Args) -> Result<(), Error> {
         }
         body.truncate(args.config_size);
         let t0 = unix_nanos();
-        let (status, response) =
-            control::request(args.api, "PUT", "/api/config", "text/yaml", &body).await?;
+        // One named config for every agent (an empty selector).
+        let config = serde_json::json!({
+            "selector": {},
+            "content_type": "text/yaml",
+            "body": String::from_utf8_lossy(&body),
+        })
+        .to_string();
+        let (status, response) = control::request(
+            args.api,
+            "PUT",
+            "/api/v1/configs/fleet",
+            "application/json",
+            config.as_bytes(),
+        )
+        .await?;
         let api_ms = (unix_nanos() - t0) as f64 / 1e6;
         let targeted = json_array_len(&response, "agents").unwrap_or(0);
         println!(
-            "fleet: PUT /api/config ({} bytes): HTTP {status}, hash {}, {targeted} agents targeted, answered in {api_ms:.1} ms",
+            "fleet: PUT /api/v1/configs/fleet ({} bytes): HTTP {status}, hash {}, {targeted} agents targeted, answered in {api_ms:.1} ms",
             body.len(),
             json_str(&response, "config_hash").unwrap_or("?")
         );
@@ -419,7 +432,7 @@ pub(crate) async fn run(args: Args) -> Result<(), Error> {
         let (status, response) = control::request(
             args.api,
             "POST",
-            "/api/agents/disconnect",
+            "/api/v1/agents/disconnect",
             "application/json",
             b"",
         )

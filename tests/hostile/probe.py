@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Hostile-input probes for the opamp reference server and agent, over loopback.
 
-    python3 tests/hostile/probe.py --server target/debug/examples/server \
-        --agent target/debug/examples/agent [--only NAME[,NAME]] [--out FILE] [--check]
+    python3 tests/hostile/probe.py --server target/debug/opamp-reference-server \
+        --agent target/debug/opamp-reference-agent [--only NAME[,NAME]] [--out FILE] [--check]
 
 Python 3.11 standard library only: raw sockets, a minimal WebSocket framing (RFC 6455) and a
 minimal protobuf encoder/decoder for the few AgentToServer / ServerToAgent fields used here
@@ -514,7 +514,8 @@ class Server:
         self.log = open(self.log_path, "wb")
         env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "warn"))
         self.proc = subprocess.Popen(
-            [binary, "--opamp-addr", f"{HOST}:{self.opamp[1]}", "--ui-addr", f"{HOST}:{self.ui[1]}"],
+            [binary, "--opamp-addr", f"{HOST}:{self.opamp[1]}", "--ui-addr", f"{HOST}:{self.ui[1]}",
+             "--database", f"sqlite://{os.path.join(logdir, f'server-{name}.db')}"],
             stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 30
         for addr in (self.opamp, self.ui):
@@ -1100,12 +1101,12 @@ def p_zero_uid(c: Ctx):
     ws.send(opamp_msg(a2s(ZERO_UID, 1, full=True)))
     w = ws_outcome(ws, 3)
     ws.close()
-    listed = ui_request(c.ui, "GET", "/api/agents").body.count(uid_str(ZERO_UID).encode())
+    listed = ui_request(c.ui, "GET", "/api/v1/agents").body.count(uid_str(ZERO_UID).encode())
     for kind, r in (("HTTP", h), ("WS", w)):
         if r in ("200 S2A ok", "S2A ok") or r.startswith("200 S2A ok") or r == "S2A ReportFullState":
             c.problem(f"{kind}: the nil uid accepted as an ordinary agent (UID-2: a UUID v7; "
                       "UID-8: assign new_instance_uid or refuse)")
-    return f"HTTP: {h}; WS: {w}; listed in /api/agents: {'yes' if listed else 'no'}"
+    return f"HTTP: {h}; WS: {w}; listed in /api/v1/agents: {'yes' if listed else 'no'}"
 
 
 @probe("uid", "ws-duplicate-uid (a 2nd socket claims the good WS agent's uid)")
@@ -1116,7 +1117,7 @@ def p_dup_uid(c: Ctx):
     time.sleep(1.0)
     # Who gets a config pushed to the uid now?
     cfg = b"probe: dup\n"
-    put = ui_request(c.ui, "PUT", f"/api/agents/{uid_str(GOOD_WS_UID)}/config", cfg, "text/yaml")
+    put = ui_request(c.ui, "PUT", f"/api/v1/agents/{uid_str(GOOD_WS_UID)}/config", cfg, "text/yaml")
     got = "nothing"
     deadline = time.monotonic() + 3
     try:
@@ -1466,7 +1467,7 @@ def p_session_flood(c: Ctx):
             f"known agents' failures so far: {known[2]}")
 
 
-@probe("memory", "http-60-MiB-tiny-attributes then GET /api/agents")
+@probe("memory", "http-60-MiB-tiny-attributes then GET /api/v1/agents")
 def p_tiny_attrs(c: Ctx):
     # Distinct keys (the JSON API keys attributes by name): 60 MiB of 15-byte entries, each
     # f_bytes(2, kv(f"{i:06x}", "b")) (a non_identifying_attributes entry), built fast.
@@ -1490,7 +1491,7 @@ def p_tiny_attrs(c: Ctx):
     t1 = time.monotonic()
     c.mark_during()
     try:
-        g = ui_request(c.ui, "GET", "/api/agents", timeout=90, keep_body=False)
+        g = ui_request(c.ui, "GET", "/api/v1/agents", timeout=90, keep_body=False)
         gs = f"{g.status} {g.body.decode()}"
     except Exception as e:
         gs = f"no answer ({e.__class__.__name__})"
@@ -1499,7 +1500,7 @@ def p_tiny_attrs(c: Ctx):
     peak = max(c.server.hwm_kb(), c.during_kb) / 1024
     if peak > 8 * 60:
         c.problem(f"peak RSS {peak:.0f} MiB for a 60 MiB message ({peak / 60:.0f}x)")
-    return (f"{n:,} attributes: POST {r} in {t1 - t0:.1f} s; GET /api/agents {gs} "
+    return (f"{n:,} attributes: POST {r} in {t1 - t0:.1f} s; GET /api/v1/agents {gs} "
             f"in {t2 - t1:.1f} s")
 
 
@@ -1524,10 +1525,10 @@ def p_eff_config(c: Ctx):
             pass
         ws_close_quietly(ws)
     time.sleep(1)
-    g = ui_request(c.ui, "GET", "/api/agents", timeout=60, keep_body=False)
+    g = ui_request(c.ui, "GET", "/api/v1/agents", timeout=60, keep_body=False)
     uniq = sorted(set(answers))
     return (f"answers: {', '.join(f'{answers.count(a)} x {a}' for a in uniq)}; "
-            f"GET /api/agents after they left: {g.status} {g.body.decode()}")
+            f"GET /api/v1/agents after they left: {g.status} {g.body.decode()}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -144,8 +144,10 @@ class RefServer:
 
     def __init__(self, procs, binary):
         self.opamp, self.ui = free_port(), free_port()
+        self.db_dir = tempfile.mkdtemp(prefix="opamp-interop-db-")
         procs.spawn("reference-server", [binary, "--opamp-addr", f"127.0.0.1:{self.opamp}",
-                                         "--ui-addr", f"127.0.0.1:{self.ui}"])
+                                         "--ui-addr", f"127.0.0.1:{self.ui}",
+                                         "--database", f"sqlite://{self.db_dir}/opamp-server.db"])
         self.up = wait_port(self.opamp, 30) and wait_port(self.ui, 10)
 
     def url(self, transport):
@@ -159,13 +161,13 @@ class RefServer:
             return json.loads(resp.read() or b"null")
 
     def agent(self, uid):
-        return self.api("GET", f"/api/agents/{uid}")
+        return self.api("GET", f"/api/v1/agents/{uid}")
 
     def find(self, pred):
-        return [a for a in self.api("GET", "/api/agents") if pred(a)]
+        return [a for a in self.api("GET", "/api/v1/agents") if pred(a)]
 
     def push(self, uid, body):
-        return self.api("PUT", f"/api/agents/{uid}/config", body)["config_hash"]
+        return self.api("PUT", f"/api/v1/agents/{uid}/config", body)["config_hash"]
 
     def wait_status(self, uid, want_hash, status, timeout):
         def probe():
@@ -195,7 +197,7 @@ def client_common(peer, t, srv, procs, name, agent_pred, apply_timeout, expect_h
     """Description, config APPLIED/FAILED, effective config: the same for every client."""
     found = wait_until(30, lambda: srv.find(agent_pred))
     if not check(peer, t, "listed by the reference server", found and len(found) == 1,
-                 f"agents {[a.get('service_name') for a in srv.api('GET', '/api/agents')]}"):
+                 f"agents {[a.get('service_name') for a in srv.api('GET', '/api/v1/agents')]}"):
         return None
     uid = found[0]["instance_uid"]
     a = wait_until(20, lambda: (lambda x: x if x["connected"] else None)(srv.agent(uid)))
@@ -363,7 +365,7 @@ def run_collector(args, t, state):
         found = wait_until(30, lambda: srv.find(lambda a: a.get("service_name") == "otelcol-interop"
                                                  and a["connected"]))
         if not check(peer, t, "listed and connected", found and len(found) == 1,
-                     f"agents {[(a.get('service_name'), a['connected']) for a in srv.api('GET', '/api/agents')]}"):
+                     f"agents {[(a.get('service_name'), a['connected']) for a in srv.api('GET', '/api/v1/agents')]}"):
             return procs
         uid = found[0]["instance_uid"]
         a = srv.agent(uid)
@@ -387,11 +389,11 @@ def run_collector(args, t, state):
               {"REPORTS_EFFECTIVE_CONFIG", "REPORTS_HEALTH"} <= caps, f"{caps}")
         # The server closes every connection; the extension must come back as the same agent.
         seq = srv.agent(uid)["sequence_num"]
-        closed = srv.api("POST", "/api/agents/disconnect", b"{}", "application/json")["disconnected"]
+        closed = srv.api("POST", "/api/v1/agents/disconnect", b"{}", "application/json")["disconnected"]
         back = wait_until(30, lambda: (lambda x: x if x["connected"] and x["sequence_num"] > seq
                                         else None)(srv.agent(uid)), 0.5)
         check(peer, t, "reconnects as the same agent after the server disconnects it",
-              back and len(srv.api("GET", "/api/agents")) == 1, f"{closed} closed; agent {srv.agent(uid)}")
+              back and len(srv.api("GET", "/api/v1/agents")) == 1, f"{closed} closed; agent {srv.agent(uid)}")
         check(peer, t, "collector still running", col.poll() is None, f"exit {col.returncode}")
     finally:
         procs.stop()
@@ -414,7 +416,7 @@ def the_connected_agent(peer, t, srv):
     """The one agent the reference server lists as connected (a supervisor's), or None."""
     found = wait_until(45, lambda: srv.find(lambda a: a["connected"]))
     if not check(peer, t, "listed and connected", found and len(found) == 1,
-                 f"agents {srv.api('GET', '/api/agents')}"):
+                 f"agents {srv.api('GET', '/api/v1/agents')}"):
         return None
     return found[0]["instance_uid"]
 

@@ -50,24 +50,24 @@ if ! timeout 2400 bash "$here/install.sh" "${install_args[@]}"; then
 fi
 echo "  (install took $((SECONDS - t0)) s)"
 
-echo "== interop: building examples/server and examples/agent"
-if ! cargo build --locked --example server --example agent \
+echo "== interop: building the reference server and agent"
+if ! cargo build --locked -p opamp-reference-server -p opamp-reference-agent \
     || ! cargo build --locked -p opamp-supervisor-program --bin opamp-supervisor; then
     echo "FAIL peer=all transport=ws,http check=build: cargo build of the examples failed"
     failed_setup=1
 fi
-bin="${CARGO_TARGET_DIR:-$repo/target}/debug/examples"
+bin="${CARGO_TARGET_DIR:-$repo/target}/debug"
 
 if [[ $failed_setup == 0 && $run_pynode == 1 ]]; then
     echo "== interop: Python, Node, reference agents, browser UI (run_interop.py)"
-    timeout 900 python3 "$here/run_interop.py" --server "$bin/server" --agent "$bin/agent" \
+    timeout 900 python3 "$here/run_interop.py" --server "$bin/opamp-reference-server" --agent "$bin/opamp-reference-agent" \
         | tee "$log/pynode.out" || true
 fi
 if [[ $failed_setup == 0 && ${#go_peers[@]} -gt 0 ]]; then
     echo "== interop: ${go_peers[*]} (peers.py)"
     onlies=()
     for p in "${go_peers[@]}"; do onlies+=(--only "$p"); done
-    timeout 1500 python3 "$here/peers.py" --server "$bin/server" --agent "$bin/agent" \
+    timeout 1500 python3 "$here/peers.py" --server "$bin/opamp-reference-server" --agent "$bin/opamp-reference-agent" \
         --supervisor "${CARGO_TARGET_DIR:-$repo/target}/debug/opamp-supervisor" \
         --bin "$out/bin" --java-cp "$out/java/classpath.txt" \
         --collector-version "$(sed -n 's/^const version = "\(.*\)"/\1/p' "$here/collector/main.go")" \

@@ -148,7 +148,8 @@ def main():
         procs.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)))
 
     try:
-        spawn("server", [args.server, "--opamp-addr", f"127.0.0.1:{opamp_port}", "--ui-addr", f"127.0.0.1:{ui_port}"])
+        spawn("server", [args.server, "--opamp-addr", f"127.0.0.1:{opamp_port}", "--ui-addr", f"127.0.0.1:{ui_port}",
+                         "--database", f"sqlite://{os.path.join(state, 'opamp-server.db')}"])
         if not check("server listens", wait_port(opamp_port, 30) and wait_port(ui_port, 10)):
             return finish()
         # The Node client retries a failed first connection only after ~30 s: start agents
@@ -164,13 +165,13 @@ def main():
 
         # 1. Every agent appears, connected, with its description.
         def all_connected():
-            groups = agents_by_prefix(api(ui_port, "GET", "/api/agents"))
+            groups = agents_by_prefix(api(ui_port, "GET", "/api/v1/agents"))
             ok = all(len([a for a in groups[p] if a["connected"]]) == n for p, n in PEERS.items())
             return groups if ok else None
 
         groups, took = wait_until("agents connect", 45, all_connected)
         for p, n in PEERS.items():
-            got = groups[p] if groups else agents_by_prefix(api(ui_port, "GET", "/api/agents"))[p]
+            got = groups[p] if groups else agents_by_prefix(api(ui_port, "GET", "/api/v1/agents"))[p]
             check(f"{p}: {n} agents connected with description", len(got) == n and all(
                 a["connected"] and a["identifying_attributes"].get("service.version") for a in got),
                 f"got {[(a['service_name'], a['connected']) for a in got]}")
@@ -188,19 +189,21 @@ def main():
 
         # 2. A config pushed to every agent comes back APPLIED with its hash.
         good = b"exporters:\n  debug: {}\nservice:\n  pipelines: {}\n"
-        push = api(ui_port, "PUT", "/api/config", good)
+        push = api(ui_port, "PUT", "/api/v1/configs/all",
+                   json.dumps({"body": good.decode(), "content_type": "text/yaml"}).encode(),
+                   "application/json")
         check("push to every agent targets all of them", len(push["agents"]) == sum(PEERS.values()),
               f"{len(push['agents'])} targeted")
 
         def all_applied(h=push["config_hash"]):
-            agents = api(ui_port, "GET", "/api/agents")
+            agents = api(ui_port, "GET", "/api/v1/agents")
             done = [a for a in agents if (a["remote_config_status"] or {}).get("hash") == h
                     and a["remote_config_status"]["status"] == "APPLIED"]
             return agents if len(done) == sum(PEERS.values()) else None
 
         agents, took = wait_until("configs applied", 30, all_applied)
         if agents is None:
-            agents = api(ui_port, "GET", "/api/agents")
+            agents = api(ui_port, "GET", "/api/v1/agents")
         groups = agents_by_prefix(agents)
         for p in PEERS:
             st = [(a["remote_config_status"] or {}) for a in groups[p]]
@@ -210,7 +213,7 @@ def main():
         print(f"  config push to {sum(PEERS.values())} agents acked APPLIED in {took:.2f} s", flush=True)
         for a in groups["py-agent"] + groups["rs-ws-agent"] + groups["rs-http-agent"]:
             # The listing is slim (no config bodies): the body is on the agent's own endpoint.
-            full = api(ui_port, "GET", f"/api/agents/{a['instance_uid']}")
+            full = api(ui_port, "GET", f"/api/v1/agents/{a['instance_uid']}")
             body = ((full["effective_config"] or {}).get("") or {}).get("body")
             check(f"{a['service_name']}: effective config is the applied config", body == good.decode(),
                   f"effective {body!r}")
@@ -218,12 +221,16 @@ def main():
         # 3. A config one agent of each kind rejects shows FAILED with its message.
         for p in PEERS:
             target = groups[p][0]["service_name"]
-            push = api(ui_port, "PUT", f"/api/config?selector=service.name={target}", b"INVALID: config\n")
+            # A named config of higher priority for the one agent, over "all".
+            push = api(ui_port, "PUT", f"/api/v1/configs/fail-{target}",
+                       json.dumps({"selector": {"service.name": target}, "priority": 10,
+                                   "body": "INVALID: config\n", "content_type": "text/yaml"}).encode(),
+                       "application/json")
             check(f"{p}: selector targets exactly {target}", len(push["agents"]) == 1, f"{push['agents']}")
             uid = push["agents"][0]
 
             def failed(h=push["config_hash"], uid=uid):
-                a = api(ui_port, "GET", f"/api/agents/{uid}")
+                a = api(ui_port, "GET", f"/api/v1/agents/{uid}")
                 s = a["remote_config_status"] or {}
                 return s if s.get("hash") == h and s.get("status") == "FAILED" else None
 
@@ -233,20 +240,20 @@ def main():
 
         # 4. The reference agent honours Restart: it goes away and comes back as the same agent.
         target = groups["rs-ws-agent"][-1]
-        before = api(ui_port, "GET", f"/api/agents/{target['instance_uid']}")["sequence_num"]
-        api(ui_port, "POST", f"/api/agents/{target['instance_uid']}/restart", b"{}", "application/json")
+        before = api(ui_port, "GET", f"/api/v1/agents/{target['instance_uid']}")["sequence_num"]
+        api(ui_port, "POST", f"/api/v1/agents/{target['instance_uid']}/restart", b"{}", "application/json")
 
         def restarted(uid=target["instance_uid"]):
             with open(logs["rs-ws-agent"], errors="replace") as f:
                 if "restarting" not in f.read():
                     return None
-            a = api(ui_port, "GET", f"/api/agents/{uid}")
+            a = api(ui_port, "GET", f"/api/v1/agents/{uid}")
             return a if a["connected"] and (a["remote_config_status"] or {}).get("status") else None
 
         again, took = wait_until("agent restarts", 20, restarted)
         check("reference agent restarts on command and keeps its uid", again, "did not come back")
         check("the fleet has no new agent after the restart",
-              len(api(ui_port, "GET", "/api/agents")) == sum(PEERS.values()))
+              len(api(ui_port, "GET", "/api/v1/agents")) == sum(PEERS.values()))
         print(f"  restart: sequence {before} -> {again and again['sequence_num']} in {took:.2f} s")
 
         # 5. The UI lists every agent, in a real browser.

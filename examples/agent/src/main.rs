@@ -1,7 +1,7 @@
 //! The reference OpAMP agent.
 //!
 //! ```sh
-//! cargo run --release --example agent -- --endpoint ws://127.0.0.1:4320/v1/opamp
+//! cargo run --release -p opamp-reference-agent -- --endpoint ws://127.0.0.1:4320/v1/opamp
 //! ```
 //!
 //! Each agent reports its description (`service.name`, `service.version`, `host.name`,
@@ -30,10 +30,11 @@ use opamp::proto::{
 };
 use tokio::sync::mpsc;
 
-const USAGE: &str = "usage: agent --endpoint URL [--count N] [--name NAME] [--state-dir DIR]
-             [--heartbeat SECONDS] [--header NAME=VALUE]... [--tls-ca PEM]
+const USAGE: &str = "usage: opamp-reference-agent --endpoint URL [--count N] [--name NAME]
+             [--state-dir DIR] [--heartbeat SECONDS] [--header NAME=VALUE]... [--tls-ca PEM]
              [--tls-cert PEM --tls-key PEM] [--dangerous-skip-tls-verify]
-             [--accept-packages PUBKEY_HEX_OR_FILE]
+             [--accept-packages PUBKEY_HEX_OR_FILE] [--attribute KEY=VALUE]...
+             [--watch-config]
   URL is ws://, wss://, http:// or https://, e.g. ws://127.0.0.1:4320/v1/opamp";
 
 /// The initial effective config of an agent that has not received a remote one.
@@ -53,6 +54,10 @@ struct Args {
     dangerous_skip_tls_verify: bool,
     /// The Ed25519 public key package signatures must verify with (`--accept-packages`).
     package_key: Option<[u8; 32]>,
+    /// Extra non-identifying attributes (`--attribute KEY=VALUE`).
+    attributes: Vec<(String, String)>,
+    /// Report the config file again when it changes on disk (`--watch-config`).
+    watch_config: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -68,6 +73,8 @@ fn parse_args() -> Result<Args, String> {
         tls_key: None,
         dangerous_skip_tls_verify: false,
         package_key: None,
+        attributes: Vec::new(),
+        watch_config: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -99,6 +106,15 @@ fn parse_args() -> Result<Args, String> {
             "--tls-key" => args.tls_key = Some(value()?.into()),
             "--dangerous-skip-tls-verify" => args.dangerous_skip_tls_verify = true,
             "--accept-packages" => args.package_key = Some(package_key(&value()?)?),
+            "--attribute" => {
+                let v = value()?;
+                let (k, val) = v
+                    .split_once('=')
+                    .filter(|(k, _)| !k.is_empty())
+                    .ok_or_else(|| format!("--attribute {v}: expected KEY=VALUE"))?;
+                args.attributes.push((k.to_owned(), val.to_owned()));
+            }
+            "--watch-config" => args.watch_config = true,
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown flag {other}\n{USAGE}")),
         }
@@ -352,10 +368,13 @@ fn settings(
             KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
             KeyValue::new("service.instance.id", uid.to_string()),
         ],
-        non_identifying_attributes: vec![
+        non_identifying_attributes: [
             KeyValue::new("host.name", &host),
             KeyValue::new("os.type", std::env::consts::OS),
-        ],
+        ]
+        .into_iter()
+        .chain(args.attributes.iter().map(|(k, v)| KeyValue::new(k, v)))
+        .collect(),
     };
     let capabilities = AgentCapabilitySet::REPORTS_STATUS
         | AgentCapabilitySet::ACCEPTS_REMOTE_CONFIG
@@ -445,9 +464,22 @@ async fn run_agent(
         }
         eprintln!("agent {index}: started as {uid}");
 
+        let mut watch = tokio::time::interval(Duration::from_secs(1));
+        let mut last_config = std::fs::read(files.config_path()).ok();
         let restart = loop {
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => break false,
+                _ = watch.tick(), if args.watch_config => {
+                    // A config changed on disk by someone else: the effective config moved
+                    // (the server flags that as drift).
+                    let now = std::fs::read(files.config_path()).ok();
+                    if now != last_config {
+                        last_config = now;
+                        if let Some(client) = agent.client() {
+                            let _ = client.update_effective_config();
+                        }
+                    }
+                }
                 Some(Event::Restart) = event_rx.recv() => {
                     // The new client's own guard starts afresh: a server sending Restart
                     // in every reply must not restart the agent in a loop.

@@ -1,22 +1,24 @@
 //! The web UI and the JSON API behind it (documented in README.md).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, Request, State as AxumState};
+use axum::extract::{ConnectInfo, Extension, Path, Query, Request, State as AxumState};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post, put};
-use opamp::proto::{InstanceUid, ServerToAgent};
-use opamp::server::SharedMessage;
+use opamp::proto::InstanceUid;
 use serde_json::json;
 
 use crate::State;
+use crate::db::{Actor, Change, ConfigVersion, Dialect, NamedConfig, NewVersion, StoreError};
+use crate::desired::{Source, Template};
 use crate::packages::{PackageSet, RangeAsk, RepoError, parse_range};
+use crate::store;
 use crate::store::{hex, remote_config};
 
 type Shared = Arc<State>;
@@ -84,11 +86,35 @@ fn harden(headers: &mut HeaderMap) {
 
 /// Checks `Host` on every request (421 for a name the UI does not answer to) and `Origin` on
 /// every mutation (403 unless absent or this same origin), and hardens every answer.
+/// Who made a request, for the audit log: `X-Opamp-User` when given (printable, at most 64
+/// bytes; the reference server has no authentication of its own yet) and the peer address.
+fn actor(req: &Request) -> Actor {
+    let who = req
+        .headers()
+        .get("x-opamp-user")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.chars()
+                .filter(|c| !c.is_control())
+                .take(64)
+                .collect::<String>()
+        })
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "anonymous".into());
+    let address = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or_else(|| "unknown".into(), |c| c.0.to_string());
+    Actor { who, address }
+}
+
 async fn guard(
     AxumState(policy): AxumState<Arc<HostPolicy>>,
-    req: Request,
+    mut req: Request,
     next: Next,
 ) -> Response {
+    let who = actor(&req);
+    req.extensions_mut().insert(who);
     let host = req
         .headers()
         .get(header::HOST)
@@ -141,12 +167,28 @@ pub(crate) fn router(state: Shared, policy: HostPolicy) -> Router {
             "/ui/style.css",
             get(|| async { asset("text/css", include_str!("../ui/style.css")) }),
         )
-        .route("/api/agents", get(list_agents))
-        .route("/api/agents/disconnect", post(disconnect_all))
-        .route("/api/agents/{uid}", get(get_agent))
-        .route("/api/agents/{uid}/config", put(put_agent_config))
-        .route("/api/agents/{uid}/restart", post(restart_agent))
-        .route("/api/config", put(put_config))
+        .route("/api/v1/agents", get(list_agents))
+        .route("/api/v1/agents/disconnect", post(disconnect_all))
+        .route("/api/v1/agents/{uid}", get(get_agent))
+        .route(
+            "/api/v1/agents/{uid}/config",
+            put(put_agent_config).delete(delete_agent_config),
+        )
+        .route("/api/v1/agents/{uid}/restart", post(restart_agent))
+        .route("/api/v1/configs", get(list_configs))
+        .route(
+            "/api/v1/configs/{name}",
+            get(get_config).put(put_config).delete(delete_config),
+        )
+        .route("/api/v1/configs/{name}/history", get(config_history))
+        .route("/api/v1/rollouts", get(list_rollouts).post(post_rollout))
+        .route("/api/v1/rollouts/{id}", get(get_rollout))
+        .route("/api/v1/rollouts/{id}/{action}", post(rollout_action))
+        .route("/api/v1/audit", get(audit_log))
+        .route(
+            "/api/v1/openapi.json",
+            get(|| async { asset("application/json", include_str!("../openapi.json")) }),
+        )
         .route("/api/v1/packages", get(list_packages))
         .route("/api/v1/packages/{name}/{version}", put(put_package))
         .route("/api/v1/packages/{name}/{version}/file", get(package_file))
@@ -187,52 +229,23 @@ fn bad_uid(text: &str) -> Response {
     )
 }
 
-/// Agents per chunk of the listing: the lock is held for one page at a time, and no more
-/// than one page of JSON is in memory.
-const LIST_PAGE: usize = 256;
-
-/// `GET /api/agents`: the slim listing (no config bodies, see README), written page by page.
-async fn list_agents(AxumState(state): AxumState<Shared>) -> Response {
-    enum Next {
-        Start,
-        After(InstanceUid),
-        Done,
+fn store_error(e: StoreError) -> Response {
+    match e {
+        StoreError::Conflict(m) => error(StatusCode::CONFLICT, m),
+        other => error(StatusCode::SERVICE_UNAVAILABLE, other.to_string()),
     }
-    let chunks = futures_util::stream::unfold(Next::Start, move |next| {
-        let state = state.clone();
-        async move {
-            let after = match next {
-                Next::Start => None,
-                Next::After(uid) => Some(uid),
-                Next::Done => return None,
-            };
-            let (page, last) = state.fleet.list_page(after, LIST_PAGE);
-            let mut chunk =
-                String::with_capacity(page.iter().map(|j| j.len() + 1).sum::<usize>() + 2);
-            if after.is_none() {
-                chunk.push('[');
-            } else if !page.is_empty() {
-                chunk.push(',');
-            }
-            chunk.push_str(&page.join(","));
-            let next = match last {
-                Some(uid) if !page.is_empty() => Next::After(uid),
-                _ => {
-                    chunk.push(']');
-                    Next::Done
-                }
-            };
-            Some((Ok::<_, std::convert::Infallible>(Bytes::from(chunk)), next))
-        }
-    });
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        axum::body::Body::from_stream(chunks),
-    )
-        .into_response()
 }
 
-/// `POST /api/agents/disconnect`: closes every agent's connection; they reconnect.
+/// `GET /api/v1/agents`: every agent known, slim (no config bodies, see README): connected to
+/// this node from memory, the others from the store.
+async fn list_agents(AxumState(state): AxumState<Shared>) -> Response {
+    match state.list_agents().await {
+        Ok(list) => Json(serde_json::Value::Array(list)).into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+/// `POST /api/v1/agents/disconnect`: closes every connection to this node; agents reconnect.
 async fn disconnect_all(AxumState(state): AxumState<Shared>, headers: HeaderMap) -> Response {
     if let Some(refused) = require_json(&headers) {
         return refused;
@@ -244,9 +257,10 @@ async fn get_agent(AxumState(state): AxumState<Shared>, Path(uid): Path<String>)
     let Ok(uid) = uid.parse::<InstanceUid>() else {
         return bad_uid(&uid);
     };
-    match state.fleet.agent_json(uid) {
-        Some(agent) => Json(agent).into_response(),
-        None => error(StatusCode::NOT_FOUND, format!("no agent {uid}")),
+    match state.agent(uid).await {
+        Ok(Some(agent)) => Json(agent).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no agent {uid}")),
+        Err(e) => store_error(e),
     }
 }
 
@@ -258,10 +272,11 @@ fn content_type(headers: &HeaderMap) -> String {
         .to_owned()
 }
 
-/// `POST /api/agents/{uid}/restart`: sends the Restart command (CMD-1) to a connected agent
-/// that accepts it (CMD-2).
+/// `POST /api/v1/agents/{uid}/restart`: sends the Restart command (CMD-1) to a connected agent
+/// that accepts it (CMD-2); an agent on another node gets it through that node.
 async fn restart_agent(
     AxumState(state): AxumState<Shared>,
+    Extension(actor): Extension<Actor>,
     Path(uid): Path<String>,
     headers: HeaderMap,
 ) -> Response {
@@ -271,15 +286,42 @@ async fn restart_agent(
     let Ok(uid) = uid.parse::<InstanceUid>() else {
         return bad_uid(&uid);
     };
+    let here = store::lock(&state.connections).contains_key(&uid);
+    if !here {
+        let remote = match state.control.store.agent(&uid.to_string()).await {
+            Ok(row) => row.filter(|r| r.connected && r.node != state.control.node),
+            Err(e) => return store_error(e),
+        };
+        if remote.is_some() && state.control.store.dialect() == Dialect::Postgres {
+            return match state
+                .control
+                .store
+                .restart_elsewhere(&uid.to_string(), &actor)
+                .await
+            {
+                Ok(()) => Json(json!({ "restarting": uid.to_string() })).into_response(),
+                Err(e) => store_error(e),
+            };
+        }
+    }
     match state.restart(uid) {
-        Ok(()) => Json(json!({ "restarting": uid.to_string() })).into_response(),
+        Ok(()) => {
+            let _ = state
+                .control
+                .store
+                .record(&actor, "restart", &uid.to_string(), "")
+                .await;
+            Json(json!({ "restarting": uid.to_string() })).into_response()
+        }
         Err(msg) => error(StatusCode::CONFLICT, msg),
     }
 }
 
-/// `PUT /api/agents/{uid}/config`: the body becomes the agent's remote config.
+/// `PUT /api/v1/agents/{uid}/config`: the body becomes the agent's own config, above any
+/// named config (durable; an agent on another node gets it through that node).
 async fn put_agent_config(
     AxumState(state): AxumState<Shared>,
+    Extension(actor): Extension<Actor>,
     Path(uid): Path<String>,
     headers: HeaderMap,
     body: Bytes,
@@ -287,52 +329,410 @@ async fn put_agent_config(
     let Ok(uid) = uid.parse::<InstanceUid>() else {
         return bad_uid(&uid);
     };
-    let config = remote_config(body, content_type(&headers));
-    if state.fleet.offer_to(uid, &config).is_none() {
+    let known = state.fleet.contains(uid)
+        || matches!(
+            state.control.store.agent(&uid.to_string()).await,
+            Ok(Some(_))
+        );
+    if !known {
         return error(StatusCode::NOT_FOUND, format!("no agent {uid}"));
     }
-    state.push(
-        uid,
-        ServerToAgent {
-            remote_config: Some(config.clone()),
-            ..Default::default()
-        },
-    );
-    Json(json!({ "config_hash": hex(&config.config_hash), "agents": [uid.to_string()] }))
-        .into_response()
+    let ct = content_type(&headers);
+    let key = uid.to_string();
+    if let Err(e) = state
+        .control
+        .store
+        .put_override(&key, &ct, &body, &actor)
+        .await
+    {
+        return store_error(e);
+    }
+    state.on_change(Change::Override(key.clone())).await;
+    let config = remote_config(body, ct);
+    Json(json!({ "config_hash": hex(&config.config_hash), "agents": [key] })).into_response()
 }
 
-/// `PUT /api/config?selector=key=value`: the body becomes the remote config of every agent
-/// whose identifying or non-identifying attribute `key` equals `value` (every agent without a
-/// selector). The config is encoded once; each agent's message shares its bytes.
+/// `DELETE /api/v1/agents/{uid}/config`: the agent goes back to the named configs.
+async fn delete_agent_config(
+    AxumState(state): AxumState<Shared>,
+    Extension(actor): Extension<Actor>,
+    Path(uid): Path<String>,
+) -> Response {
+    let Ok(uid) = uid.parse::<InstanceUid>() else {
+        return bad_uid(&uid);
+    };
+    let key = uid.to_string();
+    match state.control.store.delete_override(&key, &actor).await {
+        Ok(true) => {
+            state.on_change(Change::Override(key.clone())).await;
+            Json(json!({ "deleted": key })).into_response()
+        }
+        Ok(false) => error(
+            StatusCode::NOT_FOUND,
+            format!("agent {uid} has no config of its own"),
+        ),
+        Err(e) => store_error(e),
+    }
+}
+
+/// Names of configs: 1 to 128 of `A-Z a-z 0-9 . _ -`.
+fn bad_config_name(name: &str) -> Option<Response> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    (!ok).then(|| {
+        error(
+            StatusCode::BAD_REQUEST,
+            format!("config names are 1 to 128 of A-Z a-z 0-9 . _ -, not {name:?}"),
+        )
+    })
+}
+
+fn version_json(v: &ConfigVersion, body: bool) -> serde_json::Value {
+    let templated = matches!(Template::parse(&v.body, &v.selector), Ok(Some(_)));
+    let mut j = json!({
+        "name": v.name,
+        "version": v.version,
+        "selector": v.selector,
+        "priority": v.priority,
+        "content_type": v.content_type,
+        "size": v.body.len(),
+        "templated": templated,
+        "created_unix_ms": v.created_ms,
+        "author": v.author,
+    });
+    // The same for every agent unless the body is a template (then each agent's own hash is
+    // in its `remote_config`).
+    if !templated {
+        let config = remote_config(Bytes::from(v.body.clone()), v.content_type.clone());
+        j["config_hash"] = json!(hex(&config.config_hash));
+    }
+    if body {
+        j["body"] = json!(String::from_utf8_lossy(&v.body));
+    }
+    j
+}
+
+/// How many agents connected here a config reaches: `given` (it wins), `outranked` (it
+/// matches, another wins).
+fn reach(state: &State, name: &str) -> serde_json::Value {
+    let (mut given, mut outranked) = (0usize, 0usize);
+    for (_, d) in state.fleet.desired_sources() {
+        if let Some(info) = d {
+            if matches!(&info.source, Source::Named { name: n, .. } if n == name) {
+                given += 1;
+            } else if info.outranked.iter().any(|n| n == name) {
+                outranked += 1;
+            }
+        }
+    }
+    json!({ "given": given, "outranked": outranked })
+}
+
+fn config_json(state: &State, c: &NamedConfig, body: bool) -> serde_json::Value {
+    let mut j = version_json(&c.active, body);
+    j["latest_version"] = json!(c.latest.version);
+    j["active_version"] = json!(c.active.version);
+    j["agents_here"] = reach(state, &c.active.name);
+    j
+}
+
+/// `GET /api/v1/configs`: every named config (active version, no bodies), by priority.
+async fn list_configs(AxumState(state): AxumState<Shared>) -> Response {
+    match state.control.store.configs().await {
+        Ok(mut list) => {
+            list.sort_by(|a, b| {
+                b.active
+                    .priority
+                    .cmp(&a.active.priority)
+                    .then_with(|| a.active.name.cmp(&b.active.name))
+            });
+            let list: Vec<_> = list.iter().map(|c| config_json(&state, c, false)).collect();
+            Json(serde_json::Value::Array(list)).into_response()
+        }
+        Err(e) => store_error(e),
+    }
+}
+
+async fn get_config(AxumState(state): AxumState<Shared>, Path(name): Path<String>) -> Response {
+    if let Some(r) = bad_config_name(&name) {
+        return r;
+    }
+    match state.control.store.config(&name).await {
+        Ok(Some(c)) => {
+            let mut j = config_json(&state, &c, true);
+            if c.latest.version != c.active.version {
+                j["held"] = version_json(&c.latest, true);
+            }
+            Json(j).into_response()
+        }
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no config {name}")),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn config_history(AxumState(state): AxumState<Shared>, Path(name): Path<String>) -> Response {
+    if let Some(r) = bad_config_name(&name) {
+        return r;
+    }
+    match state.control.store.config_history(&name).await {
+        Ok(h) if h.is_empty() => error(StatusCode::NOT_FOUND, format!("no config {name}")),
+        Ok(h) => Json(json!({
+            "name": name,
+            "versions": h.iter().map(|v| version_json(v, true)).collect::<Vec<_>>(),
+        }))
+        .into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+/// `PUT /api/v1/configs/{name}` with `{"selector": {..}, "content_type": "..", "body": "..",
+/// "priority": N, "activate": true}`: a new version, validated (template variables, then
+/// `--validate-config`), stored, and given to every agent it wins for, now and later.
 async fn put_config(
     AxumState(state): AxumState<Shared>,
-    Query(query): Query<HashMap<String, String>>,
+    Extension(actor): Extension<Actor>,
+    Path(name): Path<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let selector = match query.get("selector").map(String::as_str) {
-        None | Some("") => None,
-        Some(s) => match s.split_once('=') {
-            Some((k, v)) if !k.is_empty() => Some((k, v)),
-            _ => return error(StatusCode::BAD_REQUEST, "selector must be key=value"),
+    if let Some(refused) = require_json(&headers) {
+        return refused;
+    }
+    if let Some(r) = bad_config_name(&name) {
+        return r;
+    }
+    let v: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(v @ serde_json::Value::Object(_)) => v,
+        Ok(_) => return error(StatusCode::BAD_REQUEST, "the body must be a JSON object"),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("the body is not JSON: {e}"),
+            );
+        }
+    };
+    let selector: BTreeMap<String, String> = match &v["selector"] {
+        serde_json::Value::Null => BTreeMap::new(),
+        serde_json::Value::Object(m) => {
+            let mut out = BTreeMap::new();
+            for (k, val) in m {
+                let Some(val) = val.as_str() else {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!("selector value of {k:?} must be a string"),
+                    );
+                };
+                out.insert(k.clone(), val.to_owned());
+            }
+            out
+        }
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "\"selector\" must be an object of strings",
+            );
+        }
+    };
+    let Some(config_body) = v["body"].as_str() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "\"body\" (the config, a string) is required",
+        );
+    };
+    let ct = match &v["content_type"] {
+        serde_json::Value::Null => "text/yaml",
+        c => match c.as_str() {
+            Some(c) => c,
+            None => return error(StatusCode::BAD_REQUEST, "\"content_type\" must be a string"),
         },
     };
-    let config = remote_config(body, content_type(&headers));
-    let targeted = state.fleet.offer_matching(selector, &config);
-    // Encoded once; each agent gets the same bytes behind its own uid.
-    let shared = SharedMessage::new(ServerToAgent {
-        remote_config: Some(config.clone()),
-        ..Default::default()
-    });
-    for uid in &targeted {
-        state.push_shared(*uid, &shared);
+    let priority = match &v["priority"] {
+        serde_json::Value::Null => 0,
+        p => match p.as_i64() {
+            Some(p) => p,
+            None => return error(StatusCode::BAD_REQUEST, "\"priority\" must be an integer"),
+        },
+    };
+    let activate = match &v["activate"] {
+        serde_json::Value::Null => true,
+        a => match a.as_bool() {
+            Some(a) => a,
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "\"activate\" must be true or false",
+                );
+            }
+        },
+    };
+    if let Err(e) = Template::parse(config_body.as_bytes(), &selector) {
+        return error(StatusCode::BAD_REQUEST, format!("config {name}: {e}"));
     }
-    Json(json!({
-        "config_hash": hex(&config.config_hash),
-        "agents": targeted.iter().map(ToString::to_string).collect::<Vec<_>>(),
-    }))
-    .into_response()
+    if let Err(output) = state
+        .control
+        .validate(&name, ct, config_body.as_bytes())
+        .await
+    {
+        return (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(json!({ "error": output })),
+        )
+            .into_response();
+    }
+    let stored = state
+        .control
+        .store
+        .put_config(
+            &name,
+            &NewVersion {
+                selector: &selector,
+                priority,
+                content_type: ct,
+                body: config_body.as_bytes(),
+                activate,
+            },
+            &actor,
+        )
+        .await;
+    let c = match stored {
+        Ok(c) => c,
+        Err(e) => return store_error(e),
+    };
+    state.on_change(Change::Config(name.clone())).await;
+    let mut j = config_json(&state, &c, false);
+    j["agents"] = json!(
+        state
+            .fleet
+            .desired_sources()
+            .into_iter()
+            .filter(|(_, d)| matches!(d, Some(i) if matches!(&i.source, Source::Named { name: n, .. } if *n == name)))
+            .map(|(uid, _)| uid.to_string())
+            .collect::<Vec<_>>()
+    );
+    Json(j).into_response()
+}
+
+async fn delete_config(
+    AxumState(state): AxumState<Shared>,
+    Extension(actor): Extension<Actor>,
+    Path(name): Path<String>,
+) -> Response {
+    if let Some(r) = bad_config_name(&name) {
+        return r;
+    }
+    match state.control.store.delete_config(&name, &actor).await {
+        Ok(true) => {
+            state.on_change(Change::Config(name.clone())).await;
+            Json(json!({ "deleted": name })).into_response()
+        }
+        Ok(false) => error(StatusCode::NOT_FOUND, format!("no config {name}")),
+        Err(e) => store_error(e),
+    }
+}
+
+/// `POST /api/v1/rollouts` with `{"config", "batch_percent", "max_failure_percent",
+/// "batch_wait_seconds", "rollback"}`.
+async fn post_rollout(
+    AxumState(state): AxumState<Shared>,
+    Extension(actor): Extension<Actor>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(refused) = require_json(&headers) {
+        return refused;
+    }
+    let v: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("the body is not JSON: {e}"),
+            );
+        }
+    };
+    let spec = match crate::rollout::Spec::parse(&v) {
+        Ok(s) => s,
+        Err(m) => return error(StatusCode::BAD_REQUEST, m),
+    };
+    match state.start_rollout(spec, &actor).await {
+        Ok(r) => (StatusCode::CREATED, Json(state.rollout_json(&r).await)).into_response(),
+        Err((code, m)) => error(
+            StatusCode::from_u16(code).unwrap_or(StatusCode::CONFLICT),
+            m,
+        ),
+    }
+}
+
+async fn list_rollouts(AxumState(state): AxumState<Shared>) -> Response {
+    match state.control.store.rollouts().await {
+        Ok(list) => {
+            let mut out = Vec::with_capacity(list.len());
+            for r in &list {
+                out.push(state.rollout_json(r).await);
+            }
+            Json(serde_json::Value::Array(out)).into_response()
+        }
+        Err(e) => store_error(e),
+    }
+}
+
+async fn get_rollout(AxumState(state): AxumState<Shared>, Path(id): Path<i64>) -> Response {
+    match state.control.store.rollout(id).await {
+        Ok(Some(r)) => Json(state.rollout_json(&r).await).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no rollout {id}")),
+        Err(e) => store_error(e),
+    }
+}
+
+/// `POST /api/v1/rollouts/{id}/pause|resume|abort`.
+async fn rollout_action(
+    AxumState(state): AxumState<Shared>,
+    Extension(actor): Extension<Actor>,
+    Path((id, action)): Path<(i64, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(refused) = require_json(&headers) {
+        return refused;
+    }
+    match state.rollout_action(id, &action, &actor).await {
+        Ok(r) => Json(state.rollout_json(&r).await).into_response(),
+        Err((code, m)) => error(
+            StatusCode::from_u16(code).unwrap_or(StatusCode::CONFLICT),
+            m,
+        ),
+    }
+}
+
+/// `GET /api/v1/audit?limit=N`: the newest entries first (100 by default, at most 1000).
+async fn audit_log(
+    AxumState(state): AxumState<Shared>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let limit = q
+        .get("limit")
+        .and_then(|l| l.parse::<i64>().ok())
+        .unwrap_or(100)
+        .clamp(1, 1000);
+    match state.control.store.audit_log(limit).await {
+        Ok(log) => Json(json!(
+            log.iter()
+                .map(|e| json!({
+                    "id": e.id,
+                    "at_unix_ms": e.at_ms,
+                    "who": e.who,
+                    "address": e.address,
+                    "action": e.action,
+                    "target": e.target,
+                    "detail": e.detail,
+                }))
+                .collect::<Vec<_>>()
+        ))
+        .into_response(),
+        Err(e) => store_error(e),
+    }
 }
 
 fn repo_error(e: RepoError) -> Response {
@@ -522,11 +922,12 @@ mod tests {
     //! The UI's guard over a real loopback socket: raw HTTP/1.1 so that `Host` and `Origin`
     //! are exactly what a rebinding page's browser would send.
     use super::*;
+    use crate::packages::Repo;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// Serves the UI on a loopback port with `extra` allowed hosts; returns its address.
     async fn serve(extra: &[&str]) -> SocketAddr {
-        serve_state(extra, Arc::new(State::default())).await
+        serve_state(extra, State::for_test(Repo::default()).await).await
     }
 
     async fn serve_state(extra: &[&str], state: Shared) -> SocketAddr {
@@ -609,11 +1010,11 @@ mod tests {
             format!("Host: localhost.attacker.example:{port}"),
             format!("Host: 127.0.0.1:{}", port.wrapping_add(1)),
         ] {
-            let (status, head) = request(addr, "GET", "/api/agents", &[&host]).await;
+            let (status, head) = request(addr, "GET", "/api/v1/agents", &[&host]).await;
             assert_eq!(status, 421, "{host}");
             assert!(hardened(&head), "{head}");
         }
-        let (status, _) = request(addr, "GET", "/api/agents", &[]).await;
+        let (status, _) = request(addr, "GET", "/api/v1/agents", &[]).await;
         assert_eq!(status, 400, "no Host at all");
     }
 
@@ -629,11 +1030,12 @@ mod tests {
             "other.example:8443".to_owned(),
         ] {
             let (status, head) =
-                request(addr, "GET", "/api/agents", &[&format!("Host: {host}")]).await;
+                request(addr, "GET", "/api/v1/agents", &[&format!("Host: {host}")]).await;
             assert_eq!(status, 200, "{host}");
             assert!(hardened(&head), "{head}");
         }
-        let (status, _) = request(addr, "GET", "/api/agents", &["Host: other.example:9999"]).await;
+        let (status, _) =
+            request(addr, "GET", "/api/v1/agents", &["Host: other.example:9999"]).await;
         assert_eq!(
             status, 421,
             "a host allowed with a port only matches that port"
@@ -645,11 +1047,11 @@ mod tests {
         let addr = serve(&[]).await;
         let host = format!("Host: 127.0.0.1:{}", addr.port());
         for (method, path) in [
-            ("POST", "/api/agents/disconnect"),
-            ("PUT", "/api/config"),
+            ("POST", "/api/v1/agents/disconnect"),
+            ("PUT", "/api/v1/configs/c"),
             (
                 "PUT",
-                "/api/agents/00000000-0000-0000-0000-000000000000/config",
+                "/api/v1/agents/00000000-0000-0000-0000-000000000000/config",
             ),
             ("PUT", "/api/v1/packages/tool/1"),
             ("PUT", "/api/v1/package-sets/s"),
@@ -666,16 +1068,17 @@ mod tests {
         }
         // Same origin, or no Origin (curl, scripts): allowed.
         let same = format!("Origin: http://127.0.0.1:{}", addr.port());
-        let (status, _) = request(addr, "POST", "/api/agents/disconnect", &[&host, &same]).await;
+        let (status, _) = request(addr, "POST", "/api/v1/agents/disconnect", &[&host, &same]).await;
         assert_eq!(status, 200);
-        let (status, _) = request(addr, "PUT", "/api/config", &[&host]).await;
-        assert_eq!(status, 200);
+        // Past the guard: refused for its body (`{}` has no config), not for its origin.
+        let (status, _) = request(addr, "PUT", "/api/v1/configs/c", &[&host]).await;
+        assert_eq!(status, 400);
         // A read with a foreign Origin is not a mutation; the browser's CORS keeps the answer
         // from the foreign page.
         let (status, _) = request(
             addr,
             "GET",
-            "/api/agents",
+            "/api/v1/agents",
             &[&host, "Origin: http://attacker.example"],
         )
         .await;
@@ -690,8 +1093,8 @@ mod tests {
             ("/", 200),
             ("/ui/app.js", 200),
             ("/ui/style.css", 200),
-            ("/api/agents", 200),
-            ("/api/agents/not-a-uid", 400),
+            ("/api/v1/agents", 200),
+            ("/api/v1/agents/not-a-uid", 400),
             ("/nowhere", 404),
         ] {
             let (status, head) = request(addr, "GET", path, &[&host]).await;
@@ -700,13 +1103,13 @@ mod tests {
         }
     }
 
-    /// The listing is written page by page: every agent once, valid JSON at any page boundary,
-    /// and no config body in it.
+    /// The listing: every agent once, and no config body in it; half of them connected here
+    /// (from memory), half saved in the store and gone.
     #[tokio::test]
-    async fn the_agent_list_streams_a_slim_listing_in_pages() {
+    async fn the_agent_list_is_slim_and_lists_each_agent_once() {
         use opamp::proto::{AgentConfigMap, AgentToServer, EffectiveConfig};
-        for agents in [0, 1, LIST_PAGE, 2 * LIST_PAGE + 3] {
-            let state = Arc::new(State::default());
+        for agents in [0, 1, 256, 515] {
+            let state = State::for_test(Repo::default()).await;
             for n in 0..agents {
                 let mut b = [0u8; 16];
                 b[0] = 1;
@@ -718,13 +1121,17 @@ mod tests {
                     }),
                     ..Default::default()
                 };
-                state
-                    .fleet
-                    .report(InstanceUid::try_from(&b[..]).unwrap(), &msg);
+                let uid = InstanceUid::try_from(&b[..]).unwrap();
+                state.fleet.connected(uid, "websocket", None);
+                let _ = state.fleet.report(uid, &msg);
+                if n % 2 == 1 {
+                    state.fleet.disconnected(uid);
+                }
             }
+            state.flush().await;
             let addr = serve_state(&[], state).await;
             let host = format!("Host: 127.0.0.1:{}", addr.port());
-            let (status, head, body) = exchange(addr, "GET", "/api/agents", &[&host]).await;
+            let (status, head, body) = exchange(addr, "GET", "/api/v1/agents", &[&host]).await;
             assert_eq!(status, 200);
             assert!(head.contains("content-type: application/json"), "{head}");
             let list: serde_json::Value = serde_json::from_slice(&body).unwrap();
@@ -746,7 +1153,7 @@ mod tests {
     /// `Content-Range`, a range outside the file with 416.
     #[tokio::test]
     async fn package_downloads_check_the_token_and_answer_ranges() {
-        let state = Arc::new(State::default());
+        let state = State::for_test(Repo::default()).await;
         state
             .packages
             .put("tool", "1", Bytes::from_static(b"0123456789"), None)
@@ -819,11 +1226,7 @@ mod tests {
             packages: 2,
             ..PackageLimits::default()
         };
-        let state = Arc::new(State::with_packages(Repo::new(
-            limits,
-            [1; 32],
-            "http://127.0.0.1:1".into(),
-        )));
+        let state = State::for_test(Repo::new(limits, [1; 32], "http://127.0.0.1:1".into())).await;
         let addr = serve_state(&[], state.clone()).await;
         let put = "/api/v1/packages/tool/1";
         let oct = "application/octet-stream";

@@ -12,11 +12,17 @@
 //! to require client certificates (mTLS), `--package-signing-key FILE` (the Ed25519 seed,
 //! 64 hex digits, that signs uploaded packages; without it a key is generated at start and
 //! its public key printed) and `--package-url-base URL` (where agents download packages:
-//! default the UI listener's `http://ADDR`). State is kept in memory only.
+//! default the UI listener's `http://ADDR`), `--database URL` (`sqlite://PATH`, default
+//! `sqlite://opamp-server.db`, or `postgres://USER@HOST/DB` for several nodes), `--node-id
+//! NAME` (this node's name in agent records; default `HOSTNAME:PORT`) and `--validate-config
+//! CMD` (a shell command that gets each new config version on stdin; non-zero refuses it).
 
 mod api;
+mod control;
 mod db;
+mod desired;
 mod packages;
+mod rollout;
 mod store;
 
 use std::collections::{BTreeMap, HashMap};
@@ -32,13 +38,16 @@ use opamp::server::{
     SharedMessage, Transport,
 };
 
+use crate::control::Control;
 use crate::packages::{PackageLimits, Repo};
 use crate::store::{Fleet, hex};
 
-const USAGE: &str = "usage: server [--opamp-addr ADDR] [--ui-addr ADDR] \
+const USAGE: &str = "usage: opamp-reference-server [--opamp-addr ADDR] [--ui-addr ADDR] \
                      [--ui-allowed-host NAME[:PORT]]... \
                      [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]] \
-                     [--package-signing-key FILE] [--package-url-base URL]";
+                     [--package-signing-key FILE] [--package-url-base URL] \
+                     [--database sqlite://PATH | --database postgres://USER@HOST/DB] \
+                     [--node-id NAME] [--validate-config CMD]";
 
 struct Args {
     opamp_addr: SocketAddr,
@@ -50,6 +59,9 @@ struct Args {
     tls_client_ca: Option<String>,
     package_signing_key: Option<String>,
     package_url_base: Option<String>,
+    database: String,
+    node_id: Option<String>,
+    validate_config: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -62,6 +74,9 @@ fn parse_args() -> Result<Args, String> {
         tls_client_ca: None,
         package_signing_key: None,
         package_url_base: None,
+        database: "sqlite://opamp-server.db".into(),
+        node_id: None,
+        validate_config: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -82,6 +97,9 @@ fn parse_args() -> Result<Args, String> {
             "--tls-client-ca" => args.tls_client_ca = Some(value()?),
             "--package-signing-key" => args.package_signing_key = Some(value()?),
             "--package-url-base" => args.package_url_base = Some(value()?),
+            "--database" => args.database = value()?,
+            "--node-id" => args.node_id = Some(value()?),
+            "--validate-config" => args.validate_config = Some(value()?),
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown flag {other}\n{USAGE}")),
         }
@@ -92,21 +110,24 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
-/// Shared state: the fleet, the package repository and a live connection per agent, to push
-/// configs and package offers.
-#[derive(Debug, Default)]
+/// Shared state: the control plane (desired state, the store), the fleet connected here,
+/// the package repository and a live connection per agent, to push configs and package
+/// offers.
+#[derive(Debug)]
 pub(crate) struct State {
+    pub(crate) control: Control,
     pub(crate) fleet: Fleet,
     pub(crate) packages: Repo,
-    connections: Mutex<HashMap<InstanceUid, Connection>>,
+    pub(crate) connections: Mutex<HashMap<InstanceUid, Connection>>,
 }
 
 impl State {
-    /// A state whose repository is `packages`.
-    fn with_packages(packages: Repo) -> Self {
+    fn new(control: Control, packages: Repo) -> Self {
         Self {
+            control,
+            fleet: Fleet::default(),
             packages,
-            ..Self::default()
+            connections: Mutex::default(),
         }
     }
 
@@ -194,6 +215,29 @@ impl State {
     }
 }
 
+#[cfg(test)]
+impl State {
+    /// A state on a new SQLite file in the temporary directory, for tests.
+    pub(crate) async fn for_test(packages: Repo) -> Arc<State> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join("opamp-reference-server-unit-tests");
+        let path = dir.join(format!(
+            "{}-{}.db",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_file(&path);
+        let store = db::Store::open(&format!("sqlite://{}", path.display()))
+            .await
+            .expect("a test database");
+        let control = Control::new(store, "test-node".into(), None)
+            .await
+            .expect("the control plane");
+        Arc::new(State::new(control, packages))
+    }
+}
+
 struct Callbacks(Arc<State>);
 
 #[async_trait]
@@ -240,6 +284,15 @@ impl ConnectionCallbacks for AgentHandler {
             known
         };
         if !known {
+            // An agent this node does not hold: its saved record (drift baseline, reports)
+            // comes back from the store first.
+            if !self.state.fleet.contains(uid) {
+                match self.state.control.store.agent(&uid.to_string()).await {
+                    Ok(Some(row)) => self.state.fleet.restore(uid, &row),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(%uid, "reading the agent's saved record: {e}"),
+                }
+            }
             let transport = match conn.transport() {
                 Transport::WebSocket => "websocket",
                 _ => "http",
@@ -248,7 +301,13 @@ impl ConnectionCallbacks for AgentHandler {
                 .fleet
                 .connected(uid, transport, conn.remote_addr().map(|a| a.to_string()));
         }
-        let mut reply = self.state.fleet.report(uid, &msg);
+        let _ = self.state.fleet.report(uid, &msg);
+        // The desired config: recomputed when the description changed (selectors and
+        // templates see the attributes) or the desired state moved on since.
+        let _ = self
+            .state
+            .refresh_offer(uid, msg.agent_description.is_some() || !known);
+        let mut reply = self.state.fleet.pending_reply(uid);
         // PKG-2: the offer rides on every reply; the session core drops it once the agent
         // reports its all-packages hash (and, over WebSocket, once it was sent).
         if let Some(offer) = self.state.package_offer(uid) {
@@ -340,7 +399,28 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     );
     tracing::info!(%public_key, "package signing key");
-    let state = Arc::new(State::with_packages(repo));
+    let store = db::Store::open(&args.database)
+        .await
+        .map_err(|e| format!("--database {}: {e}", db::redact(&args.database)))?;
+    let node = args.node_id.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname")
+            .ok()
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| "localhost".into());
+        format!("{host}:{}", args.opamp_addr.port())
+    });
+    println!(
+        "database: {} (schema version {}, node {node})",
+        store.description,
+        store.schema_version().await?
+    );
+    let control = Control::new(store, node, args.validate_config.clone()).await?;
+    let state = Arc::new(State::new(control, repo));
+    tokio::spawn(state.clone().write_behind());
+    tokio::spawn(state.clone().follow());
+    tokio::spawn(state.clone().drive_rollouts());
     let mut config = ServerConfig::builder().listen_addr(args.opamp_addr);
     let tls = tls_config(&args)?;
     if let Some(tls) = tls.clone() {
@@ -366,8 +446,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     let policy = api::HostPolicy::new(ui_addr, &args.ui_allowed_hosts);
+    let api_state = state.clone();
     let ui_task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(ui, api::router(state, policy)).await {
+        let app =
+            api::router(api_state, policy).into_make_service_with_connect_info::<SocketAddr>();
+        if let Err(e) = axum::serve(ui, app).await {
             tracing::error!("UI server failed: {e}");
         }
     });
@@ -376,6 +459,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("stopping");
     ui_task.abort();
     server.shutdown().await;
+    // What the agents reported last, and that they left.
+    state.flush().await;
     Ok(())
 }
 

@@ -1,8 +1,10 @@
-//! The reference server's in-memory fleet state: what each agent reported, the config the
-//! server offers it, and its JSON form for the API. State lives in memory only: a restart of
-//! the server forgets the fleet, and agents re-report in full when asked (SEQ-2).
+//! The reference server's in-memory fleet state: what each agent connected to this node
+//! reported, the config the server offers it, its drift baseline, and its JSON form for the
+//! API. The durable copy is in the database (`crate::db`): [`Fleet::take_dirty`] gives the
+//! records that changed since the last write, as rows, and [`Fleet::restore`] reads one back
+//! when its agent reconnects.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -117,9 +119,39 @@ pub(crate) struct AgentRecord {
     pub(crate) offered: Option<AgentRemoteConfig>,
     /// What was cut from this agent's reports, by part, and why.
     pub(crate) truncated: BTreeMap<&'static str, String>,
+    /// Where the offered config comes from (`None`: nothing is offered).
+    pub(crate) desired: Option<DesiredInfo>,
+    /// The control plane's generation of desired state `offered` was computed at.
+    pub(crate) offer_epoch: u64,
+    /// SHA-256 of the encoded effective config last reported.
+    effective_hash: Option<[u8; 32]>,
+    /// Drift baseline: the config hash the agent last reported APPLIED for while the server
+    /// offered it, and the hash of the effective config it reported at or after that (`None`
+    /// until an effective config came with or after the APPLIED).
+    applied_config_hash: Option<Bytes>,
+    applied_effective_hash: Option<[u8; 32]>,
     /// Accounted bytes of each stored part.
     cost: Costs,
 }
+
+/// Where an agent's offered config comes from, for the API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DesiredInfo {
+    pub(crate) source: crate::desired::Source,
+    pub(crate) outranked: Vec<String>,
+}
+
+/// What changed in a record since it was last written to the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Dirty {
+    /// Only `last_seen` and the sequence number: written at most every [`SEEN_INTERVAL`].
+    Seen,
+    /// Anything else.
+    Full,
+}
+
+/// How often a record whose only change is liveness (a heartbeat) is written.
+const SEEN_INTERVAL: Duration = Duration::from_secs(15);
 
 /// Accounted bytes of a record's parts.
 #[derive(Debug, Default, Clone, Copy)]
@@ -184,6 +216,21 @@ impl AgentRecord {
             })
     }
 
+    /// Whether the agent drifted from its desired state, and why.
+    pub(crate) fn drift(&self) -> Option<&'static str> {
+        let offered = self.offered.as_ref().map(|c| &c.config_hash);
+        match (&self.applied_config_hash, self.applied_effective_hash) {
+            // The agent applied what is offered now; its effective config then is the baseline.
+            (Some(applied), Some(baseline)) if offered == Some(applied) => (self.effective_hash
+                != Some(baseline))
+            .then_some("its effective config changed since it reported the offered config APPLIED"),
+            _ if self.desired.is_none() && self.effective_config.is_some() => {
+                Some("it runs a config that no named config or override gives it")
+            }
+            _ => None,
+        }
+    }
+
     fn note(&mut self, part: &'static str, cut: Option<String>) {
         match cut {
             Some(why) => self.truncated.insert(part, why),
@@ -203,6 +250,9 @@ pub(crate) type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
 #[derive(Debug, Default)]
 struct Inner {
     agents: BTreeMap<InstanceUid, AgentRecord>,
+    /// Records changed since they were last written, and when each was last written.
+    dirty: HashMap<InstanceUid, Dirty>,
+    written: HashMap<InstanceUid, SystemTime>,
     /// Departed agents by the time they left: the retention order.
     departed: BTreeSet<(SystemTime, InstanceUid)>,
     /// Sum of every record's accounted bytes.
@@ -210,7 +260,14 @@ struct Inner {
 }
 
 impl Inner {
+    fn mark(&mut self, uid: InstanceUid, what: Dirty) {
+        let d = self.dirty.entry(uid).or_insert(what);
+        *d = (*d).max(what);
+    }
+
     fn forget(&mut self, uid: InstanceUid) {
+        self.dirty.remove(&uid);
+        self.written.remove(&uid);
         if let Some(a) = self.agents.remove(&uid) {
             self.total_bytes -= a.cost.total();
             if let Some(t) = a.departed_at {
@@ -249,6 +306,7 @@ impl Inner {
         let Some(a) = self.agents.get_mut(&uid) else {
             return;
         };
+        let changed = a.connected != connected;
         a.connected = connected;
         a.last_seen = Some(now);
         match (connected, a.departed_at) {
@@ -262,6 +320,7 @@ impl Inner {
             }
             _ => {}
         }
+        self.mark(uid, if changed { Dirty::Full } else { Dirty::Seen });
     }
 
     /// The record of `uid`, made room for if it is new.
@@ -398,10 +457,19 @@ impl Fleet {
         inner.prune(limits, now);
         let agent = inner.record(limits, uid, now);
         agent.sequence_num = msg.sequence_num;
+        let caps_changed = msg.capabilities != 0 && agent.capabilities != msg.capabilities;
         if msg.capabilities != 0 {
             agent.capabilities = msg.capabilities;
         }
         inner.set_connected(uid, msg.agent_disconnect.is_none(), now);
+        let parts = msg.agent_description.is_some()
+            || msg.health.is_some()
+            || msg.effective_config.is_some()
+            || msg.remote_config_status.is_some()
+            || msg.package_statuses.is_some();
+        if parts || caps_changed {
+            inner.mark(uid, Dirty::Full);
+        }
 
         if let Some(d) = &msg.agent_description {
             let (kept, cost, cut) = keep_description(d, limits);
@@ -441,6 +509,9 @@ impl Fleet {
             let fits = inner.charge(limits, uid, |c| &mut c.effective_config, cost);
             let agent = inner.agents.get_mut(&uid)?;
             if fits {
+                agent.effective_hash = kept
+                    .as_ref()
+                    .map(|m| Sha256::digest(m.encode_to_vec()).into());
                 agent.effective_config = kept;
                 agent.note("effective_config", cut);
             } else {
@@ -480,11 +551,182 @@ impl Fleet {
                 agent.note("package_statuses", Some(FLEET_FULL.into()));
             }
         }
-        let remote_config = inner.agents.get(&uid)?.pending_config()?;
+        let agent = inner.agents.get_mut(&uid)?;
+        // The drift baseline: APPLIED for the offered hash starts a new one (RC-7), completed
+        // by the effective config that comes with it or after it.
+        if let (Some(s), Some(offered)) = (&msg.remote_config_status, &agent.offered)
+            && s.status == RemoteConfigStatuses::Applied as i32
+            && s.last_remote_config_hash == offered.config_hash
+            && agent.applied_config_hash.as_ref() != Some(&offered.config_hash)
+        {
+            agent.applied_config_hash = Some(offered.config_hash.clone());
+            agent.applied_effective_hash = None;
+        }
+        if agent.applied_config_hash.is_some()
+            && agent.applied_effective_hash.is_none()
+            && msg.effective_config.is_some()
+        {
+            agent.applied_effective_hash = agent.effective_hash;
+        }
+        self.pending_reply_of(agent)
+    }
+
+    fn pending_reply_of(&self, agent: &AgentRecord) -> Option<ServerToAgent> {
+        let remote_config = agent.pending_config()?;
         Some(ServerToAgent {
             remote_config: Some(remote_config),
             ..Default::default()
         })
+    }
+
+    /// The reply the server has for `uid` now: its offered config unless it reported that
+    /// hash (RC-6).
+    pub(crate) fn pending_reply(&self, uid: InstanceUid) -> Option<ServerToAgent> {
+        let inner = self.lock();
+        self.pending_reply_of(inner.agents.get(&uid)?)
+    }
+
+    /// Whether `uid` is in this node's memory.
+    pub(crate) fn contains(&self, uid: InstanceUid) -> bool {
+        self.lock().agents.contains_key(&uid)
+    }
+
+    /// The agent's attributes (identifying over non-identifying), for selectors and templates.
+    pub(crate) fn attributes(&self, uid: InstanceUid) -> Option<crate::desired::Attributes> {
+        let inner = self.lock();
+        let a = inner.agents.get(&uid)?;
+        Some(attributes_of(a))
+    }
+
+    /// The agents whose desired config is older than `epoch` (or every connected one with
+    /// `all`), with their attributes: what the control plane recomputes after a change.
+    pub(crate) fn stale(&self, epoch: u64) -> Vec<(InstanceUid, crate::desired::Attributes)> {
+        self.lock()
+            .agents
+            .iter()
+            .filter(|(_, a)| a.connected && a.offer_epoch < epoch)
+            .map(|(uid, a)| (*uid, attributes_of(a)))
+            .collect()
+    }
+
+    /// The offer epoch of `uid` (0 for an unknown agent).
+    pub(crate) fn offer_epoch(&self, uid: InstanceUid) -> u64 {
+        self.lock().agents.get(&uid).map_or(0, |a| a.offer_epoch)
+    }
+
+    /// Sets what the server offers `uid` (computed at `epoch`); the config to push now when
+    /// the offer changed and the agent accepts remote config and does not run it yet.
+    pub(crate) fn set_desired(
+        &self,
+        uid: InstanceUid,
+        epoch: u64,
+        desired: Option<crate::desired::Desired>,
+    ) -> Option<AgentRemoteConfig> {
+        let mut inner = self.lock();
+        let a = inner.agents.get_mut(&uid)?;
+        a.offer_epoch = a.offer_epoch.max(epoch);
+        let (info, config) = match desired {
+            Some(d) => (
+                Some(DesiredInfo {
+                    source: d.source,
+                    outranked: d.outranked,
+                }),
+                Some(d.remote_config),
+            ),
+            None => (None, None),
+        };
+        let changed_info = a.desired != info;
+        a.desired = info;
+        let before = a.offered.as_ref().map(|c| c.config_hash.clone());
+        let after = config.as_ref().map(|c| c.config_hash.clone());
+        if before == after {
+            if changed_info {
+                inner.mark(uid, Dirty::Full);
+            }
+            return None;
+        }
+        a.offered = config;
+        let push = a.pending_config();
+        inner.mark(uid, Dirty::Full);
+        push
+    }
+
+    /// The records changed since the last call, as database rows of `node` (a record whose
+    /// only change is liveness at most every 15 s).
+    pub(crate) fn take_dirty(&self, node: &str) -> Vec<crate::db::AgentRow> {
+        let now = (self.clock)();
+        let mut inner = self.lock();
+        let due: Vec<InstanceUid> = inner
+            .dirty
+            .iter()
+            .filter(|(uid, d)| {
+                **d == Dirty::Full
+                    || inner.written.get(uid).is_none_or(|t| {
+                        now.duration_since(*t).is_ok_and(|age| age >= SEEN_INTERVAL)
+                    })
+            })
+            .map(|(uid, _)| *uid)
+            .collect();
+        let mut rows = Vec::with_capacity(due.len());
+        for uid in due {
+            inner.dirty.remove(&uid);
+            inner.written.insert(uid, now);
+            if let Some(a) = inner.agents.get(&uid) {
+                rows.push(row_of(uid, a, node));
+            }
+        }
+        rows
+    }
+
+    /// Marks the agents of `rows` changed again (their write failed).
+    pub(crate) fn mark_dirty(&self, uids: impl IntoIterator<Item = InstanceUid>) {
+        let mut inner = self.lock();
+        for uid in uids {
+            inner.mark(uid, Dirty::Full);
+        }
+    }
+
+    /// Takes an agent's saved record back into memory (its agent reconnected): its reports,
+    /// within [`Limits`], and its drift baseline.
+    pub(crate) fn restore(&self, uid: InstanceUid, row: &crate::db::AgentRow) {
+        let Ok(saved) = AgentToServer::decode(row.state.as_slice()) else {
+            tracing::warn!(%uid, "a saved agent record does not decode; ignored");
+            return;
+        };
+        let _ = self.report(uid, &saved);
+        let mut inner = self.lock();
+        if let Some(a) = inner.agents.get_mut(&uid) {
+            a.applied_config_hash = row.applied_config_hash.clone().map(Bytes::from);
+            a.applied_effective_hash = row
+                .applied_effective_hash
+                .as_deref()
+                .and_then(|h| <[u8; 32]>::try_from(h).ok());
+            a.transport = match row.transport.as_deref() {
+                Some("websocket") => Some("websocket"),
+                Some("http") => Some("http"),
+                _ => None,
+            };
+        }
+        inner.dirty.remove(&uid);
+    }
+
+    /// The JSON form of a saved record (an agent not connected to this node), `full` or slim.
+    pub(crate) fn row_json(&self, row: &crate::db::AgentRow, full: bool) -> Option<Value> {
+        let uid: InstanceUid = row.uid.parse().ok()?;
+        let scratch = Fleet::new(self.limits.clone(), self.clock.clone());
+        scratch.restore(uid, row);
+        let mut inner = scratch.lock();
+        let a = inner.agents.get_mut(&uid)?;
+        a.connected = row.connected;
+        a.remote_addr = row.remote_addr.clone();
+        a.last_seen = Some(UNIX_EPOCH + Duration::from_millis(row.last_seen_ms.max(0) as u64));
+        let mut v = agent_value(&uid, a, full);
+        v["node"] = json!(row.node);
+        // What the node it is connected to offers is not known here.
+        v["remote_config"] = Value::Null;
+        v["desired_config"] = Value::Null;
+        v["drift"] = Value::Null;
+        Some(v)
     }
 
     /// Whether the agent declared AcceptsRestartCommand (CMD-2).
@@ -525,34 +767,19 @@ impl Fleet {
             .collect()
     }
 
-    /// Sets the config offered to one agent; returns its hash, or `None` for an unknown agent.
+    /// Sets the config offered to one agent; `None` for an unknown agent (tests: the control
+    /// plane sets offers with [`set_desired`](Self::set_desired)).
+    #[cfg(test)]
     pub(crate) fn offer_to(&self, uid: InstanceUid, config: &AgentRemoteConfig) -> Option<()> {
         let mut inner = self.lock();
         inner.agents.get_mut(&uid)?.offered = Some(config.clone());
         Some(())
     }
 
-    /// Sets the config offered to every agent whose attribute `key` equals `value` (every agent
-    /// when `selector` is `None`); returns the uids of the agents targeted.
-    pub(crate) fn offer_matching(
-        &self,
-        selector: Option<(&str, &str)>,
-        config: &AgentRemoteConfig,
-    ) -> Vec<InstanceUid> {
-        let mut inner = self.lock();
-        let mut targeted = Vec::new();
-        for (uid, agent) in inner.agents.iter_mut() {
-            if selector.is_none_or(|(k, v)| agent.matches(k, v)) {
-                agent.offered = Some(config.clone());
-                targeted.push(*uid);
-            }
-        }
-        targeted
-    }
-
     /// One page of the slim listing (no config bodies, no non-identifying attributes, no
     /// health components): at most `n` agents after `after`, each as a JSON text, and the
     /// last uid of the page (`None` when the listing is done).
+    #[cfg(test)]
     pub(crate) fn list_page(
         &self,
         after: Option<InstanceUid>,
@@ -597,6 +824,62 @@ impl Fleet {
     /// The JSON form of one agent, in full.
     pub(crate) fn agent_json(&self, uid: InstanceUid) -> Option<Value> {
         self.lock().agents.get(&uid).map(|a| agent_json(&uid, a))
+    }
+
+    /// Where each connected agent's desired config comes from.
+    pub(crate) fn desired_sources(&self) -> Vec<(InstanceUid, Option<DesiredInfo>)> {
+        self.lock()
+            .agents
+            .iter()
+            .filter(|(_, a)| a.connected)
+            .map(|(uid, a)| (*uid, a.desired.clone()))
+            .collect()
+    }
+
+    /// The slim JSON of every agent connected to this node (`node`), by uid.
+    pub(crate) fn connected_json(&self, node: &str) -> BTreeMap<String, Value> {
+        let now = (self.clock)();
+        let mut inner = self.lock();
+        inner.prune(&self.limits, now);
+        inner
+            .agents
+            .iter()
+            .filter(|(_, a)| a.connected)
+            .map(|(uid, a)| {
+                let mut v = summary_json(uid, a);
+                v["node"] = json!(node);
+                (uid.to_string(), v)
+            })
+            .collect()
+    }
+
+    /// One agent in full if it is connected to this node.
+    pub(crate) fn connected_agent_json(&self, uid: InstanceUid, node: &str) -> Option<Value> {
+        let inner = self.lock();
+        let a = inner.agents.get(&uid).filter(|a| a.connected)?;
+        let mut v = agent_json(&uid, a);
+        v["node"] = json!(node);
+        Some(v)
+    }
+
+    /// The attributes and reported remote config status (hash, status name, error) of a
+    /// saved record.
+    pub(crate) fn row_attributes(
+        row: &crate::db::AgentRow,
+    ) -> Option<(crate::desired::Attributes, Option<RemoteConfigStatus>)> {
+        let saved = AgentToServer::decode(row.state.as_slice()).ok()?;
+        let record = AgentRecord {
+            description: saved.agent_description,
+            ..Default::default()
+        };
+        Some((attributes_of(&record), saved.remote_config_status))
+    }
+
+    /// The remote config status `uid` reported, if it is connected here.
+    pub(crate) fn connected_status(&self, uid: InstanceUid) -> Option<Option<RemoteConfigStatus>> {
+        let inner = self.lock();
+        let a = inner.agents.get(&uid).filter(|a| a.connected)?;
+        Some(a.remote_config_status.clone())
     }
 }
 
@@ -1089,6 +1372,11 @@ fn agent_value(uid: &InstanceUid, a: &AgentRecord, full: bool) -> Value {
             v
         }),
         "truncated": a.truncated,
+        "desired_config": desired_json(a),
+        "drift": match a.drift() {
+            Some(reason) => json!({ "drifted": true, "reason": reason }),
+            None => json!({ "drifted": false }),
+        },
     });
     if full {
         v["package_statuses"] = a
@@ -1111,6 +1399,81 @@ fn agent_value(uid: &InstanceUid, a: &AgentRecord, full: bool) -> Value {
 
 fn agent_json(uid: &InstanceUid, a: &AgentRecord) -> Value {
     agent_value(uid, a, true)
+}
+
+/// The agent's attributes as strings, identifying over non-identifying.
+fn attributes_of(a: &AgentRecord) -> crate::desired::Attributes {
+    let mut out = crate::desired::Attributes::new();
+    if let Some(d) = &a.description {
+        for kv in d
+            .non_identifying_attributes
+            .iter()
+            .chain(&d.identifying_attributes)
+        {
+            if let Some(v) = &kv.value {
+                out.insert(kv.key.clone(), any_to_string(v));
+            }
+        }
+    }
+    out
+}
+
+/// A record as its database row: every reported part in one encoded `AgentToServer`.
+fn row_of(uid: InstanceUid, a: &AgentRecord, node: &str) -> crate::db::AgentRow {
+    let state = AgentToServer {
+        instance_uid: uid.to_bytes(),
+        sequence_num: a.sequence_num,
+        capabilities: a.capabilities,
+        agent_description: a.description.clone(),
+        health: a.health.clone(),
+        effective_config: a
+            .effective_config
+            .clone()
+            .map(|m| opamp::proto::EffectiveConfig {
+                config_map: Some(m),
+            }),
+        remote_config_status: a.remote_config_status.clone(),
+        package_statuses: a.package_statuses.clone(),
+        ..Default::default()
+    };
+    crate::db::AgentRow {
+        uid: uid.to_string(),
+        node: node.to_owned(),
+        connected: a.connected,
+        last_seen_ms: a
+            .last_seen
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as i64),
+        transport: a.transport.map(str::to_owned),
+        remote_addr: a.remote_addr.clone(),
+        state: state.encode_to_vec(),
+        applied_config_hash: a.applied_config_hash.as_ref().map(|h| h.to_vec()),
+        applied_effective_hash: a.applied_effective_hash.map(|h| h.to_vec()),
+    }
+}
+
+fn desired_json(a: &AgentRecord) -> Value {
+    use crate::desired::Source;
+    match &a.desired {
+        None => Value::Null,
+        Some(d) => {
+            let mut v = match &d.source {
+                Source::Override => json!({ "source": "override" }),
+                Source::Named {
+                    name,
+                    version,
+                    priority,
+                } => json!({
+                    "source": "config",
+                    "name": name,
+                    "version": version,
+                    "priority": priority,
+                }),
+            };
+            v["outranked"] = json!(d.outranked);
+            v
+        }
+    }
 }
 
 fn summary_json(uid: &InstanceUid, a: &AgentRecord) -> Value {

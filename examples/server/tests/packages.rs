@@ -172,7 +172,12 @@ fn pkg_reference_server_offers_signed_packages_the_reference_agent_installs() {
     // The agent trusts the key from a file (`--accept-packages FILE`).
     let key_file = dir.join("trusted.pub");
     std::fs::write(&key_file, format!("{key}\n")).unwrap();
-    let (_agent_a, a_dir) = start_agent(&dir, "refpkg-a", &endpoint, &["--accept-packages", key_file.to_str().unwrap()]);
+    let (_agent_a, a_dir) = start_agent(
+        &dir,
+        "refpkg-a",
+        &endpoint,
+        &["--accept-packages", key_file.to_str().unwrap()],
+    );
     let a_log = dir.join("refpkg-a.log");
     let logs = [a_log.as_path(), server_log.as_path()];
     let uid_a = uid_of(&a_dir, &a_log);
@@ -213,7 +218,12 @@ fn pkg_reference_server_offers_signed_packages_the_reference_agent_installs() {
     assert!(pushed.is_empty(), "{pushed:?}");
     // Agent b polls over plain HTTP: the offer rides on a poll response.
     let http_endpoint = endpoint.replacen("ws://", "http://", 1);
-    let (_agent_b, b_dir) = start_agent(&dir, "refpkg-b", &http_endpoint, &["--accept-packages", key_file.to_str().unwrap()]);
+    let (_agent_b, b_dir) = start_agent(
+        &dir,
+        "refpkg-b",
+        &http_endpoint,
+        &["--accept-packages", key_file.to_str().unwrap()],
+    );
     let b_log = dir.join("refpkg-b.log");
     let uid_b = uid_of(&b_dir, &b_log);
     let s = wait_status(

@@ -60,7 +60,7 @@ function rcsCell(r) {
 function short(hash) { return hash ? `<code title="${esc(hash)}">${esc(hash.slice(0, 12))}</code>` : '<span class="muted">—</span>'; }
 
 async function listView(gen) {
-  const agents = await api("/api/agents");
+  const agents = await api("/api/v1/agents");
   if (!isCurrent(gen)) return;
   statusEl.textContent = `${agents.length} agent(s), ${agents.filter(a => a.connected).length} connected`;
   if (agents.length === 0) {
@@ -106,12 +106,12 @@ function configMap(map) {
 // every poll, so a push's APPLIED / FAILED shows without a reload.
 function agentView(gen, uid) {
   statusEl.textContent = "";
-  const target = `/api/agents/${encodeURIComponent(uid)}/config`;
+  const target = `/api/v1/agents/${encodeURIComponent(uid)}/config`;
   view.innerHTML = `<div id="agent-page" data-uid="${esc(uid)}"><div id="agent-info"><p class="muted">Loading…</p></div>
   <section><h2>Push a config to this agent</h2>${editor(target)}<div id="acks"></div></section></div>`;
   wireEditor(gen, false, uid);
   return poll(gen, 2000, async () => {
-    const a = await api(`/api/agents/${encodeURIComponent(uid)}`);
+    const a = await api(`/api/v1/agents/${encodeURIComponent(uid)}`);
     if (!isCurrent(gen)) return;
     renderAgent(a);
   }, e => {
@@ -160,7 +160,7 @@ function renderAgent(a) {
   if (restart) restart.addEventListener("click", async () => {
     const out = document.getElementById("restart-result");
     try {
-      await api(`/api/agents/${encodeURIComponent(a.instance_uid)}/restart`, { method: "POST", headers: { "content-type": "application/json" }, body: "{}" });
+      await api(`/api/v1/agents/${encodeURIComponent(a.instance_uid)}/restart`, { method: "POST", headers: { "content-type": "application/json" }, body: "{}" });
       out.textContent = "restart sent";
     } catch (e) {
       out.innerHTML = `<span class="bad">${esc(e.message)}</span>`;
@@ -176,10 +176,22 @@ function editor(target) {
 
 function configView(gen) {
   statusEl.textContent = "";
-  view.innerHTML = `<section><h2>Push a config to every agent whose attributes match</h2>
-    <p>Selector <input type="text" id="selector" placeholder="service.name=my-agent"> <span class="muted">(key=value; empty = every agent)</span></p>
-    ${editor("/api/config")}</section><div id="acks"></div>`;
+  view.innerHTML = `<section><h2>A named config for every agent whose attributes match</h2>
+    <p>Name <input type="text" id="config-name" value="ui" pattern="[A-Za-z0-9._-]{1,128}"> Priority <input type="number" id="priority" value="0"></p>
+    <p>Selector <input type="text" id="selector" placeholder="service.name=my-agent, environment=prod"> <span class="muted">(key=value pairs, all must match; empty = every agent; an agent's own config wins over named ones)</span></p>
+    ${editor("/api/v1/configs/")}</section><div id="acks"></div>`;
   wireEditor(gen, true, null);
+}
+
+// "k=v, k2=v2" -> {k: "v", k2: "v2"}
+function parseSelector(text) {
+  const out = {};
+  for (const pair of text.split(",").map(p => p.trim()).filter(Boolean)) {
+    const i = pair.indexOf("=");
+    if (i <= 0) throw new Error(`selector: ${pair} is not key=value`);
+    out[pair.slice(0, i).trim()] = pair.slice(i + 1).trim();
+  }
+  return out;
 }
 
 // `uid`: the push goes to that one agent, whose own endpoint is then watched.
@@ -188,15 +200,22 @@ function wireEditor(gen, withSelector, uid) {
   form.addEventListener("submit", async ev => {
     ev.preventDefault();
     let target = form.dataset.target;
-    if (withSelector) {
-      const sel = document.getElementById("selector").value.trim();
-      if (sel) target += `?selector=${encodeURIComponent(sel)}`;
-    }
     const result = document.getElementById("result");
     try {
-      const r = await api(target, { method: "PUT", headers: { "content-type": "text/yaml" }, body: document.getElementById("body").value });
-      if (!isCurrent(gen)) return;
-      result.innerHTML = `pushed, hash ${short(r.config_hash)} to ${r.agents.length} agent(s)`;
+      const body = document.getElementById("body").value;
+      let r;
+      if (withSelector) {
+        const name = document.getElementById("config-name").value.trim();
+        const json = { selector: parseSelector(document.getElementById("selector").value), body,
+          content_type: "text/yaml", priority: Number(document.getElementById("priority").value || 0) };
+        r = await api(target + encodeURIComponent(name), { method: "PUT", headers: { "content-type": "application/json" }, body: JSON.stringify(json) });
+        if (!isCurrent(gen)) return;
+        result.innerHTML = `config ${esc(r.name)} version ${esc(r.version)} given to ${r.agents.length} agent(s)`;
+      } else {
+        r = await api(target, { method: "PUT", headers: { "content-type": "text/yaml" }, body });
+        if (!isCurrent(gen)) return;
+        result.innerHTML = `pushed, hash ${short(r.config_hash)} to ${r.agents.length} agent(s)`;
+      }
       watchAcks(gen, r, uid);
     } catch (e) {
       result.innerHTML = `<span class="bad">${esc(e.message)}</span>`;
@@ -210,15 +229,18 @@ function watchAcks(gen, push, uid) {
   const watch = ++ackWatch;
   poll(gen, 1000, async () => {
     if (watch !== ackWatch) return false;
-    const agents = uid ? [await api(`/api/agents/${encodeURIComponent(uid)}`)] : await api("/api/agents");
+    const agents = uid ? [await api(`/api/v1/agents/${encodeURIComponent(uid)}`)] : await api("/api/v1/agents");
     const acks = document.getElementById("acks");
     if (!isCurrent(gen) || watch !== ackWatch || !acks) return;
     const byUid = Object.fromEntries(agents.map(a => [a.instance_uid, a]));
-    acks.innerHTML = `<table><thead><tr><th>Agent</th><th>Service</th><th>Status for ${short(push.config_hash)}</th></tr></thead><tbody>${
+    const what = push.config_hash ? short(push.config_hash) : `config ${esc(push.name)} v${esc(push.version)}`;
+    acks.innerHTML = `<table><thead><tr><th>Agent</th><th>Service</th><th>Status for ${what}</th></tr></thead><tbody>${
       push.agents.map(uid => {
         const a = byUid[uid] || {};
         const r = a.remote_config_status;
-        const cell = r && r.hash === push.config_hash ? rcsCell(r) : '<span class="warn">pending</span>';
+        // A named config may render per agent: each agent's own offered hash.
+        const want = push.config_hash || (a.remote_config && a.remote_config.hash);
+        const cell = r && want && r.hash === want ? rcsCell(r) : '<span class="warn">pending</span>';
         return `<tr><td class="mono">${esc(uid)}</td><td>${esc(a.service_name)}</td><td>${cell}</td></tr>`;
       }).join("")}</tbody></table>`;
   }, e => {

@@ -260,6 +260,18 @@ pub(crate) struct Actor {
     pub(crate) address: String,
 }
 
+/// A new version of a named config, as the API takes it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NewVersion<'a> {
+    /// Every pair must equal one of the agent's attributes.
+    pub(crate) selector: &'a BTreeMap<String, String>,
+    pub(crate) priority: i64,
+    pub(crate) content_type: &'a str,
+    pub(crate) body: &'a [u8],
+    /// Give it to agents now (`false`: held for a staged rollout).
+    pub(crate) activate: bool,
+}
+
 /// One version of a named config.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct ConfigVersion {
@@ -371,19 +383,21 @@ impl Store {
     /// Opens the database at `url` (`sqlite://PATH` or `postgres://...`), creating the SQLite
     /// file and the schema on first use and applying newer migrations.
     pub(crate) async fn open(url: &str) -> Result<Store> {
-        let (db, description): (Arc<dyn Backend>, String) = if let Some(path) =
-            url.strip_prefix("sqlite://")
-        {
-            (Arc::new(sqlite::Sqlite::open(path).await?), format!("sqlite://{path}"))
-        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            let shown = redact(url);
-            (Arc::new(postgres::Postgres::connect(url).await?), shown)
-        } else {
-            return Err(StoreError::Db(format!(
-                "--database {}: expected sqlite://PATH or postgres://USER@HOST/DB",
-                redact(url)
-            )));
-        };
+        let (db, description): (Arc<dyn Backend>, String) =
+            if let Some(path) = url.strip_prefix("sqlite://") {
+                (
+                    Arc::new(sqlite::Sqlite::open(path).await?),
+                    format!("sqlite://{path}"),
+                )
+            } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+                let shown = redact(url);
+                (Arc::new(postgres::Postgres::connect(url).await?), shown)
+            } else {
+                return Err(StoreError::Db(format!(
+                    "--database {}: expected sqlite://PATH or postgres://USER@HOST/DB",
+                    redact(url)
+                )));
+            };
         let store = Store { db, description };
         store.migrate().await?;
         Ok(store)
@@ -496,13 +510,16 @@ impl Store {
     pub(crate) async fn put_config(
         &self,
         name: &str,
-        selector: &BTreeMap<String, String>,
-        priority: i64,
-        content_type: &str,
-        body: &[u8],
-        activate: bool,
+        new: &NewVersion<'_>,
         actor: &Actor,
     ) -> Result<NamedConfig> {
+        let NewVersion {
+            selector,
+            priority,
+            content_type,
+            body,
+            activate,
+        } = *new;
         let selector_json = serde_json::to_string(selector).unwrap_or_else(|_| "{}".into());
         let mut stmts = vec![
             stmt(
@@ -563,7 +580,12 @@ impl Store {
                 "UPDATE configs SET active_version = $2 WHERE name = $1",
                 vec![name.into(), Val::Int(version)],
             ),
-            Self::audit(actor, "activate_config", name, &format!("version {version}")),
+            Self::audit(
+                actor,
+                "activate_config",
+                name,
+                &format!("version {version}"),
+            ),
         ];
         stmts.extend(self.notify(&Change::Config(name.to_owned())));
         self.tx(stmts).await?;
@@ -573,7 +595,10 @@ impl Store {
     /// Deletes config `name` (its history stays); whether it existed.
     pub(crate) async fn delete_config(&self, name: &str, actor: &Actor) -> Result<bool> {
         let existed = !self
-            .query("SELECT name FROM configs WHERE name = $1", vec![name.into()])
+            .query(
+                "SELECT name FROM configs WHERE name = $1",
+                vec![name.into()],
+            )
             .await?
             .is_empty();
         if !existed {
@@ -622,12 +647,10 @@ impl Store {
     pub(crate) async fn configs(&self) -> Result<Vec<NamedConfig>> {
         let rows = self
             .query(
-                &format!(
-                    "SELECT v.name, v.version, v.selector, v.priority, v.content_type, v.body, \
-                     v.created_ms, v.author, c.version = v.version, c.active_version = v.version \
-                     FROM configs c JOIN config_versions v ON v.name = c.name \
-                     AND (v.version = c.version OR v.version = c.active_version) ORDER BY v.name"
-                ),
+                "SELECT v.name, v.version, v.selector, v.priority, v.content_type, v.body, \
+                 v.created_ms, v.author, c.version = v.version, c.active_version = v.version \
+                 FROM configs c JOIN config_versions v ON v.name = c.name \
+                 AND (v.version = c.version OR v.version = c.active_version) ORDER BY v.name",
                 vec![],
             )
             .await?;
@@ -637,9 +660,16 @@ impl Store {
         let flag = |v: &Val| matches!(v, Val::Int(1)) || matches!(v, Val::Text(t) if t == "t");
         for row in &rows {
             let v = config_version(row)?;
-            if latest.as_ref().or(active.as_ref()).is_some_and(|x| x.name != v.name) {
+            if latest
+                .as_ref()
+                .or(active.as_ref())
+                .is_some_and(|x| x.name != v.name)
+            {
                 if let (Some(l), Some(a)) = (latest.take(), active.take()) {
-                    out.push(NamedConfig { latest: l, active: a });
+                    out.push(NamedConfig {
+                        latest: l,
+                        active: a,
+                    });
                 }
             }
             if flag(&row[8]) {
@@ -650,7 +680,10 @@ impl Store {
             }
         }
         if let (Some(l), Some(a)) = (latest, active) {
-            out.push(NamedConfig { latest: l, active: a });
+            out.push(NamedConfig {
+                latest: l,
+                active: a,
+            });
         }
         Ok(out)
     }
@@ -869,14 +902,26 @@ impl Store {
     }
 
     /// Appends one audit entry on its own (for actions that change nothing stored).
-    pub(crate) async fn record(&self, actor: &Actor, action: &str, target: &str, detail: &str) -> Result<()> {
-        self.tx(vec![Self::audit(actor, action, target, detail)]).await?;
+    pub(crate) async fn record(
+        &self,
+        actor: &Actor,
+        action: &str,
+        target: &str,
+        detail: &str,
+    ) -> Result<()> {
+        self.tx(vec![Self::audit(actor, action, target, detail)])
+            .await?;
         Ok(())
     }
 
     /// Asks the node agent `uid` is connected to to restart it (PostgreSQL), audited.
     pub(crate) async fn restart_elsewhere(&self, uid: &str, actor: &Actor) -> Result<()> {
-        let mut stmts = vec![Self::audit(actor, "restart", uid, "sent to the agent's node")];
+        let mut stmts = vec![Self::audit(
+            actor,
+            "restart",
+            uid,
+            "sent to the agent's node",
+        )];
         stmts.extend(self.notify(&Change::Restart(uid.to_owned())));
         self.tx(stmts).await?;
         Ok(())
@@ -979,7 +1024,10 @@ impl Store {
     pub(crate) async fn rollout(&self, id: i64) -> Result<Option<RolloutRow>> {
         let rows = self
             .query(
-                &format!("SELECT {} FROM rollouts WHERE id = $1", Self::ROLLOUT_COLUMNS),
+                &format!(
+                    "SELECT {} FROM rollouts WHERE id = $1",
+                    Self::ROLLOUT_COLUMNS
+                ),
                 vec![Val::Int(id)],
             )
             .await?;

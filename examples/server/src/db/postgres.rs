@@ -75,9 +75,15 @@ fn read_row(row: &tokio_postgres::Row) -> std::result::Result<Row, tokio_postgre
     for (i, col) in row.columns().iter().enumerate() {
         let v = match *col.type_() {
             Type::INT8 => row.try_get::<_, Option<i64>>(i)?.map(Val::Int),
-            Type::INT4 => row.try_get::<_, Option<i32>>(i)?.map(|v| Val::Int(v.into())),
-            Type::INT2 => row.try_get::<_, Option<i16>>(i)?.map(|v| Val::Int(v.into())),
-            Type::BOOL => row.try_get::<_, Option<bool>>(i)?.map(|v| Val::Int(v.into())),
+            Type::INT4 => row
+                .try_get::<_, Option<i32>>(i)?
+                .map(|v| Val::Int(v.into())),
+            Type::INT2 => row
+                .try_get::<_, Option<i16>>(i)?
+                .map(|v| Val::Int(v.into())),
+            Type::BOOL => row
+                .try_get::<_, Option<bool>>(i)?
+                .map(|v| Val::Int(v.into())),
             Type::BYTEA => row.try_get::<_, Option<Vec<u8>>>(i)?.map(Val::Blob),
             Type::VOID => None,
             _ => row.try_get::<_, Option<String>>(i)?.map(Val::Text),
@@ -112,14 +118,21 @@ impl Postgres {
         })
     }
 
-    async fn run(client: &mut Client, stmts: &[Stmt]) -> std::result::Result<Vec<Vec<Row>>, tokio_postgres::Error> {
+    async fn run(
+        client: &mut Client,
+        stmts: &[Stmt],
+    ) -> std::result::Result<Vec<Vec<Row>>, tokio_postgres::Error> {
         let tx = client.transaction().await?;
         let mut out = Vec::with_capacity(stmts.len());
         for s in stmts {
             let params: Vec<&(dyn ToSql + Sync)> =
                 s.params.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
             let rows = tx.query(s.sql.as_str(), &params).await?;
-            out.push(rows.iter().map(read_row).collect::<std::result::Result<Vec<_>, _>>()?);
+            out.push(
+                rows.iter()
+                    .map(read_row)
+                    .collect::<std::result::Result<Vec<_>, _>>()?,
+            );
         }
         tx.commit().await?;
         Ok(out)
@@ -138,7 +151,9 @@ impl Backend for Postgres {
         if guard.as_ref().is_none_or(Client::is_closed) {
             *guard = Some(connect(&self.url).await?);
         }
-        let client = guard.as_mut().ok_or_else(|| StoreError::Db("no connection".into()))?;
+        let client = guard
+            .as_mut()
+            .ok_or_else(|| StoreError::Db("no connection".into()))?;
         Self::run(client, &stmts).await.map_err(db_err)
     }
 
@@ -161,8 +176,7 @@ async fn listener(url: String, tx: Arc<mpsc::Sender<Change>>) {
                 let (note_tx, mut note_rx) = mpsc::unbounded_channel();
                 let driver = tokio::spawn(async move {
                     loop {
-                        let msg =
-                            std::future::poll_fn(|cx| connection.poll_message(cx)).await;
+                        let msg = std::future::poll_fn(|cx| connection.poll_message(cx)).await;
                         match msg {
                             Some(Ok(AsyncMessage::Notification(n))) => {
                                 if note_tx.send(n.payload().to_owned()).is_err() {

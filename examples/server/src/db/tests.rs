@@ -36,15 +36,31 @@ fn selector(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 /// Every store operation, the same on both databases.
 async fn exercise(url: &str) {
     let store = Store::open(url).await.expect("open");
-    assert_eq!(store.schema_version().await.unwrap(), MIGRATIONS.len() as i64);
+    assert_eq!(
+        store.schema_version().await.unwrap(),
+        MIGRATIONS.len() as i64
+    );
     // Opening again finds the schema applied.
     let again = Store::open(url).await.expect("open again");
-    assert_eq!(again.schema_version().await.unwrap(), MIGRATIONS.len() as i64);
+    assert_eq!(
+        again.schema_version().await.unwrap(),
+        MIGRATIONS.len() as i64
+    );
 
     let a = actor();
     let sel = selector(&[("environment", "prod")]);
     let c1 = store
-        .put_config("base", &sel, 5, "text/yaml", b"v: 1\n", true, &a)
+        .put_config(
+            "base",
+            &NewVersion {
+                selector: &sel,
+                priority: 5,
+                content_type: "text/yaml",
+                body: b"v: 1\n",
+                activate: true,
+            },
+            &a,
+        )
         .await
         .unwrap();
     assert_eq!((c1.latest.version, c1.active.version), (1, 1));
@@ -52,7 +68,17 @@ async fn exercise(url: &str) {
     assert_eq!(c1.latest.priority, 5);
     // A held version: latest moves, active stays.
     let c2 = store
-        .put_config("base", &sel, 5, "text/yaml", b"v: 2\n", false, &a)
+        .put_config(
+            "base",
+            &NewVersion {
+                selector: &sel,
+                priority: 5,
+                content_type: "text/yaml",
+                body: b"v: 2\n",
+                activate: false,
+            },
+            &a,
+        )
         .await
         .unwrap();
     assert_eq!((c2.latest.version, c2.active.version), (2, 1));
@@ -62,13 +88,25 @@ async fn exercise(url: &str) {
     assert_eq!((c.latest.version, c.active.version), (2, 2));
     // A held first version is active at once: there is nothing older.
     let other = store
-        .put_config("other", &BTreeMap::new(), 0, "text/plain", b"x", false, &a)
+        .put_config(
+            "other",
+            &NewVersion {
+                selector: &BTreeMap::new(),
+                priority: 0,
+                content_type: "text/plain",
+                body: b"x",
+                activate: false,
+            },
+            &a,
+        )
         .await
         .unwrap();
     assert_eq!(other.active.version, 1);
     let all = store.configs().await.unwrap();
     assert_eq!(
-        all.iter().map(|c| c.latest.name.as_str()).collect::<Vec<_>>(),
+        all.iter()
+            .map(|c| c.latest.name.as_str())
+            .collect::<Vec<_>>(),
         ["base", "other"]
     );
     assert_eq!(all[0].active.body, b"v: 2\n");
@@ -78,10 +116,23 @@ async fn exercise(url: &str) {
     assert!(!store.delete_config("base", &a).await.unwrap());
     assert!(store.config("base").await.unwrap().is_none());
     let history = store.config_history("base").await.unwrap();
-    assert_eq!(history.iter().map(|v| v.version).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(
+        history.iter().map(|v| v.version).collect::<Vec<_>>(),
+        [1, 2]
+    );
     assert_eq!(history[0].body, b"v: 1\n");
     let c3 = store
-        .put_config("base", &sel, 5, "text/yaml", b"v: 3\n", true, &a)
+        .put_config(
+            "base",
+            &NewVersion {
+                selector: &sel,
+                priority: 5,
+                content_type: "text/yaml",
+                body: b"v: 3\n",
+                activate: true,
+            },
+            &a,
+        )
         .await
         .unwrap();
     assert_eq!(c3.latest.version, 3);
@@ -128,12 +179,24 @@ async fn exercise(url: &str) {
 
     // Rollouts.
     let r = store
-        .create_rollout("base", 2, 3, &serde_json::json!({"batch_percent": 10}), &serde_json::json!({"batches": []}), &a)
+        .create_rollout(
+            "base",
+            2,
+            3,
+            &serde_json::json!({"batch_percent": 10}),
+            &serde_json::json!({"batches": []}),
+            &a,
+        )
         .await
         .unwrap();
     assert_eq!(r.state, "running");
     store
-        .update_rollout(r.id, "paused", &serde_json::json!({"batches": [1]}), Some((&a, "pause")))
+        .update_rollout(
+            r.id,
+            "paused",
+            &serde_json::json!({"batches": [1]}),
+            Some((&a, "pause")),
+        )
         .await
         .unwrap();
     let r = store.rollout(r.id).await.unwrap().unwrap();
@@ -160,7 +223,10 @@ async fn exercise(url: &str) {
             "pause"
         ]
     );
-    assert!(log.iter().all(|e| e.who == "test" && e.address == "127.0.0.1:1"));
+    assert!(
+        log.iter()
+            .all(|e| e.who == "test" && e.address == "127.0.0.1:1")
+    );
 }
 
 #[tokio::test]
@@ -187,9 +253,19 @@ async fn postgres_changes_reach_other_nodes() {
     // The listener connects in the background: retry the change until one arrives.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let got = loop {
-        a.put_config("c", &BTreeMap::new(), 0, "text/plain", b"x", true, &actor())
-            .await
-            .unwrap();
+        a.put_config(
+            "c",
+            &NewVersion {
+                selector: &BTreeMap::new(),
+                priority: 0,
+                content_type: "text/plain",
+                body: b"x",
+                activate: true,
+            },
+            &actor(),
+        )
+        .await
+        .unwrap();
         match tokio::time::timeout(std::time::Duration::from_millis(500), changes.recv()).await {
             Ok(Some(change)) => break change,
             _ if std::time::Instant::now() > deadline => panic!("no notification"),
@@ -197,7 +273,9 @@ async fn postgres_changes_reach_other_nodes() {
         }
     };
     assert_eq!(got, Change::Config("c".into()));
-    a.put_override("u", "text/plain", b"y", &actor()).await.unwrap();
+    a.put_override("u", "text/plain", b"y", &actor())
+        .await
+        .unwrap();
     let next = loop {
         let c = tokio::time::timeout(std::time::Duration::from_secs(5), changes.recv())
             .await
@@ -218,8 +296,13 @@ async fn postgres_changes_reach_other_nodes() {
 fn urls_are_redacted_and_checked() {
     assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u@h/db");
     assert_eq!(redact("sqlite://x.db"), "sqlite://x.db");
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     let err = rt.block_on(Store::open("mysql://u:pw@h/db")).unwrap_err();
     let text = err.to_string();
-    assert!(text.contains("sqlite://PATH") && !text.contains("pw"), "{text}");
+    assert!(
+        text.contains("sqlite://PATH") && !text.contains("pw"),
+        "{text}"
+    );
 }

@@ -59,8 +59,15 @@ pub fn agent_bin() -> PathBuf {
         let status = build.status().expect("run cargo build for the agent");
         assert!(status.success(), "building opamp-reference-agent failed");
     });
-    let path = profile_dir.join(format!("opamp-reference-agent{}", std::env::consts::EXE_SUFFIX));
-    assert!(path.exists(), "{} is missing after the build", path.display());
+    let path = profile_dir.join(format!(
+        "opamp-reference-agent{}",
+        std::env::consts::EXE_SUFFIX
+    ));
+    assert!(
+        path.exists(),
+        "{} is missing after the build",
+        path.display()
+    );
     path
 }
 
@@ -171,7 +178,8 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
         let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else {
             return out;
         };
-        let size = usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).trim(), 16).unwrap_or(0);
+        let size =
+            usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).trim(), 16).unwrap_or(0);
         if size == 0 {
             return out;
         }
@@ -193,11 +201,7 @@ pub fn send_json(addr: &str, method: &str, path: &str, body: &Value) -> (u16, Va
 }
 
 /// Polls `probe` until it returns `Some`, or fails with `what`, the last value and the logs.
-pub fn wait_for<T>(
-    what: &str,
-    logs: &[&Path],
-    mut probe: impl FnMut() -> (Option<T>, Value),
-) -> T {
+pub fn wait_for<T>(what: &str, logs: &[&Path], mut probe: impl FnMut() -> (Option<T>, Value)) -> T {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let (got, last) = probe();
@@ -251,6 +255,11 @@ pub fn start_server(args: &[&str], log: &Path, env: &[(&str, &str)]) -> Server {
     }
     if !args.contains(&"--ui-addr") {
         cmd.args(["--ui-addr", "127.0.0.1:0"]);
+    }
+    if !args.contains(&"--database") {
+        let db = log.with_extension("db");
+        cmd.arg("--database")
+            .arg(format!("sqlite://{}", db.display()));
     }
     cmd.args(args)
         .env("RUST_LOG", "warn")

@@ -1,0 +1,326 @@
+//! The control plane: desired state from the store, applied to the agents connected to this
+//! node; changes from other nodes (PostgreSQL NOTIFY) applied as they commit; agent records
+//! written behind to the store.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use opamp::proto::{AgentRemoteConfig, InstanceUid, ServerToAgent};
+use opamp::server::SharedMessage;
+
+use crate::State;
+use crate::db::{Change, NamedConfig, Override, Store, StoreError};
+use crate::desired::{self, Candidate, Rolling};
+use crate::store::lock;
+
+/// How often changed agent records are written.
+const WRITE_EVERY: Duration = Duration::from_millis(250);
+/// Departed agents stay in the store this long.
+const DEPARTED_TTL: Duration = Duration::from_secs(3600);
+
+/// The desired state this node holds in memory: every named config (ranked) and override.
+#[derive(Debug)]
+pub(crate) struct Control {
+    pub(crate) store: Store,
+    /// This node's name, stored with each agent it holds.
+    pub(crate) node: String,
+    candidates: RwLock<Arc<Vec<Candidate>>>,
+    overrides: RwLock<HashMap<String, Override>>,
+    /// Bumped on every change of desired state: an agent whose offer is older is recomputed.
+    epoch: AtomicU64,
+    /// `--validate-config`: a shell command that gets a new config version on stdin.
+    pub(crate) validator: Option<String>,
+}
+
+impl Control {
+    pub(crate) async fn new(
+        store: Store,
+        node: String,
+        validator: Option<String>,
+    ) -> Result<Self, StoreError> {
+        store.release_node(&node).await?;
+        let control = Self {
+            store,
+            node,
+            candidates: RwLock::default(),
+            overrides: RwLock::default(),
+            epoch: AtomicU64::new(1),
+            validator,
+        };
+        control.reload_configs().await?;
+        let overrides = control.store.overrides().await?;
+        *control.overrides.write().unwrap_or_else(|e| e.into_inner()) =
+            overrides.into_iter().map(|o| (o.uid.clone(), o)).collect();
+        Ok(control)
+    }
+
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    fn bump(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Reads every named config and running rollout again.
+    pub(crate) async fn reload_configs(&self) -> Result<(), StoreError> {
+        let configs = self.store.configs().await?;
+        let rollouts = self.store.rollouts().await?;
+        let mut candidates: Vec<Candidate> = configs.into_iter().map(candidate).collect();
+        for r in rollouts
+            .iter()
+            .filter(|r| crate::rollout::is_live(&r.state))
+        {
+            let Some(c) = candidates.iter_mut().find(|c| c.active.name == r.config) else {
+                continue;
+            };
+            if c.active.version != r.from_version {
+                continue;
+            }
+            let history = self.store.config_history(&r.config).await?;
+            let Some(v) = history.into_iter().find(|v| v.version == r.to_version) else {
+                continue;
+            };
+            let released: HashSet<String> = crate::rollout::released(&r.progress);
+            let template = desired::Template::parse(&v.body, &v.selector)
+                .ok()
+                .flatten();
+            let config = crate::store::remote_config(
+                bytes::Bytes::from(v.body.clone()),
+                v.content_type.clone(),
+            );
+            c.rolling = Some(Rolling {
+                version: v,
+                template,
+                config,
+                released,
+            });
+        }
+        desired::rank(&mut candidates);
+        *self.candidates.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(candidates);
+        self.bump();
+        Ok(())
+    }
+
+    async fn reload_override(&self, uid: &str) -> Result<(), StoreError> {
+        let o = self.store.override_for(uid).await?;
+        let mut map = self.overrides.write().unwrap_or_else(|e| e.into_inner());
+        match o {
+            Some(o) => map.insert(uid.to_owned(), o),
+            None => map.remove(uid),
+        };
+        drop(map);
+        self.bump();
+        Ok(())
+    }
+
+    /// The desired config of agent `uid` with `attrs`.
+    pub(crate) fn resolve(
+        &self,
+        uid: &str,
+        attrs: &desired::Attributes,
+    ) -> Option<desired::Desired> {
+        let candidates = self
+            .candidates
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let overrides = self.overrides.read().unwrap_or_else(|e| e.into_inner());
+        desired::resolve(uid, attrs, overrides.get(uid), &candidates)
+    }
+
+    /// Runs the validator on a new config version: `Err(output)` when it refuses.
+    pub(crate) async fn validate(
+        &self,
+        name: &str,
+        content_type: &str,
+        body: &[u8],
+    ) -> Result<(), String> {
+        let Some(cmd) = &self.validator else {
+            return Ok(());
+        };
+        use tokio::io::AsyncWriteExt;
+        let mut child = tokio::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(cmd)
+            .env("OPAMP_CONFIG_NAME", name)
+            .env("OPAMP_CONFIG_CONTENT_TYPE", content_type)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("the validator {cmd:?} did not start: {e}"))?;
+        let mut stdin = child.stdin.take();
+        let body = body.to_vec();
+        let feed = async move {
+            if let Some(s) = stdin.as_mut() {
+                let _ = s.write_all(&body).await;
+            }
+            drop(stdin);
+        };
+        let run = async {
+            feed.await;
+            child.wait_with_output().await
+        };
+        let out = tokio::time::timeout(Duration::from_secs(30), run)
+            .await
+            .map_err(|_| format!("the validator {cmd:?} did not finish within 30 s"))?
+            .map_err(|e| format!("the validator {cmd:?}: {e}"))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        if text.len() > 64 * 1024 {
+            let mut cut = 64 * 1024;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+        }
+        Err(format!(
+            "the validator refused the config ({}): {}",
+            out.status,
+            text.trim_end()
+        ))
+    }
+}
+
+fn candidate(c: NamedConfig) -> Candidate {
+    Candidate::new(c.active)
+}
+
+impl State {
+    /// Recomputes the desired config of `uid` when its offer is older than the desired state
+    /// (or `force`, after its description changed); returns the config to push when it
+    /// changed.
+    pub(crate) fn refresh_offer(&self, uid: InstanceUid, force: bool) -> Option<AgentRemoteConfig> {
+        let epoch = self.control.epoch();
+        if !force && self.fleet.offer_epoch(uid) >= epoch {
+            return None;
+        }
+        let attrs = self.fleet.attributes(uid)?;
+        let d = self.control.resolve(&uid.to_string(), &attrs);
+        self.fleet.set_desired(uid, epoch, d)
+    }
+
+    /// Recomputes every connected agent's desired config after a change and pushes what
+    /// changed; identical configs are encoded once. Returns the agents pushed to.
+    pub(crate) fn apply_desired(&self) -> Vec<InstanceUid> {
+        let epoch = self.control.epoch();
+        let mut shared: HashMap<bytes::Bytes, SharedMessage> = HashMap::new();
+        let mut pushed = Vec::new();
+        for (uid, attrs) in self.fleet.stale(epoch) {
+            let d = self.control.resolve(&uid.to_string(), &attrs);
+            if let Some(config) = self.fleet.set_desired(uid, epoch, d) {
+                let msg = shared.entry(config.config_hash.clone()).or_insert_with(|| {
+                    SharedMessage::new(ServerToAgent {
+                        remote_config: Some(config),
+                        ..Default::default()
+                    })
+                });
+                self.push_shared(uid, msg);
+                pushed.push(uid);
+            }
+        }
+        pushed
+    }
+
+    /// Applies a change (made here, or committed by another node) to the local agents.
+    pub(crate) async fn on_change(&self, change: Change) {
+        let result = match &change {
+            Change::Config(_) | Change::Rollout(_) => self.control.reload_configs().await,
+            Change::Override(uid) => self.control.reload_override(uid).await,
+            Change::Restart(uid) => {
+                if let Ok(uid) = uid.parse::<InstanceUid>() {
+                    if lock(&self.connections).contains_key(&uid) {
+                        if let Err(e) = self.restart(uid) {
+                            tracing::warn!(%uid, "restart from another node: {e}");
+                        }
+                    }
+                }
+                return;
+            }
+        };
+        match result {
+            Ok(()) => {
+                self.apply_desired();
+            }
+            Err(e) => tracing::warn!(?change, "reloading desired state: {e}"),
+        }
+    }
+
+    /// The agent listing: agents connected here from memory, every other from the store;
+    /// slim (no bodies), by uid.
+    pub(crate) async fn list_agents(&self) -> Result<Vec<serde_json::Value>, StoreError> {
+        let local = self.fleet.connected_json(&self.control.node);
+        let local_uids: HashSet<String> = local.keys().cloned().collect();
+        let rows = self.control.store.agents().await?;
+        let mut all: BTreeMap<String, serde_json::Value> = local;
+        for row in rows.iter().filter(|r| !local_uids.contains(&r.uid)) {
+            // A record in memory that has left (it may reconnect here) is as fresh as its row.
+            if let Some(v) = self.fleet.row_json(row, false) {
+                all.insert(row.uid.clone(), v);
+            }
+        }
+        Ok(all.into_values().collect())
+    }
+
+    /// One agent in full: from memory when it is connected here, else from the store.
+    pub(crate) async fn agent(
+        &self,
+        uid: InstanceUid,
+    ) -> Result<Option<serde_json::Value>, StoreError> {
+        if let Some(v) = self.fleet.connected_agent_json(uid, &self.control.node) {
+            return Ok(Some(v));
+        }
+        let Some(row) = self.control.store.agent(&uid.to_string()).await? else {
+            return Ok(self.fleet.agent_json(uid));
+        };
+        Ok(self.fleet.row_json(&row, true))
+    }
+
+    /// Writes changed agent records every 250 ms; forgets departed ones after an hour.
+    pub(crate) async fn write_behind(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(WRITE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_prune = tokio::time::Instant::now();
+        loop {
+            tick.tick().await;
+            self.flush().await;
+            if last_prune.elapsed() > Duration::from_secs(60) {
+                last_prune = tokio::time::Instant::now();
+                let before = crate::db::now_ms() - DEPARTED_TTL.as_millis() as i64;
+                if let Err(e) = self.control.store.forget_agents(before).await {
+                    tracing::warn!("forgetting departed agents: {e}");
+                }
+            }
+        }
+    }
+
+    /// Writes the changed agent records now.
+    pub(crate) async fn flush(&self) {
+        let rows = self.fleet.take_dirty(&self.control.node);
+        if rows.is_empty() {
+            return;
+        }
+        let uids: Vec<InstanceUid> = rows.iter().filter_map(|r| r.uid.parse().ok()).collect();
+        if let Err(e) = self.control.store.save_agents(rows).await {
+            tracing::warn!("writing {} agent records: {e}", uids.len());
+            self.fleet.mark_dirty(uids);
+        }
+    }
+
+    /// Applies what other nodes commit, as it arrives.
+    pub(crate) async fn follow(self: Arc<Self>) {
+        let Some(mut changes) = self.control.store.listen().await else {
+            return;
+        };
+        while let Some(change) = changes.recv().await {
+            self.on_change(change).await;
+        }
+    }
+}
