@@ -409,7 +409,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .filter(|h| !h.is_empty())
             .or_else(|| std::env::var("HOSTNAME").ok())
             .unwrap_or_else(|| "localhost".into());
-        format!("{host}:{}", args.opamp_addr.port())
+        match args.opamp_addr.port() {
+            // A port chosen by the system is not known yet, and differs at every start.
+            0 => format!("{host}-{}", std::process::id()),
+            port => format!("{host}:{port}"),
+        }
     });
     println!(
         "database: {} (schema version {}, node {node})",
