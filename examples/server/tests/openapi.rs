@@ -31,7 +31,7 @@ fn resolve<'a>(spec: &'a Value, schema: &'a Value) -> &'a Value {
 fn check(spec: &Value, schema: &Value, value: &Value, at: &str, out: &mut Vec<String>) {
     let schema = resolve(spec, schema);
     if value.is_null() {
-        if schema["nullable"] != true && !schema.get("allOf").is_some() {
+        if schema["nullable"] != true && schema.get("allOf").is_none() {
             out.push(format!("{at}: null, not nullable"));
         }
         return;
