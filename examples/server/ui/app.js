@@ -57,6 +57,18 @@ function rcsCell(r) {
   return `<span class="${cls}">${esc(r.status)}</span>${err}`;
 }
 
+function desiredText(d) {
+  if (!d) return '<span class="muted">none</span>';
+  const src = d.source === "override" ? "its own config" : `config ${esc(d.name)} v${esc(d.version)} (priority ${esc(d.priority)})`;
+  const over = (d.outranked || []).length ? ` <span class="muted">over ${d.outranked.map(esc).join(", ")}</span>` : "";
+  return src + over;
+}
+
+function driftCell(d) {
+  if (!d) return '<span class="muted">—</span>';
+  return d.drifted ? `<span class="bad" title="${esc(d.reason)}">drifted</span>` : '<span class="ok">in sync</span>';
+}
+
 function short(hash) { return hash ? `<code title="${esc(hash)}">${esc(hash.slice(0, 12))}</code>` : '<span class="muted">—</span>'; }
 
 async function listView(gen) {
@@ -64,7 +76,7 @@ async function listView(gen) {
   if (!isCurrent(gen)) return;
   statusEl.textContent = `${agents.length} agent(s), ${agents.filter(a => a.connected).length} connected`;
   if (agents.length === 0) {
-    view.innerHTML = '<p class="muted">No agents yet. Start one with <code>cargo run --release --example agent -- --endpoint ws://127.0.0.1:4320/v1/opamp</code>.</p>';
+    view.innerHTML = '<p class="muted">No agents yet. Start one with <code>cargo run --release -p opamp-reference-agent -- --endpoint ws://127.0.0.1:4320/v1/opamp</code>.</p>';
     return;
   }
   const rows = agents.map(a => `<tr class="agent" data-uid="${esc(a.instance_uid)}">
@@ -77,9 +89,11 @@ async function listView(gen) {
     <td>${healthCell(a.health)}</td>
     <td>${rcsCell(a.remote_config_status)}</td>
     <td>${short(a.remote_config_status && a.remote_config_status.hash)}</td>
+    <td>${driftCell(a.drift)}</td>
+    <td class="muted">${esc(a.node || "—")}</td>
   </tr>`).join("");
   view.innerHTML = `<table id="agents"><thead><tr><th>Instance uid</th><th>Service</th><th>Version</th><th>Host</th>
-    <th>Transport</th><th>Connection</th><th>Health</th><th>Remote config</th><th>Config hash</th></tr></thead><tbody>${rows}</tbody></table>`;
+    <th>Transport</th><th>Connection</th><th>Health</th><th>Remote config</th><th>Config hash</th><th>Drift</th><th>Node</th></tr></thead><tbody>${rows}</tbody></table>`;
 }
 
 function attrs(obj) {
@@ -145,6 +159,9 @@ function renderAgent(a) {
   info.innerHTML = `
   <section><h2>Agent <span class="mono">${esc(a.instance_uid)}</span></h2>
     <dl><dt>Connection</dt><dd>${a.connected ? '<span class="ok">connected</span>' : `last seen ${ago(a.last_seen_unix_ms)}`} over ${esc(a.transport || "—")} from ${esc(a.remote_addr || "—")}</dd>
+    <dt>Node</dt><dd>${esc(a.node || "—")}</dd>
+    <dt>Desired config</dt><dd>${desiredText(a.desired_config)}</dd>
+    <dt>Drift</dt><dd>${driftCell(a.drift)}${a.drift && a.drift.drifted ? ` <span class="muted">${esc(a.drift.reason)}</span>` : ""}</dd>
     <dt>Sequence number</dt><dd>${esc(a.sequence_num)}</dd>
     <dt>Capabilities</dt><dd>${(a.capabilities || []).map(c => `<span class="pill">${esc(c)}</span>`).join(" ")}</dd></dl>
     ${a.connected && (a.capabilities || []).includes("ACCEPTS_RESTART_COMMAND") ? '<p><button id="restart">Restart agent</button> <span id="restart-result" class="muted"></span></p>' : ""}</section>
