@@ -17,7 +17,8 @@ OPAMP_PORT="${OPAMP_PORT:-14320}"
 UI_PORT="${UI_PORT:-14321}"
 LOG="${SERVER_LOG_FILE:-/tmp/opamp-fleet-server.log}"
 
-cargo build --release --example fleet -p opamp-reference-server
+cargo build --release -p opamp --example fleet
+cargo build --release -p opamp-reference-server
 bin="$CARGO_TARGET_DIR/release/examples"
 server_bin="$CARGO_TARGET_DIR/release/opamp-reference-server"
 # A new database per run (the server's store attached, as operators run it).

@@ -120,18 +120,26 @@ pub(crate) struct AgentRecord {
     /// What was cut from this agent's reports, by part, and why.
     pub(crate) truncated: BTreeMap<&'static str, String>,
     /// Where the offered config comes from (`None`: nothing is offered).
-    pub(crate) desired: Option<DesiredInfo>,
+    pub(crate) desired: Option<Box<DesiredInfo>>,
     /// The control plane's generation of desired state `offered` was computed at.
     pub(crate) offer_epoch: u64,
     /// SHA-256 of the encoded effective config last reported.
     effective_hash: Option<[u8; 32]>,
-    /// Drift baseline: the config hash the agent last reported APPLIED for while the server
-    /// offered it, and the hash of the effective config it reported at or after that (`None`
-    /// until an effective config came with or after the APPLIED).
-    applied_config_hash: Option<Bytes>,
-    applied_effective_hash: Option<[u8; 32]>,
+    /// Drift baseline (boxed: most of a fleet's records carry it, but it must not widen the
+    /// record of those that do not).
+    baseline: Option<Box<Baseline>>,
+    /// When the record was last written to the database.
+    written_at: Option<SystemTime>,
     /// Accounted bytes of each stored part.
     cost: Costs,
+}
+
+/// The config hash an agent last reported APPLIED for while the server offered it, and the
+/// hash of the effective config it reported with or after that (`None` until one came).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Baseline {
+    config_hash: Bytes,
+    effective: Option<[u8; 32]>,
 }
 
 /// Where an agent's offered config comes from, for the API.
@@ -219,9 +227,13 @@ impl AgentRecord {
     /// Whether the agent drifted from its desired state, and why.
     pub(crate) fn drift(&self) -> Option<&'static str> {
         let offered = self.offered.as_ref().map(|c| &c.config_hash);
-        match (&self.applied_config_hash, self.applied_effective_hash) {
+        match self
+            .baseline
+            .as_deref()
+            .map(|b| (&b.config_hash, b.effective))
+        {
             // The agent applied what is offered now; its effective config then is the baseline.
-            (Some(applied), Some(baseline)) if offered == Some(applied) => (self.effective_hash
+            Some((applied, Some(baseline))) if offered == Some(applied) => (self.effective_hash
                 != Some(baseline))
             .then_some("its effective config changed since it reported the offered config APPLIED"),
             _ if self.desired.is_none() && self.effective_config.is_some() => {
@@ -250,9 +262,8 @@ pub(crate) type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
 #[derive(Debug, Default)]
 struct Inner {
     agents: BTreeMap<InstanceUid, AgentRecord>,
-    /// Records changed since they were last written, and when each was last written.
+    /// Records changed since they were last written.
     dirty: HashMap<InstanceUid, Dirty>,
-    written: HashMap<InstanceUid, SystemTime>,
     /// Departed agents by the time they left: the retention order.
     departed: BTreeSet<(SystemTime, InstanceUid)>,
     /// Sum of every record's accounted bytes.
@@ -267,7 +278,6 @@ impl Inner {
 
     fn forget(&mut self, uid: InstanceUid) {
         self.dirty.remove(&uid);
-        self.written.remove(&uid);
         if let Some(a) = self.agents.remove(&uid) {
             self.total_bytes -= a.cost.total();
             if let Some(t) = a.departed_at {
@@ -557,16 +567,19 @@ impl Fleet {
         if let (Some(s), Some(offered)) = (&msg.remote_config_status, &agent.offered)
             && s.status == RemoteConfigStatuses::Applied as i32
             && s.last_remote_config_hash == offered.config_hash
-            && agent.applied_config_hash.as_ref() != Some(&offered.config_hash)
+            && agent.baseline.as_ref().map(|b| &b.config_hash) != Some(&offered.config_hash)
         {
-            agent.applied_config_hash = Some(offered.config_hash.clone());
-            agent.applied_effective_hash = None;
+            agent.baseline = Some(Box::new(Baseline {
+                config_hash: offered.config_hash.clone(),
+                effective: None,
+            }));
         }
-        if agent.applied_config_hash.is_some()
-            && agent.applied_effective_hash.is_none()
+        let effective = agent.effective_hash;
+        if let Some(b) = agent.baseline.as_deref_mut()
+            && b.effective.is_none()
             && msg.effective_config.is_some()
         {
-            agent.applied_effective_hash = agent.effective_hash;
+            b.effective = effective;
         }
         self.pending_reply_of(agent)
     }
@@ -627,10 +640,10 @@ impl Fleet {
         a.offer_epoch = a.offer_epoch.max(epoch);
         let (info, config) = match desired {
             Some(d) => (
-                Some(DesiredInfo {
+                Some(Box::new(DesiredInfo {
                     source: d.source,
                     outranked: d.outranked,
-                }),
+                })),
                 Some(d.remote_config),
             ),
             None => (None, None),
@@ -661,19 +674,25 @@ impl Fleet {
             .iter()
             .filter(|(uid, d)| {
                 **d == Dirty::Full
-                    || inner.written.get(uid).is_none_or(|t| {
-                        now.duration_since(*t).is_ok_and(|age| age >= SEEN_INTERVAL)
-                    })
+                    || inner
+                        .agents
+                        .get(uid)
+                        .and_then(|a| a.written_at)
+                        .is_none_or(|t| now.duration_since(t).is_ok_and(|age| age >= SEEN_INTERVAL))
             })
             .map(|(uid, _)| *uid)
             .collect();
         let mut rows = Vec::with_capacity(due.len());
         for uid in due {
             inner.dirty.remove(&uid);
-            inner.written.insert(uid, now);
-            if let Some(a) = inner.agents.get(&uid) {
+            if let Some(a) = inner.agents.get_mut(&uid) {
+                a.written_at = Some(now);
                 rows.push(row_of(uid, a, node));
             }
+        }
+        // A burst (a fleet connecting) leaves a large empty table behind otherwise.
+        if inner.dirty.capacity() > 1024 && inner.dirty.capacity() > 8 * inner.dirty.len() {
+            inner.dirty.shrink_to_fit();
         }
         rows
     }
@@ -696,11 +715,15 @@ impl Fleet {
         let _ = self.report(uid, &saved);
         let mut inner = self.lock();
         if let Some(a) = inner.agents.get_mut(&uid) {
-            a.applied_config_hash = row.applied_config_hash.clone().map(Bytes::from);
-            a.applied_effective_hash = row
-                .applied_effective_hash
-                .as_deref()
-                .and_then(|h| <[u8; 32]>::try_from(h).ok());
+            a.baseline = row.applied_config_hash.clone().map(|h| {
+                Box::new(Baseline {
+                    config_hash: Bytes::from(h),
+                    effective: row
+                        .applied_effective_hash
+                        .as_deref()
+                        .and_then(|h| <[u8; 32]>::try_from(h).ok()),
+                })
+            });
             a.transport = match row.transport.as_deref() {
                 Some("websocket") => Some("websocket"),
                 Some("http") => Some("http"),
@@ -832,7 +855,7 @@ impl Fleet {
             .agents
             .iter()
             .filter(|(_, a)| a.connected)
-            .map(|(uid, a)| (*uid, a.desired.clone()))
+            .map(|(uid, a)| (*uid, a.desired.as_deref().cloned()))
             .collect()
     }
 
@@ -1447,14 +1470,18 @@ fn row_of(uid: InstanceUid, a: &AgentRecord, node: &str) -> crate::db::AgentRow 
         transport: a.transport.map(str::to_owned),
         remote_addr: a.remote_addr.clone(),
         state: state.encode_to_vec(),
-        applied_config_hash: a.applied_config_hash.as_ref().map(|h| h.to_vec()),
-        applied_effective_hash: a.applied_effective_hash.map(|h| h.to_vec()),
+        applied_config_hash: a.baseline.as_ref().map(|b| b.config_hash.to_vec()),
+        applied_effective_hash: a
+            .baseline
+            .as_ref()
+            .and_then(|b| b.effective)
+            .map(|h| h.to_vec()),
     }
 }
 
 fn desired_json(a: &AgentRecord) -> Value {
     use crate::desired::Source;
-    match &a.desired {
+    match a.desired.as_deref() {
         None => Value::Null,
         Some(d) => {
             let mut v = match &d.source {

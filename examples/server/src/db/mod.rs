@@ -88,14 +88,15 @@ impl From<Vec<u8>> for Val {
 
 pub(crate) type Row = Vec<Val>;
 
-/// One statement: SQL with `$1`, `$2`, ... and its parameters.
+/// One statement: SQL with `$1`, `$2`, ... and its parameters. The SQL is usually a
+/// constant, shared by every statement of a batch (thousands of agent rows in one write).
 #[derive(Debug, Clone)]
 pub(crate) struct Stmt {
-    pub(crate) sql: String,
+    pub(crate) sql: std::borrow::Cow<'static, str>,
     pub(crate) params: Vec<Val>,
 }
 
-fn stmt(sql: impl Into<String>, params: Vec<Val>) -> Stmt {
+fn stmt(sql: impl Into<std::borrow::Cow<'static, str>>, params: Vec<Val>) -> Stmt {
     Stmt {
         sql: sql.into(),
         params,
@@ -412,7 +413,7 @@ impl Store {
     }
 
     async fn query(&self, sql: &str, params: Vec<Val>) -> Result<Vec<Row>> {
-        let mut rows = self.tx(vec![stmt(sql, params)]).await?;
+        let mut rows = self.tx(vec![stmt(sql.to_owned(), params)]).await?;
         Ok(rows.pop().unwrap_or_default())
     }
 
@@ -455,7 +456,7 @@ impl Store {
             let mut stmts: Vec<Stmt> = dialect_sql(m, d)
                 .split(';')
                 .filter(|s| !s.trim().is_empty())
-                .map(|s| stmt(s.trim(), vec![]))
+                .map(|s| stmt(s.trim().to_owned(), vec![]))
                 .collect();
             stmts.push(stmt(
                 "INSERT INTO opamp_schema (version) VALUES ($1)",

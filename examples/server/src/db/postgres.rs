@@ -127,7 +127,7 @@ impl Postgres {
         for s in stmts {
             let params: Vec<&(dyn ToSql + Sync)> =
                 s.params.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
-            let rows = tx.query(s.sql.as_str(), &params).await?;
+            let rows = tx.query(&*s.sql, &params).await?;
             out.push(
                 rows.iter()
                     .map(read_row)
