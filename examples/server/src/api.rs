@@ -755,6 +755,7 @@ async fn list_packages(AxumState(state): AxumState<Shared>) -> Response {
 /// `X-Package-Signature` carries a signature made elsewhere (128 hex digits, PKG-21).
 async fn put_package(
     AxumState(state): AxumState<Shared>,
+    Extension(actor): Extension<Actor>,
     Path((name, version)): Path<(String, String)>,
     headers: HeaderMap,
     body: axum::body::Body,
@@ -792,10 +793,27 @@ async fn put_package(
             );
         }
     };
-    match state.packages.put(&name, &version, content, signature) {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => repo_error(e),
+    let was_there = state.packages.contains(&name, &version);
+    let answer = match state
+        .packages
+        .put(&name, &version, content.clone(), signature.clone())
+    {
+        Ok(v) => v,
+        Err(e) => return repo_error(e),
+    };
+    // Durable before it is acknowledged; taken back from memory if the database refused.
+    if let Err(e) = state
+        .control
+        .store
+        .put_package(&name, &version, &content, signature.as_deref(), &actor)
+        .await
+    {
+        if !was_there {
+            state.packages.remove(&name, &version);
+        }
+        return store_error(e);
     }
+    Json(answer).into_response()
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
@@ -876,6 +894,7 @@ async fn package_file(
 /// pairs; an empty selector matches every agent), now if connected, else when it connects.
 async fn put_package_set(
     AxumState(state): AxumState<Shared>,
+    Extension(actor): Extension<Actor>,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Bytes,
@@ -906,8 +925,18 @@ async fn put_package_set(
         (Err(m), _) | (_, Err(m)) => return error(StatusCode::BAD_REQUEST, m),
     };
     let selector = set.selector.clone();
+    let before = state.packages.set(&name);
+    let row = crate::db::PackageSetRow {
+        name: name.clone(),
+        selector: set.selector.clone(),
+        packages: set.packages.clone(),
+    };
     if let Err(e) = state.packages.put_set(&name, set) {
         return repo_error(e);
+    }
+    if let Err(e) = state.control.store.put_package_set(&row, &actor).await {
+        state.packages.restore_set(&name, before);
+        return store_error(e);
     }
     let agents = state.push_packages(&selector);
     Json(json!({

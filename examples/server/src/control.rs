@@ -234,6 +234,36 @@ impl State {
         let result = match &change {
             Change::Config(_) | Change::Rollout(_) => self.control.reload_configs().await,
             Change::Override(uid) => self.control.reload_override(uid).await,
+            Change::Package(key) => {
+                if let Some((name, version)) = key.split_once('/') {
+                    self.load_package(name, version).await;
+                }
+                return;
+            }
+            Change::PackageSet(name) => {
+                match self.control.store.package_set(name).await {
+                    Ok(Some(row)) => {
+                        let selector = row.selector.clone();
+                        let set = crate::packages::PackageSet {
+                            selector: row.selector,
+                            packages: row.packages,
+                        };
+                        // Its packages may have been uploaded through another node.
+                        for (p, v) in &set.packages {
+                            self.load_package(p, v).await;
+                        }
+                        if self.packages.set(name).as_ref() != Some(&set) {
+                            if let Err(e) = self.packages.put_set(name, set) {
+                                tracing::warn!(name, "package set from another node: {e:?}");
+                            }
+                            self.push_packages(&selector);
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(name, "reading a package set: {e}"),
+                }
+                return;
+            }
             Change::Restart(uid) => {
                 if let Ok(uid) = uid.parse::<InstanceUid>() {
                     if lock(&self.connections).contains_key(&uid) {
@@ -251,6 +281,55 @@ impl State {
             }
             Err(e) => tracing::warn!(?change, "reloading desired state: {e}"),
         }
+    }
+
+    /// Takes a package version stored by another node into this node's repository.
+    pub(crate) async fn load_package(&self, name: &str, version: &str) {
+        if self.packages.contains(name, version) {
+            return;
+        }
+        match self.control.store.package(name, version).await {
+            Ok(Some(row)) => {
+                let signature = row.signature.map(bytes::Bytes::from);
+                if let Err(e) =
+                    self.packages
+                        .put(name, version, bytes::Bytes::from(row.content), signature)
+                {
+                    tracing::warn!(name, version, "a stored package does not fit: {e:?}");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(name, version, "reading a package: {e}"),
+        }
+    }
+
+    /// Loads the stored package repository (at start).
+    pub(crate) async fn load_packages(&self) -> Result<(), StoreError> {
+        for row in self.control.store.packages().await? {
+            let signature = row.signature.map(bytes::Bytes::from);
+            if let Err(e) = self.packages.put(
+                &row.name,
+                &row.version,
+                bytes::Bytes::from(row.content),
+                signature,
+            ) {
+                tracing::warn!(
+                    name = row.name,
+                    version = row.version,
+                    "a stored package does not fit: {e:?}"
+                );
+            }
+        }
+        for row in self.control.store.package_sets().await? {
+            let set = crate::packages::PackageSet {
+                selector: row.selector,
+                packages: row.packages,
+            };
+            if let Err(e) = self.packages.put_set(&row.name, set) {
+                tracing::warn!(name = row.name, "a stored package set does not fit: {e:?}");
+            }
+        }
+        Ok(())
     }
 
     /// The agent listing: agents connected here from memory, every other from the store;

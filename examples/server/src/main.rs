@@ -380,25 +380,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let ui = tokio::net::TcpListener::bind(args.ui_addr).await?;
     let ui_addr = ui.local_addr()?;
-    let seed = match &args.package_signing_key {
-        Some(path) => read_seed(path)?,
-        None => rand::random(),
-    };
-    let url_base = args
-        .package_url_base
-        .clone()
-        .unwrap_or_else(|| format!("http://{ui_addr}"));
-    let repo = Repo::new(PackageLimits::default(), seed, url_base);
-    let public_key = hex(&repo.public_key());
-    println!(
-        "package signing public key: {public_key} ({})",
-        if args.package_signing_key.is_some() {
-            "from --package-signing-key"
-        } else {
-            "generated at start; agents: --accept-packages with it"
-        }
-    );
-    tracing::info!(%public_key, "package signing key");
     let store = db::Store::open(&args.database)
         .await
         .map_err(|e| format!("--database {}: {e}", db::redact(&args.database)))?;
@@ -420,8 +401,36 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         store.description,
         store.schema_version().await?
     );
+    let seed = match &args.package_signing_key {
+        Some(path) => read_seed(path)?,
+        // Generated once, kept in the database: every node and every restart signs with it.
+        None => {
+            let generated: [u8; 32] = rand::random();
+            let stored = store
+                .setting_or_insert("package_signing_seed", &generated)
+                .await?;
+            <[u8; 32]>::try_from(stored.as_slice())
+                .map_err(|_| "the stored package signing seed is not 32 bytes")?
+        }
+    };
+    let url_base = args
+        .package_url_base
+        .clone()
+        .unwrap_or_else(|| format!("http://{ui_addr}"));
+    let repo = Repo::new(PackageLimits::default(), seed, url_base);
+    let public_key = hex(&repo.public_key());
+    println!(
+        "package signing public key: {public_key} ({})",
+        if args.package_signing_key.is_some() {
+            "from --package-signing-key"
+        } else {
+            "generated at first start and kept in the database; agents: --accept-packages with it"
+        }
+    );
+    tracing::info!(%public_key, "package signing key");
     let control = Control::new(store, node, args.validate_config.clone()).await?;
     let state = Arc::new(State::new(control, repo));
+    state.load_packages().await?;
     tokio::spawn(state.clone().write_behind());
     tokio::spawn(state.clone().follow());
     tokio::spawn(state.clone().drive_rollouts());

@@ -332,6 +332,38 @@ impl Repo {
         Ok(())
     }
 
+    /// Takes back an upload the database did not store (nothing was acknowledged).
+    pub(crate) fn remove(&self, name: &str, version: &str) {
+        let mut inner = lock(&self.inner);
+        if let Some(old) = inner
+            .packages
+            .remove(&(name.to_owned(), version.to_owned()))
+        {
+            inner.total_bytes -= old.content.len();
+        }
+    }
+
+    /// Whether `name` `version` is held.
+    pub(crate) fn contains(&self, name: &str, version: &str) -> bool {
+        lock(&self.inner)
+            .packages
+            .contains_key(&(name.to_owned(), version.to_owned()))
+    }
+
+    /// Package set `name`, if it exists.
+    pub(crate) fn set(&self, name: &str) -> Option<PackageSet> {
+        lock(&self.inner).sets.get(name).cloned()
+    }
+
+    /// Puts package set `name` back as it was (`None`: it did not exist).
+    pub(crate) fn restore_set(&self, name: &str, set: Option<PackageSet>) {
+        let mut inner = lock(&self.inner);
+        match set {
+            Some(set) => inner.sets.insert(name.to_owned(), set),
+            None => inner.sets.remove(name),
+        };
+    }
+
     /// Whether any package set exists (cheap check before matching agents).
     pub(crate) fn has_sets(&self) -> bool {
         !lock(&self.inner).sets.is_empty()

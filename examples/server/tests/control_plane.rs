@@ -97,12 +97,41 @@ fn kill9_of_the_server_loses_nothing_the_api_acknowledged() {
     assert_eq!(a["desired_config"]["source"], "override", "{a}");
     assert_eq!(a["desired_config"]["outranked"], json!(["base"]), "{a}");
 
+    // A package and a package set (signed by the key generated at first start).
+    let (status, pkg) = api(
+        &ui,
+        "PUT",
+        "/api/v1/packages/tool/1.0",
+        &[("Content-Type", "application/octet-stream")],
+        b"tool v1",
+    );
+    assert_eq!(status, 200, "{pkg}");
+    let (status, set) = send_json(
+        &ui,
+        "PUT",
+        "/api/v1/package-sets/tools",
+        &json!({"selector": {"service.name": "nobody"}, "packages": {"tool": "1.0"}}),
+    );
+    assert_eq!(status, 200, "{set}");
+    let key = server.package_key.clone();
+
     // kill -9: no shutdown, no final write.
     server.proc.kill9();
     let log2 = dir.join("server-2.log");
     let server = start_server(&args, &log2, &[]);
     let ui = server.ui.clone();
     let logs = [agent_log.as_path(), log2.as_path()];
+    assert_eq!(server.package_key, key, "the generated signing key is kept");
+    let (_, packages) = api(&ui, "GET", "/api/v1/packages", &[], b"");
+    assert_eq!(
+        packages["packages"][0]["sha256"], pkg["sha256"],
+        "{packages}"
+    );
+    assert_eq!(packages["packages"][0]["signed_by"], "server", "{packages}");
+    assert_eq!(
+        packages["package_sets"]["tools"]["packages"]["tool"], "1.0",
+        "{packages}"
+    );
 
     let (_, configs) = api(&ui, "GET", "/api/v1/configs", &[], b"");
     let names: Vec<&str> = configs
@@ -135,7 +164,9 @@ fn kill9_of_the_server_loses_nothing_the_api_acknowledged() {
             ("put_config", "anonymous"),
             ("put_config", "anonymous"),
             ("put_config", "anonymous"),
-            ("put_agent_config", "alice")
+            ("put_agent_config", "alice"),
+            ("put_package", "anonymous"),
+            ("put_package_set", "anonymous")
         ],
         "{audit}"
     );

@@ -161,6 +161,10 @@ pub(crate) enum Change {
     Rollout(i64),
     /// The Restart command for an agent, to the node it is connected to.
     Restart(String),
+    /// A package version was uploaded (`NAME/VERSION`).
+    Package(String),
+    /// A package set was created or changed.
+    PackageSet(String),
 }
 
 impl Change {
@@ -170,6 +174,8 @@ impl Change {
             Change::Override(u) => format!("override:{u}"),
             Change::Rollout(id) => format!("rollout:{id}"),
             Change::Restart(u) => format!("restart:{u}"),
+            Change::Package(p) => format!("package:{p}"),
+            Change::PackageSet(n) => format!("package-set:{n}"),
         }
     }
 
@@ -180,6 +186,8 @@ impl Change {
             "override" => Change::Override(rest.to_owned()),
             "rollout" => Change::Rollout(rest.parse().ok()?),
             "restart" => Change::Restart(rest.to_owned()),
+            "package" => Change::Package(rest.to_owned()),
+            "package-set" => Change::PackageSet(rest.to_owned()),
             _ => return None,
         })
     }
@@ -243,6 +251,25 @@ const MIGRATIONS: &[&str] = &[
         progress TEXT NOT NULL,
         created_ms BIGINT NOT NULL,
         updated_ms BIGINT NOT NULL
+    )",
+    // 3: the package repository, and settings the nodes share (the generated signing key).
+    "CREATE TABLE packages (
+        name TEXT NOT NULL,
+        version TEXT NOT NULL,
+        content {blob} NOT NULL,
+        signature {blob},
+        created_ms BIGINT NOT NULL,
+        PRIMARY KEY (name, version)
+    );
+    CREATE TABLE package_sets (
+        name TEXT PRIMARY KEY,
+        selector TEXT NOT NULL,
+        packages TEXT NOT NULL,
+        updated_ms BIGINT NOT NULL
+    );
+    CREATE TABLE settings (
+        key TEXT PRIMARY KEY,
+        value {blob} NOT NULL
     )",
 ];
 
@@ -1043,6 +1070,171 @@ impl Store {
             )
             .await?;
         rows.iter().map(Self::rollout_row).collect()
+    }
+}
+
+/// One stored package version: its file and, when it was uploaded signed, its signature.
+#[derive(Debug, Clone)]
+pub(crate) struct PackageRow {
+    pub(crate) name: String,
+    pub(crate) version: String,
+    pub(crate) content: Vec<u8>,
+    pub(crate) signature: Option<Vec<u8>>,
+}
+
+/// One stored package set (selector and packages as JSON objects of strings).
+#[derive(Debug, Clone)]
+pub(crate) struct PackageSetRow {
+    pub(crate) name: String,
+    pub(crate) selector: BTreeMap<String, String>,
+    pub(crate) packages: BTreeMap<String, String>,
+}
+
+impl Store {
+    /// The value of setting `key`; `default` is stored first when there is none (the first
+    /// node to start decides, the others read its value).
+    pub(crate) async fn setting_or_insert(&self, key: &str, default: &[u8]) -> Result<Vec<u8>> {
+        let rows = self
+            .tx(vec![
+                stmt(
+                    "INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+                    vec![key.into(), Val::Blob(default.to_vec())],
+                ),
+                stmt(
+                    "SELECT value FROM settings WHERE key = $1",
+                    vec![key.into()],
+                ),
+            ])
+            .await?;
+        rows.get(1)
+            .and_then(|r| r.first())
+            .and_then(|r| r[0].blob())
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| StoreError::Corrupt(format!("setting {key}")))
+    }
+
+    /// Stores a package version (versions are immutable: the same upload again is a no-op).
+    pub(crate) async fn put_package(
+        &self,
+        name: &str,
+        version: &str,
+        content: &[u8],
+        signature: Option<&[u8]>,
+        actor: &Actor,
+    ) -> Result<()> {
+        let mut stmts = vec![
+            stmt(
+                "INSERT INTO packages (name, version, content, signature, created_ms) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name, version) DO NOTHING",
+                vec![
+                    name.into(),
+                    version.into(),
+                    Val::Blob(content.to_vec()),
+                    Val::opt_blob(signature),
+                    Val::Int(now_ms()),
+                ],
+            ),
+            Self::audit(
+                actor,
+                "put_package",
+                &format!("{name}/{version}"),
+                &format!("{} bytes", content.len()),
+            ),
+        ];
+        stmts.extend(self.notify(&Change::Package(format!("{name}/{version}"))));
+        self.tx(stmts).await?;
+        Ok(())
+    }
+
+    fn package_row(r: &Row) -> Result<PackageRow> {
+        let bad = || StoreError::Corrupt("a packages row".into());
+        Ok(PackageRow {
+            name: r[0].text().ok_or_else(bad)?.to_owned(),
+            version: r[1].text().ok_or_else(bad)?.to_owned(),
+            content: r[2].blob().ok_or_else(bad)?.to_vec(),
+            signature: r[3].blob().map(<[u8]>::to_vec),
+        })
+    }
+
+    /// Every package version, by name and version.
+    pub(crate) async fn packages(&self) -> Result<Vec<PackageRow>> {
+        let rows = self
+            .query(
+                "SELECT name, version, content, signature FROM packages ORDER BY name, version",
+                vec![],
+            )
+            .await?;
+        rows.iter().map(Self::package_row).collect()
+    }
+
+    pub(crate) async fn package(&self, name: &str, version: &str) -> Result<Option<PackageRow>> {
+        let rows = self
+            .query(
+                "SELECT name, version, content, signature FROM packages WHERE name = $1 AND version = $2",
+                vec![name.into(), version.into()],
+            )
+            .await?;
+        rows.first().map(Self::package_row).transpose()
+    }
+
+    /// Creates or replaces a package set.
+    pub(crate) async fn put_package_set(&self, set: &PackageSetRow, actor: &Actor) -> Result<()> {
+        let selector = serde_json::to_string(&set.selector).unwrap_or_else(|_| "{}".into());
+        let packages = serde_json::to_string(&set.packages).unwrap_or_else(|_| "{}".into());
+        let mut stmts = vec![
+            stmt(
+                "INSERT INTO package_sets (name, selector, packages, updated_ms) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (name) DO UPDATE SET selector = EXCLUDED.selector, \
+                 packages = EXCLUDED.packages, updated_ms = EXCLUDED.updated_ms",
+                vec![
+                    set.name.as_str().into(),
+                    selector.clone().into(),
+                    packages.clone().into(),
+                    Val::Int(now_ms()),
+                ],
+            ),
+            Self::audit(
+                actor,
+                "put_package_set",
+                &set.name,
+                &format!("selector {selector}, packages {packages}"),
+            ),
+        ];
+        stmts.extend(self.notify(&Change::PackageSet(set.name.clone())));
+        self.tx(stmts).await?;
+        Ok(())
+    }
+
+    fn package_set_row(r: &Row) -> Result<PackageSetRow> {
+        let bad = || StoreError::Corrupt("a package_sets row".into());
+        let map = |v: &Val| -> Result<BTreeMap<String, String>> {
+            serde_json::from_str(v.text().ok_or_else(bad)?).map_err(|_| bad())
+        };
+        Ok(PackageSetRow {
+            name: r[0].text().ok_or_else(bad)?.to_owned(),
+            selector: map(&r[1])?,
+            packages: map(&r[2])?,
+        })
+    }
+
+    pub(crate) async fn package_sets(&self) -> Result<Vec<PackageSetRow>> {
+        let rows = self
+            .query(
+                "SELECT name, selector, packages FROM package_sets ORDER BY name",
+                vec![],
+            )
+            .await?;
+        rows.iter().map(Self::package_set_row).collect()
+    }
+
+    pub(crate) async fn package_set(&self, name: &str) -> Result<Option<PackageSetRow>> {
+        let rows = self
+            .query(
+                "SELECT name, selector, packages FROM package_sets WHERE name = $1",
+                vec![name.into()],
+            )
+            .await?;
+        rows.first().map(Self::package_set_row).transpose()
     }
 }
 
