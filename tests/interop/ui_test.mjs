@@ -87,6 +87,8 @@ try {
   // A push by selector with a config the agents refuse: FAILED with the message.
   await page.click('nav a[href="#/config"]');
   await page.fill("#selector", "service.version=0.1.0");
+  // Above the configs the earlier checks made ("all", and "fail-..." at priority 10).
+  await page.fill("#priority", "100");
   await page.fill("#body", "INVALID: from the ui\n");
   await page.click("#push button[type=submit]");
   await page.waitForFunction(() => {

@@ -50,9 +50,7 @@ impl Control {
             validator,
         };
         control.reload_configs().await?;
-        let overrides = control.store.overrides().await?;
-        *control.overrides.write().unwrap_or_else(|e| e.into_inner()) =
-            overrides.into_iter().map(|o| (o.uid.clone(), o)).collect();
+        control.reload_overrides().await?;
         Ok(control)
     }
 
@@ -100,6 +98,15 @@ impl Control {
         }
         desired::rank(&mut candidates);
         *self.candidates.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(candidates);
+        self.bump();
+        Ok(())
+    }
+
+    /// Reads every override again.
+    async fn reload_overrides(&self) -> Result<(), StoreError> {
+        let all = self.store.overrides().await?;
+        *self.overrides.write().unwrap_or_else(|e| e.into_inner()) =
+            all.into_iter().map(|o| (o.uid.clone(), o)).collect();
         self.bump();
         Ok(())
     }
@@ -232,6 +239,11 @@ impl State {
     /// Applies a change (made here, or committed by another node) to the local agents.
     pub(crate) async fn on_change(&self, change: Change) {
         let result = match &change {
+            // `""`: notifications may have been missed (the listener reconnected): everything.
+            Change::Config(name) if name.is_empty() => match self.control.reload_configs().await {
+                Ok(()) => self.control.reload_overrides().await,
+                Err(e) => Err(e),
+            },
             Change::Config(_) | Change::Rollout(_) => self.control.reload_configs().await,
             Change::Override(uid) => self.control.reload_override(uid).await,
             Change::Package(key) => {
