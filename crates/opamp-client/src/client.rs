@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 use opamp_proto::{
     AgentCapabilitySet, AgentDescription, AgentToServerFlagSet, AvailableComponents,
     ComponentHealth, ConnectionSettingsRequest, ConnectionSettingsStatus, CustomCapabilities,
-    CustomMessage, InstanceUid, PackageStatuses, RemoteConfigStatus, ServerCapabilitySet,
+    CustomMessage, InstanceUid, OpAmpConnectionSettings, PackageStatuses, RemoteConfigStatus,
+    ServerCapabilitySet,
 };
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
-use crate::callbacks::Callbacks;
+use crate::callbacks::{Callbacks, SettingsRejected};
 use crate::core::{ClientCore, CoreConfig, DriverAction, Event, Failure, TransportKind};
 use crate::error::{ClientError, ConnectError, StartError, StopError};
 use crate::packages::PackageSyncer;
@@ -49,19 +50,72 @@ pub(crate) enum LinkAction {
     Reconnect,
     /// The server is unresponsive (half-open): drop the connection, reconnect at `connect_at`.
     Drop,
+    /// Offered connection settings are to be tried: goodbye, close, connect with the
+    /// candidate at `connect_at` (CS-OP-3).
+    Switch,
+}
+
+/// Connection settings in effect: the settings and their parsed endpoint.
+pub(crate) struct Active {
+    pub(crate) settings: StartSettings,
+    pub(crate) endpoint: Endpoint,
+}
+
+/// The current connection settings and, while an offer is tried, the candidate.
+struct ConnState {
+    current: Arc<Active>,
+    candidate: Option<Arc<Active>>,
 }
 
 /// Everything a driver needs.
 pub(crate) struct Driver {
     pub(crate) shared: Arc<Shared>,
     pub(crate) callbacks: Arc<dyn Callbacks>,
+    /// The start settings: timeouts and limits. The connection's own settings (endpoint,
+    /// headers, TLS) come from [`active`](Self::active).
     pub(crate) settings: StartSettings,
-    pub(crate) endpoint: Endpoint,
+    conn: Mutex<ConnState>,
     /// Syncs `packages_available` offers, with [`StartSettings::with_packages`].
     pub(crate) packages: Option<PackageSyncer>,
 }
 
 impl Driver {
+    fn conn(&self) -> MutexGuard<'_, ConnState> {
+        // Only plain assignments happen under the lock.
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The settings to connect with: the candidate while the core tries an offer (CS-OP-4),
+    /// the current ones otherwise.
+    pub(crate) fn active(&self) -> Arc<Active> {
+        let trying = self.shared.core().is_trying_connection_settings();
+        let conn = self.conn();
+        match (&conn.candidate, trying) {
+            (Some(candidate), true) => candidate.clone(),
+            _ => conn.current.clone(),
+        }
+    }
+
+    /// The current settings, whatever is tried.
+    pub(crate) fn current(&self) -> Arc<Active> {
+        self.conn().current.clone()
+    }
+
+    /// Candidate settings from an offer, or why they cannot be used.
+    fn candidate(&self, offer: &OpAmpConnectionSettings) -> Result<Active, SettingsRejected> {
+        let current = self.current();
+        let settings = current.settings.with_opamp_connection_settings(offer)?;
+        let endpoint = settings
+            .resolve()
+            .map_err(|e| SettingsRejected::new(e.to_string()))?;
+        if endpoint.transport != current.endpoint.transport {
+            return Err(SettingsRejected::new(
+                "moving between WebSocket and plain HTTP is not supported",
+            ));
+        }
+        Ok(Active { settings, endpoint })
+    }
+
     /// Fetches the effective config from the embedder when the core asks for it.
     pub(crate) async fn refresh_effective_config(&self) {
         let wanted = self.shared.core().take_effective_config_request();
@@ -88,6 +142,7 @@ impl Driver {
             match driver {
                 Some(DriverAction::Reconnect) => action = LinkAction::Reconnect,
                 Some(DriverAction::DropConnection) => action = LinkAction::Drop,
+                Some(DriverAction::SwitchConnection) => action = LinkAction::Switch,
                 None => {}
             }
             let Some(event) = event else {
@@ -105,16 +160,65 @@ impl Driver {
                     let decision = self
                         .callbacks
                         .on_opamp_connection_settings(&settings, &offer_hash)
-                        .await;
-                    let mut core = self.shared.core();
+                        .await
+                        .and_then(|()| self.candidate(&settings));
+                    let now = Instant::now();
                     match decision {
-                        Ok(()) => {
+                        Ok(candidate) => {
                             tracing::debug!("OpAMP connection settings accepted");
-                            core.accept_opamp_connection_settings(&offer_hash, &settings);
+                            self.conn().candidate = Some(Arc::new(candidate));
+                            let mut core = self.shared.core();
+                            core.accept_opamp_connection_settings(now, &offer_hash, &settings);
+                            if !core.is_trying_connection_settings() {
+                                // Only the heartbeat changed: nothing to try.
+                                self.conn().candidate = None;
+                            }
                         }
                         Err(e) => {
                             tracing::info!("{e}");
-                            core.reject_opamp_connection_settings(&offer_hash, &e.reason);
+                            self.shared.core().reject_opamp_connection_settings(
+                                now,
+                                &offer_hash,
+                                &e.reason,
+                            );
+                        }
+                    }
+                }
+                Event::OpampConnectionSettingsApplied {
+                    settings,
+                    offer_hash,
+                } => {
+                    {
+                        let mut conn = self.conn();
+                        if let Some(candidate) = conn.candidate.take() {
+                            conn.current = candidate;
+                        }
+                    }
+                    tracing::info!("offered OpAMP connection settings applied");
+                    self.callbacks
+                        .on_opamp_connection_settings_applied(&settings, &offer_hash)
+                        .await;
+                }
+                Event::OpampConnectionSettingsFailed { offer_hash, reason } => {
+                    self.conn().candidate = None;
+                    self.callbacks
+                        .on_opamp_connection_settings_failed(&offer_hash, &reason)
+                        .await;
+                }
+                Event::TelemetryConnectionSettings {
+                    settings,
+                    offer_hash,
+                } => {
+                    let decision = self
+                        .callbacks
+                        .on_telemetry_connection_settings(&settings, &offer_hash)
+                        .await;
+                    let now = Instant::now();
+                    let mut core = self.shared.core();
+                    match decision {
+                        Ok(()) => core.accept_telemetry_connection_settings(now, &offer_hash),
+                        Err(e) => {
+                            core.reject_telemetry_connection_settings(now, &offer_hash, &e.reason)
                         }
                     }
                 }
@@ -140,10 +244,10 @@ impl Driver {
             Some(retry_after) => Failure::Throttled { retry_after },
             None => Failure::Transport,
         };
-        let delay = self
-            .shared
-            .core()
-            .handle_connect_failure(Instant::now(), failure);
+        let delay =
+            self.shared
+                .core()
+                .handle_connect_error(Instant::now(), failure, &error.to_string());
         tracing::debug!(?delay, "connection failed: {error}");
         self.callbacks.on_connect_failed(error).await;
     }
@@ -222,6 +326,7 @@ impl OpampClient {
         config.max_message_size = settings.max_message_size;
         config.jitter_seed = settings.jitter_seed;
         config.guards = settings.guards.clone();
+        config.connection_settings_timeout = settings.connection_settings_timeout;
         let mut core = ClientCore::new(config, Instant::now());
         if let Some(description) = settings.agent_description.clone() {
             core.set_agent_description(description)
@@ -232,6 +337,14 @@ impl OpampClient {
         if let Some(status) = settings.remote_config_status.clone() {
             core.set_remote_config_status(status).map_err(|_| {
                 StartError::InvalidSettings("a remote config status needs ReportsRemoteConfig")
+            })?;
+        }
+
+        if let Some(status) = settings.connection_settings_status.clone() {
+            core.set_connection_settings_status(status).map_err(|_| {
+                StartError::InvalidSettings(
+                    "a connection settings status needs ReportsConnectionSettingsStatus",
+                )
             })?;
         }
 
@@ -268,16 +381,23 @@ impl OpampClient {
             }
             _ => None,
         };
+        let transport = endpoint.transport;
         let driver = Driver {
             shared: shared.clone(),
             callbacks,
+            conn: Mutex::new(ConnState {
+                current: Arc::new(Active {
+                    settings: settings.clone(),
+                    endpoint,
+                }),
+                candidate: None,
+            }),
             settings,
-            endpoint,
             packages,
         };
         let task = runtime.spawn(async move {
             let _ = driver.shared.driver_task.set(tokio::task::id());
-            match driver.endpoint.transport {
+            match transport {
                 TransportKind::WebSocket => crate::ws::run(&driver).await,
                 TransportKind::Http => crate::http::run(&driver).await,
             }

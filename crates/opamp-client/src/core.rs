@@ -23,11 +23,33 @@
 //!    event to the application (an OpAMP
 //!    connection-settings offer is answered with
 //!    [`accept_opamp_connection_settings`](ClientCore::accept_opamp_connection_settings) or
-//!    [`reject_opamp_connection_settings`](ClientCore::reject_opamp_connection_settings));
+//!    [`reject_opamp_connection_settings`](ClientCore::reject_opamp_connection_settings),
+//!    own-telemetry and other-connection settings with
+//!    [`accept_telemetry_connection_settings`](ClientCore::accept_telemetry_connection_settings)
+//!    or [`reject_telemetry_connection_settings`](ClientCore::reject_telemetry_connection_settings));
 //! 3. call [`poll_transmit`](ClientCore::poll_transmit) until it returns `None` and send each
 //!    message (over plain HTTP it returns at most one until the answer came in, HTTP-10);
 //! 4. sleep until [`poll_timeout`](ClientCore::poll_timeout) (or until the next input) and, for
 //!    WebSocket, connect when [`connect_at`](ClientCore::connect_at) has passed.
+//!
+//! # Connection settings offers
+//!
+//! An offer (`ServerToAgent.connection_settings`) is handled once: a repeat with the same
+//! hash (CS-2) raises nothing. Its parts go to the embedder for a decision (CS-4): the OpAMP
+//! part as [`Event::OpampConnectionSettings`], own telemetry and other connections as
+//! [`Event::TelemetryConnectionSettings`]; a rejected part changes nothing. Accepted OpAMP
+//! settings that change the connection (endpoint, headers, certificate, TLS, proxy) are tried
+//! (CS-OP-2..CS-OP-6): the core reports APPLYING and asks the driver to switch
+//! ([`DriverAction::SwitchConnection`]); while
+//! [`is_trying_connection_settings`](ClientCore::is_trying_connection_settings) holds, the
+//! driver connects with the candidate settings. The first proper answer from that server
+//! makes them the driver's settings ([`Event::OpampConnectionSettingsApplied`], APPLIED);
+//! a failed connection, an error answer, a refused request or no answer within
+//! [`CoreConfig::connection_settings_timeout`] rolls back to the old settings at once
+//! ([`Event::OpampConnectionSettingsFailed`], FAILED with the reason). The status reported
+//! (CSS-1) follows from all parts: FAILED if one failed, APPLYING while one is undecided or
+//! tried, APPLIED once all are applied. Offers that come while one is tried are ignored (the
+//! server sends them again, CSS-2).
 //!
 //! Setters only mark state dirty; everything dirty goes out in the next message, so a burst
 //! of setter calls becomes one message (RETRY-4).
@@ -46,13 +68,17 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use opamp_proto::{
     AgentCapabilitySet, AgentDescription, AgentDisconnect, AgentRemoteConfig, AgentToServer,
-    AgentToServerFlagSet, AvailableComponents, ComponentHealth, ConnectionSettingsRequest,
-    ConnectionSettingsStatus, ConnectionSettingsStatuses, CustomCapabilities, CustomMessage,
-    EffectiveConfig, InstanceUid, Message, OpAmpConnectionSettings, PackageStatuses,
-    RemoteConfigStatus, RemoteConfigStatuses, ServerCapabilitySet, ServerErrorResponse,
-    ServerErrorResponseType, ServerToAgent, ServerToAgentCommand, ServerToAgentFlagSet,
-    server_error_response,
+    AgentToServerFlagSet, AvailableComponents, ComponentHealth, ConnectionSettingsOffers,
+    ConnectionSettingsRequest, ConnectionSettingsStatus, ConnectionSettingsStatuses,
+    CustomCapabilities, CustomMessage, EffectiveConfig, InstanceUid, Message,
+    OpAmpConnectionSettings, PackageStatuses, RemoteConfigStatus, RemoteConfigStatuses,
+    ServerCapabilitySet, ServerErrorResponse, ServerErrorResponseType, ServerToAgent,
+    ServerToAgentCommand, ServerToAgentFlagSet, server_error_response,
 };
+
+mod offers;
+pub use offers::TelemetryConnectionOffer;
+use offers::{Offer, Part, Seen, Trial};
 
 use crate::backoff::{Backoff, BackoffPolicy};
 use crate::callbacks::MessageData;
@@ -91,6 +117,10 @@ pub struct CoreConfig {
     pub jitter_seed: Option<u64>,
     /// Bounds on what a broken or hostile server can make the client do.
     pub guards: ServerGuards,
+    /// How long offered OpAMP connection settings are tried before they count as failed:
+    /// from the offer's acceptance until the server at the new settings answers
+    /// (CS-OP-4..CS-OP-6). Default 30 s.
+    pub connection_settings_timeout: Duration,
 }
 
 /// Bounds on what a broken or hostile server can make the client do: reconnect storms,
@@ -189,6 +219,7 @@ impl CoreConfig {
             max_message_size: opamp_proto::DEFAULT_MAX_MESSAGE_SIZE,
             jitter_seed: None,
             guards: ServerGuards::default(),
+            connection_settings_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -231,6 +262,35 @@ pub enum Event {
         /// `ConnectionSettingsOffers.hash` of the offer (CS-2), for the status (CSS-1).
         offer_hash: Bytes,
     },
+    /// Offered OpAMP connection settings were tried and the server at them answered
+    /// (CS-OP-5): the driver's candidate settings are now its settings; persist them (call
+    /// `on_opamp_connection_settings_applied`) so that a restarted agent uses them. APPLIED is
+    /// reported.
+    OpampConnectionSettingsApplied {
+        /// The settings now in use.
+        settings: Box<OpAmpConnectionSettings>,
+        /// The offer's hash.
+        offer_hash: Bytes,
+    },
+    /// Offered OpAMP connection settings were tried and failed (CS-OP-6): the driver drops the
+    /// candidate and goes back to its settings (the core already scheduled the reconnect).
+    /// FAILED is reported with `reason`.
+    OpampConnectionSettingsFailed {
+        /// The offer's hash.
+        offer_hash: Bytes,
+        /// Why.
+        reason: String,
+    },
+    /// The server offered own-telemetry or other-connection settings (OWN-1, OTH-1): call
+    /// `on_telemetry_connection_settings`, then answer with
+    /// [`ClientCore::accept_telemetry_connection_settings`] or
+    /// [`ClientCore::reject_telemetry_connection_settings`] (CS-4, CSS-3).
+    TelemetryConnectionSettings {
+        /// The parts the agent declared capabilities for.
+        settings: Box<TelemetryConnectionOffer>,
+        /// `ConnectionSettingsOffers.hash` of the offer (CS-2).
+        offer_hash: Bytes,
+    },
     /// The server sent data for the agent: call `on_message`.
     Message(Box<MessageData>),
     /// A part of the agent's report can never be sent: alone it is over the message size
@@ -253,6 +313,12 @@ pub enum DriverAction {
     /// Drop it (a close frame at most, no goodbye message) and reconnect at
     /// [`ClientCore::connect_at`]. The core is already in the disconnected state.
     DropConnection,
+    /// Both transports: accepted OpAMP connection settings are to be tried (CS-OP-3). Send
+    /// the message from [`ClientCore::disconnect_message`] on the current connection (it
+    /// carries APPLYING; over plain HTTP as a last request to the current server), close it,
+    /// then connect at [`ClientCore::connect_at`] with the candidate settings. The core is
+    /// already in the disconnected state.
+    SwitchConnection,
 }
 
 /// Where the link stands.
@@ -348,6 +414,13 @@ pub struct ClientCore {
     deferred_remote_config: Option<AgentRemoteConfig>,
     /// When the last command was handed over (CMD-1).
     last_command: Option<Instant>,
+    /// The last connection-settings offer handled, to handle a repeat only once (CS-2).
+    seen_offer: Option<Seen>,
+    /// The offer whose status is reported (CSS-1).
+    offer: Option<Offer>,
+    /// Accepted OpAMP settings being tried (CS-OP-4).
+    trial: Option<Trial>,
+    connection_settings_timeout: Duration,
 }
 
 impl ClientCore {
@@ -404,6 +477,10 @@ impl ClientCore {
             last_remote_config: None,
             deferred_remote_config: None,
             last_command: None,
+            seen_offer: None,
+            offer: None,
+            trial: None,
+            connection_settings_timeout: config.connection_settings_timeout,
         }
     }
 
@@ -454,6 +531,12 @@ impl ClientCore {
     /// The transport this core drives.
     pub fn transport(&self) -> TransportKind {
         self.transport
+    }
+
+    /// Whether accepted OpAMP connection settings are being tried: the driver connects with
+    /// its candidate settings while this holds, with its current ones otherwise (CS-OP-4).
+    pub fn is_trying_connection_settings(&self) -> bool {
+        self.trial.is_some()
     }
 
     // ---- setters (REP-1: a change is reported; CMP-3: an unchanged value is not) -----------
@@ -626,6 +709,14 @@ impl ClientCore {
         let mut value = value;
         value.last_connection_settings_hash =
             Bytes::copy_from_slice(&value.last_connection_settings_hash);
+        // A status set by the embedder (e.g. the persisted one after a restart) names the
+        // offer it handled: a repeat of that offer is not handled again (CS-2).
+        let decided = value.status == ConnectionSettingsStatuses::Applied as i32
+            || value.status == ConnectionSettingsStatuses::Failed as i32;
+        if decided && !value.last_connection_settings_hash.is_empty() && self.trial.is_none() {
+            self.seen_offer = Some(Seen::Hash(value.last_connection_settings_hash.clone()));
+            self.offer = None;
+        }
         Self::store(
             &mut self.status.connection_settings_status,
             &mut self.dirty,
@@ -693,6 +784,18 @@ impl ClientCore {
     /// with backoff (GEN-8), or later if the server asked so (THR-5); the full status is
     /// sent once the link is back (RETRY-1). Returns the delay.
     pub fn handle_connect_failure(&mut self, now: Instant, failure: Failure) -> Duration {
+        self.handle_connect_error(now, failure, "the connection failed")
+    }
+
+    /// [`handle_connect_failure`](Self::handle_connect_failure) with what went wrong: while
+    /// offered connection settings are tried, they have failed, and `reason` is the FAILED
+    /// status's message (CS-OP-6). The rollback to the old settings is immediate (returns 0).
+    pub fn handle_connect_error(
+        &mut self,
+        now: Instant,
+        failure: Failure,
+        reason: &str,
+    ) -> Duration {
         self.in_flight = false;
         let delay = match failure {
             Failure::Transport => self.backoff.delay_after_failure(false, None),
@@ -701,6 +804,10 @@ impl ClientCore {
             }
         };
         self.go_down(now, delay);
+        if self.trial.is_some() {
+            self.fail_trial(now, reason, None);
+            return Duration::ZERO;
+        }
         delay
     }
 
@@ -709,9 +816,21 @@ impl ClientCore {
     /// after a connection that worked, more and more slowly if the server keeps dropping
     /// connections before answering (WS-18, GEN-8). Returns the delay.
     pub fn handle_disconnected(&mut self, now: Instant) -> Duration {
+        self.handle_connection_lost(now, "the connection was lost")
+    }
+
+    /// [`handle_disconnected`](Self::handle_disconnected) with what went wrong: while offered
+    /// connection settings are tried, they have failed (the new server dropped the connection
+    /// before answering), and `reason` is the FAILED status's message (CS-OP-6). The rollback
+    /// to the old settings is immediate (returns 0).
+    pub fn handle_connection_lost(&mut self, now: Instant, reason: &str) -> Duration {
         self.in_flight = false;
         let delay = self.session_ended(now);
         self.go_down(now, delay);
+        if self.trial.is_some() {
+            self.fail_trial(now, reason, None);
+            return Duration::ZERO;
+        }
         delay
     }
 
@@ -755,6 +874,16 @@ impl ClientCore {
                 self.go_down(now, delay);
                 self.driver_action
                     .get_or_insert(DriverAction::DropConnection);
+            }
+        }
+        if let Some(trial) = &self.trial {
+            if now >= trial.deadline {
+                let reason = format!(
+                    "the server at the offered settings did not answer within {:?}",
+                    self.connection_settings_timeout
+                );
+                let up = self.link == Link::Up;
+                self.fail_trial(now, &reason, up.then_some(DriverAction::DropConnection));
             }
         }
         if let Some(due) = self.deferred_remote_config_due() {
@@ -826,6 +955,15 @@ impl ClientCore {
     /// burst. That attempt carries only what changed since, not the refused message.
     pub fn handle_request_rejected(&mut self, now: Instant) {
         self.in_flight = false;
+        if self.trial.is_some() {
+            // CS-OP-6: the new server refused the agent's report.
+            self.fail_trial(
+                now,
+                "the server at the offered settings refused the request",
+                None,
+            );
+            return;
+        }
         if let Link::Down { .. } = self.link {
             // Not `go_down`: the full state is not queued again (RETRY-3).
             let delay = self.backoff.next_delay();
@@ -875,6 +1013,22 @@ impl ClientCore {
         if let Some(error) = msg.error_response {
             self.handle_server_error(error, now);
             return;
+        }
+        // CS-OP-5: the server at the candidate settings answered properly: they are the
+        // driver's settings from now on.
+        if let Some(trial) = self.trial.take() {
+            if self
+                .capabilities
+                .contains(AgentCapabilitySet::REPORTS_HEARTBEAT)
+            {
+                self.apply_heartbeat(trial.settings.heartbeat_interval_seconds);
+            }
+            self.set_offer_part(&trial.hash, |o| &mut o.opamp, Part::Applied);
+            self.events
+                .push_back(Event::OpampConnectionSettingsApplied {
+                    settings: trial.settings,
+                    offer_hash: trial.hash,
+                });
         }
         // A proper answer: the server works, so the backoff starts over. Over WebSocket only
         // once the session has lasted (`session_ended`, GEN-8, WS-18).
@@ -943,40 +1097,7 @@ impl ClientCore {
         }
 
         if let Some(offers) = msg.connection_settings {
-            data.connection_settings_hash = offers.hash;
-            if let Some(opamp) = offers.opamp {
-                if self
-                    .capabilities
-                    .contains(AgentCapabilitySet::ACCEPTS_OPAMP_CONNECTION_SETTINGS)
-                {
-                    // CS-4: the embedder decides first; nothing is applied before it accepts.
-                    self.events.push_back(Event::OpampConnectionSettings {
-                        settings: Box::new(opamp),
-                        offer_hash: Bytes::copy_from_slice(&data.connection_settings_hash),
-                    });
-                } else if self
-                    .capabilities
-                    .contains(AgentCapabilitySet::REPORTS_HEARTBEAT)
-                {
-                    // HB-2: the agent cannot take the rest of the offer, but it reports
-                    // heartbeats, so it uses the server's interval.
-                    self.apply_heartbeat(opamp.heartbeat_interval_seconds);
-                }
-            }
-            let caps = self.capabilities;
-            // CS-1, CAP-2: only what the agent declared.
-            if caps.contains(AgentCapabilitySet::REPORTS_OWN_METRICS) {
-                data.own_metrics = offers.own_metrics;
-            }
-            if caps.contains(AgentCapabilitySet::REPORTS_OWN_TRACES) {
-                data.own_traces = offers.own_traces;
-            }
-            if caps.contains(AgentCapabilitySet::REPORTS_OWN_LOGS) {
-                data.own_logs = offers.own_logs;
-            }
-            if caps.contains(AgentCapabilitySet::ACCEPTS_OTHER_CONNECTION_SETTINGS) {
-                data.other_connections = offers.other_connections;
-            }
+            self.handle_offers(offers);
         }
 
         if self
@@ -1039,45 +1160,206 @@ impl ClientCore {
         }
     }
 
+    /// A `connection_settings` offer (CS-1..CS-3): handled once per hash, its parts handed
+    /// to the embedder for a decision.
+    fn handle_offers(&mut self, offers: ConnectionSettingsOffers) {
+        let seen = Seen::of(&offers);
+        if self.seen_offer.as_ref() == Some(&seen) {
+            // CS-2: the same offer again (a plain-HTTP server repeats it until the agent
+            // reports its hash): decided already.
+            return;
+        }
+        if self.trial.is_some() {
+            // One offer at a time; the server sends a newer one again (CSS-2).
+            tracing::debug!("ignoring a connection settings offer while another one is tried");
+            return;
+        }
+        self.seen_offer = Some(seen);
+        let hash = Bytes::copy_from_slice(&offers.hash);
+        let caps = self.capabilities;
+        let mut offer = Offer {
+            hash: hash.clone(),
+            opamp: Part::Absent,
+            telemetry: Part::Absent,
+        };
+        if let Some(opamp) = offers.opamp {
+            if caps.contains(AgentCapabilitySet::ACCEPTS_OPAMP_CONNECTION_SETTINGS) {
+                // CS-4: the embedder decides first; nothing is applied before it accepts.
+                offer.opamp = Part::Pending;
+                self.events.push_back(Event::OpampConnectionSettings {
+                    settings: Box::new(opamp),
+                    offer_hash: hash.clone(),
+                });
+            } else if caps.contains(AgentCapabilitySet::REPORTS_HEARTBEAT) {
+                // HB-2: the agent cannot take the rest of the offer, but it reports
+                // heartbeats, so it uses the server's interval.
+                self.apply_heartbeat(opamp.heartbeat_interval_seconds);
+            }
+        }
+        // CS-1, CAP-2: only what the agent declared.
+        let mut telemetry = TelemetryConnectionOffer::default();
+        if caps.contains(AgentCapabilitySet::REPORTS_OWN_METRICS) {
+            telemetry.own_metrics = offers.own_metrics;
+        }
+        if caps.contains(AgentCapabilitySet::REPORTS_OWN_TRACES) {
+            telemetry.own_traces = offers.own_traces;
+        }
+        if caps.contains(AgentCapabilitySet::REPORTS_OWN_LOGS) {
+            telemetry.own_logs = offers.own_logs;
+        }
+        if caps.contains(AgentCapabilitySet::ACCEPTS_OTHER_CONNECTION_SETTINGS) {
+            telemetry.other_connections = offers.other_connections;
+        }
+        if !telemetry.is_empty() {
+            offer.telemetry = Part::Pending;
+            self.events.push_back(Event::TelemetryConnectionSettings {
+                settings: Box::new(telemetry),
+                offer_hash: hash,
+            });
+        }
+        self.offer = Some(offer);
+        // Nothing is reported while the parts wait for the embedder: its decisions come
+        // before the next message goes out.
+    }
+
     /// The embedder accepted the OpAMP connection settings of
-    /// [`Event::OpampConnectionSettings`] (CS-4). The core applies the heartbeat interval
-    /// (HB-2, with `ReportsHeartbeat`). When that is all the offer holds and the agent has
-    /// `ReportsConnectionSettingsStatus`, it reports APPLIED with the offer's hash (CSS-1);
-    /// an offer with an endpoint, headers, certificate, TLS or proxy settings is the
-    /// embedder's to verify and report (CS-OP-3..CS-OP-6).
+    /// [`Event::OpampConnectionSettings`] (CS-4). When they hold only a heartbeat interval,
+    /// it is applied (HB-2, with `ReportsHeartbeat`) and the part is APPLIED. Otherwise they
+    /// are tried (CS-OP-2..CS-OP-4): APPLYING is reported, [`DriverAction::SwitchConnection`]
+    /// asks the driver to leave the current server, and the core is disconnected, due to
+    /// connect at once; the driver connects with the candidate while
+    /// [`is_trying_connection_settings`](Self::is_trying_connection_settings) holds. The
+    /// heartbeat interval of tried settings is applied only once they succeeded.
     pub fn accept_opamp_connection_settings(
         &mut self,
+        now: Instant,
         offer_hash: &[u8],
         settings: &OpAmpConnectionSettings,
+    ) {
+        if self.link == Link::Stopped || self.trial.is_some() {
+            return;
+        }
+        if !offers::changes_connection(settings) {
+            if self
+                .capabilities
+                .contains(AgentCapabilitySet::REPORTS_HEARTBEAT)
+            {
+                self.apply_heartbeat(settings.heartbeat_interval_seconds);
+            }
+            self.set_offer_part(offer_hash, |o| &mut o.opamp, Part::Applied);
+            return;
+        }
+        let hash = Bytes::copy_from_slice(offer_hash);
+        self.trial = Some(Trial {
+            hash,
+            settings: Box::new(settings.clone()),
+            deadline: add(now, self.connection_settings_timeout),
+        });
+        // CS-OP-3: APPLYING goes out with the goodbye to the current server.
+        self.set_offer_part(offer_hash, |o| &mut o.opamp, Part::Applying);
+        let full = self.full_state;
+        self.go_down(now, Duration::ZERO);
+        // The goodbye carries only what changed; the candidate server gets everything.
+        self.full_state = full;
+        self.driver_action = Some(DriverAction::SwitchConnection);
+    }
+
+    /// The embedder rejected the OpAMP connection settings of
+    /// [`Event::OpampConnectionSettings`] (CS-4), or they could not be used: nothing of them
+    /// is applied, and with `ReportsConnectionSettingsStatus` the core reports FAILED with the
+    /// offer's hash and `reason` (CSS-1), as opamp-go does. A repeat of the offer is not
+    /// handed over again (CS-2).
+    pub fn reject_opamp_connection_settings(
+        &mut self,
+        _now: Instant,
+        offer_hash: &[u8],
+        reason: &str,
     ) {
         if self.link == Link::Stopped {
             return;
         }
-        if self
-            .capabilities
-            .contains(AgentCapabilitySet::REPORTS_HEARTBEAT)
-        {
-            self.apply_heartbeat(settings.heartbeat_interval_seconds);
-        }
-        let heartbeat_only = settings.destination_endpoint.is_empty()
-            && settings.headers.is_none()
-            && settings.certificate.is_none()
-            && settings.tls.is_none()
-            && settings.proxy.is_none();
-        if heartbeat_only {
-            self.report_connection_settings(offer_hash, ConnectionSettingsStatuses::Applied, "");
-        }
+        self.set_offer_part(
+            offer_hash,
+            |o| &mut o.opamp,
+            Part::Failed(reason.to_owned()),
+        );
     }
 
-    /// The embedder rejected the OpAMP connection settings of
-    /// [`Event::OpampConnectionSettings`] (CS-4): nothing of the offer is applied, and with
-    /// `ReportsConnectionSettingsStatus` the core reports FAILED with the offer's hash and
-    /// `reason` (CSS-1), as opamp-go does.
-    pub fn reject_opamp_connection_settings(&mut self, offer_hash: &[u8], reason: &str) {
+    /// The embedder applied the own-telemetry and other-connection settings of
+    /// [`Event::TelemetryConnectionSettings`] (OWN-1, OTH-1); the part is APPLIED (CSS-3).
+    pub fn accept_telemetry_connection_settings(&mut self, _now: Instant, offer_hash: &[u8]) {
         if self.link == Link::Stopped {
             return;
         }
-        self.report_connection_settings(offer_hash, ConnectionSettingsStatuses::Failed, reason);
+        self.set_offer_part(offer_hash, |o| &mut o.telemetry, Part::Applied);
+    }
+
+    /// The embedder rejected or could not apply the own-telemetry and other-connection
+    /// settings of [`Event::TelemetryConnectionSettings`]: FAILED with `reason` (CSS-1, CSS-3).
+    pub fn reject_telemetry_connection_settings(
+        &mut self,
+        _now: Instant,
+        offer_hash: &[u8],
+        reason: &str,
+    ) {
+        if self.link == Link::Stopped {
+            return;
+        }
+        self.set_offer_part(
+            offer_hash,
+            |o| &mut o.telemetry,
+            Part::Failed(reason.to_owned()),
+        );
+    }
+
+    /// Sets one part of the offer with `hash` (a decision for an offer the core does not
+    /// hold starts a record of it) and reports the status that follows (CSS-1).
+    fn set_offer_part(&mut self, hash: &[u8], part: fn(&mut Offer) -> &mut Part, value: Part) {
+        let offer = match &mut self.offer {
+            Some(o) if o.hash[..] == *hash => o,
+            slot => slot.insert(Offer {
+                hash: Bytes::copy_from_slice(hash),
+                opamp: Part::Absent,
+                telemetry: Part::Absent,
+            }),
+        };
+        *part(offer) = value;
+        let Some((status, error_message)) = offer.status() else {
+            return;
+        };
+        // While a part waits for the embedder nothing is reported: it decides before the next
+        // message goes out, and a status of APPLYING would only flicker.
+        if offer.opamp == Part::Pending || offer.telemetry == Part::Pending {
+            return;
+        }
+        let hash = offer.hash.clone();
+        self.report_connection_settings(&hash, status, &error_message);
+    }
+
+    /// CS-OP-6: the candidate settings failed. The offer's OpAMP part is FAILED with
+    /// `reason`, the driver is told to drop the candidate, and the core is disconnected, due
+    /// to reconnect with the old settings at once; `action` (when connected to the candidate
+    /// server) tells the driver how to leave it.
+    fn fail_trial(&mut self, now: Instant, reason: &str, action: Option<DriverAction>) {
+        let Some(trial) = self.trial.take() else {
+            return;
+        };
+        tracing::warn!("offered OpAMP connection settings failed, rolling back: {reason}");
+        self.set_offer_part(
+            &trial.hash,
+            |o| &mut o.opamp,
+            Part::Failed(reason.to_owned()),
+        );
+        self.events.push_back(Event::OpampConnectionSettingsFailed {
+            offer_hash: trial.hash,
+            reason: reason.to_owned(),
+        });
+        self.go_down(now, Duration::ZERO);
+        if let Some(action) = action {
+            if self.transport == TransportKind::WebSocket {
+                self.driver_action = Some(action);
+            }
+        }
     }
 
     fn report_connection_settings(
@@ -1114,6 +1396,7 @@ impl ClientCore {
     fn handle_server_error(&mut self, error: ServerErrorResponse, now: Instant) {
         let unavailable = error.r#type == ServerErrorResponseType::Unavailable as i32;
         self.events.push_back(Event::ServerError(error.clone()));
+        let error_message = error.error_message.clone();
         if unavailable {
             // THR-2, THR-3: back off, honouring retry_info; resend everything after (RETRY-1).
             let retry_after = error.details.map(|d| match d {
@@ -1130,6 +1413,14 @@ impl ClientCore {
             // RETRY-3: BAD_REQUEST and UNKNOWN are not retried. The server answered, so the
             // link is up.
             self.mark_up();
+        }
+        if self.trial.is_some() {
+            // CS-OP-6: the server at the candidate settings does not take the agent.
+            let reason = format!(
+                "the server at the offered settings answered with an error: {error_message}"
+            );
+            let up = self.link == Link::Up;
+            self.fail_trial(now, &reason, up.then_some(DriverAction::Reconnect));
         }
     }
 
@@ -1282,6 +1573,7 @@ impl ClientCore {
             link,
             self.reply_deadline(),
             self.deferred_remote_config_due(),
+            self.trial.as_ref().map(|t| t.deadline),
         ]
         .into_iter()
         .flatten()
