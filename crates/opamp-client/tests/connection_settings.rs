@@ -13,10 +13,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use common::*;
+use opamp_client::core::TelemetryConnectionOffer;
 use opamp_client::{Callbacks, OpampClient, SettingsRejected};
 use opamp_proto::{
     AgentCapabilitySet, AgentToServer, ConnectionSettingsOffers, ConnectionSettingsStatus,
     ConnectionSettingsStatuses, OpAmpConnectionSettings, ServerToAgent,
+    TelemetryConnectionSettings,
 };
 use opamp_server::connection_settings::{
     ConnectionSettingsOffer, OfferState, OfferTracking, OpampSettings,
@@ -174,6 +176,7 @@ enum Hook {
     Offered,
     Applied(Box<OpAmpConnectionSettings>, Bytes),
     Failed(String),
+    Telemetry(String),
 }
 
 /// An agent that persists what it applied and vetoes offers whose endpoint contains "veto".
@@ -205,10 +208,29 @@ impl Callbacks for Agent {
     async fn on_opamp_connection_settings_failed(&self, _offer_hash: &[u8], reason: &str) {
         let _ = self.0.send(Hook::Failed(reason.to_owned()));
     }
+    /// Takes an own-metrics destination over https only (OWN-2 allows refusing http).
+    async fn on_telemetry_connection_settings(
+        &self,
+        settings: &TelemetryConnectionOffer,
+        _offer_hash: &[u8],
+    ) -> Result<(), SettingsRejected> {
+        let endpoint = settings
+            .own_metrics
+            .as_ref()
+            .map(|m| m.destination_endpoint.clone())
+            .unwrap_or_default();
+        let _ = self.0.send(Hook::Telemetry(endpoint.clone()));
+        if endpoint.starts_with("https://") {
+            Ok(())
+        } else {
+            Err(SettingsRejected::new("own metrics only over https"))
+        }
+    }
 }
 
 fn caps() -> AgentCapabilitySet {
     AgentCapabilitySet::REPORTS_STATUS
+        | AgentCapabilitySet::REPORTS_OWN_METRICS
         | AgentCapabilitySet::ACCEPTS_OPAMP_CONNECTION_SETTINGS
         | AgentCapabilitySet::REPORTS_CONNECTION_SETTINGS_STATUS
         | AgentCapabilitySet::REPORTS_HEARTBEAT
@@ -442,4 +464,45 @@ async fn cs_4_a_vetoed_offer_changes_nothing() {
     client.stop().await.unwrap();
     a.server.shutdown().await;
     b.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_1_css_3_own_metrics_offer_reaches_the_embedder_and_its_answer_is_the_status() {
+    let mut a = TestServer::start(None).await;
+    let metrics = |url: &str| {
+        ConnectionSettingsOffer::new()
+            .own_metrics(TelemetryConnectionSettings {
+                destination_endpoint: url.into(),
+                ..Default::default()
+            })
+            .build()
+    };
+    let good = metrics("https://otlp.example:4318/v1/metrics");
+    a.offer(good.clone());
+    let (client, mut hooks) = start_agent(a.url("ws"));
+    let endpoint = hook(&mut hooks, |h| match h {
+        Hook::Telemetry(e) => Some(e),
+        _ => None,
+    })
+    .await;
+    assert_eq!(endpoint, "https://otlp.example:4318/v1/metrics");
+    a.status_where(is(ConnectionSettingsStatuses::Applied, &good.hash))
+        .await;
+    assert_eq!(a.state(), OfferState::Applied);
+
+    let plain = metrics("http://otlp.example:4318/v1/metrics");
+    a.offer(plain.clone());
+    let failed = a
+        .status_where(is(ConnectionSettingsStatuses::Failed, &plain.hash))
+        .await;
+    assert_eq!(
+        failed.connection_settings_status.unwrap().error_message,
+        "own metrics only over https"
+    );
+    assert!(
+        client.is_connected(),
+        "a telemetry offer does not touch the OpAMP connection"
+    );
+    client.stop().await.unwrap();
+    a.server.shutdown().await;
 }
