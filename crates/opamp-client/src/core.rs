@@ -132,6 +132,7 @@ pub struct CoreConfig {
 /// | [`full_state_min_interval`](Self::full_state_min_interval): server-requested full reports at most this often | 5 s |
 /// | [`remote_config_min_interval`](Self::remote_config_min_interval): remote configs handed over at most this often (the latest wins) | 1 s |
 /// | [`command_min_interval`](Self::command_min_interval): commands delivered at most this often (repeats dropped) | 10 s |
+/// | [`connection_settings_min_interval`](Self::connection_settings_min_interval): connection settings offers handled at most this often (the latest wins) | 5 s |
 /// | [`reply_timeout_factor`](Self::reply_timeout_factor): a WebSocket server silent for this many heartbeat intervals after a message is dropped | 2 |
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -152,6 +153,11 @@ pub struct ServerGuards {
     /// The shortest time between two commands handed to the embedder (CMD-1); a command within
     /// it is dropped (and logged). Default 10 s.
     pub command_min_interval: Duration,
+    /// The shortest time between two connection-settings offers handed to the embedder
+    /// (CS-4); offers that arrive within it are deferred and only the latest is handled at
+    /// the end of the interval. A server offering a new unusable endpoint in every answer
+    /// makes the agent try one at most this often, not in a loop. Default 5 s.
+    pub connection_settings_min_interval: Duration,
     /// WebSocket: when the server has not sent anything for this many heartbeat intervals
     /// (the local one when heartbeats are off) since a message that it must answer (REP-4),
     /// the connection is taken for half-open and dropped, and the client reconnects with
@@ -166,6 +172,7 @@ impl Default for ServerGuards {
             full_state_min_interval: Duration::from_secs(5),
             remote_config_min_interval: Duration::from_secs(1),
             command_min_interval: Duration::from_secs(10),
+            connection_settings_min_interval: Duration::from_secs(5),
             reply_timeout_factor: 2,
         }
     }
@@ -193,6 +200,12 @@ impl ServerGuards {
     /// Sets [`command_min_interval`](Self::command_min_interval).
     pub fn with_command_min_interval(mut self, d: Duration) -> Self {
         self.command_min_interval = d;
+        self
+    }
+
+    /// Sets [`connection_settings_min_interval`](Self::connection_settings_min_interval).
+    pub fn with_connection_settings_min_interval(mut self, d: Duration) -> Self {
+        self.connection_settings_min_interval = d;
         self
     }
 
@@ -420,6 +433,9 @@ pub struct ClientCore {
     offer: Option<Offer>,
     /// Accepted OpAMP settings being tried (CS-OP-4).
     trial: Option<Trial>,
+    /// When the last offer was handled, and the latest one waiting (CS-4).
+    last_offer_at: Option<Instant>,
+    deferred_offer: Option<ConnectionSettingsOffers>,
     connection_settings_timeout: Duration,
 }
 
@@ -480,6 +496,8 @@ impl ClientCore {
             seen_offer: None,
             offer: None,
             trial: None,
+            last_offer_at: None,
+            deferred_offer: None,
             connection_settings_timeout: config.connection_settings_timeout,
         }
     }
@@ -857,9 +875,10 @@ impl ClientCore {
     }
 
     /// Checks the timers that do not send anything: a WebSocket server silent for too long
-    /// after a message it must answer (REP-4, [`DriverAction::DropConnection`]), and a remote
-    /// config deferred by [`ServerGuards::remote_config_min_interval`] (handed over as an
-    /// [`Event::Message`]). Call it before draining events, with the current time.
+    /// after a message it must answer (REP-4, [`DriverAction::DropConnection`]), the deadline
+    /// of offered connection settings being tried, a connection-settings offer deferred by
+    /// [`ServerGuards::connection_settings_min_interval`], and a remote config deferred by
+    /// [`ServerGuards::remote_config_min_interval`] (handed over as an [`Event::Message`]). Call it before draining events, with the current time.
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.link == Link::Stopped {
             return;
@@ -884,6 +903,13 @@ impl ClientCore {
                 );
                 let up = self.link == Link::Up;
                 self.fail_trial(now, &reason, up.then_some(DriverAction::DropConnection));
+            }
+        }
+        if let Some(due) = self.deferred_offer_due() {
+            if now >= due && self.trial.is_none() {
+                if let Some(offers) = self.deferred_offer.take() {
+                    self.handle_offers(now, offers);
+                }
             }
         }
         if let Some(due) = self.deferred_remote_config_due() {
@@ -921,6 +947,16 @@ impl ClientCore {
             Some(t) => add(t, self.guards.remote_config_min_interval),
             None => return None,
         })
+    }
+
+    fn deferred_offer_due(&self) -> Option<Instant> {
+        self.deferred_offer.as_ref()?;
+        if self.trial.is_some() {
+            // Handled once the trial ended; its deadline wakes the driver meanwhile.
+            return None;
+        }
+        self.last_offer_at
+            .map(|t| add(t, self.guards.connection_settings_min_interval))
     }
 
     fn deferred_full_state_due(&self) -> Option<Instant> {
@@ -1097,7 +1133,22 @@ impl ClientCore {
         }
 
         if let Some(offers) = msg.connection_settings {
-            self.handle_offers(offers);
+            // A server changing the offer in every message cannot keep the agent trying new
+            // connections: one offer per `connection_settings_min_interval`, the latest wins.
+            let recent = self
+                .last_offer_at
+                .is_some_and(|t| now < add(t, self.guards.connection_settings_min_interval));
+            if recent {
+                if self.seen_offer.as_ref() != Some(&Seen::of(&offers)) {
+                    tracing::debug!(
+                        "deferring a connection settings offer: one was handled just now"
+                    );
+                    self.deferred_offer = Some(offers);
+                }
+            } else {
+                self.deferred_offer = None;
+                self.handle_offers(now, offers);
+            }
         }
 
         if self
@@ -1162,7 +1213,7 @@ impl ClientCore {
 
     /// A `connection_settings` offer (CS-1..CS-3): handled once per hash, its parts handed
     /// to the embedder for a decision.
-    fn handle_offers(&mut self, offers: ConnectionSettingsOffers) {
+    fn handle_offers(&mut self, now: Instant, offers: ConnectionSettingsOffers) {
         let seen = Seen::of(&offers);
         if self.seen_offer.as_ref() == Some(&seen) {
             // CS-2: the same offer again (a plain-HTTP server repeats it until the agent
@@ -1175,6 +1226,7 @@ impl ClientCore {
             return;
         }
         self.seen_offer = Some(seen);
+        self.last_offer_at = Some(now);
         let hash = Bytes::copy_from_slice(&offers.hash);
         let caps = self.capabilities;
         let mut offer = Offer {
@@ -1574,6 +1626,7 @@ impl ClientCore {
             self.reply_deadline(),
             self.deferred_remote_config_due(),
             self.trial.as_ref().map(|t| t.deadline),
+            self.deferred_offer_due(),
         ]
         .into_iter()
         .flatten()
@@ -1588,6 +1641,7 @@ impl ClientCore {
         let msg = (self.link == Link::Up).then(|| self.disconnect_message(now));
         self.link = Link::Stopped;
         self.deferred_remote_config = None;
+        self.deferred_offer = None;
         msg
     }
 

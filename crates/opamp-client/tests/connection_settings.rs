@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use common::*;
 use opamp_client::core::TelemetryConnectionOffer;
-use opamp_client::{Callbacks, OpampClient, SettingsRejected};
+use opamp_client::{Callbacks, OpampClient, ServerGuards, SettingsRejected};
 use opamp_proto::{
     AgentCapabilitySet, AgentToServer, ConnectionSettingsOffers, ConnectionSettingsStatus,
     ConnectionSettingsStatuses, OpAmpConnectionSettings, ServerToAgent,
@@ -249,7 +249,12 @@ fn start_agent_with(
             .with_capabilities(caps())
             .with_agent_description(description())
             // Heartbeats keep messages flowing, so a server's new offer goes out soon.
-            .with_heartbeat_interval(Duration::from_millis(200)),
+            .with_heartbeat_interval(Duration::from_millis(200))
+            // The tests make a second offer right after the first.
+            .with_server_guards(
+                ServerGuards::default()
+                    .with_connection_settings_min_interval(Duration::from_millis(100)),
+            ),
         Arc::new(Agent(tx)),
     )
     .unwrap();

@@ -1522,8 +1522,11 @@ fn cs_4_vetoed_offer_changes_nothing_and_is_not_handed_over_again() {
         assert!(events(&mut c).is_empty());
     }
     assert_eq!(c.poll_transmit(t0), None, "the status did not change");
-    // A new hash is a new offer.
-    c.handle_message(t0, moving_offer(b"v2", "ws://b.example/v1/opamp"));
+    // A new hash is a new offer (after the guard's interval).
+    c.handle_message(
+        t0 + secs(5.0),
+        moving_offer(b"v2", "ws://b.example/v1/opamp"),
+    );
     assert!(matches!(
         events(&mut c)[..],
         [Event::OpampConnectionSettings { .. }]
@@ -1547,9 +1550,9 @@ fn cs_2_offers_without_a_hash_are_deduplicated_by_content() {
     };
     c.handle_message(t0, unhashed("ws://b/"));
     assert_eq!(events(&mut c).len(), 1);
-    c.handle_message(t0, unhashed("ws://b/"));
+    c.handle_message(t0 + secs(5.0), unhashed("ws://b/"));
     assert!(events(&mut c).is_empty());
-    c.handle_message(t0, unhashed("ws://c/"));
+    c.handle_message(t0 + secs(5.0), unhashed("ws://c/"));
     assert_eq!(events(&mut c).len(), 1);
 }
 
@@ -1585,16 +1588,20 @@ fn cs_op_an_offer_in_the_verifying_answer_is_handled_and_a_failed_one_is_not_tri
     c.handle_connected(t0);
     c.poll_transmit(t0).unwrap();
     // The candidate server answers with another offer at once: the answer verifies the
-    // candidate, the offer in it waits for the trial to end.
+    // candidate; the offer in it comes within the guard's interval, so it is handled at
+    // the interval's end.
     c.handle_message(t0, moving_offer(b"second", "ws://c/"));
     let ev = events(&mut c);
     assert!(
         ev.iter()
             .any(|e| matches!(e, Event::OpampConnectionSettingsApplied { .. }))
     );
+    assert_eq!(c.poll_timeout(), Some(t0 + secs(5.0)));
+    c.handle_timeout(t0 + secs(5.0));
+    let ev = events(&mut c);
     assert!(
         ev.iter().any(|e| matches!(e, Event::OpampConnectionSettings { offer_hash, .. } if offer_hash[..] == b"second"[..])),
-        "the trial ended with this answer, so its offer is handled: {ev:?}"
+        "{ev:?}"
     );
 
     let mut c = ws_up(all_caps(), t0);
@@ -2129,4 +2136,51 @@ fn gen_8_long_session_without_any_answer_does_not_reset_the_backoff() {
         now = c.connect_at().unwrap();
     }
     assert!(delays[11] > secs(20.0), "{delays:?}");
+}
+
+#[test]
+fn cs_4_offers_changing_in_every_message_are_handled_at_most_once_per_interval() {
+    let t0 = Instant::now();
+    let mut c = ws_up(all_caps(), t0);
+    let offer_events = |c: &mut ClientCore| -> Vec<Bytes> {
+        events(c)
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::OpampConnectionSettings { offer_hash, .. } => Some(offer_hash),
+                _ => None,
+            })
+            .collect()
+    };
+    c.handle_message(t0, moving_offer(b"o1", "ws://dead-1/"));
+    assert_eq!(offer_events(&mut c), [Bytes::from_static(b"o1")]);
+    c.reject_opamp_connection_settings(t0, b"o1", "no");
+    // A hostile server offers a new endpoint in every answer.
+    c.handle_message(t0 + secs(1.0), moving_offer(b"o2", "ws://dead-2/"));
+    c.handle_message(t0 + secs(2.0), moving_offer(b"o3", "ws://dead-3/"));
+    assert!(
+        offer_events(&mut c).is_empty(),
+        "handled within the interval"
+    );
+    // The latest is handled at the end of the default 5 s.
+    assert_eq!(c.poll_timeout(), Some(t0 + secs(5.0)));
+    c.handle_timeout(t0 + secs(4.9));
+    assert!(offer_events(&mut c).is_empty());
+    c.handle_timeout(t0 + secs(5.0));
+    assert_eq!(offer_events(&mut c), [Bytes::from_static(b"o3")]);
+    // A repeat of the handled offer is not deferred either: nothing is due.
+    c.reject_opamp_connection_settings(t0 + secs(5.0), b"o3", "no");
+    c.handle_message(t0 + secs(6.0), moving_offer(b"o3", "ws://dead-3/"));
+    c.handle_timeout(t0 + secs(20.0));
+    assert!(offer_events(&mut c).is_empty());
+}
+
+#[test]
+fn cs_4_an_offer_deferred_during_a_trial_waits_for_its_end_without_busy_waking() {
+    let t0 = Instant::now();
+    let mut c = ws_up(all_caps(), t0);
+    start_trial(&mut c, b"t", t0);
+    c.handle_connected(t0);
+    c.poll_transmit(t0).unwrap();
+    // While tried, only the trial's deadline wakes the driver.
+    assert_eq!(c.poll_timeout(), Some(t0 + secs(30.0)));
 }
