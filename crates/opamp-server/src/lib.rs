@@ -138,6 +138,8 @@ mod config;
 mod connection;
 pub mod connection_settings;
 mod core;
+#[cfg(feature = "csr")]
+pub mod csr;
 mod error;
 #[cfg(feature = "tokio")]
 mod limits;
