@@ -744,9 +744,12 @@ impl ClientCore {
         Ok(())
     }
 
-    /// Sends a connection settings request (CSR-2) in the next message; needs
-    /// `AcceptsOpAMPConnectionSettings` (to receive the answer) and, once the server's
-    /// capabilities are known, its `AcceptsConnectionSettingsRequest` (CAP-4).
+    /// Sends a connection settings request (CSR-2); needs `AcceptsOpAMPConnectionSettings` (to
+    /// receive the answer). It goes only to a server that advertised
+    /// `AcceptsConnectionSettingsRequest` (CSR-2, CAP-4): refused when the server's known
+    /// capabilities lack it; held while they are unknown, sent in the first message after a
+    /// server announced it, and dropped (with a warning) if the server announces capabilities
+    /// without it.
     pub fn request_connection_settings(
         &mut self,
         value: ConnectionSettingsRequest,
@@ -1077,6 +1080,12 @@ impl ClientCore {
         // CAP-3: 0 means "unchanged".
         if msg.capabilities != 0 {
             self.server_capabilities = ServerCapabilitySet::from_bits_retain(msg.capabilities);
+            if self.connection_settings_request.is_some() && !self.server_takes_csr() {
+                tracing::warn!(
+                    "dropping a connection settings request: the server does not accept them"
+                );
+                self.connection_settings_request = None;
+            }
         }
 
         // S2A-2, CMD-2: a command stands alone; without the capability it is ignored.
@@ -1548,11 +1557,17 @@ impl ClientCore {
         bits
     }
 
+    /// CSR-2, CAP-4: the server advertised `AcceptsConnectionSettingsRequest`.
+    fn server_takes_csr(&self) -> bool {
+        self.server_capabilities
+            .contains(ServerCapabilitySet::ACCEPTS_CONNECTION_SETTINGS_REQUEST)
+    }
+
     fn has_pending(&self) -> bool {
         self.full_state
             || self.dirty & self.sendable() != 0
             || self.custom_message.is_some()
-            || self.connection_settings_request.is_some()
+            || (self.connection_settings_request.is_some() && self.server_takes_csr())
             || self.announce_uid
     }
 
@@ -1719,7 +1734,11 @@ impl ClientCore {
                 })
                 .flatten(),
             custom_message: self.custom_message.take(),
-            connection_settings_request: self.connection_settings_request.take(),
+            connection_settings_request: if self.server_takes_csr() {
+                self.connection_settings_request.take()
+            } else {
+                None
+            },
             agent_disconnect: disconnect.then_some(AgentDisconnect {}),
         };
         // CAP-4: what the server cannot take now stays pending for a later server.

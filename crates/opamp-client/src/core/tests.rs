@@ -2184,3 +2184,43 @@ fn cs_4_an_offer_deferred_during_a_trial_waits_for_its_end_without_busy_waking()
     // While tried, only the trial's deadline wakes the driver.
     assert_eq!(c.poll_timeout(), Some(t0 + secs(30.0)));
 }
+
+#[test]
+fn csr_2_a_request_goes_only_to_a_server_that_advertised_it() {
+    let t0 = Instant::now();
+    let req = || ConnectionSettingsRequest {
+        opamp: Some(opamp_proto::OpAmpConnectionSettingsRequest {
+            certificate_request: Some(opamp_proto::CertificateRequest {
+                csr: Bytes::from_static(b"CSR"),
+            }),
+        }),
+    };
+    // Unknown capabilities: held, not in the first message.
+    let mut c = core(TransportKind::WebSocket, all_caps(), t0);
+    c.request_connection_settings(req()).unwrap();
+    c.handle_connected(t0);
+    assert!(
+        c.poll_transmit(t0)
+            .unwrap()
+            .connection_settings_request
+            .is_none()
+    );
+    // The server announces it: sent at once, once.
+    c.handle_message(t0, ack());
+    let m = c.poll_transmit(t0).unwrap();
+    assert_eq!(m.connection_settings_request, Some(req()));
+    assert_eq!(c.poll_transmit(t0), None);
+
+    // A server that announces capabilities without it: dropped.
+    let mut c = core(TransportKind::WebSocket, all_caps(), t0);
+    c.request_connection_settings(req()).unwrap();
+    c.handle_connected(t0);
+    c.poll_transmit(t0).unwrap();
+    c.handle_message(t0, no_server_caps_but_status());
+    c.handle_message(t0, ack());
+    assert_eq!(
+        c.poll_transmit(t0),
+        None,
+        "sent to a server that did not advertise it"
+    );
+}
