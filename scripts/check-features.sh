@@ -28,6 +28,12 @@ for features in "" tokio tls tokio,tls; do
         check_features "$crate" "$features"
     done
 done
+# The CSR flow (feature `csr`, off by default): the client's implies `tls`; the server's is
+# sans-IO and builds with or without the drivers.
+check_features opamp-client csr
+for features in csr tokio,csr tls,csr; do
+    check_features opamp-server "$features"
+done
 for features in "" tls; do
     check_features opamp-supervisor "$features"
 done

@@ -30,6 +30,10 @@ pub(crate) struct Shared {
     done_tx: watch::Sender<bool>,
     /// The driver task's id, to recognise `stop()` called from inside a callback.
     driver_task: OnceLock<tokio::task::Id>,
+    /// The private key (PEM) of the last CSR sent, for the certificate the server issues
+    /// for it (CSR-4, CSR-7).
+    #[cfg(feature = "csr")]
+    csr_key: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -116,6 +120,44 @@ impl Driver {
         Ok(Active { settings, endpoint })
     }
 
+    /// Puts the key of the last CSR into an offered certificate that has none (CSR-4).
+    #[cfg(feature = "csr")]
+    fn with_csr_key(
+        &self,
+        mut settings: Box<OpAmpConnectionSettings>,
+    ) -> Box<OpAmpConnectionSettings> {
+        let key = self
+            .shared
+            .csr_key
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let (Some(cert), Some(key)) = (settings.certificate.as_mut(), key) {
+            if cert.private_key.is_empty() && !cert.cert.is_empty() {
+                cert.private_key = key.into_bytes().into();
+            }
+        }
+        settings
+    }
+
+    /// The certificate issued for the last CSR is in use: its key is no longer pending.
+    #[cfg(feature = "csr")]
+    fn csr_key_used(&self, settings: &OpAmpConnectionSettings) {
+        let mut key = self
+            .shared
+            .csr_key
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let used = settings
+            .certificate
+            .as_ref()
+            .zip(key.as_ref())
+            .is_some_and(|(c, k)| c.private_key[..] == *k.as_bytes());
+        if used {
+            *key = None;
+        }
+    }
+
     /// Fetches the effective config from the embedder when the core asks for it.
     pub(crate) async fn refresh_effective_config(&self) {
         let wanted = self.shared.core().take_effective_config_request();
@@ -156,6 +198,9 @@ impl Driver {
                     settings,
                     offer_hash,
                 } => {
+                    // CSR-4, CSR-7: a certificate issued for our CSR comes without its key.
+                    #[cfg(feature = "csr")]
+                    let settings = self.with_csr_key(settings);
                     // CS-4: nothing is applied before the embedder accepts.
                     let decision = self
                         .callbacks
@@ -194,6 +239,8 @@ impl Driver {
                             conn.current = candidate;
                         }
                     }
+                    #[cfg(feature = "csr")]
+                    self.csr_key_used(&settings);
                     tracing::info!("offered OpAMP connection settings applied");
                     self.callbacks
                         .on_opamp_connection_settings_applied(&settings, &offer_hash)
@@ -355,6 +402,8 @@ impl OpampClient {
             stop_tx: watch::Sender::new(false),
             done_tx: watch::Sender::new(false),
             driver_task: OnceLock::new(),
+            #[cfg(feature = "csr")]
+            csr_key: Mutex::new(None),
         });
         let stop_timeout = settings.stop_timeout;
         let packages = match (&settings.packages, download) {
@@ -489,6 +538,30 @@ impl OpampClient {
         request: ConnectionSettingsRequest,
     ) -> Result<(), ClientError> {
         self.update(|c| c.request_connection_settings(request))
+    }
+
+    /// Starts the CSR flow (CSR-2, feature `csr`): generates a key pair and a CSR carrying
+    /// the instance uid, keeps the key, and sends the request to the server once it has
+    /// advertised `AcceptsConnectionSettingsRequest` (held until its capabilities are known;
+    /// refused with [`ClientError::ServerLacksCapability`] when they lack it). The server's
+    /// answer, an OpAMP connection offer with the issued certificate and no private key
+    /// (CSR-4), goes through [`Callbacks::on_opamp_connection_settings`] and is tried like any
+    /// other offer, with the kept key put in (CSR-7): the settings given to
+    /// [`Callbacks::on_opamp_connection_settings_applied`] then hold that private key, so
+    /// persist them safely. Calling it again (e.g. before the certificate expires, or after
+    /// the server assigned a new uid, CSR-8, CSR-9) replaces the pending key. Needs
+    /// `AcceptsOpAMPConnectionSettings`.
+    #[cfg(feature = "csr")]
+    pub fn request_client_certificate(&self) -> Result<(), ClientError> {
+        let uid = self.shared.core().instance_uid();
+        let request = crate::csr::CertificateRequest::generate(uid)?;
+        self.update(|c| c.request_connection_settings(request.to_request()))?;
+        *self
+            .shared
+            .csr_key
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(request.private_key_pem().to_owned());
+        Ok(())
     }
 
     /// Sets `AgentToServer.flags` (e.g. `RequestInstanceUid`, UID-5).

@@ -127,6 +127,7 @@
 //! | --- | --- | --- |
 //! | `tokio` | on | the driver: [`OpampClient`] over WebSocket (tokio-tungstenite) and plain HTTP (hyper), [`StartSettings`], [`Callbacks`] and their errors |
 //! | `tls` | on | `wss://` and `https://` with rustls (ring): custom CAs, client certificates (mTLS), [`StartSettings::with_tls_config`]; implies `tokio` |
+//! | `csr` | off | the CSR flow: `OpampClient::request_client_certificate` and `csr::CertificateRequest` (rcgen); implies `tls` |
 //!
 //! With `default-features = false` the crate is the sans-IO [`core`] with what it needs
 //! ([`BackoffPolicy`], [`ServerGuards`], [`MessageData`], [`ClientError`],
@@ -141,6 +142,8 @@ mod callbacks;
 #[cfg(feature = "tokio")]
 mod client;
 pub mod core;
+#[cfg(feature = "csr")]
+pub mod csr;
 mod error;
 #[cfg(feature = "tokio")]
 mod http;

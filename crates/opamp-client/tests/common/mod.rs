@@ -264,6 +264,7 @@ pub fn decode_request(parts: &http::request::Parts, body: &Bytes) -> AgentToServ
 /// A test CA, a server certificate for `localhost` and a client certificate it signed.
 pub struct Pki {
     pub ca_pem: String,
+    pub ca_key_pem: String,
     pub server: CertifiedKeyPem,
     pub client_cert_pem: String,
     pub client_key_pem: String,
@@ -272,7 +273,9 @@ pub struct Pki {
 pub fn pki() -> Pki {
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_key_pem = ca_key.serialize_pem();
+    let ca = CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
 
     let server_key = KeyPair::generate().unwrap();
     let server_params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
@@ -285,6 +288,7 @@ pub fn pki() -> Pki {
 
     Pki {
         ca_pem: ca.pem(),
+        ca_key_pem,
         server: CertifiedKeyPem {
             cert_chain: server_cert.pem().into_bytes(),
             private_key: server_key.serialize_pem().into_bytes(),
