@@ -77,4 +77,11 @@ done
 echo "cargo test -p opamp-client --no-default-features --features tokio --lib --locked"
 cargo test -p opamp-client --no-default-features --features tokio --lib --locked --quiet
 
+# The CSR flow's tests (feature `csr` is off by default, so `cargo test --workspace` skips
+# them): the CA helper's unit tests and the client's loopback test against it.
+echo "cargo test -p opamp-server --features csr --lib --locked csr"
+cargo test -p opamp-server --features csr --lib --locked --quiet csr
+echo "cargo test -p opamp-client --features csr --locked --test csr --lib"
+cargo test -p opamp-client --features csr --locked --quiet --test csr --lib
+
 echo "check-features: all combinations build without warnings, the trees are clean, the cores pass their tests without tokio"

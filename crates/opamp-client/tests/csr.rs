@@ -94,10 +94,16 @@ impl ConnectionCallbacks for MtlsConn {
     }
 }
 
-struct Agent(mpsc::UnboundedSender<OpAmpConnectionSettings>);
+struct Agent(
+    mpsc::UnboundedSender<OpAmpConnectionSettings>,
+    mpsc::UnboundedSender<opamp_proto::ServerErrorResponse>,
+);
 
 #[async_trait]
 impl Callbacks for Agent {
+    async fn on_error(&self, error: &opamp_proto::ServerErrorResponse) {
+        let _ = self.1.send(error.clone());
+    }
     async fn on_opamp_connection_settings_applied(
         &self,
         settings: &OpAmpConnectionSettings,
@@ -107,11 +113,21 @@ impl Callbacks for Agent {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn csr_7_issued_certificate_is_tried_with_the_agents_own_key_and_applied() {
+/// B (TLS, client certificates from the CA required) and A (plain WebSocket, signs CSRs,
+/// advertises AcceptsConnectionSettingsRequest), and an agent started on A.
+struct Setup {
+    a: Server,
+    b: Server,
+    a_seen: mpsc::UnboundedReceiver<AgentToServer>,
+    b_seen: mpsc::UnboundedReceiver<(bool, AgentToServer)>,
+    client: OpampClient,
+    applied: mpsc::UnboundedReceiver<OpAmpConnectionSettings>,
+    errors: mpsc::UnboundedReceiver<opamp_proto::ServerErrorResponse>,
+}
+
+async fn setup() -> Setup {
     let pki = pki();
-    // B: TLS, client certificates from the CA required.
-    let (b_tx, mut b_seen) = mpsc::unbounded_channel();
+    let (b_tx, b_seen) = mpsc::unbounded_channel();
     let b_tls =
         opamp_transport::tls::server_config(&pki.server, Some(pki.ca_pem.as_bytes())).unwrap();
     let b = Server::bind(
@@ -125,9 +141,7 @@ async fn csr_7_issued_certificate_is_tried_with_the_agents_own_key_and_applied()
     .await
     .unwrap();
     let b_url = format!("wss://localhost:{}/v1/opamp", b.local_addr().port());
-
-    // A: plain WebSocket, advertises AcceptsConnectionSettingsRequest.
-    let (a_tx, mut a_seen) = mpsc::unbounded_channel();
+    let (a_tx, a_seen) = mpsc::unbounded_channel();
     let a = Server::bind(
         ServerConfig::builder()
             .listen_addr("127.0.0.1:0".parse().unwrap())
@@ -146,8 +160,8 @@ async fn csr_7_issued_certificate_is_tried_with_the_agents_own_key_and_applied()
     )
     .await
     .unwrap();
-
-    let (tx, mut applied) = mpsc::unbounded_channel();
+    let (tx, applied) = mpsc::unbounded_channel();
+    let (etx, errors) = mpsc::unbounded_channel();
     let client = OpampClient::start(
         settings(format!("ws://{}/v1/opamp", a.local_addr()))
             .with_capabilities(
@@ -157,9 +171,31 @@ async fn csr_7_issued_certificate_is_tried_with_the_agents_own_key_and_applied()
                     | AgentCapabilitySet::REPORTS_HEARTBEAT,
             )
             .with_agent_description(description()),
-        Arc::new(Agent(tx)),
+        Arc::new(Agent(tx, etx)),
     )
     .unwrap();
+    Setup {
+        a,
+        b,
+        a_seen,
+        b_seen,
+        client,
+        applied,
+        errors,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csr_7_issued_certificate_is_tried_with_the_agents_own_key_and_applied() {
+    let Setup {
+        a,
+        b,
+        mut a_seen,
+        mut b_seen,
+        client,
+        mut applied,
+        errors: _errors,
+    } = setup().await;
     // Held until A's capabilities are known (CSR-2): not in the first message.
     client.request_client_certificate().unwrap();
     let first = recv(&mut a_seen).await;
@@ -197,6 +233,45 @@ async fn csr_7_issued_certificate_is_tried_with_the_agents_own_key_and_applied()
             .contains("PRIVATE KEY"),
         "the persisted settings carry the agent's own key"
     );
+    client.stop().await.unwrap();
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csr_6_a_bad_csr_is_answered_with_bad_request_and_nothing_changes() {
+    let Setup {
+        a,
+        b,
+        mut a_seen,
+        mut b_seen,
+        client,
+        applied: _applied,
+        mut errors,
+    } = setup().await;
+    recv(&mut a_seen).await;
+    let garbage = opamp_proto::ConnectionSettingsRequest {
+        opamp: Some(opamp_proto::OpAmpConnectionSettingsRequest {
+            certificate_request: Some(opamp_proto::CertificateRequest {
+                csr: bytes::Bytes::from_static(b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n"),
+            }),
+        }),
+    };
+    // Once A's capabilities are known (its first answer), the request goes.
+    client.request_connection_settings(garbage).unwrap();
+    let error = recv(&mut errors).await;
+    assert_eq!(
+        error.r#type,
+        opamp_proto::ServerErrorResponseType::BadRequest as i32
+    );
+    assert!(
+        error
+            .error_message
+            .contains("invalid certificate signing request"),
+        "{error:?}"
+    );
+    assert!(b_seen.try_recv().is_err(), "the agent went to B");
+    assert!(client.is_connected());
     client.stop().await.unwrap();
     a.shutdown().await;
     b.shutdown().await;
