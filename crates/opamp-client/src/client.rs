@@ -37,6 +37,19 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// A new key pair and CSR for the current uid; the request goes out when the server
+    /// takes it (CSR-2), the key is kept for the certificate (CSR-4).
+    #[cfg(feature = "csr")]
+    fn request_certificate(&self) -> Result<(), ClientError> {
+        let uid = self.core().instance_uid();
+        let request = crate::csr::CertificateRequest::generate(uid)?;
+        self.core()
+            .request_connection_settings(request.to_request())?;
+        *self.csr_key.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(request.private_key_pem().to_owned());
+        Ok(())
+    }
+
     /// Locks the core. The lock is never held across an `.await`.
     pub(crate) fn core(&self) -> MutexGuard<'_, ClientCore> {
         // A panic while holding the lock can only come from a bug in the core; its state is
@@ -140,21 +153,36 @@ impl Driver {
         settings
     }
 
-    /// The certificate issued for the last CSR is in use: its key is no longer pending.
+    /// The certificate issued for the last CSR is in use: its key is no longer pending, and
+    /// the certificate is renewed at two thirds of its validity (CSR-8).
     #[cfg(feature = "csr")]
     fn csr_key_used(&self, settings: &OpAmpConnectionSettings) {
-        let mut key = self
-            .shared
-            .csr_key
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let used = settings
-            .certificate
-            .as_ref()
-            .zip(key.as_ref())
-            .is_some_and(|(c, k)| c.private_key[..] == *k.as_bytes());
-        if used {
-            *key = None;
+        let issued = {
+            let mut key = self
+                .shared
+                .csr_key
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let issued = settings.certificate.as_ref().filter(|c| {
+                key.as_ref()
+                    .is_some_and(|k| c.private_key[..] == *k.as_bytes())
+            });
+            if issued.is_some() {
+                *key = None;
+            }
+            issued
+        };
+        let Some(cert) = issued else {
+            return;
+        };
+        match renewal_delay(&cert.cert, std::time::SystemTime::now()) {
+            Some(delay) => {
+                tracing::debug!(?delay, "client certificate renewal scheduled");
+                self.shared
+                    .core()
+                    .schedule_certificate_renewal(Instant::now() + delay);
+            }
+            None => tracing::warn!("the issued certificate's validity could not be read"),
         }
     }
 
@@ -278,6 +306,13 @@ impl Driver {
                     self.callbacks.on_message(*data).await
                 }
                 Event::ReportTooLarge(e) => self.callbacks.on_report_too_large(&e).await,
+                Event::RenewClientCertificate => {
+                    // CSR-8, CSR-9
+                    #[cfg(feature = "csr")]
+                    if let Err(e) = self.shared.request_certificate() {
+                        tracing::warn!("renewing the client certificate: {e}");
+                    }
+                }
                 // The core's events are all handled above; a new one is logged until it is.
                 #[allow(unreachable_patterns)]
                 other => tracing::debug!(?other, "unhandled core event"),
@@ -551,16 +586,17 @@ impl OpampClient {
     /// persist them safely. Calling it again (e.g. before the certificate expires, or after
     /// the server assigned a new uid, CSR-8, CSR-9) replaces the pending key. Needs
     /// `AcceptsOpAMPConnectionSettings`.
+    ///
+    /// Once a certificate from this flow is in use, the client renews it by itself at two
+    /// thirds of its validity, and at once when the server assigns a new instance uid
+    /// (CSR-8, CSR-9).
     #[cfg(feature = "csr")]
     pub fn request_client_certificate(&self) -> Result<(), ClientError> {
-        let uid = self.shared.core().instance_uid();
-        let request = crate::csr::CertificateRequest::generate(uid)?;
-        self.update(|c| c.request_connection_settings(request.to_request()))?;
-        *self
-            .shared
-            .csr_key
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(request.private_key_pem().to_owned());
+        if self.shared.stop_requested.load(Ordering::Acquire) {
+            return Err(ClientError::Stopped);
+        }
+        self.shared.request_certificate()?;
+        self.shared.wake.notify_one();
         Ok(())
     }
 
@@ -615,5 +651,42 @@ impl OpampClient {
                 Err(StopError::Timeout)
             }
         }
+    }
+}
+
+/// How long after `now` a certificate (PEM) is due for renewal: at two thirds of its
+/// validity (CSR-8); zero when that is past. `None` if it cannot be read.
+#[cfg(feature = "csr")]
+fn renewal_delay(cert_pem: &[u8], now: std::time::SystemTime) -> Option<Duration> {
+    use std::time::UNIX_EPOCH;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem).ok()?;
+    let cert = pem.parse_x509().ok()?;
+    let validity = cert.validity();
+    let at = |t: i64| Some(UNIX_EPOCH + Duration::from_secs(u64::try_from(t).ok()?));
+    let from = at(validity.not_before.timestamp())?;
+    let to = at(validity.not_after.timestamp())?;
+    let renew = from + to.duration_since(from).ok()? * 2 / 3;
+    Some(renew.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+#[cfg(all(test, feature = "csr"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csr_8_renewal_at_two_thirds_of_the_validity() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["agent".to_owned()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(2030, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2030, 4, 1); // 90 days
+        let pem = params.self_signed(&key).unwrap().pem();
+        let start = std::time::UNIX_EPOCH + Duration::from_secs(1_893_456_000); // 2030-01-01
+        assert_eq!(
+            renewal_delay(pem.as_bytes(), start),
+            Some(Duration::from_secs(60 * 86400))
+        );
+        let late = start + Duration::from_secs(70 * 86400);
+        assert_eq!(renewal_delay(pem.as_bytes(), late), Some(Duration::ZERO));
+        assert_eq!(renewal_delay(b"garbage", start), None);
     }
 }

@@ -304,6 +304,11 @@ pub enum Event {
         /// `ConnectionSettingsOffers.hash` of the offer (CS-2).
         offer_hash: Bytes,
     },
+    /// The client certificate obtained through the CSR flow is due for renewal (CSR-8: the
+    /// time given to [`ClientCore::schedule_certificate_renewal`] has come), or the server
+    /// assigned a new instance uid, so the certificate names the old one (CSR-9): send a new
+    /// CSR.
+    RenewClientCertificate,
     /// The server sent data for the agent: call `on_message`.
     Message(Box<MessageData>),
     /// A part of the agent's report can never be sent: alone it is over the message size
@@ -437,6 +442,8 @@ pub struct ClientCore {
     last_offer_at: Option<Instant>,
     deferred_offer: Option<ConnectionSettingsOffers>,
     connection_settings_timeout: Duration,
+    /// When the CSR-issued client certificate is to be renewed (CSR-8).
+    certificate_renewal: Option<Instant>,
 }
 
 impl ClientCore {
@@ -498,6 +505,7 @@ impl ClientCore {
             trial: None,
             last_offer_at: None,
             deferred_offer: None,
+            certificate_renewal: None,
             connection_settings_timeout: config.connection_settings_timeout,
         }
     }
@@ -549,6 +557,14 @@ impl ClientCore {
     /// The transport this core drives.
     pub fn transport(&self) -> TransportKind {
         self.transport
+    }
+
+    /// The client certificate in use came from the CSR flow and is to be renewed at `at`
+    /// (CSR-8; e.g. at two thirds of its validity): [`Event::RenewClientCertificate`] comes
+    /// then, once, from [`handle_timeout`](Self::handle_timeout), and at once if the server
+    /// assigns a new instance uid before (CSR-9). A later call replaces the time.
+    pub fn schedule_certificate_renewal(&mut self, at: Instant) {
+        self.certificate_renewal = Some(at);
     }
 
     /// Whether accepted OpAMP connection settings are being tried: the driver connects with
@@ -908,6 +924,10 @@ impl ClientCore {
                 self.fail_trial(now, &reason, up.then_some(DriverAction::DropConnection));
             }
         }
+        if self.certificate_renewal.is_some_and(|at| now >= at) {
+            self.certificate_renewal = None;
+            self.events.push_back(Event::RenewClientCertificate);
+        }
         if let Some(due) = self.deferred_offer_due() {
             if now >= due && self.trial.is_none() {
                 if let Some(offers) = self.deferred_offer.take() {
@@ -1126,6 +1146,10 @@ impl ClientCore {
                         self.previous_uid = Some(self.uid);
                         self.uid = uid;
                         self.announce_uid = true;
+                        // CSR-9: a certificate issued for the old uid is requested again.
+                        if self.certificate_renewal.take().is_some() {
+                            self.events.push_back(Event::RenewClientCertificate);
+                        }
                     }
                     if self
                         .flags
@@ -1642,6 +1666,7 @@ impl ClientCore {
             self.deferred_remote_config_due(),
             self.trial.as_ref().map(|t| t.deadline),
             self.deferred_offer_due(),
+            self.certificate_renewal,
         ]
         .into_iter()
         .flatten()

@@ -125,7 +125,7 @@ struct Setup {
     errors: mpsc::UnboundedReceiver<opamp_proto::ServerErrorResponse>,
 }
 
-async fn setup() -> Setup {
+async fn setup(validity: Duration) -> Setup {
     let pki = pki();
     let (b_tx, b_seen) = mpsc::unbounded_channel();
     let b_tls =
@@ -134,6 +134,11 @@ async fn setup() -> Setup {
         ServerConfig::builder()
             .listen_addr("127.0.0.1:0".parse().unwrap())
             .tls(b_tls)
+            // B takes CSRs too, so that a renewal can reach it (it does not sign them).
+            .server_capabilities(
+                opamp_server::DEFAULT_SERVER_CAPABILITIES
+                    | ServerCapabilitySet::ACCEPTS_CONNECTION_SETTINGS_REQUEST,
+            )
             .build()
             .unwrap(),
         Arc::new(Mtls(b_tx)),
@@ -152,7 +157,9 @@ async fn setup() -> Setup {
             .build()
             .unwrap(),
         Arc::new(IssuingServer(Arc::new(Issuing {
-            ca: CertificateAuthority::from_pem(&pki.ca_pem, &pki.ca_key_pem).unwrap(),
+            ca: CertificateAuthority::from_pem(&pki.ca_pem, &pki.ca_key_pem)
+                .unwrap()
+                .with_validity(validity),
             ca_pem: pki.ca_pem.clone(),
             b_url,
             seen: a_tx,
@@ -195,7 +202,7 @@ async fn csr_7_issued_certificate_is_tried_with_the_agents_own_key_and_applied()
         client,
         mut applied,
         errors: _errors,
-    } = setup().await;
+    } = setup(Duration::from_secs(3600)).await;
     // Held until A's capabilities are known (CSR-2): not in the first message.
     client.request_client_certificate().unwrap();
     let first = recv(&mut a_seen).await;
@@ -248,7 +255,7 @@ async fn csr_6_a_bad_csr_is_answered_with_bad_request_and_nothing_changes() {
         client,
         applied: _applied,
         mut errors,
-    } = setup().await;
+    } = setup(Duration::from_secs(3600)).await;
     recv(&mut a_seen).await;
     let garbage = opamp_proto::ConnectionSettingsRequest {
         opamp: Some(opamp_proto::OpAmpConnectionSettingsRequest {
@@ -272,6 +279,38 @@ async fn csr_6_a_bad_csr_is_answered_with_bad_request_and_nothing_changes() {
     );
     assert!(b_seen.try_recv().is_err(), "the agent went to B");
     assert!(client.is_connected());
+    client.stop().await.unwrap();
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csr_8_a_short_lived_certificate_is_renewed_at_two_thirds_of_its_validity() {
+    let Setup {
+        a,
+        b,
+        a_seen: _a_seen,
+        mut b_seen,
+        client,
+        mut applied,
+        errors: _errors,
+    } = setup(Duration::from_secs(3)).await;
+    client.request_client_certificate().unwrap();
+    recv(&mut applied).await;
+    let started = std::time::Instant::now();
+    // On B, the agent sends a new CSR about 2 s into the certificate's 3 s.
+    let csr = loop {
+        let (_, m) = recv(&mut b_seen).await;
+        if let Some(r) = m.connection_settings_request {
+            break r;
+        }
+    };
+    let waited = started.elapsed();
+    assert!(csr.opamp.unwrap().certificate_request.is_some());
+    assert!(
+        waited >= Duration::from_millis(500) && waited < Duration::from_secs(3),
+        "renewed after {waited:?}"
+    );
     client.stop().await.unwrap();
     a.shutdown().await;
     b.shutdown().await;

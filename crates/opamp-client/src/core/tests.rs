@@ -2224,3 +2224,56 @@ fn csr_2_a_request_goes_only_to_a_server_that_advertised_it() {
         "sent to a server that did not advertise it"
     );
 }
+
+#[test]
+fn csr_8_csr_9_renewal_comes_once_at_its_time_or_at_once_after_a_new_uid() {
+    let t0 = Instant::now();
+    let mut c = ws_up(all_caps(), t0);
+    let renewals = |c: &mut ClientCore| {
+        events(c)
+            .iter()
+            .filter(|e| matches!(e, Event::RenewClientCertificate))
+            .count()
+    };
+    // A 90-day certificate renewed at two thirds: 60 days in.
+    let at = t0 + secs(60.0 * 86400.0);
+    c.schedule_certificate_renewal(at);
+    assert_eq!(
+        c.poll_timeout(),
+        Some(t0 + secs(30.0)),
+        "heartbeats still first"
+    );
+    c.handle_timeout(at - secs(1.0));
+    assert_eq!(renewals(&mut c), 0);
+    c.handle_timeout(at);
+    assert_eq!(renewals(&mut c), 1);
+    c.handle_timeout(at + secs(3600.0));
+    assert_eq!(renewals(&mut c), 0, "once");
+
+    // CSR-9: the server assigns a new uid: the certificate names the old one.
+    c.schedule_certificate_renewal(at + secs(86400.0));
+    c.handle_message(
+        t0,
+        ServerToAgent {
+            agent_identification: Some(AgentIdentification {
+                new_instance_uid: InstanceUid::from_array([9; 16]).to_bytes(),
+            }),
+            ..ack()
+        },
+    );
+    assert_eq!(renewals(&mut c), 1);
+    c.handle_timeout(at + secs(2.0 * 86400.0));
+    assert_eq!(renewals(&mut c), 0, "the schedule went with the old uid");
+    // Without a CSR certificate a new uid asks for nothing.
+    c.handle_message(
+        t0,
+        ServerToAgent {
+            instance_uid: InstanceUid::from_array([9; 16]).to_bytes(),
+            agent_identification: Some(AgentIdentification {
+                new_instance_uid: InstanceUid::from_array([10; 16]).to_bytes(),
+            }),
+            ..ack()
+        },
+    );
+    assert_eq!(renewals(&mut c), 0);
+}
