@@ -28,6 +28,12 @@ for features in "" tokio tls tokio,tls; do
         check_features "$crate" "$features"
     done
 done
+# The CSR flow (feature `csr`, off by default): the client's implies `tls`; the server's is
+# sans-IO and builds with or without the drivers.
+check_features opamp-client csr
+for features in csr tokio,csr tls,csr; do
+    check_features opamp-server "$features"
+done
 for features in "" tls; do
     check_features opamp-supervisor "$features"
 done
@@ -36,6 +42,7 @@ for sides in "" client server client,server; do
         check_features opamp "$(echo "$sides,$features" | sed 's/^,//; s/,$//')"
     done
 done
+check_features opamp client,server,csr
 
 # What the features keep out of the build (normal dependencies only): without `tls` no
 # rustls, ring or rustls-pki-types; without `tokio` (the sans-IO cores) no tokio, hyper or
@@ -70,5 +77,12 @@ done
 # The client's driver without TLS (refuses wss:// and https:// with StartError::TlsDisabled).
 echo "cargo test -p opamp-client --no-default-features --features tokio --lib --locked"
 cargo test -p opamp-client --no-default-features --features tokio --lib --locked --quiet
+
+# The CSR flow's tests (feature `csr` is off by default, so `cargo test --workspace` skips
+# them): the CA helper's unit tests and the client's loopback test against it.
+echo "cargo test -p opamp-server --features csr --lib --locked csr"
+cargo test -p opamp-server --features csr --lib --locked --quiet csr
+echo "cargo test -p opamp-client --features csr --locked --test csr --lib"
+cargo test -p opamp-client --features csr --locked --quiet --test csr --lib
 
 echo "check-features: all combinations build without warnings, the trees are clean, the cores pass their tests without tokio"

@@ -25,6 +25,7 @@
 //! | `server` | on | [`server`]: the server side (its sans-IO core `AgentSession` at least) |
 //! | `tokio` | on | the tokio drivers of the enabled sides (`OpampClient`; `Server`, `OpampService`), and [`transport`]'s `ws` settings |
 //! | `tls` | on | TLS with rustls (ring): `wss://`/`https://` and mTLS for the drivers, and [`transport`]'s `tls` module; implies `tokio` |
+//! | `csr` | off | certificate signing requests (CSR-*): the client asks the server to sign a certificate for its instance uid, the server's `csr::CertificateAuthority` verifies and signs (rcgen, x509-parser); implies `tls` |
 //!
 //! Each feature is forwarded to `opamp-transport`, `opamp-client` and `opamp-server`, so one
 //! switch here turns it off through the whole stack. For the protocol cores alone, on your

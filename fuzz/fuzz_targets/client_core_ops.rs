@@ -10,10 +10,11 @@
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-use opamp_client::core::{ClientCore, CoreConfig, Failure, TransportKind};
+use opamp_client::core::{ClientCore, CoreConfig, DriverAction, Event, Failure, TransportKind};
 use opamp_fuzz::Input;
 use opamp_proto::{
-    AgentCapabilitySet, ComponentHealth, InstanceUid, Message, RemoteConfigStatus, ServerToAgent,
+    AgentCapabilitySet, AgentToServer, ComponentHealth, InstanceUid, Message, RemoteConfigStatus,
+    ServerToAgent,
 };
 
 const LIMIT: usize = 1 << 16;
@@ -59,28 +60,41 @@ fuzz_target!(|data: &[u8]| {
                 });
             }
             7 => {
-                while core.poll_event().is_some() {}
-                let _ = core.poll_driver_action();
+                // The embedder's decisions on connection settings offers (CS-4), and the
+                // driver's goodbye before it tries accepted ones (CS-OP-3).
+                while let Some(event) = core.poll_event() {
+                    let yes = input.byte() & 1 == 1;
+                    match event {
+                        Event::OpampConnectionSettings {
+                            settings,
+                            offer_hash,
+                        } if yes => {
+                            core.accept_opamp_connection_settings(now, &offer_hash, &settings)
+                        }
+                        Event::OpampConnectionSettings { offer_hash, .. } => {
+                            core.reject_opamp_connection_settings(now, &offer_hash, "no")
+                        }
+                        Event::TelemetryConnectionSettings { offer_hash, .. } if yes => {
+                            core.accept_telemetry_connection_settings(now, &offer_hash)
+                        }
+                        Event::TelemetryConnectionSettings { offer_hash, .. } => {
+                            core.reject_telemetry_connection_settings(now, &offer_hash, "no")
+                        }
+                        _ => {}
+                    }
+                }
+                if let Some(DriverAction::SwitchConnection | DriverAction::Reconnect) =
+                    core.poll_driver_action()
+                {
+                    let bye = core.disconnect_message(now);
+                    check(&bye, &mut last_seq);
+                }
             }
             8 => core.handle_activity(now),
             _ => now += Duration::from_millis(u64::from(input.u16()) * 50),
         }
         while let Some(msg) = core.poll_transmit(now) {
-            assert_eq!(msg.instance_uid.len(), 16, "UID-1");
-            if let Some(prev) = last_seq {
-                assert!(
-                    msg.sequence_num == prev || msg.sequence_num == prev.wrapping_add(1),
-                    "SEQ-1: {prev} then {}",
-                    msg.sequence_num
-                );
-            }
-            last_seq = Some(msg.sequence_num);
-            assert_eq!(
-                msg.capabilities & !AgentCapabilitySet::all().bits(),
-                0,
-                "CAP-1, CAP-5"
-            );
-            assert!(1 + msg.encoded_len() <= LIMIT, "WS-12");
+            check(&msg, &mut last_seq);
             // The answer the transport would get: over HTTP one request is in flight until
             // then; an empty acknowledgement keeps the exchange going.
             if input.byte() & 1 == 1 {
@@ -92,3 +106,22 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 });
+
+/// The invariants of every outgoing message.
+fn check(msg: &AgentToServer, last_seq: &mut Option<u64>) {
+    assert_eq!(msg.instance_uid.len(), 16, "UID-1");
+    if let Some(prev) = *last_seq {
+        assert!(
+            msg.sequence_num == prev || msg.sequence_num == prev.wrapping_add(1),
+            "SEQ-1: {prev} then {}",
+            msg.sequence_num
+        );
+    }
+    *last_seq = Some(msg.sequence_num);
+    assert_eq!(
+        msg.capabilities & !AgentCapabilitySet::all().bits(),
+        0,
+        "CAP-1, CAP-5"
+    );
+    assert!(1 + msg.encoded_len() <= LIMIT, "WS-12");
+}

@@ -1,19 +1,18 @@
 //! What an embedder implements: the client's hooks, mirroring opamp-go's client callbacks.
 
-use std::collections::BTreeMap;
-
 #[cfg(feature = "tokio")]
 use async_trait::async_trait;
-use bytes::Bytes;
 use opamp_proto::{
-    AgentRemoteConfig, CustomCapabilities, CustomMessage, InstanceUid, OtherConnectionSettings,
-    PackagesAvailable, ServerToAgentFlagSet, TelemetryConnectionSettings,
+    AgentRemoteConfig, CustomCapabilities, CustomMessage, InstanceUid, PackagesAvailable,
+    ServerToAgentFlagSet,
 };
 #[cfg(feature = "tokio")]
 use opamp_proto::{
     EffectiveConfig, OpAmpConnectionSettings, ServerErrorResponse, ServerToAgentCommand,
 };
 
+#[cfg(feature = "tokio")]
+use crate::core::TelemetryConnectionOffer;
 #[cfg(feature = "tokio")]
 use crate::error::{ConnectError, ReportTooLarge};
 
@@ -46,24 +45,66 @@ pub trait Callbacks: Send + Sync + 'static {
 
     /// The server offered new OpAMP connection settings (CS-OP-1), from the offer whose
     /// `ConnectionSettingsOffers.hash` is `offer_hash` (CS-2). Only called when the agent
-    /// declared `AcceptsOpAMPConnectionSettings`.
+    /// declared `AcceptsOpAMPConnectionSettings`, and once per offer: a repeat with the same
+    /// hash is not handed over again.
     ///
-    /// Nothing of the offer is applied before this returns (CS-4). When it returns `Ok`, the
-    /// client applies `heartbeat_interval_seconds` (HB-2, with `ReportsHeartbeat`), and, with
-    /// `ReportsConnectionSettingsStatus`, reports APPLIED if that is all the offer holds.
-    /// Endpoint, headers, certificates, TLS and proxy settings are the embedder's to verify,
-    /// persist, apply and report (CS-OP-2..CS-OP-6), typically by stopping this client and
-    /// starting one with the new settings, then calling
-    /// [`OpampClient::set_connection_settings_status`](crate::OpampClient::set_connection_settings_status).
-    /// Return `Err` to reject the offer: nothing is applied, and with
+    /// Return `Err` to veto the offer: nothing changes, and with
     /// `ReportsConnectionSettingsStatus` the client reports FAILED with `offer_hash` and the
-    /// reason (CSS-1). The default accepts.
+    /// reason (CSS-1). On `Ok` the client applies it:
+    ///
+    /// - only `heartbeat_interval_seconds`: applied at once (HB-2, with `ReportsHeartbeat`),
+    ///   APPLIED;
+    /// - an endpoint, headers, a client certificate or TLS settings: the client builds
+    ///   candidate settings from its current ones ([`StartSettings::with_opamp_connection_settings`](crate::StartSettings::with_opamp_connection_settings),
+    ///   which says what each field does; settings it cannot use are FAILED at once), reports
+    ///   APPLYING, says goodbye to the current server (`agent_disconnect`, CS-OP-3), connects
+    ///   with the candidate and switches to it only when the server there answers (CS-OP-4,
+    ///   CS-OP-5): then [`on_opamp_connection_settings_applied`](Self::on_opamp_connection_settings_applied)
+    ///   is called and APPLIED reported. Otherwise (connection, TLS or authorisation failure,
+    ///   an error answer, no answer in time) it goes back to the old settings and reports
+    ///   FAILED with the reason (CS-OP-6), and calls
+    ///   [`on_opamp_connection_settings_failed`](Self::on_opamp_connection_settings_failed).
+    ///
+    /// The default accepts.
     async fn on_opamp_connection_settings(
         &self,
         _settings: &OpAmpConnectionSettings,
         _offer_hash: &[u8],
     ) -> Result<(), SettingsRejected> {
         Ok(())
+    }
+
+    /// Offered OpAMP connection settings were tried and are now in use (CS-OP-5). Persist
+    /// `settings` (e.g. `prost::Message::encode_to_vec`) and `offer_hash`, and on the next
+    /// start pass them to [`StartSettings::with_opamp_connection_settings`](crate::StartSettings::with_opamp_connection_settings)
+    /// and [`StartSettings::with_connection_settings_status`](crate::StartSettings::with_connection_settings_status)
+    /// (APPLIED with that hash), so that a restarted agent uses them and does not apply the
+    /// same offer again.
+    async fn on_opamp_connection_settings_applied(
+        &self,
+        _settings: &OpAmpConnectionSettings,
+        _offer_hash: &[u8],
+    ) {
+    }
+
+    /// Offered OpAMP connection settings failed and the client went back to its settings
+    /// (CS-OP-6); FAILED with `reason` is reported. For logs and metrics.
+    async fn on_opamp_connection_settings_failed(&self, _offer_hash: &[u8], _reason: &str) {}
+
+    /// The server offered settings for the agent's own telemetry (OWN-1: `own_metrics`,
+    /// `own_traces`, `own_logs`) or other named connections (OTH-1), the parts the agent
+    /// declared capabilities for; an absent part means "keep the current settings" (CS-3).
+    /// Called once per offer (CS-2). Apply them and return `Ok` (APPLIED), or `Err` (FAILED
+    /// with the reason, CSS-1, CSS-3). The client does not export telemetry itself. The
+    /// default refuses: an agent that declares these capabilities implements this.
+    async fn on_telemetry_connection_settings(
+        &self,
+        _settings: &TelemetryConnectionOffer,
+        _offer_hash: &[u8],
+    ) -> Result<(), SettingsRejected> {
+        Err(SettingsRejected::new(
+            "own telemetry and other connection settings are not handled by this agent",
+        ))
     }
 
     /// The server sent a command (CMD-1). Only called when the agent declared
@@ -105,24 +146,14 @@ impl SettingsRejected {
 /// What a `ServerToAgent` carried for the agent, as given to [`Callbacks::on_message`].
 ///
 /// Parts the agent has no capability for are left out (CAP-2): remote config needs
-/// `AcceptsRemoteConfig`, packages `AcceptsPackages`, own telemetry `ReportsOwn*`, other
-/// connections `AcceptsOtherConnectionSettings`.
+/// `AcceptsRemoteConfig`, packages `AcceptsPackages`. Connection settings offers go to their
+/// own callbacks ([`Callbacks::on_opamp_connection_settings`],
+/// [`Callbacks::on_telemetry_connection_settings`]).
 #[derive(Debug, Clone, Default, PartialEq)]
 #[non_exhaustive]
 pub struct MessageData {
     /// A remote configuration offer (RC-3).
     pub remote_config: Option<AgentRemoteConfig>,
-    /// Where to send the agent's own metrics (OWN-1).
-    pub own_metrics: Option<TelemetryConnectionSettings>,
-    /// Where to send the agent's own traces (OWN-1).
-    pub own_traces: Option<TelemetryConnectionSettings>,
-    /// Where to send the agent's own logs (OWN-1).
-    pub own_logs: Option<TelemetryConnectionSettings>,
-    /// Settings for other named connections (OTH-1).
-    pub other_connections: BTreeMap<String, OtherConnectionSettings>,
-    /// `ConnectionSettingsOffers.hash` of the offer these settings came from (CS-2), to echo
-    /// in a connection settings status (CSS-1). Empty if the message had no offer.
-    pub connection_settings_hash: Bytes,
     /// Packages the server offers (PKG-*).
     pub packages_available: Option<PackagesAvailable>,
     /// The server assigned the agent a new instance uid (UID-7). The client already uses it

@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 use opamp_proto::{
     AgentCapabilitySet, AgentDescription, AgentToServerFlagSet, AvailableComponents,
     ComponentHealth, ConnectionSettingsRequest, ConnectionSettingsStatus, CustomCapabilities,
-    CustomMessage, InstanceUid, PackageStatuses, RemoteConfigStatus, ServerCapabilitySet,
+    CustomMessage, InstanceUid, OpAmpConnectionSettings, PackageStatuses, RemoteConfigStatus,
+    ServerCapabilitySet,
 };
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
-use crate::callbacks::Callbacks;
+use crate::callbacks::{Callbacks, SettingsRejected};
 use crate::core::{ClientCore, CoreConfig, DriverAction, Event, Failure, TransportKind};
 use crate::error::{ClientError, ConnectError, StartError, StopError};
 use crate::packages::PackageSyncer;
@@ -29,9 +30,26 @@ pub(crate) struct Shared {
     done_tx: watch::Sender<bool>,
     /// The driver task's id, to recognise `stop()` called from inside a callback.
     driver_task: OnceLock<tokio::task::Id>,
+    /// The private key (PEM) of the last CSR sent, for the certificate the server issues
+    /// for it (CSR-4, CSR-7).
+    #[cfg(feature = "csr")]
+    csr_key: Mutex<Option<String>>,
 }
 
 impl Shared {
+    /// A new key pair and CSR for the current uid; the request goes out when the server
+    /// takes it (CSR-2), the key is kept for the certificate (CSR-4).
+    #[cfg(feature = "csr")]
+    fn request_certificate(&self) -> Result<(), ClientError> {
+        let uid = self.core().instance_uid();
+        let request = crate::csr::CertificateRequest::generate(uid)?;
+        self.core()
+            .request_connection_settings(request.to_request())?;
+        *self.csr_key.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(request.private_key_pem().to_owned());
+        Ok(())
+    }
+
     /// Locks the core. The lock is never held across an `.await`.
     pub(crate) fn core(&self) -> MutexGuard<'_, ClientCore> {
         // A panic while holding the lock can only come from a bug in the core; its state is
@@ -49,19 +67,125 @@ pub(crate) enum LinkAction {
     Reconnect,
     /// The server is unresponsive (half-open): drop the connection, reconnect at `connect_at`.
     Drop,
+    /// Offered connection settings are to be tried: goodbye, close, connect with the
+    /// candidate at `connect_at` (CS-OP-3).
+    Switch,
+}
+
+/// Connection settings in effect: the settings and their parsed endpoint.
+pub(crate) struct Active {
+    pub(crate) settings: StartSettings,
+    pub(crate) endpoint: Endpoint,
+}
+
+/// The current connection settings and, while an offer is tried, the candidate.
+struct ConnState {
+    current: Arc<Active>,
+    candidate: Option<Arc<Active>>,
 }
 
 /// Everything a driver needs.
 pub(crate) struct Driver {
     pub(crate) shared: Arc<Shared>,
     pub(crate) callbacks: Arc<dyn Callbacks>,
+    /// The start settings: timeouts and limits. The connection's own settings (endpoint,
+    /// headers, TLS) come from [`active`](Self::active).
     pub(crate) settings: StartSettings,
-    pub(crate) endpoint: Endpoint,
+    conn: Mutex<ConnState>,
     /// Syncs `packages_available` offers, with [`StartSettings::with_packages`].
     pub(crate) packages: Option<PackageSyncer>,
 }
 
 impl Driver {
+    fn conn(&self) -> MutexGuard<'_, ConnState> {
+        // Only plain assignments happen under the lock.
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The settings to connect with: the candidate while the core tries an offer (CS-OP-4),
+    /// the current ones otherwise.
+    pub(crate) fn active(&self) -> Arc<Active> {
+        let trying = self.shared.core().is_trying_connection_settings();
+        let conn = self.conn();
+        match (&conn.candidate, trying) {
+            (Some(candidate), true) => candidate.clone(),
+            _ => conn.current.clone(),
+        }
+    }
+
+    /// The current settings, whatever is tried.
+    pub(crate) fn current(&self) -> Arc<Active> {
+        self.conn().current.clone()
+    }
+
+    /// Candidate settings from an offer, or why they cannot be used.
+    fn candidate(&self, offer: &OpAmpConnectionSettings) -> Result<Active, SettingsRejected> {
+        let current = self.current();
+        let settings = current.settings.with_opamp_connection_settings(offer)?;
+        let endpoint = settings
+            .resolve()
+            .map_err(|e| SettingsRejected::new(e.to_string()))?;
+        if endpoint.transport != current.endpoint.transport {
+            return Err(SettingsRejected::new(
+                "moving between WebSocket and plain HTTP is not supported",
+            ));
+        }
+        Ok(Active { settings, endpoint })
+    }
+
+    /// Puts the key of the last CSR into an offered certificate that has none (CSR-4).
+    #[cfg(feature = "csr")]
+    fn with_csr_key(
+        &self,
+        mut settings: Box<OpAmpConnectionSettings>,
+    ) -> Box<OpAmpConnectionSettings> {
+        let key = self
+            .shared
+            .csr_key
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let (Some(cert), Some(key)) = (settings.certificate.as_mut(), key) {
+            if cert.private_key.is_empty() && !cert.cert.is_empty() {
+                cert.private_key = key.into_bytes().into();
+            }
+        }
+        settings
+    }
+
+    /// The certificate issued for the last CSR is in use: its key is no longer pending, and
+    /// the certificate is renewed at two thirds of its validity (CSR-8).
+    #[cfg(feature = "csr")]
+    fn csr_key_used(&self, settings: &OpAmpConnectionSettings) {
+        let issued = {
+            let mut key = self
+                .shared
+                .csr_key
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let issued = settings.certificate.as_ref().filter(|c| {
+                key.as_ref()
+                    .is_some_and(|k| c.private_key[..] == *k.as_bytes())
+            });
+            if issued.is_some() {
+                *key = None;
+            }
+            issued
+        };
+        let Some(cert) = issued else {
+            return;
+        };
+        match renewal_delay(&cert.cert, std::time::SystemTime::now()) {
+            Some(delay) => {
+                tracing::debug!(?delay, "client certificate renewal scheduled");
+                self.shared
+                    .core()
+                    .schedule_certificate_renewal(Instant::now() + delay);
+            }
+            None => tracing::warn!("the issued certificate's validity could not be read"),
+        }
+    }
+
     /// Fetches the effective config from the embedder when the core asks for it.
     pub(crate) async fn refresh_effective_config(&self) {
         let wanted = self.shared.core().take_effective_config_request();
@@ -88,6 +212,7 @@ impl Driver {
             match driver {
                 Some(DriverAction::Reconnect) => action = LinkAction::Reconnect,
                 Some(DriverAction::DropConnection) => action = LinkAction::Drop,
+                Some(DriverAction::SwitchConnection) => action = LinkAction::Switch,
                 None => {}
             }
             let Some(event) = event else {
@@ -101,20 +226,74 @@ impl Driver {
                     settings,
                     offer_hash,
                 } => {
+                    // CSR-4, CSR-7: a certificate issued for our CSR comes without its key.
+                    #[cfg(feature = "csr")]
+                    let settings = self.with_csr_key(settings);
                     // CS-4: nothing is applied before the embedder accepts.
                     let decision = self
                         .callbacks
                         .on_opamp_connection_settings(&settings, &offer_hash)
-                        .await;
-                    let mut core = self.shared.core();
+                        .await
+                        .and_then(|()| self.candidate(&settings));
+                    let now = Instant::now();
                     match decision {
-                        Ok(()) => {
+                        Ok(candidate) => {
                             tracing::debug!("OpAMP connection settings accepted");
-                            core.accept_opamp_connection_settings(&offer_hash, &settings);
+                            self.conn().candidate = Some(Arc::new(candidate));
+                            let mut core = self.shared.core();
+                            core.accept_opamp_connection_settings(now, &offer_hash, &settings);
+                            if !core.is_trying_connection_settings() {
+                                // Only the heartbeat changed: nothing to try.
+                                self.conn().candidate = None;
+                            }
                         }
                         Err(e) => {
                             tracing::info!("{e}");
-                            core.reject_opamp_connection_settings(&offer_hash, &e.reason);
+                            self.shared.core().reject_opamp_connection_settings(
+                                now,
+                                &offer_hash,
+                                &e.reason,
+                            );
+                        }
+                    }
+                }
+                Event::OpampConnectionSettingsApplied {
+                    settings,
+                    offer_hash,
+                } => {
+                    {
+                        let mut conn = self.conn();
+                        if let Some(candidate) = conn.candidate.take() {
+                            conn.current = candidate;
+                        }
+                    }
+                    #[cfg(feature = "csr")]
+                    self.csr_key_used(&settings);
+                    tracing::info!("offered OpAMP connection settings applied");
+                    self.callbacks
+                        .on_opamp_connection_settings_applied(&settings, &offer_hash)
+                        .await;
+                }
+                Event::OpampConnectionSettingsFailed { offer_hash, reason } => {
+                    self.conn().candidate = None;
+                    self.callbacks
+                        .on_opamp_connection_settings_failed(&offer_hash, &reason)
+                        .await;
+                }
+                Event::TelemetryConnectionSettings {
+                    settings,
+                    offer_hash,
+                } => {
+                    let decision = self
+                        .callbacks
+                        .on_telemetry_connection_settings(&settings, &offer_hash)
+                        .await;
+                    let now = Instant::now();
+                    let mut core = self.shared.core();
+                    match decision {
+                        Ok(()) => core.accept_telemetry_connection_settings(now, &offer_hash),
+                        Err(e) => {
+                            core.reject_telemetry_connection_settings(now, &offer_hash, &e.reason)
                         }
                     }
                 }
@@ -127,6 +306,13 @@ impl Driver {
                     self.callbacks.on_message(*data).await
                 }
                 Event::ReportTooLarge(e) => self.callbacks.on_report_too_large(&e).await,
+                Event::RenewClientCertificate => {
+                    // CSR-8, CSR-9
+                    #[cfg(feature = "csr")]
+                    if let Err(e) = self.shared.request_certificate() {
+                        tracing::warn!("renewing the client certificate: {e}");
+                    }
+                }
                 // The core's events are all handled above; a new one is logged until it is.
                 #[allow(unreachable_patterns)]
                 other => tracing::debug!(?other, "unhandled core event"),
@@ -140,10 +326,10 @@ impl Driver {
             Some(retry_after) => Failure::Throttled { retry_after },
             None => Failure::Transport,
         };
-        let delay = self
-            .shared
-            .core()
-            .handle_connect_failure(Instant::now(), failure);
+        let delay =
+            self.shared
+                .core()
+                .handle_connect_error(Instant::now(), failure, &error.to_string());
         tracing::debug!(?delay, "connection failed: {error}");
         self.callbacks.on_connect_failed(error).await;
     }
@@ -222,6 +408,7 @@ impl OpampClient {
         config.max_message_size = settings.max_message_size;
         config.jitter_seed = settings.jitter_seed;
         config.guards = settings.guards.clone();
+        config.connection_settings_timeout = settings.connection_settings_timeout;
         let mut core = ClientCore::new(config, Instant::now());
         if let Some(description) = settings.agent_description.clone() {
             core.set_agent_description(description)
@@ -235,6 +422,14 @@ impl OpampClient {
             })?;
         }
 
+        if let Some(status) = settings.connection_settings_status.clone() {
+            core.set_connection_settings_status(status).map_err(|_| {
+                StartError::InvalidSettings(
+                    "a connection settings status needs ReportsConnectionSettingsStatus",
+                )
+            })?;
+        }
+
         let shared = Arc::new(Shared {
             core: Mutex::new(core),
             wake: Notify::new(),
@@ -242,6 +437,8 @@ impl OpampClient {
             stop_tx: watch::Sender::new(false),
             done_tx: watch::Sender::new(false),
             driver_task: OnceLock::new(),
+            #[cfg(feature = "csr")]
+            csr_key: Mutex::new(None),
         });
         let stop_timeout = settings.stop_timeout;
         let packages = match (&settings.packages, download) {
@@ -268,16 +465,23 @@ impl OpampClient {
             }
             _ => None,
         };
+        let transport = endpoint.transport;
         let driver = Driver {
             shared: shared.clone(),
             callbacks,
+            conn: Mutex::new(ConnState {
+                current: Arc::new(Active {
+                    settings: settings.clone(),
+                    endpoint,
+                }),
+                candidate: None,
+            }),
             settings,
-            endpoint,
             packages,
         };
         let task = runtime.spawn(async move {
             let _ = driver.shared.driver_task.set(tokio::task::id());
-            match driver.endpoint.transport {
+            match transport {
                 TransportKind::WebSocket => crate::ws::run(&driver).await,
                 TransportKind::Http => crate::http::run(&driver).await,
             }
@@ -371,6 +575,31 @@ impl OpampClient {
         self.update(|c| c.request_connection_settings(request))
     }
 
+    /// Starts the CSR flow (CSR-2, feature `csr`): generates a key pair and a CSR carrying
+    /// the instance uid, keeps the key, and sends the request to the server once it has
+    /// advertised `AcceptsConnectionSettingsRequest` (held until its capabilities are known;
+    /// refused with [`ClientError::ServerLacksCapability`] when they lack it). The server's
+    /// answer, an OpAMP connection offer with the issued certificate and no private key
+    /// (CSR-4), goes through [`Callbacks::on_opamp_connection_settings`] and is tried like any
+    /// other offer, with the kept key put in (CSR-7): the settings given to
+    /// [`Callbacks::on_opamp_connection_settings_applied`] then hold that private key, so
+    /// persist them safely. Calling it again (e.g. before the certificate expires, or after
+    /// the server assigned a new uid, CSR-8, CSR-9) replaces the pending key. Needs
+    /// `AcceptsOpAMPConnectionSettings`.
+    ///
+    /// Once a certificate from this flow is in use, the client renews it by itself at two
+    /// thirds of its validity, and at once when the server assigns a new instance uid
+    /// (CSR-8, CSR-9).
+    #[cfg(feature = "csr")]
+    pub fn request_client_certificate(&self) -> Result<(), ClientError> {
+        if self.shared.stop_requested.load(Ordering::Acquire) {
+            return Err(ClientError::Stopped);
+        }
+        self.shared.request_certificate()?;
+        self.shared.wake.notify_one();
+        Ok(())
+    }
+
     /// Sets `AgentToServer.flags` (e.g. `RequestInstanceUid`, UID-5).
     pub fn set_flags(&self, flags: AgentToServerFlagSet) -> Result<(), ClientError> {
         self.update(|c| c.set_flags(flags))
@@ -422,5 +651,42 @@ impl OpampClient {
                 Err(StopError::Timeout)
             }
         }
+    }
+}
+
+/// How long after `now` a certificate (PEM) is due for renewal: at two thirds of its
+/// validity (CSR-8); zero when that is past. `None` if it cannot be read.
+#[cfg(feature = "csr")]
+fn renewal_delay(cert_pem: &[u8], now: std::time::SystemTime) -> Option<Duration> {
+    use std::time::UNIX_EPOCH;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem).ok()?;
+    let cert = pem.parse_x509().ok()?;
+    let validity = cert.validity();
+    let at = |t: i64| Some(UNIX_EPOCH + Duration::from_secs(u64::try_from(t).ok()?));
+    let from = at(validity.not_before.timestamp())?;
+    let to = at(validity.not_after.timestamp())?;
+    let renew = from + to.duration_since(from).ok()? * 2 / 3;
+    Some(renew.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+#[cfg(all(test, feature = "csr"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csr_8_renewal_at_two_thirds_of_the_validity() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["agent".to_owned()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(2030, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2030, 4, 1); // 90 days
+        let pem = params.self_signed(&key).unwrap().pem();
+        let start = std::time::UNIX_EPOCH + Duration::from_secs(1_893_456_000); // 2030-01-01
+        assert_eq!(
+            renewal_delay(pem.as_bytes(), start),
+            Some(Duration::from_secs(60 * 86400))
+        );
+        let late = start + Duration::from_secs(70 * 86400);
+        assert_eq!(renewal_delay(pem.as_bytes(), late), Some(Duration::ZERO));
+        assert_eq!(renewal_delay(b"garbage", start), None);
     }
 }

@@ -23,11 +23,33 @@
 //!    event to the application (an OpAMP
 //!    connection-settings offer is answered with
 //!    [`accept_opamp_connection_settings`](ClientCore::accept_opamp_connection_settings) or
-//!    [`reject_opamp_connection_settings`](ClientCore::reject_opamp_connection_settings));
+//!    [`reject_opamp_connection_settings`](ClientCore::reject_opamp_connection_settings),
+//!    own-telemetry and other-connection settings with
+//!    [`accept_telemetry_connection_settings`](ClientCore::accept_telemetry_connection_settings)
+//!    or [`reject_telemetry_connection_settings`](ClientCore::reject_telemetry_connection_settings));
 //! 3. call [`poll_transmit`](ClientCore::poll_transmit) until it returns `None` and send each
 //!    message (over plain HTTP it returns at most one until the answer came in, HTTP-10);
 //! 4. sleep until [`poll_timeout`](ClientCore::poll_timeout) (or until the next input) and, for
 //!    WebSocket, connect when [`connect_at`](ClientCore::connect_at) has passed.
+//!
+//! # Connection settings offers
+//!
+//! An offer (`ServerToAgent.connection_settings`) is handled once: a repeat with the same
+//! hash (CS-2) raises nothing. Its parts go to the embedder for a decision (CS-4): the OpAMP
+//! part as [`Event::OpampConnectionSettings`], own telemetry and other connections as
+//! [`Event::TelemetryConnectionSettings`]; a rejected part changes nothing. Accepted OpAMP
+//! settings that change the connection (endpoint, headers, certificate, TLS, proxy) are tried
+//! (CS-OP-2..CS-OP-6): the core reports APPLYING and asks the driver to switch
+//! ([`DriverAction::SwitchConnection`]); while
+//! [`is_trying_connection_settings`](ClientCore::is_trying_connection_settings) holds, the
+//! driver connects with the candidate settings. The first proper answer from that server
+//! makes them the driver's settings ([`Event::OpampConnectionSettingsApplied`], APPLIED);
+//! a failed connection, an error answer, a refused request or no answer within
+//! [`CoreConfig::connection_settings_timeout`] rolls back to the old settings at once
+//! ([`Event::OpampConnectionSettingsFailed`], FAILED with the reason). The status reported
+//! (CSS-1) follows from all parts: FAILED if one failed, APPLYING while one is undecided or
+//! tried, APPLIED once all are applied. Offers that come while one is tried are ignored (the
+//! server sends them again, CSS-2).
 //!
 //! Setters only mark state dirty; everything dirty goes out in the next message, so a burst
 //! of setter calls becomes one message (RETRY-4).
@@ -46,13 +68,17 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use opamp_proto::{
     AgentCapabilitySet, AgentDescription, AgentDisconnect, AgentRemoteConfig, AgentToServer,
-    AgentToServerFlagSet, AvailableComponents, ComponentHealth, ConnectionSettingsRequest,
-    ConnectionSettingsStatus, ConnectionSettingsStatuses, CustomCapabilities, CustomMessage,
-    EffectiveConfig, InstanceUid, Message, OpAmpConnectionSettings, PackageStatuses,
-    RemoteConfigStatus, RemoteConfigStatuses, ServerCapabilitySet, ServerErrorResponse,
-    ServerErrorResponseType, ServerToAgent, ServerToAgentCommand, ServerToAgentFlagSet,
-    server_error_response,
+    AgentToServerFlagSet, AvailableComponents, ComponentHealth, ConnectionSettingsOffers,
+    ConnectionSettingsRequest, ConnectionSettingsStatus, ConnectionSettingsStatuses,
+    CustomCapabilities, CustomMessage, EffectiveConfig, InstanceUid, Message,
+    OpAmpConnectionSettings, PackageStatuses, RemoteConfigStatus, RemoteConfigStatuses,
+    ServerCapabilitySet, ServerErrorResponse, ServerErrorResponseType, ServerToAgent,
+    ServerToAgentCommand, ServerToAgentFlagSet, server_error_response,
 };
+
+mod offers;
+pub use offers::TelemetryConnectionOffer;
+use offers::{Offer, Part, Seen, Trial};
 
 use crate::backoff::{Backoff, BackoffPolicy};
 use crate::callbacks::MessageData;
@@ -91,6 +117,10 @@ pub struct CoreConfig {
     pub jitter_seed: Option<u64>,
     /// Bounds on what a broken or hostile server can make the client do.
     pub guards: ServerGuards,
+    /// How long offered OpAMP connection settings are tried before they count as failed:
+    /// from the offer's acceptance until the server at the new settings answers
+    /// (CS-OP-4..CS-OP-6). Default 30 s.
+    pub connection_settings_timeout: Duration,
 }
 
 /// Bounds on what a broken or hostile server can make the client do: reconnect storms,
@@ -102,6 +132,7 @@ pub struct CoreConfig {
 /// | [`full_state_min_interval`](Self::full_state_min_interval): server-requested full reports at most this often | 5 s |
 /// | [`remote_config_min_interval`](Self::remote_config_min_interval): remote configs handed over at most this often (the latest wins) | 1 s |
 /// | [`command_min_interval`](Self::command_min_interval): commands delivered at most this often (repeats dropped) | 10 s |
+/// | [`connection_settings_min_interval`](Self::connection_settings_min_interval): connection settings offers handled at most this often (the latest wins) | 5 s |
 /// | [`reply_timeout_factor`](Self::reply_timeout_factor): a WebSocket server silent for this many heartbeat intervals after a message is dropped | 2 |
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -122,6 +153,11 @@ pub struct ServerGuards {
     /// The shortest time between two commands handed to the embedder (CMD-1); a command within
     /// it is dropped (and logged). Default 10 s.
     pub command_min_interval: Duration,
+    /// The shortest time between two connection-settings offers handed to the embedder
+    /// (CS-4); offers that arrive within it are deferred and only the latest is handled at
+    /// the end of the interval. A server offering a new unusable endpoint in every answer
+    /// makes the agent try one at most this often, not in a loop. Default 5 s.
+    pub connection_settings_min_interval: Duration,
     /// WebSocket: when the server has not sent anything for this many heartbeat intervals
     /// (the local one when heartbeats are off) since a message that it must answer (REP-4),
     /// the connection is taken for half-open and dropped, and the client reconnects with
@@ -136,6 +172,7 @@ impl Default for ServerGuards {
             full_state_min_interval: Duration::from_secs(5),
             remote_config_min_interval: Duration::from_secs(1),
             command_min_interval: Duration::from_secs(10),
+            connection_settings_min_interval: Duration::from_secs(5),
             reply_timeout_factor: 2,
         }
     }
@@ -166,6 +203,12 @@ impl ServerGuards {
         self
     }
 
+    /// Sets [`connection_settings_min_interval`](Self::connection_settings_min_interval).
+    pub fn with_connection_settings_min_interval(mut self, d: Duration) -> Self {
+        self.connection_settings_min_interval = d;
+        self
+    }
+
     /// Sets [`reply_timeout_factor`](Self::reply_timeout_factor); 0 switches the check off.
     pub fn with_reply_timeout_factor(mut self, factor: u32) -> Self {
         self.reply_timeout_factor = factor;
@@ -189,6 +232,7 @@ impl CoreConfig {
             max_message_size: opamp_proto::DEFAULT_MAX_MESSAGE_SIZE,
             jitter_seed: None,
             guards: ServerGuards::default(),
+            connection_settings_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -231,6 +275,40 @@ pub enum Event {
         /// `ConnectionSettingsOffers.hash` of the offer (CS-2), for the status (CSS-1).
         offer_hash: Bytes,
     },
+    /// Offered OpAMP connection settings were tried and the server at them answered
+    /// (CS-OP-5): the driver's candidate settings are now its settings; persist them (call
+    /// `on_opamp_connection_settings_applied`) so that a restarted agent uses them. APPLIED is
+    /// reported.
+    OpampConnectionSettingsApplied {
+        /// The settings now in use.
+        settings: Box<OpAmpConnectionSettings>,
+        /// The offer's hash.
+        offer_hash: Bytes,
+    },
+    /// Offered OpAMP connection settings were tried and failed (CS-OP-6): the driver drops the
+    /// candidate and goes back to its settings (the core already scheduled the reconnect).
+    /// FAILED is reported with `reason`.
+    OpampConnectionSettingsFailed {
+        /// The offer's hash.
+        offer_hash: Bytes,
+        /// Why.
+        reason: String,
+    },
+    /// The server offered own-telemetry or other-connection settings (OWN-1, OTH-1): call
+    /// `on_telemetry_connection_settings`, then answer with
+    /// [`ClientCore::accept_telemetry_connection_settings`] or
+    /// [`ClientCore::reject_telemetry_connection_settings`] (CS-4, CSS-3).
+    TelemetryConnectionSettings {
+        /// The parts the agent declared capabilities for.
+        settings: Box<TelemetryConnectionOffer>,
+        /// `ConnectionSettingsOffers.hash` of the offer (CS-2).
+        offer_hash: Bytes,
+    },
+    /// The client certificate obtained through the CSR flow is due for renewal (CSR-8: the
+    /// time given to [`ClientCore::schedule_certificate_renewal`] has come), or the server
+    /// assigned a new instance uid, so the certificate names the old one (CSR-9): send a new
+    /// CSR.
+    RenewClientCertificate,
     /// The server sent data for the agent: call `on_message`.
     Message(Box<MessageData>),
     /// A part of the agent's report can never be sent: alone it is over the message size
@@ -253,6 +331,12 @@ pub enum DriverAction {
     /// Drop it (a close frame at most, no goodbye message) and reconnect at
     /// [`ClientCore::connect_at`]. The core is already in the disconnected state.
     DropConnection,
+    /// Both transports: accepted OpAMP connection settings are to be tried (CS-OP-3). Send
+    /// the message from [`ClientCore::disconnect_message`] on the current connection (it
+    /// carries APPLYING; over plain HTTP as a last request to the current server), close it,
+    /// then connect at [`ClientCore::connect_at`] with the candidate settings. The core is
+    /// already in the disconnected state.
+    SwitchConnection,
 }
 
 /// Where the link stands.
@@ -348,6 +432,18 @@ pub struct ClientCore {
     deferred_remote_config: Option<AgentRemoteConfig>,
     /// When the last command was handed over (CMD-1).
     last_command: Option<Instant>,
+    /// The last connection-settings offer handled, to handle a repeat only once (CS-2).
+    seen_offer: Option<Seen>,
+    /// The offer whose status is reported (CSS-1).
+    offer: Option<Offer>,
+    /// Accepted OpAMP settings being tried (CS-OP-4).
+    trial: Option<Trial>,
+    /// When the last offer was handled, and the latest one waiting (CS-4).
+    last_offer_at: Option<Instant>,
+    deferred_offer: Option<ConnectionSettingsOffers>,
+    connection_settings_timeout: Duration,
+    /// When the CSR-issued client certificate is to be renewed (CSR-8).
+    certificate_renewal: Option<Instant>,
 }
 
 impl ClientCore {
@@ -404,6 +500,13 @@ impl ClientCore {
             last_remote_config: None,
             deferred_remote_config: None,
             last_command: None,
+            seen_offer: None,
+            offer: None,
+            trial: None,
+            last_offer_at: None,
+            deferred_offer: None,
+            certificate_renewal: None,
+            connection_settings_timeout: config.connection_settings_timeout,
         }
     }
 
@@ -454,6 +557,20 @@ impl ClientCore {
     /// The transport this core drives.
     pub fn transport(&self) -> TransportKind {
         self.transport
+    }
+
+    /// The client certificate in use came from the CSR flow and is to be renewed at `at`
+    /// (CSR-8; e.g. at two thirds of its validity): [`Event::RenewClientCertificate`] comes
+    /// then, once, from [`handle_timeout`](Self::handle_timeout), and at once if the server
+    /// assigns a new instance uid before (CSR-9). A later call replaces the time.
+    pub fn schedule_certificate_renewal(&mut self, at: Instant) {
+        self.certificate_renewal = Some(at);
+    }
+
+    /// Whether accepted OpAMP connection settings are being tried: the driver connects with
+    /// its candidate settings while this holds, with its current ones otherwise (CS-OP-4).
+    pub fn is_trying_connection_settings(&self) -> bool {
+        self.trial.is_some()
     }
 
     // ---- setters (REP-1: a change is reported; CMP-3: an unchanged value is not) -----------
@@ -626,6 +743,14 @@ impl ClientCore {
         let mut value = value;
         value.last_connection_settings_hash =
             Bytes::copy_from_slice(&value.last_connection_settings_hash);
+        // A status set by the embedder (e.g. the persisted one after a restart) names the
+        // offer it handled: a repeat of that offer is not handled again (CS-2).
+        let decided = value.status == ConnectionSettingsStatuses::Applied as i32
+            || value.status == ConnectionSettingsStatuses::Failed as i32;
+        if decided && !value.last_connection_settings_hash.is_empty() && self.trial.is_none() {
+            self.seen_offer = Some(Seen::Hash(value.last_connection_settings_hash.clone()));
+            self.offer = None;
+        }
         Self::store(
             &mut self.status.connection_settings_status,
             &mut self.dirty,
@@ -635,9 +760,12 @@ impl ClientCore {
         Ok(())
     }
 
-    /// Sends a connection settings request (CSR-2) in the next message; needs
-    /// `AcceptsOpAMPConnectionSettings` (to receive the answer) and, once the server's
-    /// capabilities are known, its `AcceptsConnectionSettingsRequest` (CAP-4).
+    /// Sends a connection settings request (CSR-2); needs `AcceptsOpAMPConnectionSettings` (to
+    /// receive the answer). It goes only to a server that advertised
+    /// `AcceptsConnectionSettingsRequest` (CSR-2, CAP-4): refused when the server's known
+    /// capabilities lack it; held while they are unknown, sent in the first message after a
+    /// server announced it, and dropped (with a warning) if the server announces capabilities
+    /// without it.
     pub fn request_connection_settings(
         &mut self,
         value: ConnectionSettingsRequest,
@@ -693,6 +821,18 @@ impl ClientCore {
     /// with backoff (GEN-8), or later if the server asked so (THR-5); the full status is
     /// sent once the link is back (RETRY-1). Returns the delay.
     pub fn handle_connect_failure(&mut self, now: Instant, failure: Failure) -> Duration {
+        self.handle_connect_error(now, failure, "the connection failed")
+    }
+
+    /// [`handle_connect_failure`](Self::handle_connect_failure) with what went wrong: while
+    /// offered connection settings are tried, they have failed, and `reason` is the FAILED
+    /// status's message (CS-OP-6). The rollback to the old settings is immediate (returns 0).
+    pub fn handle_connect_error(
+        &mut self,
+        now: Instant,
+        failure: Failure,
+        reason: &str,
+    ) -> Duration {
         self.in_flight = false;
         let delay = match failure {
             Failure::Transport => self.backoff.delay_after_failure(false, None),
@@ -701,6 +841,10 @@ impl ClientCore {
             }
         };
         self.go_down(now, delay);
+        if self.trial.is_some() {
+            self.fail_trial(now, reason, None);
+            return Duration::ZERO;
+        }
         delay
     }
 
@@ -709,9 +853,21 @@ impl ClientCore {
     /// after a connection that worked, more and more slowly if the server keeps dropping
     /// connections before answering (WS-18, GEN-8). Returns the delay.
     pub fn handle_disconnected(&mut self, now: Instant) -> Duration {
+        self.handle_connection_lost(now, "the connection was lost")
+    }
+
+    /// [`handle_disconnected`](Self::handle_disconnected) with what went wrong: while offered
+    /// connection settings are tried, they have failed (the new server dropped the connection
+    /// before answering), and `reason` is the FAILED status's message (CS-OP-6). The rollback
+    /// to the old settings is immediate (returns 0).
+    pub fn handle_connection_lost(&mut self, now: Instant, reason: &str) -> Duration {
         self.in_flight = false;
         let delay = self.session_ended(now);
         self.go_down(now, delay);
+        if self.trial.is_some() {
+            self.fail_trial(now, reason, None);
+            return Duration::ZERO;
+        }
         delay
     }
 
@@ -738,9 +894,10 @@ impl ClientCore {
     }
 
     /// Checks the timers that do not send anything: a WebSocket server silent for too long
-    /// after a message it must answer (REP-4, [`DriverAction::DropConnection`]), and a remote
-    /// config deferred by [`ServerGuards::remote_config_min_interval`] (handed over as an
-    /// [`Event::Message`]). Call it before draining events, with the current time.
+    /// after a message it must answer (REP-4, [`DriverAction::DropConnection`]), the deadline
+    /// of offered connection settings being tried, a connection-settings offer deferred by
+    /// [`ServerGuards::connection_settings_min_interval`], and a remote config deferred by
+    /// [`ServerGuards::remote_config_min_interval`] (handed over as an [`Event::Message`]). Call it before draining events, with the current time.
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.link == Link::Stopped {
             return;
@@ -755,6 +912,27 @@ impl ClientCore {
                 self.go_down(now, delay);
                 self.driver_action
                     .get_or_insert(DriverAction::DropConnection);
+            }
+        }
+        if let Some(trial) = &self.trial {
+            if now >= trial.deadline {
+                let reason = format!(
+                    "the server at the offered settings did not answer within {:?}",
+                    self.connection_settings_timeout
+                );
+                let up = self.link == Link::Up;
+                self.fail_trial(now, &reason, up.then_some(DriverAction::DropConnection));
+            }
+        }
+        if self.certificate_renewal.is_some_and(|at| now >= at) {
+            self.certificate_renewal = None;
+            self.events.push_back(Event::RenewClientCertificate);
+        }
+        if let Some(due) = self.deferred_offer_due() {
+            if now >= due && self.trial.is_none() {
+                if let Some(offers) = self.deferred_offer.take() {
+                    self.handle_offers(now, offers);
+                }
             }
         }
         if let Some(due) = self.deferred_remote_config_due() {
@@ -794,6 +972,16 @@ impl ClientCore {
         })
     }
 
+    fn deferred_offer_due(&self) -> Option<Instant> {
+        self.deferred_offer.as_ref()?;
+        if self.trial.is_some() {
+            // Handled once the trial ended; its deadline wakes the driver meanwhile.
+            return None;
+        }
+        self.last_offer_at
+            .map(|t| add(t, self.guards.connection_settings_min_interval))
+    }
+
     fn deferred_full_state_due(&self) -> Option<Instant> {
         if !self.full_state_deferred {
             return None;
@@ -826,6 +1014,15 @@ impl ClientCore {
     /// burst. That attempt carries only what changed since, not the refused message.
     pub fn handle_request_rejected(&mut self, now: Instant) {
         self.in_flight = false;
+        if self.trial.is_some() {
+            // CS-OP-6: the new server refused the agent's report.
+            self.fail_trial(
+                now,
+                "the server at the offered settings refused the request",
+                None,
+            );
+            return;
+        }
         if let Link::Down { .. } = self.link {
             // Not `go_down`: the full state is not queued again (RETRY-3).
             let delay = self.backoff.next_delay();
@@ -876,6 +1073,22 @@ impl ClientCore {
             self.handle_server_error(error, now);
             return;
         }
+        // CS-OP-5: the server at the candidate settings answered properly: they are the
+        // driver's settings from now on.
+        if let Some(trial) = self.trial.take() {
+            if self
+                .capabilities
+                .contains(AgentCapabilitySet::REPORTS_HEARTBEAT)
+            {
+                self.apply_heartbeat(trial.settings.heartbeat_interval_seconds);
+            }
+            self.set_offer_part(&trial.hash, |o| &mut o.opamp, Part::Applied);
+            self.events
+                .push_back(Event::OpampConnectionSettingsApplied {
+                    settings: trial.settings,
+                    offer_hash: trial.hash,
+                });
+        }
         // A proper answer: the server works, so the backoff starts over. Over WebSocket only
         // once the session has lasted (`session_ended`, GEN-8, WS-18).
         match self.transport {
@@ -887,6 +1100,12 @@ impl ClientCore {
         // CAP-3: 0 means "unchanged".
         if msg.capabilities != 0 {
             self.server_capabilities = ServerCapabilitySet::from_bits_retain(msg.capabilities);
+            if self.connection_settings_request.is_some() && !self.server_takes_csr() {
+                tracing::warn!(
+                    "dropping a connection settings request: the server does not accept them"
+                );
+                self.connection_settings_request = None;
+            }
         }
 
         // S2A-2, CMD-2: a command stands alone; without the capability it is ignored.
@@ -927,6 +1146,10 @@ impl ClientCore {
                         self.previous_uid = Some(self.uid);
                         self.uid = uid;
                         self.announce_uid = true;
+                        // CSR-9: a certificate issued for the old uid is requested again.
+                        if self.certificate_renewal.take().is_some() {
+                            self.events.push_back(Event::RenewClientCertificate);
+                        }
                     }
                     if self
                         .flags
@@ -943,39 +1166,21 @@ impl ClientCore {
         }
 
         if let Some(offers) = msg.connection_settings {
-            data.connection_settings_hash = offers.hash;
-            if let Some(opamp) = offers.opamp {
-                if self
-                    .capabilities
-                    .contains(AgentCapabilitySet::ACCEPTS_OPAMP_CONNECTION_SETTINGS)
-                {
-                    // CS-4: the embedder decides first; nothing is applied before it accepts.
-                    self.events.push_back(Event::OpampConnectionSettings {
-                        settings: Box::new(opamp),
-                        offer_hash: Bytes::copy_from_slice(&data.connection_settings_hash),
-                    });
-                } else if self
-                    .capabilities
-                    .contains(AgentCapabilitySet::REPORTS_HEARTBEAT)
-                {
-                    // HB-2: the agent cannot take the rest of the offer, but it reports
-                    // heartbeats, so it uses the server's interval.
-                    self.apply_heartbeat(opamp.heartbeat_interval_seconds);
+            // A server changing the offer in every message cannot keep the agent trying new
+            // connections: one offer per `connection_settings_min_interval`, the latest wins.
+            let recent = self
+                .last_offer_at
+                .is_some_and(|t| now < add(t, self.guards.connection_settings_min_interval));
+            if recent {
+                if self.seen_offer.as_ref() != Some(&Seen::of(&offers)) {
+                    tracing::debug!(
+                        "deferring a connection settings offer: one was handled just now"
+                    );
+                    self.deferred_offer = Some(offers);
                 }
-            }
-            let caps = self.capabilities;
-            // CS-1, CAP-2: only what the agent declared.
-            if caps.contains(AgentCapabilitySet::REPORTS_OWN_METRICS) {
-                data.own_metrics = offers.own_metrics;
-            }
-            if caps.contains(AgentCapabilitySet::REPORTS_OWN_TRACES) {
-                data.own_traces = offers.own_traces;
-            }
-            if caps.contains(AgentCapabilitySet::REPORTS_OWN_LOGS) {
-                data.own_logs = offers.own_logs;
-            }
-            if caps.contains(AgentCapabilitySet::ACCEPTS_OTHER_CONNECTION_SETTINGS) {
-                data.other_connections = offers.other_connections;
+            } else {
+                self.deferred_offer = None;
+                self.handle_offers(now, offers);
             }
         }
 
@@ -1039,45 +1244,207 @@ impl ClientCore {
         }
     }
 
+    /// A `connection_settings` offer (CS-1..CS-3): handled once per hash, its parts handed
+    /// to the embedder for a decision.
+    fn handle_offers(&mut self, now: Instant, offers: ConnectionSettingsOffers) {
+        let seen = Seen::of(&offers);
+        if self.seen_offer.as_ref() == Some(&seen) {
+            // CS-2: the same offer again (a plain-HTTP server repeats it until the agent
+            // reports its hash): decided already.
+            return;
+        }
+        if self.trial.is_some() {
+            // One offer at a time; the server sends a newer one again (CSS-2).
+            tracing::debug!("ignoring a connection settings offer while another one is tried");
+            return;
+        }
+        self.seen_offer = Some(seen);
+        self.last_offer_at = Some(now);
+        let hash = Bytes::copy_from_slice(&offers.hash);
+        let caps = self.capabilities;
+        let mut offer = Offer {
+            hash: hash.clone(),
+            opamp: Part::Absent,
+            telemetry: Part::Absent,
+        };
+        if let Some(opamp) = offers.opamp {
+            if caps.contains(AgentCapabilitySet::ACCEPTS_OPAMP_CONNECTION_SETTINGS) {
+                // CS-4: the embedder decides first; nothing is applied before it accepts.
+                offer.opamp = Part::Pending;
+                self.events.push_back(Event::OpampConnectionSettings {
+                    settings: Box::new(opamp),
+                    offer_hash: hash.clone(),
+                });
+            } else if caps.contains(AgentCapabilitySet::REPORTS_HEARTBEAT) {
+                // HB-2: the agent cannot take the rest of the offer, but it reports
+                // heartbeats, so it uses the server's interval.
+                self.apply_heartbeat(opamp.heartbeat_interval_seconds);
+            }
+        }
+        // CS-1, CAP-2: only what the agent declared.
+        let mut telemetry = TelemetryConnectionOffer::default();
+        if caps.contains(AgentCapabilitySet::REPORTS_OWN_METRICS) {
+            telemetry.own_metrics = offers.own_metrics;
+        }
+        if caps.contains(AgentCapabilitySet::REPORTS_OWN_TRACES) {
+            telemetry.own_traces = offers.own_traces;
+        }
+        if caps.contains(AgentCapabilitySet::REPORTS_OWN_LOGS) {
+            telemetry.own_logs = offers.own_logs;
+        }
+        if caps.contains(AgentCapabilitySet::ACCEPTS_OTHER_CONNECTION_SETTINGS) {
+            telemetry.other_connections = offers.other_connections;
+        }
+        if !telemetry.is_empty() {
+            offer.telemetry = Part::Pending;
+            self.events.push_back(Event::TelemetryConnectionSettings {
+                settings: Box::new(telemetry),
+                offer_hash: hash,
+            });
+        }
+        self.offer = Some(offer);
+        // Nothing is reported while the parts wait for the embedder: its decisions come
+        // before the next message goes out.
+    }
+
     /// The embedder accepted the OpAMP connection settings of
-    /// [`Event::OpampConnectionSettings`] (CS-4). The core applies the heartbeat interval
-    /// (HB-2, with `ReportsHeartbeat`). When that is all the offer holds and the agent has
-    /// `ReportsConnectionSettingsStatus`, it reports APPLIED with the offer's hash (CSS-1);
-    /// an offer with an endpoint, headers, certificate, TLS or proxy settings is the
-    /// embedder's to verify and report (CS-OP-3..CS-OP-6).
+    /// [`Event::OpampConnectionSettings`] (CS-4). When they hold only a heartbeat interval,
+    /// it is applied (HB-2, with `ReportsHeartbeat`) and the part is APPLIED. Otherwise they
+    /// are tried (CS-OP-2..CS-OP-4): APPLYING is reported, [`DriverAction::SwitchConnection`]
+    /// asks the driver to leave the current server, and the core is disconnected, due to
+    /// connect at once; the driver connects with the candidate while
+    /// [`is_trying_connection_settings`](Self::is_trying_connection_settings) holds. The
+    /// heartbeat interval of tried settings is applied only once they succeeded.
     pub fn accept_opamp_connection_settings(
         &mut self,
+        now: Instant,
         offer_hash: &[u8],
         settings: &OpAmpConnectionSettings,
+    ) {
+        if self.link == Link::Stopped || self.trial.is_some() {
+            return;
+        }
+        if !offers::changes_connection(settings) {
+            if self
+                .capabilities
+                .contains(AgentCapabilitySet::REPORTS_HEARTBEAT)
+            {
+                self.apply_heartbeat(settings.heartbeat_interval_seconds);
+            }
+            self.set_offer_part(offer_hash, |o| &mut o.opamp, Part::Applied);
+            return;
+        }
+        let hash = Bytes::copy_from_slice(offer_hash);
+        self.trial = Some(Trial {
+            hash,
+            settings: Box::new(settings.clone()),
+            deadline: add(now, self.connection_settings_timeout),
+        });
+        // CS-OP-3: APPLYING goes out with the goodbye to the current server.
+        self.set_offer_part(offer_hash, |o| &mut o.opamp, Part::Applying);
+        let full = self.full_state;
+        self.go_down(now, Duration::ZERO);
+        // The goodbye carries only what changed; the candidate server gets everything.
+        self.full_state = full;
+        self.driver_action = Some(DriverAction::SwitchConnection);
+    }
+
+    /// The embedder rejected the OpAMP connection settings of
+    /// [`Event::OpampConnectionSettings`] (CS-4), or they could not be used: nothing of them
+    /// is applied, and with `ReportsConnectionSettingsStatus` the core reports FAILED with the
+    /// offer's hash and `reason` (CSS-1), as opamp-go does. A repeat of the offer is not
+    /// handed over again (CS-2).
+    pub fn reject_opamp_connection_settings(
+        &mut self,
+        _now: Instant,
+        offer_hash: &[u8],
+        reason: &str,
     ) {
         if self.link == Link::Stopped {
             return;
         }
-        if self
-            .capabilities
-            .contains(AgentCapabilitySet::REPORTS_HEARTBEAT)
-        {
-            self.apply_heartbeat(settings.heartbeat_interval_seconds);
-        }
-        let heartbeat_only = settings.destination_endpoint.is_empty()
-            && settings.headers.is_none()
-            && settings.certificate.is_none()
-            && settings.tls.is_none()
-            && settings.proxy.is_none();
-        if heartbeat_only {
-            self.report_connection_settings(offer_hash, ConnectionSettingsStatuses::Applied, "");
-        }
+        self.set_offer_part(
+            offer_hash,
+            |o| &mut o.opamp,
+            Part::Failed(reason.to_owned()),
+        );
     }
 
-    /// The embedder rejected the OpAMP connection settings of
-    /// [`Event::OpampConnectionSettings`] (CS-4): nothing of the offer is applied, and with
-    /// `ReportsConnectionSettingsStatus` the core reports FAILED with the offer's hash and
-    /// `reason` (CSS-1), as opamp-go does.
-    pub fn reject_opamp_connection_settings(&mut self, offer_hash: &[u8], reason: &str) {
+    /// The embedder applied the own-telemetry and other-connection settings of
+    /// [`Event::TelemetryConnectionSettings`] (OWN-1, OTH-1); the part is APPLIED (CSS-3).
+    pub fn accept_telemetry_connection_settings(&mut self, _now: Instant, offer_hash: &[u8]) {
         if self.link == Link::Stopped {
             return;
         }
-        self.report_connection_settings(offer_hash, ConnectionSettingsStatuses::Failed, reason);
+        self.set_offer_part(offer_hash, |o| &mut o.telemetry, Part::Applied);
+    }
+
+    /// The embedder rejected or could not apply the own-telemetry and other-connection
+    /// settings of [`Event::TelemetryConnectionSettings`]: FAILED with `reason` (CSS-1, CSS-3).
+    pub fn reject_telemetry_connection_settings(
+        &mut self,
+        _now: Instant,
+        offer_hash: &[u8],
+        reason: &str,
+    ) {
+        if self.link == Link::Stopped {
+            return;
+        }
+        self.set_offer_part(
+            offer_hash,
+            |o| &mut o.telemetry,
+            Part::Failed(reason.to_owned()),
+        );
+    }
+
+    /// Sets one part of the offer with `hash` (a decision for an offer the core does not
+    /// hold starts a record of it) and reports the status that follows (CSS-1).
+    fn set_offer_part(&mut self, hash: &[u8], part: fn(&mut Offer) -> &mut Part, value: Part) {
+        let offer = match &mut self.offer {
+            Some(o) if o.hash[..] == *hash => o,
+            slot => slot.insert(Offer {
+                hash: Bytes::copy_from_slice(hash),
+                opamp: Part::Absent,
+                telemetry: Part::Absent,
+            }),
+        };
+        *part(offer) = value;
+        let Some((status, error_message)) = offer.status() else {
+            return;
+        };
+        // While a part waits for the embedder nothing is reported: it decides before the next
+        // message goes out, and a status of APPLYING would only flicker.
+        if offer.opamp == Part::Pending || offer.telemetry == Part::Pending {
+            return;
+        }
+        let hash = offer.hash.clone();
+        self.report_connection_settings(&hash, status, &error_message);
+    }
+
+    /// CS-OP-6: the candidate settings failed. The offer's OpAMP part is FAILED with
+    /// `reason`, the driver is told to drop the candidate, and the core is disconnected, due
+    /// to reconnect with the old settings at once; `action` (when connected to the candidate
+    /// server) tells the driver how to leave it.
+    fn fail_trial(&mut self, now: Instant, reason: &str, action: Option<DriverAction>) {
+        let Some(trial) = self.trial.take() else {
+            return;
+        };
+        tracing::warn!("offered OpAMP connection settings failed, rolling back: {reason}");
+        self.set_offer_part(
+            &trial.hash,
+            |o| &mut o.opamp,
+            Part::Failed(reason.to_owned()),
+        );
+        self.events.push_back(Event::OpampConnectionSettingsFailed {
+            offer_hash: trial.hash,
+            reason: reason.to_owned(),
+        });
+        self.go_down(now, Duration::ZERO);
+        if let Some(action) = action {
+            if self.transport == TransportKind::WebSocket {
+                self.driver_action = Some(action);
+            }
+        }
     }
 
     fn report_connection_settings(
@@ -1114,6 +1481,7 @@ impl ClientCore {
     fn handle_server_error(&mut self, error: ServerErrorResponse, now: Instant) {
         let unavailable = error.r#type == ServerErrorResponseType::Unavailable as i32;
         self.events.push_back(Event::ServerError(error.clone()));
+        let error_message = error.error_message.clone();
         if unavailable {
             // THR-2, THR-3: back off, honouring retry_info; resend everything after (RETRY-1).
             let retry_after = error.details.map(|d| match d {
@@ -1130,6 +1498,14 @@ impl ClientCore {
             // RETRY-3: BAD_REQUEST and UNKNOWN are not retried. The server answered, so the
             // link is up.
             self.mark_up();
+        }
+        if self.trial.is_some() {
+            // CS-OP-6: the server at the candidate settings does not take the agent.
+            let reason = format!(
+                "the server at the offered settings answered with an error: {error_message}"
+            );
+            let up = self.link == Link::Up;
+            self.fail_trial(now, &reason, up.then_some(DriverAction::Reconnect));
         }
     }
 
@@ -1205,11 +1581,17 @@ impl ClientCore {
         bits
     }
 
+    /// CSR-2, CAP-4: the server advertised `AcceptsConnectionSettingsRequest`.
+    fn server_takes_csr(&self) -> bool {
+        self.server_capabilities
+            .contains(ServerCapabilitySet::ACCEPTS_CONNECTION_SETTINGS_REQUEST)
+    }
+
     fn has_pending(&self) -> bool {
         self.full_state
             || self.dirty & self.sendable() != 0
             || self.custom_message.is_some()
-            || self.connection_settings_request.is_some()
+            || (self.connection_settings_request.is_some() && self.server_takes_csr())
             || self.announce_uid
     }
 
@@ -1282,6 +1664,9 @@ impl ClientCore {
             link,
             self.reply_deadline(),
             self.deferred_remote_config_due(),
+            self.trial.as_ref().map(|t| t.deadline),
+            self.deferred_offer_due(),
+            self.certificate_renewal,
         ]
         .into_iter()
         .flatten()
@@ -1296,6 +1681,7 @@ impl ClientCore {
         let msg = (self.link == Link::Up).then(|| self.disconnect_message(now));
         self.link = Link::Stopped;
         self.deferred_remote_config = None;
+        self.deferred_offer = None;
         msg
     }
 
@@ -1373,7 +1759,11 @@ impl ClientCore {
                 })
                 .flatten(),
             custom_message: self.custom_message.take(),
-            connection_settings_request: self.connection_settings_request.take(),
+            connection_settings_request: if self.server_takes_csr() {
+                self.connection_settings_request.take()
+            } else {
+                None
+            },
             agent_disconnect: disconnect.then_some(AgentDisconnect {}),
         };
         // CAP-4: what the server cannot take now stays pending for a later server.

@@ -34,6 +34,9 @@ pub enum ClientError {
     /// The argument breaks a rule of the specification.
     #[error("invalid argument: {0}")]
     InvalidArgument(&'static str),
+    /// A key pair or certificate signing request could not be made (feature `csr`).
+    #[error("certificate signing request: {0}")]
+    Csr(String),
 }
 
 /// A part of the agent's report that alone is over the message size limit, so it can never

@@ -15,7 +15,9 @@ use opamp_proto::{
 };
 use opamp_transport::gzip;
 
-use crate::client::Driver;
+use std::sync::Arc;
+
+use crate::client::{Active, Driver, LinkAction};
 use crate::error::ConnectError;
 use crate::net;
 
@@ -31,11 +33,33 @@ enum Outcome {
 /// Runs until `stop()`.
 pub(crate) async fn run(d: &Driver) {
     let mut conn: Option<Sender> = None;
+    // The settings `conn` was opened with.
+    let mut conn_for = d.current();
     loop {
         d.refresh_effective_config().await;
-        d.dispatch_events().await;
+        // The settings in force before the events: the server to say goodbye to on a switch.
+        let before = conn_for.clone();
+        if d.dispatch_events().await == LinkAction::Switch {
+            // CS-OP-3, HTTP-11: a last request to the current server, carrying APPLYING and
+            // agent_disconnect; its answer does not matter.
+            let bye = d.shared.core().disconnect_message(Instant::now());
+            let timeout = d.settings.stop_timeout;
+            if let Err(e) = tokio::time::timeout(timeout, exchange(d, &before, &mut conn, &bye))
+                .await
+                .unwrap_or(Err(ConnectError::Timeout))
+            {
+                tracing::debug!("disconnect request before a switch failed: {e}");
+            }
+        }
         if d.stop_requested() {
             break;
+        }
+        // CS-OP-4: the candidate while an offer is tried; a kept-alive connection to other
+        // settings is not reused.
+        let active = d.active();
+        if !Arc::ptr_eq(&active, &conn_for) {
+            conn = None;
+            conn_for = active;
         }
         let msg = d.shared.core().poll_transmit(Instant::now());
         if let Some(msg) = msg {
@@ -48,7 +72,7 @@ pub(crate) async fn run(d: &Driver) {
                     conn = None;
                     break;
                 }
-                r = tokio::time::timeout(timeout, exchange(d, &mut conn, &msg)) => {
+                r = tokio::time::timeout(timeout, exchange(d, &conn_for, &mut conn, &msg)) => {
                     r.unwrap_or(Err(ConnectError::Timeout))
                 }
             };
@@ -88,7 +112,7 @@ pub(crate) async fn run(d: &Driver) {
     let bye = d.shared.core().stop(Instant::now());
     if let Some(bye) = bye {
         let timeout = d.settings.stop_timeout;
-        match tokio::time::timeout(timeout, exchange(d, &mut conn, &bye)).await {
+        match tokio::time::timeout(timeout, exchange(d, &conn_for, &mut conn, &bye)).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::debug!("disconnect request failed: {e}"),
             Err(_) => tracing::debug!("disconnect request timed out"),
@@ -99,17 +123,18 @@ pub(crate) async fn run(d: &Driver) {
 /// Sends one AgentToServer and reads its answer.
 async fn exchange(
     d: &Driver,
+    active: &Active,
     conn: &mut Option<Sender>,
     msg: &AgentToServer,
 ) -> Result<Outcome, ConnectError> {
     let limit = d.settings.max_message_size;
     let reused = conn.as_ref().is_some_and(|s| !s.is_closed());
-    let response = match send(d, conn, msg).await {
+    let response = match send(d, active, conn, msg).await {
         // A kept-alive connection the server closed while idle fails before any answer:
         // one more try on a fresh connection, so an idle timeout is not a failure.
         Err(e) if reused && (e.is_incomplete_message() || e.is_canceled() || e.is_closed()) => {
             *conn = None;
-            send(d, conn, msg).await?
+            send(d, active, conn, msg).await?
         }
         other => other?,
     };
@@ -177,13 +202,14 @@ async fn exchange(
 /// Sends the request on the kept-alive connection, opening one if needed.
 async fn send(
     d: &Driver,
+    active: &Active,
     conn: &mut Option<Sender>,
     msg: &AgentToServer,
 ) -> Result<http::Response<hyper::body::Incoming>, SendFailure> {
-    let request = build_request(d, msg)?;
+    let request = build_request(d, active, msg)?;
     let sender = match conn {
         Some(sender) if !sender.is_closed() => sender,
-        _ => conn.insert(open(d).await?),
+        _ => conn.insert(open(d, active).await?),
     };
     sender.ready().await?;
     Ok(sender.send_request(request).await?)
@@ -236,10 +262,14 @@ impl From<SendFailure> for ConnectError {
     }
 }
 
-fn build_request(d: &Driver, msg: &AgentToServer) -> Result<Request<Full<Bytes>>, ConnectError> {
+fn build_request(
+    d: &Driver,
+    active: &Active,
+    msg: &AgentToServer,
+) -> Result<Request<Full<Bytes>>, ConnectError> {
     let encoded = msg.encode_to_vec();
-    let mut builder = Request::post(d.endpoint.path_and_query.as_str())
-        .header(HOST, d.endpoint.host_header.clone())
+    let mut builder = Request::post(active.endpoint.path_and_query.as_str())
+        .header(HOST, active.endpoint.host_header.clone())
         // HTTP-2
         .header(CONTENT_TYPE, CONTENT_TYPE_PROTOBUF)
         // HTTP-4: gzip answers are decompressed with the size limit.
@@ -260,13 +290,13 @@ fn build_request(d: &Driver, msg: &AgentToServer) -> Result<Request<Full<Bytes>>
         .map_err(|e| ConnectError::Io(std::io::Error::other(e)))?;
     request
         .headers_mut()
-        .extend(net::extra_headers(&d.settings));
+        .extend(net::extra_headers(&active.settings));
     Ok(request)
 }
 
 /// A new HTTP/1.1 connection; its I/O runs in a task that ends when the sender is dropped.
-async fn open(d: &Driver) -> Result<Sender, ConnectError> {
-    let io = net::connect(&d.endpoint, d.settings.connect_timeout).await?;
+async fn open(d: &Driver, active: &Active) -> Result<Sender, ConnectError> {
+    let io = net::connect(&active.endpoint, d.settings.connect_timeout).await?;
     let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {

@@ -86,9 +86,15 @@
 //!   [`MessageData::new_instance_uid`] (UID-7).
 //! - An agent with `AcceptsRemoteConfig` reports a `remote_config_status` from its first
 //!   message on, UNSET with an empty hash until the embedder sets one (RC-6, as opamp-go).
-//! - Connection-settings offers are applied only once [`Callbacks::on_opamp_connection_settings`]
-//!   accepts them (CS-4); a rejection is reported as FAILED with the offer's hash, an accepted
-//!   heartbeat-only offer as APPLIED (CSS-1, with `ReportsConnectionSettingsStatus`).
+//! - Connection-settings offers are handled once per hash (CS-2) and applied only once
+//!   [`Callbacks::on_opamp_connection_settings`] accepts them (CS-4; a veto is FAILED with the
+//!   reason and changes nothing). Accepted settings that change the connection are tried:
+//!   APPLYING goes with the goodbye to the current server, the client connects with the
+//!   candidate and keeps it only once that server answers (APPLIED,
+//!   [`Callbacks::on_opamp_connection_settings_applied`] to persist), else goes back to the
+//!   old settings and reports FAILED with the reason (CS-OP-2..CS-OP-6, CSS-1). Own telemetry
+//!   and other connections go to [`Callbacks::on_telemetry_connection_settings`], whose answer
+//!   is their status (OWN-1, CSS-3).
 //! - Once the server's capabilities are known, effective config, package statuses and the
 //!   connection-settings status are sent only if it has `AcceptsEffectiveConfig`,
 //!   `AcceptsPackagesStatus`, `OffersConnectionSettings` (CAP-4); held-back parts go out when a
@@ -121,6 +127,7 @@
 //! | --- | --- | --- |
 //! | `tokio` | on | the driver: [`OpampClient`] over WebSocket (tokio-tungstenite) and plain HTTP (hyper), [`StartSettings`], [`Callbacks`] and their errors |
 //! | `tls` | on | `wss://` and `https://` with rustls (ring): custom CAs, client certificates (mTLS), [`StartSettings::with_tls_config`]; implies `tokio` |
+//! | `csr` | off | the CSR flow: `OpampClient::request_client_certificate` and `csr::CertificateRequest` (rcgen); implies `tls` |
 //!
 //! With `default-features = false` the crate is the sans-IO [`core`] with what it needs
 //! ([`BackoffPolicy`], [`ServerGuards`], [`MessageData`], [`ClientError`],
@@ -135,6 +142,8 @@ mod callbacks;
 #[cfg(feature = "tokio")]
 mod client;
 pub mod core;
+#[cfg(feature = "csr")]
+pub mod csr;
 mod error;
 #[cfg(feature = "tokio")]
 mod http;

@@ -5,9 +5,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
-use opamp_proto::{AgentCapabilitySet, AgentDescription, AgentToServerFlagSet, InstanceUid};
+use opamp_proto::{
+    AgentCapabilitySet, AgentDescription, AgentToServerFlagSet, ConnectionSettingsStatus,
+    InstanceUid, OpAmpConnectionSettings,
+};
 #[cfg(feature = "tls")]
-use opamp_transport::tls::{CertifiedKeyPem, ClientTls};
+use opamp_transport::tls::{CertifiedKeyPem, ClientTls, TlsVersion};
+
+use crate::callbacks::SettingsRejected;
 
 use crate::backoff::BackoffPolicy;
 use crate::core::{DEFAULT_HEARTBEAT_INTERVAL, ServerGuards, TransportKind};
@@ -61,6 +66,10 @@ pub struct StartSettings {
     pub(crate) capabilities: AgentCapabilitySet,
     pub(crate) agent_description: Option<AgentDescription>,
     pub(crate) remote_config_status: Option<opamp_proto::RemoteConfigStatus>,
+    pub(crate) connection_settings_status: Option<ConnectionSettingsStatus>,
+    pub(crate) connection_settings_timeout: Duration,
+    #[cfg(feature = "tls")]
+    pub(crate) dangerous_allow_offered_skip_verify: bool,
     pub(crate) flags: AgentToServerFlagSet,
     pub(crate) heartbeat_interval: Duration,
     pub(crate) backoff: BackoffPolicy,
@@ -91,6 +100,10 @@ impl StartSettings {
             capabilities: AgentCapabilitySet::REPORTS_STATUS,
             agent_description: None,
             remote_config_status: None,
+            connection_settings_status: None,
+            connection_settings_timeout: Duration::from_secs(30),
+            #[cfg(feature = "tls")]
+            dangerous_allow_offered_skip_verify: false,
             flags: AgentToServerFlagSet::empty(),
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             backoff: BackoffPolicy::default(),
@@ -157,6 +170,150 @@ impl StartSettings {
     pub fn with_remote_config_status(mut self, status: opamp_proto::RemoteConfigStatus) -> Self {
         self.remote_config_status = Some(status);
         self
+    }
+
+    /// The connection settings status the first message carries: what the agent last
+    /// reported before it restarted (persist it with the settings, see
+    /// [`Callbacks::on_opamp_connection_settings_applied`](crate::Callbacks::on_opamp_connection_settings_applied)).
+    /// An APPLIED or FAILED status also marks its offer as handled, so that the server's
+    /// repeat of it is not applied again (CS-2). Needs `ReportsConnectionSettingsStatus`.
+    pub fn with_connection_settings_status(mut self, status: ConnectionSettingsStatus) -> Self {
+        self.connection_settings_status = Some(status);
+        self
+    }
+
+    /// How long offered OpAMP connection settings are tried, from their acceptance until the
+    /// server at them answers, before they count as failed and the client goes back to its
+    /// settings (CS-OP-4..CS-OP-6). Default 30 s; the connect timeout bounds each attempt
+    /// too.
+    pub fn with_connection_settings_timeout(mut self, timeout: Duration) -> Self {
+        self.connection_settings_timeout = timeout;
+        self
+    }
+
+    /// Let an offer's `tls.insecure_skip_verify` switch server certificate verification off.
+    /// Without this (the default) such an offer is refused (FAILED): a server could otherwise
+    /// remove all protection TLS gives with one message. For tests only.
+    #[cfg(feature = "tls")]
+    pub fn dangerous_allow_offered_insecure_skip_verify(mut self) -> Self {
+        self.dangerous_allow_offered_skip_verify = true;
+        self
+    }
+
+    /// These settings with offered OpAMP connection settings applied (CS-OP-1): what the
+    /// client connects with when it tries an offer, and what an embedder calls at start with
+    /// the settings it persisted (so a restarted agent uses them). Field by field:
+    ///
+    /// | offered | effect |
+    /// |---|---|
+    /// | `destination_endpoint` | the endpoint, when not empty; a `ws`, `wss`, `http` or `https` URL (CS-OP-9) |
+    /// | `headers` | replace the static headers (CS-6); the header function still adds its own |
+    /// | `certificate` | `cert` (+ `ca_cert`) and `private_key` become the client certificate; absent: no client certificate (CS-5); without `private_key`: refused |
+    /// | `tls.ca_pem_contents` | the CAs trusted, with the system's roots if `include_system_ca_certs_pool` |
+    /// | `tls.min_version`, `tls.max_version` | `"1.2"` or `"1.3"` (`"1.0"`, `"1.1"` as a minimum mean 1.2) |
+    /// | `tls.insecure_skip_verify` | refused unless [`dangerous_allow_offered_insecure_skip_verify`](Self::dangerous_allow_offered_insecure_skip_verify) |
+    /// | `tls.cipher_suites`, `proxy` | refused (not supported) |
+    /// | `heartbeat_interval_seconds` | the heartbeat interval, when not 0 |
+    ///
+    /// A certificate or TLS part replaces a custom [`with_tls_config`](Self::with_tls_config).
+    /// Without the `tls` feature, certificate and TLS parts are refused.
+    pub fn with_opamp_connection_settings(
+        &self,
+        offer: &OpAmpConnectionSettings,
+    ) -> Result<Self, SettingsRejected> {
+        let mut s = self.clone();
+        if !offer.destination_endpoint.is_empty() {
+            s.endpoint = offer.destination_endpoint.clone();
+            // CS-OP-9
+            s.resolve()
+                .map_err(|e| SettingsRejected::new(format!("destination_endpoint: {e}")))?;
+        }
+        if let Some(headers) = &offer.headers {
+            let mut map = HeaderMap::new();
+            for h in &headers.headers {
+                let name = HeaderName::try_from(h.key.as_str()).map_err(|_| {
+                    SettingsRejected::new(format!("invalid header name {:?}", h.key))
+                })?;
+                let value = HeaderValue::try_from(h.value.as_str()).map_err(|_| {
+                    SettingsRejected::new(format!("invalid value of header {:?}", h.key))
+                })?;
+                map.append(name, value);
+            }
+            s.headers = map;
+        }
+        if offer.proxy.is_some() {
+            return Err(SettingsRejected::new("proxy settings are not supported"));
+        }
+        #[cfg(not(feature = "tls"))]
+        if offer.certificate.is_some() || offer.tls.is_some() {
+            return Err(SettingsRejected::new(
+                "certificate and TLS settings need the `tls` feature",
+            ));
+        }
+        #[cfg(feature = "tls")]
+        {
+            s.apply_offered_tls(offer)?;
+            // Checks the TLS parts too (the endpoint may be plain).
+            opamp_transport::tls::client_config(&s.tls)
+                .map_err(|e| SettingsRejected::new(format!("TLS settings: {e}")))?;
+        }
+        if offer.heartbeat_interval_seconds > 0 {
+            s.heartbeat_interval = Duration::from_secs(offer.heartbeat_interval_seconds);
+        }
+        Ok(s)
+    }
+
+    #[cfg(feature = "tls")]
+    fn apply_offered_tls(
+        &mut self,
+        offer: &OpAmpConnectionSettings,
+    ) -> Result<(), SettingsRejected> {
+        // CS-5: an offer without a certificate means no client certificate.
+        self.tls.client_identity = match &offer.certificate {
+            None => None,
+            Some(c) if c.private_key.is_empty() => {
+                return Err(SettingsRejected::new(
+                    "an offered certificate without its private key (CSR flow) is not supported",
+                ));
+            }
+            Some(c) => {
+                let mut chain = c.cert.to_vec();
+                if !c.ca_cert.is_empty() {
+                    // CS-7: the CA is sent with the chain, never trusted.
+                    chain.push(b'\n');
+                    chain.extend_from_slice(&c.ca_cert);
+                }
+                Some(CertifiedKeyPem {
+                    cert_chain: chain,
+                    private_key: c.private_key.to_vec(),
+                })
+            }
+        };
+        if let Some(tls) = &offer.tls {
+            if !tls.ca_pem_contents.is_empty() {
+                self.tls.ca_pem = Some(tls.ca_pem_contents.clone().into_bytes());
+                self.tls.include_system_roots = tls.include_system_ca_certs_pool;
+            } else if tls.include_system_ca_certs_pool {
+                self.tls.ca_pem = None;
+            }
+            if tls.insecure_skip_verify {
+                if !self.dangerous_allow_offered_skip_verify {
+                    return Err(SettingsRejected::new(
+                        "insecure_skip_verify offered; this agent does not allow it",
+                    ));
+                }
+                self.tls.dangerous_skip_verify = true;
+            }
+            if !tls.cipher_suites.is_empty() {
+                return Err(SettingsRejected::new("cipher_suites are not supported"));
+            }
+            self.tls.min_version = tls_version(&tls.min_version, true)?;
+            self.tls.max_version = tls_version(&tls.max_version, false)?;
+        }
+        if offer.certificate.is_some() || offer.tls.is_some() {
+            self.tls_config = None;
+        }
+        Ok(())
     }
 
     /// `AgentToServer.flags` from the first message on, e.g. `RequestInstanceUid` (UID-5).
@@ -419,6 +576,25 @@ impl fmt::Debug for StartSettings {
     }
 }
 
+/// An offered TLS version (`"1.2"`, `"1.3"`, or empty for the default).
+#[cfg(feature = "tls")]
+fn tls_version(v: &str, minimum: bool) -> Result<Option<TlsVersion>, SettingsRejected> {
+    match v
+        .trim()
+        .trim_start_matches("TLSv")
+        .trim_start_matches("TLS")
+    {
+        "" => Ok(None),
+        // rustls speaks nothing older than 1.2: a lower minimum is met by 1.2.
+        "1.0" | "1.1" if minimum => Ok(Some(TlsVersion::Tls12)),
+        "1.2" => Ok(Some(TlsVersion::Tls12)),
+        "1.3" => Ok(Some(TlsVersion::Tls13)),
+        other => Err(SettingsRejected::new(format!(
+            "unsupported TLS version {other:?}"
+        ))),
+    }
+}
+
 /// The parsed endpoint.
 #[derive(Debug, Clone)]
 pub(crate) struct Endpoint {
@@ -504,6 +680,122 @@ mod tests {
                 Err(StartError::TlsDisabled(_))
             ));
         }
+    }
+
+    fn offer() -> OpAmpConnectionSettings {
+        OpAmpConnectionSettings::default()
+    }
+
+    #[test]
+    fn cs_op_9_cs_6_offered_endpoint_and_headers_replace_the_current_ones() {
+        let base = StartSettings::new("ws://a:1/v1/opamp").with_header(
+            HeaderName::from_static("x-old"),
+            HeaderValue::from_static("1"),
+        );
+        let mut o = offer();
+        o.destination_endpoint = "ws://b:2/v1/opamp".into();
+        o.headers = Some(opamp_proto::Headers {
+            headers: vec![opamp_proto::Header {
+                key: "authorization".into(),
+                value: "Bearer rotated".into(),
+            }],
+        });
+        o.heartbeat_interval_seconds = 7;
+        let s = base.with_opamp_connection_settings(&o).unwrap();
+        assert_eq!(s.endpoint, "ws://b:2/v1/opamp");
+        assert_eq!(s.headers.len(), 1);
+        assert_eq!(s.headers["authorization"], "Bearer rotated");
+        assert_eq!(s.heartbeat_interval, Duration::from_secs(7));
+        // An absent part keeps the current value (CS-3).
+        let kept = base.with_opamp_connection_settings(&offer()).unwrap();
+        assert_eq!(kept.endpoint, "ws://a:1/v1/opamp");
+        assert!(kept.headers.contains_key("x-old"));
+
+        for bad in ["ftp://b/", "not a url", "/v1/opamp"] {
+            let mut o = offer();
+            o.destination_endpoint = bad.into();
+            assert!(base.with_opamp_connection_settings(&o).is_err(), "{bad}");
+        }
+        let mut o = offer();
+        o.headers = Some(opamp_proto::Headers {
+            headers: vec![opamp_proto::Header {
+                key: "bad name".into(),
+                value: "v".into(),
+            }],
+        });
+        assert!(base.with_opamp_connection_settings(&o).is_err());
+        let mut o = offer();
+        o.proxy = Some(Default::default());
+        assert!(base.with_opamp_connection_settings(&o).is_err(), "PRX");
+    }
+
+    #[cfg(feature = "tls")]
+    #[test]
+    fn offered_tls_versions_ca_and_skip_verify() {
+        let base = StartSettings::new("wss://a/");
+        let tls = |f: &dyn Fn(&mut opamp_proto::TlsConnectionSettings)| {
+            let mut t = opamp_proto::TlsConnectionSettings::default();
+            f(&mut t);
+            let mut o = offer();
+            o.tls = Some(t);
+            o
+        };
+        let s = base
+            .with_opamp_connection_settings(&tls(&|t| {
+                t.min_version = "1.3".into();
+            }))
+            .unwrap();
+        assert_eq!(s.tls.min_version, Some(TlsVersion::Tls13));
+        let s = base
+            .with_opamp_connection_settings(&tls(&|t| t.min_version = "1.0".into()))
+            .unwrap();
+        assert_eq!(s.tls.min_version, Some(TlsVersion::Tls12));
+        assert!(
+            base.with_opamp_connection_settings(&tls(&|t| t.max_version = "1.1".into()))
+                .is_err()
+        );
+        assert!(
+            base.with_opamp_connection_settings(&tls(&|t| {
+                t.min_version = "1.3".into();
+                t.max_version = "1.2".into();
+            }))
+            .is_err(),
+            "min above max"
+        );
+        assert!(
+            base.with_opamp_connection_settings(&tls(&|t| t.cipher_suites = vec!["x".into()]))
+                .is_err()
+        );
+        assert!(
+            base.with_opamp_connection_settings(&tls(&|t| t.ca_pem_contents = "garbage".into()))
+                .is_err(),
+            "an unusable CA is refused before it is tried"
+        );
+        // insecure_skip_verify only under the dangerous name.
+        let skip = tls(&|t| t.insecure_skip_verify = true);
+        let e = base.with_opamp_connection_settings(&skip).unwrap_err();
+        assert!(e.reason.contains("insecure_skip_verify"), "{e}");
+        let s = base
+            .clone()
+            .dangerous_allow_offered_insecure_skip_verify()
+            .with_opamp_connection_settings(&skip)
+            .unwrap();
+        assert!(s.tls.dangerous_skip_verify);
+        // CS-5: an offer without a certificate means no client certificate; one without its
+        // key is refused.
+        let with_cert = base
+            .clone()
+            .with_tls_client_cert_pem("cert".as_bytes(), "key".as_bytes());
+        let s = with_cert
+            .with_opamp_connection_settings(&tls(&|_| {}))
+            .unwrap();
+        assert!(s.tls.client_identity.is_none());
+        let mut o = offer();
+        o.certificate = Some(opamp_proto::TlsCertificate {
+            cert: "c".into(),
+            ..Default::default()
+        });
+        assert!(base.with_opamp_connection_settings(&o).is_err());
     }
 
     #[test]

@@ -67,7 +67,10 @@ pub(crate) async fn run(d: &Driver) {
             End::Stopped => return,
             End::Reconnect => {}
             End::Broken(e) => {
-                let delay = d.shared.core().handle_disconnected(Instant::now());
+                let delay = d
+                    .shared
+                    .core()
+                    .handle_connection_lost(Instant::now(), &e.to_string());
                 tracing::info!(?delay, "OpAMP WebSocket connection lost: {e}");
             }
         }
@@ -79,15 +82,17 @@ pub(crate) async fn run(d: &Driver) {
 async fn connect(d: &Driver) -> Result<(Ws, Arc<AtomicBool>), ConnectError> {
     let timeout = d.settings.connect_timeout;
     let activity = Arc::new(AtomicBool::new(false));
+    // CS-OP-4: the candidate settings while an offer is tried.
+    let active = d.active();
     let handshake = async {
         let io: BoxedIo = Box::new(ReadActivity {
-            inner: net::connect(&d.endpoint, timeout).await?,
+            inner: net::connect(&active.endpoint, timeout).await?,
             seen: activity.clone(),
         });
-        let mut request = d.endpoint.uri.clone().into_client_request()?;
+        let mut request = active.endpoint.uri.clone().into_client_request()?;
         request
             .headers_mut()
-            .extend(net::extra_headers(&d.settings));
+            .extend(net::extra_headers(&active.settings));
         let config = ws_config(d.settings.max_message_size);
         tokio_tungstenite::client_async_with_config(request, io, Some(config))
             .await
@@ -169,8 +174,10 @@ async fn connection(d: &Driver, mut ws: Ws, activity: &AtomicBool) -> End {
         d.refresh_effective_config().await;
         match d.dispatch_events().await {
             LinkAction::Keep => {}
-            LinkAction::Reconnect => {
+            LinkAction::Reconnect | LinkAction::Switch => {
                 // THR-2, WS-19: agent_disconnect first, then close, then wait and reconnect.
+                // CS-OP-3: the same before trying offered settings; the goodbye carries
+                // APPLYING.
                 let bye = d.shared.core().disconnect_message(Instant::now());
                 goodbye(
                     &mut ws,

@@ -13,45 +13,9 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use opamp_client::OpampClient;
 use opamp_proto::{AgentToServer, Message as _, framing};
-use opamp_transport::tls::CertifiedKeyPem;
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
-
-struct Pki {
-    ca_pem: String,
-    server: CertifiedKeyPem,
-    client_cert_pem: String,
-    client_key_pem: String,
-}
-
-fn pki() -> Pki {
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-
-    let server_key = KeyPair::generate().unwrap();
-    let server_params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-    let server_cert = server_params.signed_by(&server_key, &ca).unwrap();
-
-    let client_key = KeyPair::generate().unwrap();
-    let mut client_params = CertificateParams::new(vec!["agent".to_owned()]).unwrap();
-    client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let client_cert = client_params.signed_by(&client_key, &ca).unwrap();
-
-    Pki {
-        ca_pem: ca.pem(),
-        server: CertifiedKeyPem {
-            cert_chain: server_cert.pem().into_bytes(),
-            private_key: server_key.serialize_pem().into_bytes(),
-        },
-        client_cert_pem: client_cert.pem(),
-        client_key_pem: client_key.serialize_pem(),
-    }
-}
 
 /// A TLS server requiring client certificates from the test CA. Reports, per connection,
 /// whether a client certificate was presented and the first AgentToServer.

@@ -18,6 +18,8 @@
 //!   connection; and the [`Connection`] handle to push messages to an agent;
 //! - [`packages`]: building package offers with their hashes (and Ed25519 signatures) and
 //!   reading package statuses;
+//! - [`connection_settings`]: building connection-settings offers with a stable hash and
+//!   tracking what each agent reported about them (CS-*, CSS-*);
 //! - drivers on tokio and hyper: the embeddable [`OpampService`] (a `tower::Service`, e.g.
 //!   for an axum router) and the standalone [`Server`] (feature `tokio`, on by default; see
 //!   [Features](#features)).
@@ -121,7 +123,7 @@
 //! With `default-features = false` the crate is the sans-IO core ([`AgentSession`],
 //! [`SessionConfig`], [`Received`], [`PushPlan`], [`reassign_reply`],
 //! [`is_usable_instance_uid`]), the configuration types ([`ServerConfig`],
-//! [`ConnectionLimits`] and the defaults), [`packages`], [`ReadMessageError`],
+//! [`ConnectionLimits`] and the defaults), [`packages`], [`connection_settings`], [`ReadMessageError`],
 //! [`ConfigError`] and the reply helpers [`bad_request`] and [`unavailable`], for a driver on
 //! another runtime; neither tokio, hyper, tungstenite, rustls nor ring is built. With `tokio` but not `tls`, the server speaks
 //! `ws://` and `http://`; an embedder may still terminate TLS in front of [`OpampService`].
@@ -134,7 +136,10 @@ mod callbacks;
 mod config;
 #[cfg(feature = "tokio")]
 mod connection;
+pub mod connection_settings;
 mod core;
+#[cfg(feature = "csr")]
+pub mod csr;
 mod error;
 #[cfg(feature = "tokio")]
 mod limits;

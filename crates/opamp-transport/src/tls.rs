@@ -39,6 +39,9 @@ pub enum TlsError {
     /// certificate).
     #[error("TLS configuration rejected: {0}")]
     Rustls(#[from] rustls::Error),
+    /// The minimum TLS version is above the maximum.
+    #[error("no TLS version between the minimum and the maximum")]
+    NoVersion,
     /// The client-certificate verifier could not be built from the client CA.
     #[error("client CA rejected: {0}")]
     ClientVerifier(#[from] rustls::server::VerifierBuilderError),
@@ -121,12 +124,37 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// A TLS protocol version, as a bound of what a client negotiates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum TlsVersion {
+    /// TLS 1.2.
+    Tls12,
+    /// TLS 1.3.
+    Tls13,
+}
+
+impl TlsVersion {
+    fn rustls(self) -> &'static rustls::SupportedProtocolVersion {
+        match self {
+            TlsVersion::Tls12 => &rustls::version::TLS12,
+            TlsVersion::Tls13 => &rustls::version::TLS13,
+        }
+    }
+}
+
 /// What a client trusts and presents.
 #[derive(Debug, Clone, Default)]
 #[non_exhaustive]
 pub struct ClientTls {
     /// PEM of the CA certificates to trust. `None` trusts the system's root certificates.
     pub ca_pem: Option<Vec<u8>>,
+    /// Trust the system's root certificates as well as [`ca_pem`](Self::ca_pem).
+    pub include_system_roots: bool,
+    /// The lowest TLS version negotiated; `None`: TLS 1.2 (rustls supports nothing older).
+    pub min_version: Option<TlsVersion>,
+    /// The highest TLS version negotiated; `None`: TLS 1.3.
+    pub max_version: Option<TlsVersion>,
     /// A client certificate and key to present (mTLS).
     pub client_identity: Option<CertifiedKeyPem>,
     /// Accept any server certificate. Only for tests: it removes all protection TLS gives.
@@ -156,14 +184,31 @@ impl ClientTls {
 /// A client configuration from `tls`.
 pub fn client_config(tls: &ClientTls) -> Result<Arc<ClientConfig>, TlsError> {
     let provider = provider();
-    let builder = ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()?;
+    let min = tls.min_version.unwrap_or(TlsVersion::Tls12);
+    let max = tls.max_version.unwrap_or(TlsVersion::Tls13);
+    let versions: Vec<_> = [TlsVersion::Tls12, TlsVersion::Tls13]
+        .into_iter()
+        .filter(|v| (min..=max).contains(v))
+        .map(TlsVersion::rustls)
+        .collect();
+    if versions.is_empty() {
+        return Err(TlsError::NoVersion);
+    }
+    let builder =
+        ClientConfig::builder_with_provider(provider.clone()).with_protocol_versions(&versions)?;
     let builder = if tls.dangerous_skip_verify {
         builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(NoVerification(provider)))
     } else {
         let store = match &tls.ca_pem {
+            Some(pem) if tls.include_system_roots => {
+                let mut store = system_roots()?;
+                for cert in certs(pem, "CA")? {
+                    store.add(cert)?;
+                }
+                store
+            }
             Some(pem) => roots(pem, "CA")?,
             None => system_roots()?,
         };

@@ -263,7 +263,12 @@ fn hb_1_no_websocket_heartbeats_without_the_capability() {
 fn offer(heartbeat_seconds: u64) -> ServerToAgent {
     ServerToAgent {
         connection_settings: Some(ConnectionSettingsOffers {
-            hash: Bytes::from_static(b"offer"),
+            // One hash per offer (CS-2): a repeat of a hash is not handled again.
+            hash: if heartbeat_seconds == 5 {
+                Bytes::from_static(b"offer")
+            } else {
+                Bytes::from(format!("offer-{heartbeat_seconds}"))
+            },
             opamp: Some(OpAmpConnectionSettings {
                 heartbeat_interval_seconds: heartbeat_seconds,
                 ..Default::default()
@@ -284,7 +289,7 @@ fn handle_and_accept(c: &mut ClientCore, msg: ServerToAgent, now: Instant) -> Ve
             Event::OpampConnectionSettings {
                 settings,
                 offer_hash,
-            } => c.accept_opamp_connection_settings(&offer_hash, &settings),
+            } => c.accept_opamp_connection_settings(now, &offer_hash, &settings),
             other => rest.push(other),
         }
     }
@@ -307,13 +312,21 @@ fn hb_2_server_offered_interval_is_honoured_and_0_turns_ws_heartbeats_off() {
         panic!("the offer is passed on")
     };
     assert_eq!(offer_hash, Bytes::from_static(b"offer"));
-    c.accept_opamp_connection_settings(&offer_hash, &settings);
+    c.accept_opamp_connection_settings(t0, &offer_hash, &settings);
     assert_eq!(c.heartbeat_interval(), Some(secs(5.0)));
     assert_eq!(c.poll_timeout(), Some(t0 + secs(5.0)));
     assert!(c.poll_transmit(t0 + secs(5.0)).is_some());
 
     handle_and_accept(&mut c, offer(0), t0 + secs(5.0));
     assert_eq!(c.heartbeat_interval(), None);
+    // CSS-1: the new offer's status goes out; then nothing more.
+    assert!(
+        c.poll_transmit(t0 + secs(5.0))
+            .unwrap()
+            .connection_settings_status
+            .is_some()
+    );
+    c.handle_message(t0 + secs(5.0), ack());
     assert_eq!(c.poll_timeout(), None);
     assert_eq!(c.poll_transmit(t0 + secs(1000.0)), None);
 }
@@ -1212,7 +1225,7 @@ fn cs_4_rejected_offer_applies_nothing_and_reports_failed_with_the_hash() {
         "applied before the decision"
     );
     assert_eq!(c.poll_transmit(t0), None);
-    c.reject_opamp_connection_settings(&offer_hash, "not from this server");
+    c.reject_opamp_connection_settings(t0, &offer_hash, "not from this server");
     assert_eq!(settings.heartbeat_interval_seconds, 5);
     assert_eq!(
         c.heartbeat_interval(),
@@ -1235,7 +1248,7 @@ fn cs_4_rejected_offer_applies_nothing_and_reports_failed_with_the_hash() {
     let mut c = ws_up(caps, t0);
     c.handle_message(t0, offer(5));
     events(&mut c);
-    c.reject_opamp_connection_settings(b"offer", "no");
+    c.reject_opamp_connection_settings(t0, b"offer", "no");
     assert_eq!(c.poll_transmit(t0), None);
 }
 
@@ -1252,24 +1265,467 @@ fn cs_4_accepted_heartbeat_offer_is_applied_and_reported_applied() {
         status.last_connection_settings_hash,
         Bytes::from_static(b"offer")
     );
+}
 
-    // An offer with a new endpoint is the embedder's to verify and report (CS-OP-4, CS-OP-5).
-    let mut c = ws_up(all_caps(), t0);
-    let mut moving = offer(5);
-    if let Some(opamp) = moving
-        .connection_settings
-        .as_mut()
-        .and_then(|o| o.opamp.as_mut())
-    {
-        opamp.destination_endpoint = "wss://elsewhere/v1/opamp".into();
+// ---- connection settings offers: candidate, trial, rollback (CS-OP-*, CSS-1) -------------
+
+/// An offer moving the agent to `endpoint`, with a 5 s heartbeat, under `hash`.
+fn moving_offer(hash: &'static [u8], endpoint: &str) -> ServerToAgent {
+    ServerToAgent {
+        connection_settings: Some(ConnectionSettingsOffers {
+            hash: Bytes::from_static(hash),
+            opamp: Some(OpAmpConnectionSettings {
+                destination_endpoint: endpoint.into(),
+                heartbeat_interval_seconds: 5,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..ack()
     }
-    handle_and_accept(&mut c, moving, t0);
+}
+
+fn status_of(m: &AgentToServer) -> (i32, Bytes, String) {
+    let s = m
+        .connection_settings_status
+        .clone()
+        .expect("a connection settings status");
+    (s.status, s.last_connection_settings_hash, s.error_message)
+}
+
+fn applying(hash: &'static [u8]) -> (i32, Bytes, String) {
+    (
+        ConnectionSettingsStatuses::Applying as i32,
+        Bytes::from_static(hash),
+        String::new(),
+    )
+}
+
+/// Starts the trial of `moving_offer(hash, ...)` at `now`: accepted, APPLYING in the goodbye.
+fn start_trial(c: &mut ClientCore, hash: &'static [u8], now: Instant) {
+    let rest = handle_and_accept(c, moving_offer(hash, "ws://b.example/v1/opamp"), now);
+    assert!(rest.is_empty(), "{rest:?}");
+    assert!(c.is_trying_connection_settings());
+    assert_eq!(c.poll_driver_action(), Some(DriverAction::SwitchConnection));
+    assert!(!c.is_connected());
+    assert_eq!(c.connect_at(), Some(now), "the candidate is tried at once");
+    let bye = c.disconnect_message(now);
+    assert!(bye.agent_disconnect.is_some(), "CS-OP-3: agent_disconnect");
+    assert_eq!(status_of(&bye), applying(hash), "CS-OP-3: APPLYING");
+}
+
+#[test]
+fn cs_op_5_ws_candidate_is_kept_only_once_the_new_server_answers() {
+    let t0 = Instant::now();
+    let mut c = ws_up(all_caps(), t0);
+    start_trial(&mut c, b"move", t0);
+    // Not applied before verification: the heartbeat of the offer waits too.
+    assert_eq!(c.heartbeat_interval(), Some(secs(30.0)));
+    let t1 = t0 + secs(0.1);
+    c.handle_connected(t1);
+    let first = c.poll_transmit(t1).unwrap();
+    assert!(
+        first.remote_config_status.is_some(),
+        "full state to the new server"
+    );
+    assert_eq!(status_of(&first), applying(b"move"));
+    assert!(
+        c.is_trying_connection_settings(),
+        "switched before an answer"
+    );
+    c.handle_message(t1, ack());
+    let ev = events(&mut c);
+    assert!(
+        ev.iter().any(|e| matches!(e, Event::OpampConnectionSettingsApplied { offer_hash, settings }
+            if offer_hash[..] == b"move"[..] && settings.destination_endpoint == "ws://b.example/v1/opamp")),
+        "{ev:?}"
+    );
+    assert!(!c.is_trying_connection_settings());
     assert_eq!(c.heartbeat_interval(), Some(secs(5.0)));
+    let m = c.poll_transmit(t1).unwrap();
+    assert_eq!(
+        status_of(&m),
+        (
+            ConnectionSettingsStatuses::Applied as i32,
+            Bytes::from_static(b"move"),
+            String::new()
+        ),
+        "CS-OP-5: APPLIED"
+    );
+    assert_eq!(c.poll_driver_action(), None);
+}
+
+#[test]
+fn cs_op_6_ws_candidate_that_cannot_connect_rolls_back_at_once_and_reports_failed() {
+    let t0 = Instant::now();
+    let mut c = ws_up(all_caps(), t0);
+    start_trial(&mut c, b"dead", t0);
+    let t1 = t0 + secs(1.0);
+    let delay = c.handle_connect_error(t1, Failure::Transport, "connection refused");
+    assert_eq!(delay, Duration::ZERO, "the old settings are tried at once");
+    assert_eq!(c.connect_at(), Some(t1));
+    assert!(!c.is_trying_connection_settings());
+    let ev = events(&mut c);
+    assert!(
+        ev.iter().any(
+            |e| matches!(e, Event::OpampConnectionSettingsFailed { offer_hash, reason }
+            if offer_hash[..] == b"dead"[..] && reason == "connection refused")
+        ),
+        "{ev:?}"
+    );
+    // Back on the old server: FAILED with the reason, nothing of the offer applied.
+    c.handle_connected(t1);
+    let m = c.poll_transmit(t1).unwrap();
+    assert_eq!(
+        status_of(&m),
+        (
+            ConnectionSettingsStatuses::Failed as i32,
+            Bytes::from_static(b"dead"),
+            "connection refused".into()
+        )
+    );
+    assert_eq!(c.heartbeat_interval(), Some(secs(30.0)));
+    // The server repeating the failed offer changes nothing (CS-2).
+    events(&mut c);
+    c.handle_message(t1, moving_offer(b"dead", "ws://b.example/v1/opamp"));
+    assert!(events(&mut c).is_empty());
+    assert!(!c.is_trying_connection_settings());
+}
+
+#[test]
+fn cs_op_6_ws_candidate_closing_before_an_answer_fails() {
+    let t0 = Instant::now();
+    let mut c = ws_up(all_caps(), t0);
+    start_trial(&mut c, b"m", t0);
+    c.handle_connected(t0);
+    c.poll_transmit(t0).unwrap();
+    assert_eq!(
+        c.handle_connection_lost(t0, "closed by the server"),
+        Duration::ZERO
+    );
+    assert!(!c.is_trying_connection_settings());
+    c.handle_connected(t0);
+    let (status, _, reason) = status_of(&c.poll_transmit(t0).unwrap());
+    assert_eq!(status, ConnectionSettingsStatuses::Failed as i32);
+    assert_eq!(reason, "closed by the server");
+}
+
+#[test]
+fn cs_op_6_ws_silent_candidate_fails_at_the_timeout_on_the_virtual_clock() {
+    let t0 = Instant::now();
+    let mut c = ws_up(all_caps(), t0);
+    start_trial(&mut c, b"m", t0);
+    c.handle_connected(t0 + secs(1.0));
+    c.poll_transmit(t0 + secs(1.0)).unwrap();
+    // The default 30 s from the acceptance bounds the wait.
+    assert_eq!(c.poll_timeout(), Some(t0 + secs(30.0)));
+    c.handle_timeout(t0 + secs(29.9));
+    assert!(c.is_trying_connection_settings());
+    c.handle_timeout(t0 + secs(30.0));
+    assert!(!c.is_trying_connection_settings());
+    assert_eq!(c.poll_driver_action(), Some(DriverAction::DropConnection));
+    assert_eq!(c.connect_at(), Some(t0 + secs(30.0)));
+    let ev = events(&mut c);
+    assert!(
+        ev.iter().any(
+            |e| matches!(e, Event::OpampConnectionSettingsFailed { reason, .. }
+            if reason.contains("did not answer"))
+        ),
+        "{ev:?}"
+    );
+}
+
+#[test]
+fn cs_op_6_candidate_answering_with_an_error_fails() {
+    let t0 = Instant::now();
+    let mut c = ws_up(all_caps(), t0);
+    start_trial(&mut c, b"m", t0);
+    c.handle_connected(t0);
+    c.poll_transmit(t0).unwrap();
+    c.handle_message(
+        t0,
+        ServerToAgent {
+            error_response: Some(ServerErrorResponse {
+                r#type: ServerErrorResponseType::BadRequest as i32,
+                error_message: "unknown agent".into(),
+                details: None,
+            }),
+            ..ack()
+        },
+    );
+    assert!(!c.is_trying_connection_settings());
+    // Connected to the candidate server: the driver leaves it (goodbye, close).
+    assert_eq!(c.poll_driver_action(), Some(DriverAction::Reconnect));
+    assert_eq!(c.connect_at(), Some(t0));
+    let ev = events(&mut c);
+    assert!(ev.iter().any(
+        |e| matches!(e, Event::OpampConnectionSettingsFailed { reason, .. }
+        if reason.contains("unknown agent"))
+    ));
+}
+
+#[test]
+fn cs_op_http_candidate_is_tried_with_the_next_request_and_a_refusal_rolls_back() {
+    let t0 = Instant::now();
+    let mut c = http_up(all_caps(), t0);
+    start_trial(&mut c, b"h", t0);
+    // The next request is the attempt with the candidate: the full state, APPLYING.
+    let m = c.poll_transmit(t0).unwrap();
+    assert!(m.remote_config_status.is_some(), "full state");
+    assert_eq!(status_of(&m), applying(b"h"));
+    c.handle_message(t0, ack());
+    assert!(
+        events(&mut c)
+            .iter()
+            .any(|e| matches!(e, Event::OpampConnectionSettingsApplied { .. }))
+    );
+    let (status, ..) = status_of(&c.poll_transmit(t0).unwrap());
+    assert_eq!(status, ConnectionSettingsStatuses::Applied as i32);
+
+    // A candidate server that refuses the request (HTTP 400/413) fails the offer.
+    let mut c = http_up(all_caps(), t0);
+    start_trial(&mut c, b"h2", t0);
+    c.poll_transmit(t0).unwrap();
+    c.handle_request_rejected(t0);
+    assert!(!c.is_trying_connection_settings());
+    assert_eq!(c.connect_at(), Some(t0));
+    let m = c.poll_transmit(t0).unwrap();
+    let (status, hash, reason) = status_of(&m);
+    assert_eq!(
+        (status, &hash[..]),
+        (ConnectionSettingsStatuses::Failed as i32, &b"h2"[..])
+    );
+    assert!(reason.contains("refused"), "{reason}");
+}
+
+#[test]
+fn cs_4_vetoed_offer_changes_nothing_and_is_not_handed_over_again() {
+    let t0 = Instant::now();
+    let mut c = ws_up(all_caps(), t0);
+    c.handle_message(t0, moving_offer(b"v", "ws://b.example/v1/opamp"));
+    let Some(Event::OpampConnectionSettings { offer_hash, .. }) = events(&mut c).pop() else {
+        panic!("offer handed over")
+    };
+    c.reject_opamp_connection_settings(t0, &offer_hash, "not trusted");
+    assert!(!c.is_trying_connection_settings());
+    assert_eq!(c.poll_driver_action(), None);
+    assert!(c.is_connected());
+    assert_eq!(c.heartbeat_interval(), Some(secs(30.0)));
+    let (status, _, reason) = status_of(&c.poll_transmit(t0).unwrap());
+    assert_eq!(
+        (status, reason.as_str()),
+        (ConnectionSettingsStatuses::Failed as i32, "not trusted")
+    );
+    // CS-2: the repeat (as a plain-HTTP server sends until the hash is reported) is deduplicated.
+    for _ in 0..3 {
+        c.handle_message(t0, moving_offer(b"v", "ws://b.example/v1/opamp"));
+        assert!(events(&mut c).is_empty());
+    }
+    assert_eq!(c.poll_transmit(t0), None, "the status did not change");
+    // A new hash is a new offer (after the guard's interval).
+    c.handle_message(
+        t0 + secs(5.0),
+        moving_offer(b"v2", "ws://b.example/v1/opamp"),
+    );
+    assert!(matches!(
+        events(&mut c)[..],
+        [Event::OpampConnectionSettings { .. }]
+    ));
+}
+
+#[test]
+fn cs_2_offers_without_a_hash_are_deduplicated_by_content() {
+    let t0 = Instant::now();
+    let mut c = ws_up(all_caps(), t0);
+    let unhashed = |endpoint: &str| {
+        let mut m = moving_offer(b"", "");
+        if let Some(o) = m
+            .connection_settings
+            .as_mut()
+            .and_then(|o| o.opamp.as_mut())
+        {
+            o.destination_endpoint = endpoint.into();
+        }
+        m
+    };
+    c.handle_message(t0, unhashed("ws://b/"));
+    assert_eq!(events(&mut c).len(), 1);
+    c.handle_message(t0 + secs(5.0), unhashed("ws://b/"));
+    assert!(events(&mut c).is_empty());
+    c.handle_message(t0 + secs(5.0), unhashed("ws://c/"));
+    assert_eq!(events(&mut c).len(), 1);
+}
+
+#[test]
+fn cs_2_a_restored_status_marks_its_offer_as_handled() {
+    let t0 = Instant::now();
+    let mut c = core(TransportKind::WebSocket, all_caps(), t0);
+    c.set_connection_settings_status(ConnectionSettingsStatus {
+        last_connection_settings_hash: Bytes::from_static(b"persisted"),
+        status: ConnectionSettingsStatuses::Applied as i32,
+        error_message: String::new(),
+    })
+    .unwrap();
+    c.handle_connected(t0);
+    let (status, hash, _) = status_of(&c.poll_transmit(t0).unwrap());
+    assert_eq!(
+        (status, &hash[..]),
+        (
+            ConnectionSettingsStatuses::Applied as i32,
+            &b"persisted"[..]
+        )
+    );
+    events(&mut c);
+    c.handle_message(t0, moving_offer(b"persisted", "ws://b/"));
+    assert!(events(&mut c).is_empty(), "applied again after a restart");
+}
+
+#[test]
+fn cs_op_an_offer_in_the_verifying_answer_is_handled_and_a_failed_one_is_not_tried_again() {
+    let t0 = Instant::now();
+    let mut c = ws_up(all_caps(), t0);
+    start_trial(&mut c, b"first", t0);
+    c.handle_connected(t0);
+    c.poll_transmit(t0).unwrap();
+    // The candidate server answers with another offer at once: the answer verifies the
+    // candidate; the offer in it comes within the guard's interval, so it is handled at
+    // the interval's end.
+    c.handle_message(t0, moving_offer(b"second", "ws://c/"));
+    let ev = events(&mut c);
+    assert!(
+        ev.iter()
+            .any(|e| matches!(e, Event::OpampConnectionSettingsApplied { .. }))
+    );
+    assert_eq!(c.poll_timeout(), Some(t0 + secs(5.0)));
+    c.handle_timeout(t0 + secs(5.0));
+    let ev = events(&mut c);
+    assert!(
+        ev.iter().any(|e| matches!(e, Event::OpampConnectionSettings { offer_hash, .. } if offer_hash[..] == b"second"[..])),
+        "{ev:?}"
+    );
+
+    let mut c = ws_up(all_caps(), t0);
+    start_trial(&mut c, b"first", t0);
+    // An offer that comes before the candidate answered (on the old connection, say).
+    c.handle_connected(t0);
+    c.poll_transmit(t0).unwrap();
+    c.handle_connect_error(t0, Failure::Transport, "x");
+    events(&mut c);
+    c.handle_connected(t0);
+    events(&mut c);
+    c.handle_message(t0, moving_offer(b"first", "ws://b.example/v1/opamp"));
+    assert!(
+        events(&mut c).is_empty(),
+        "a failed offer is not tried again"
+    );
+}
+
+#[test]
+fn own_1_css_3_telemetry_offers_go_to_the_embedder_and_their_status_is_reported() {
+    let t0 = Instant::now();
+    let telemetry = |hash: &'static [u8]| ServerToAgent {
+        connection_settings: Some(ConnectionSettingsOffers {
+            hash: Bytes::from_static(hash),
+            own_metrics: Some(opamp_proto::TelemetryConnectionSettings {
+                destination_endpoint: "https://otlp.example:4318/v1/metrics".into(),
+                ..Default::default()
+            }),
+            own_logs: Some(Default::default()),
+            other_connections: [("exporter".to_owned(), Default::default())].into(),
+            ..Default::default()
+        }),
+        ..ack()
+    };
+    let mut c = ws_up(all_caps(), t0);
+    c.handle_message(t0, telemetry(b"t"));
+    let Some(Event::TelemetryConnectionSettings {
+        settings,
+        offer_hash,
+    }) = events(&mut c).pop()
+    else {
+        panic!("telemetry offer handed over")
+    };
+    assert_eq!(
+        settings.own_metrics.as_ref().unwrap().destination_endpoint,
+        "https://otlp.example:4318/v1/metrics"
+    );
+    assert!(settings.own_logs.is_some() && settings.own_traces.is_none());
+    assert_eq!(settings.other_connections.len(), 1);
+    assert_eq!(c.poll_transmit(t0), None, "a status before the decision");
+    c.accept_telemetry_connection_settings(t0, &offer_hash);
+    let (status, hash, _) = status_of(&c.poll_transmit(t0).unwrap());
+    assert_eq!(
+        (status, &hash[..]),
+        (ConnectionSettingsStatuses::Applied as i32, &b"t"[..])
+    );
+
+    c.handle_message(t0, telemetry(b"t2"));
+    events(&mut c);
+    c.reject_telemetry_connection_settings(t0, b"t2", "no OTLP exporter");
+    let (status, _, reason) = status_of(&c.poll_transmit(t0).unwrap());
+    assert_eq!(
+        (status, reason.as_str()),
+        (
+            ConnectionSettingsStatuses::Failed as i32,
+            "no OTLP exporter"
+        )
+    );
+
+    // CAP-2: only the parts the agent declared; none declared, nothing handed over or
+    // reported.
+    let caps =
+        all_caps() - AgentCapabilitySet::REPORTS_OWN_METRICS - AgentCapabilitySet::REPORTS_OWN_LOGS;
+    let mut c = ws_up(caps, t0);
+    c.handle_message(t0, telemetry(b"t"));
+    let Some(Event::TelemetryConnectionSettings { settings, .. }) = events(&mut c).pop() else {
+        panic!()
+    };
+    assert!(settings.own_metrics.is_none() && settings.own_logs.is_none());
+    let caps = caps - AgentCapabilitySet::ACCEPTS_OTHER_CONNECTION_SETTINGS;
+    let mut c = ws_up(caps, t0);
+    c.handle_message(t0, telemetry(b"t"));
+    assert!(events(&mut c).is_empty());
+    assert_eq!(c.poll_transmit(t0), None);
+}
+
+#[test]
+fn css_1_status_of_an_offer_with_both_parts_follows_both_decisions() {
+    let t0 = Instant::now();
+    let both = ServerToAgent {
+        connection_settings: Some(ConnectionSettingsOffers {
+            hash: Bytes::from_static(b"both"),
+            opamp: Some(OpAmpConnectionSettings {
+                heartbeat_interval_seconds: 7,
+                ..Default::default()
+            }),
+            own_traces: Some(Default::default()),
+            ..Default::default()
+        }),
+        ..ack()
+    };
+    let mut c = ws_up(all_caps(), t0);
+    c.handle_message(t0, both.clone());
+    assert_eq!(events(&mut c).len(), 2);
+    c.accept_opamp_connection_settings(
+        t0,
+        b"both",
+        &OpAmpConnectionSettings {
+            heartbeat_interval_seconds: 7,
+            ..Default::default()
+        },
+    );
     assert_eq!(
         c.poll_transmit(t0),
         None,
-        "APPLIED claimed before verification"
+        "APPLIED before the telemetry part was decided"
     );
+    c.reject_telemetry_connection_settings(t0, b"both", "no traces here");
+    let (status, _, reason) = status_of(&c.poll_transmit(t0).unwrap());
+    assert_eq!(
+        (status, reason.as_str()),
+        (ConnectionSettingsStatuses::Failed as i32, "no traces here")
+    );
+    assert_eq!(c.heartbeat_interval(), Some(secs(7.0)));
 }
 
 #[test]
@@ -1624,16 +2080,13 @@ fn memory_core_keeps_no_reference_to_a_handled_message() {
                     ..Default::default()
                 })
                 .unwrap();
-                c.set_connection_settings_status(ConnectionSettingsStatus {
-                    last_connection_settings_hash: data.connection_settings_hash.clone(),
-                    ..Default::default()
-                })
-                .unwrap();
             }
             Event::OpampConnectionSettings {
                 settings,
                 offer_hash,
-            } => c.reject_opamp_connection_settings(&offer_hash, &settings.destination_endpoint),
+            } => {
+                c.reject_opamp_connection_settings(t0, &offer_hash, &settings.destination_endpoint)
+            }
             _ => {}
         }
     }
@@ -1683,4 +2136,144 @@ fn gen_8_long_session_without_any_answer_does_not_reset_the_backoff() {
         now = c.connect_at().unwrap();
     }
     assert!(delays[11] > secs(20.0), "{delays:?}");
+}
+
+#[test]
+fn cs_4_offers_changing_in_every_message_are_handled_at_most_once_per_interval() {
+    let t0 = Instant::now();
+    let mut c = ws_up(all_caps(), t0);
+    let offer_events = |c: &mut ClientCore| -> Vec<Bytes> {
+        events(c)
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::OpampConnectionSettings { offer_hash, .. } => Some(offer_hash),
+                _ => None,
+            })
+            .collect()
+    };
+    c.handle_message(t0, moving_offer(b"o1", "ws://dead-1/"));
+    assert_eq!(offer_events(&mut c), [Bytes::from_static(b"o1")]);
+    c.reject_opamp_connection_settings(t0, b"o1", "no");
+    // A hostile server offers a new endpoint in every answer.
+    c.handle_message(t0 + secs(1.0), moving_offer(b"o2", "ws://dead-2/"));
+    c.handle_message(t0 + secs(2.0), moving_offer(b"o3", "ws://dead-3/"));
+    assert!(
+        offer_events(&mut c).is_empty(),
+        "handled within the interval"
+    );
+    // The latest is handled at the end of the default 5 s.
+    assert_eq!(c.poll_timeout(), Some(t0 + secs(5.0)));
+    c.handle_timeout(t0 + secs(4.9));
+    assert!(offer_events(&mut c).is_empty());
+    c.handle_timeout(t0 + secs(5.0));
+    assert_eq!(offer_events(&mut c), [Bytes::from_static(b"o3")]);
+    // A repeat of the handled offer is not deferred either: nothing is due.
+    c.reject_opamp_connection_settings(t0 + secs(5.0), b"o3", "no");
+    c.handle_message(t0 + secs(6.0), moving_offer(b"o3", "ws://dead-3/"));
+    c.handle_timeout(t0 + secs(20.0));
+    assert!(offer_events(&mut c).is_empty());
+}
+
+#[test]
+fn cs_4_an_offer_deferred_during_a_trial_waits_for_its_end_without_busy_waking() {
+    let t0 = Instant::now();
+    let mut c = ws_up(all_caps(), t0);
+    start_trial(&mut c, b"t", t0);
+    c.handle_connected(t0);
+    c.poll_transmit(t0).unwrap();
+    // While tried, only the trial's deadline wakes the driver.
+    assert_eq!(c.poll_timeout(), Some(t0 + secs(30.0)));
+}
+
+#[test]
+fn csr_2_a_request_goes_only_to_a_server_that_advertised_it() {
+    let t0 = Instant::now();
+    let req = || ConnectionSettingsRequest {
+        opamp: Some(opamp_proto::OpAmpConnectionSettingsRequest {
+            certificate_request: Some(opamp_proto::CertificateRequest {
+                csr: Bytes::from_static(b"CSR"),
+            }),
+        }),
+    };
+    // Unknown capabilities: held, not in the first message.
+    let mut c = core(TransportKind::WebSocket, all_caps(), t0);
+    c.request_connection_settings(req()).unwrap();
+    c.handle_connected(t0);
+    assert!(
+        c.poll_transmit(t0)
+            .unwrap()
+            .connection_settings_request
+            .is_none()
+    );
+    // The server announces it: sent at once, once.
+    c.handle_message(t0, ack());
+    let m = c.poll_transmit(t0).unwrap();
+    assert_eq!(m.connection_settings_request, Some(req()));
+    assert_eq!(c.poll_transmit(t0), None);
+
+    // A server that announces capabilities without it: dropped.
+    let mut c = core(TransportKind::WebSocket, all_caps(), t0);
+    c.request_connection_settings(req()).unwrap();
+    c.handle_connected(t0);
+    c.poll_transmit(t0).unwrap();
+    c.handle_message(t0, no_server_caps_but_status());
+    c.handle_message(t0, ack());
+    assert_eq!(
+        c.poll_transmit(t0),
+        None,
+        "sent to a server that did not advertise it"
+    );
+}
+
+#[test]
+fn csr_8_csr_9_renewal_comes_once_at_its_time_or_at_once_after_a_new_uid() {
+    let t0 = Instant::now();
+    let mut c = ws_up(all_caps(), t0);
+    let renewals = |c: &mut ClientCore| {
+        events(c)
+            .iter()
+            .filter(|e| matches!(e, Event::RenewClientCertificate))
+            .count()
+    };
+    // A 90-day certificate renewed at two thirds: 60 days in.
+    let at = t0 + secs(60.0 * 86400.0);
+    c.schedule_certificate_renewal(at);
+    assert_eq!(
+        c.poll_timeout(),
+        Some(t0 + secs(30.0)),
+        "heartbeats still first"
+    );
+    c.handle_timeout(at - secs(1.0));
+    assert_eq!(renewals(&mut c), 0);
+    c.handle_timeout(at);
+    assert_eq!(renewals(&mut c), 1);
+    c.handle_timeout(at + secs(3600.0));
+    assert_eq!(renewals(&mut c), 0, "once");
+
+    // CSR-9: the server assigns a new uid: the certificate names the old one.
+    c.schedule_certificate_renewal(at + secs(86400.0));
+    c.handle_message(
+        t0,
+        ServerToAgent {
+            agent_identification: Some(AgentIdentification {
+                new_instance_uid: InstanceUid::from_array([9; 16]).to_bytes(),
+            }),
+            ..ack()
+        },
+    );
+    assert_eq!(renewals(&mut c), 1);
+    c.handle_timeout(at + secs(2.0 * 86400.0));
+    assert_eq!(renewals(&mut c), 0, "the schedule went with the old uid");
+    // Without a CSR certificate a new uid asks for nothing.
+    c.handle_message(
+        t0,
+        ServerToAgent {
+            instance_uid: InstanceUid::from_array([9; 16]).to_bytes(),
+            agent_identification: Some(AgentIdentification {
+                new_instance_uid: InstanceUid::from_array([10; 16]).to_bytes(),
+            }),
+            ..ack()
+        },
+    );
+    assert_eq!(renewals(&mut c), 0);
 }

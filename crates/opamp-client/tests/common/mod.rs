@@ -25,6 +25,10 @@ use opamp_proto::{
     AgentDescription, AgentToServer, AnyValue, EffectiveConfig, KeyValue, OpAmpConnectionSettings,
     ServerErrorResponse, ServerToAgent, ServerToAgentCommand, any_value,
 };
+use opamp_transport::tls::CertifiedKeyPem;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
@@ -255,4 +259,41 @@ pub fn decode_request(parts: &http::request::Parts, body: &Bytes) -> AgentToServ
         body.clone()
     };
     AgentToServer::decode(body).unwrap()
+}
+
+/// A test CA, a server certificate for `localhost` and a client certificate it signed.
+pub struct Pki {
+    pub ca_pem: String,
+    pub ca_key_pem: String,
+    pub server: CertifiedKeyPem,
+    pub client_cert_pem: String,
+    pub client_key_pem: String,
+}
+
+pub fn pki() -> Pki {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_key_pem = ca_key.serialize_pem();
+    let ca = CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+
+    let server_key = KeyPair::generate().unwrap();
+    let server_params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    let server_cert = server_params.signed_by(&server_key, &ca).unwrap();
+
+    let client_key = KeyPair::generate().unwrap();
+    let mut client_params = CertificateParams::new(vec!["agent".to_owned()]).unwrap();
+    client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let client_cert = client_params.signed_by(&client_key, &ca).unwrap();
+
+    Pki {
+        ca_pem: ca.pem(),
+        ca_key_pem,
+        server: CertifiedKeyPem {
+            cert_chain: server_cert.pem().into_bytes(),
+            private_key: server_key.serialize_pem().into_bytes(),
+        },
+        client_cert_pem: client_cert.pem(),
+        client_key_pem: client_key.serialize_pem(),
+    }
 }
