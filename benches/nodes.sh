@@ -8,7 +8,8 @@
 #
 #   bash benches/nodes.sh [fleet flags]      (default: --agents 1000 --phases connect,config)
 #
-# BENCHMARKS.md has the figures.
+# The storm phase is per node (the API given to the generator is node A's, which holds no
+# agent): use benches/fleet.sh for it. BENCHMARKS.md has the figures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}"

@@ -438,7 +438,7 @@ pub(crate) async fn run(args: Args) -> Result<(), Error> {
         )
         .await?;
         println!(
-            "fleet: POST /api/agents/disconnect: HTTP {status} {}",
+            "fleet: POST /api/v1/agents/disconnect: HTTP {status} {}",
             response.trim()
         );
         let a = all(&mut workers, |_| "wait_storm 60".into()).await?;
