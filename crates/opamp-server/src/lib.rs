@@ -119,7 +119,8 @@
 //! | `tls` | on | TLS and mTLS for the standalone server with rustls (ring): [`ServerConfigBuilder::tls`], [`Connection::peer_certificates`], and `opamp_transport::tls` to build the configuration; implies `tokio` |
 //!
 //! With `default-features = false` the crate is the sans-IO core ([`AgentSession`],
-//! [`SessionConfig`], [`Received`], [`PushPlan`], [`reassign_reply`],
+//! [`SessionConfig`], [`Received`], [`Transmit`], [`SharedMessage`], [`DuplicateUidPolicy`],
+//! [`PushPlan`], [`reassign_reply`],
 //! [`is_usable_instance_uid`]), the configuration types ([`ServerConfig`],
 //! [`ConnectionLimits`] and the defaults), [`packages`], [`ReadMessageError`],
 //! [`ConfigError`] and the reply helpers [`bad_request`] and [`unavailable`], for a driver on
@@ -154,8 +155,7 @@ mod ws;
 
 #[cfg(feature = "tokio")]
 pub use callbacks::{
-    ConnectionCallbacks, ConnectionResponse, DuplicateUid, DuplicateUidPolicy, Rejection,
-    ServerCallbacks,
+    ConnectionCallbacks, ConnectionResponse, DuplicateUid, Rejection, ServerCallbacks,
 };
 pub use callbacks::{bad_request, unavailable};
 pub use config::{
@@ -171,12 +171,13 @@ pub use config::{
     DEFAULT_WS_READ_BUFFER_SIZE, DEFAULT_WS_WRITE_FRAGMENT_SIZE, MAX_TIMEOUT, RemoteAddrFn,
     ServerConfig, ServerConfigBuilder,
 };
+#[cfg(feature = "tokio")]
+pub use connection::Connection;
 #[cfg(feature = "tls")]
 pub use connection::PeerCertificates;
-#[cfg(feature = "tokio")]
-pub use connection::{Connection, SharedMessage, Transport};
 pub use core::{
-    AgentSession, PushPlan, Received, SessionConfig, is_usable_instance_uid, reassign_reply,
+    AgentSession, DuplicateUidPolicy, PushPlan, Received, SessionConfig, SharedMessage, Transmit,
+    Transport, is_usable_instance_uid, reassign_reply,
 };
 pub use error::{ConfigError, ReadMessageError};
 #[cfg(feature = "tokio")]

@@ -19,11 +19,9 @@ use opamp_proto::{
 use tracing::Instrument;
 
 use crate::admission::{Probation, SourceBuckets};
-use crate::callbacks::{
-    ConnectionCallbacks, DuplicateUid, DuplicateUidPolicy, bad_request, retry_after_value,
-};
-use crate::connection::{Connection, PeerInfo, merge};
-use crate::core::{AgentSession, SessionConfig, reassign_reply};
+use crate::callbacks::{ConnectionCallbacks, DuplicateUid, retry_after_value};
+use crate::connection::{Connection, PeerInfo};
+use crate::core::{AgentSession, SessionConfig, is_usable_instance_uid};
 use crate::error::ReadMessageError;
 use crate::limits::BodyError;
 use crate::registry::{self, Claim, UidRegistry};
@@ -89,15 +87,11 @@ impl Session {
     /// HB-5: an agent offered `heartbeat_interval_seconds` polls at that interval; its session
     /// lives `heartbeat_timeout_factor` polls without one, as a WebSocket agent does, and at
     /// least `http_idle_timeout`.
-    fn note_offer(&self, reply: &ServerToAgent, limits: &crate::ConnectionLimits) {
-        let Some(opamp) = reply
-            .connection_settings
-            .as_ref()
-            .and_then(|c| c.opamp.as_ref())
-        else {
+    fn note_offer(&self, core: &AgentSession, limits: &crate::ConnectionLimits) {
+        let Some(interval) = core.offered_heartbeat_interval() else {
             return;
         };
-        let idle = Duration::from_secs(opamp.heartbeat_interval_seconds)
+        let idle = interval
             .saturating_mul(limits.heartbeat_timeout_factor())
             .min(crate::MAX_TIMEOUT);
         let ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
@@ -187,7 +181,7 @@ impl Sessions {
             .sources
             .take(
                 peer.remote_addr,
-                Instant::now(),
+                wire::now(),
                 config.http_new_session_burst(),
                 config.http_new_session_rate(),
             )
@@ -224,13 +218,10 @@ impl Sessions {
             slot: Mutex::new(Some(slot)),
             polls: AtomicU32::new(0),
             uids: shared.uids.clone(),
-            last_seen: Mutex::new(Instant::now()),
+            last_seen: Mutex::new(wire::now()),
             offered_idle_ms: AtomicU64::new(0),
             state: tokio::sync::Mutex::new(State {
-                core: AgentSession::new(
-                    SessionConfig::plain_http(config.server_capabilities())
-                        .with_full_state_min_interval(config.full_state_min_interval()),
-                ),
+                core: AgentSession::new(session_config(config)),
                 callbacks: callbacks.clone(),
                 connected: false,
                 ended: false,
@@ -354,7 +345,7 @@ fn start_sweeper(shared: &Arc<Shared>) {
                 _ = crate::service::stopped(&mut stop) => return,
             }
             let Some(shared) = weak.upgrade() else { return };
-            let now = Instant::now();
+            let now = wire::now();
             let expired: Vec<Arc<Session>> = {
                 let mut map = lock(&shared.sessions.map);
                 let mut out = Vec::new();
@@ -550,13 +541,16 @@ where
     }
 
     let accept_gzip = wire::accepts_gzip(&parts.headers);
-    if registry::is_unusable_uid(&msg.instance_uid) {
-        // UID-8: a nil uid gets a new one, statelessly: no session is keyed by it.
-        return respond(
-            registry::unusable_uid_reply(&msg.instance_uid, shared),
-            limit,
-            accept_gzip,
-        );
+    if !is_usable_instance_uid(&uid) {
+        // UID-8: a nil uid gets a new one, statelessly: no session is keyed by it. The
+        // answer is the session core's, from a session that is dropped at once.
+        let mut once = AgentSession::new(session_config(&shared.config));
+        if once.handle_message(wire::now(), &msg).is_ok() && once.needs_instance_uid() {
+            once.provide_instance_uid(InstanceUid::new_v7());
+        }
+        if let Some(answer) = once.poll_transmit(wire::now()) {
+            return respond(answer.into_message(), accept_gzip);
+        }
     }
     start_sweeper(shared);
 
@@ -602,7 +596,7 @@ where
         if session.polls.load(Ordering::Relaxed) < KNOWN_AFTER_POLLS {
             session.polls.fetch_add(1, Ordering::Relaxed);
         }
-        let now = Instant::now();
+        let now = wire::now();
         *lock(&session.last_seen) = now;
         let conn = session.conn.clone();
         let cbs = state.callbacks.clone();
@@ -619,13 +613,10 @@ where
                 return text_response(StatusCode::BAD_REQUEST, "invalid AgentToServer message");
             }
         };
-        if state.core.needs_instance_uid() {
-            // UID-5, UID-2: the core asks, the driver draws.
-            state.core.provide_instance_uid(InstanceUid::new_v7());
-        }
         if received.duplicate {
             // UID-8: a second agent polls with this session's uid; it is not this
-            // session's agent, so neither the session nor the application sees it.
+            // session's agent, so neither the session nor the application sees it unless
+            // the application allows it.
             let duplicate = DuplicateUid {
                 instance_uid: uid,
                 kept: conn.clone(),
@@ -633,22 +624,17 @@ where
             };
             let policy = shared.callbacks.on_duplicate_uid(&duplicate).await;
             tracing::info!(instance_uid = %uid, ?policy, "duplicate instance uid (UID-8)");
-            let reply = match policy {
-                DuplicateUidPolicy::Allow => None,
-                DuplicateUidPolicy::Reject => {
-                    let mut reply = bad_request("instance_uid is in use by another agent");
-                    reply.instance_uid = uid.to_bytes();
-                    Some(reply)
-                }
-                _ => Some(reassign_reply(
-                    uid,
-                    InstanceUid::new_v7(),
-                    shared.config.server_capabilities(),
-                )),
-            };
-            if let Some(reply) = reply {
+            state.core.resolve_duplicate(uid, policy);
+        }
+        if state.core.needs_instance_uid() {
+            // UID-5, UID-8, UID-2: the core asks, the driver draws.
+            state.core.provide_instance_uid(InstanceUid::new_v7());
+        }
+        if received.duplicate {
+            if let Some(answer) = state.core.poll_transmit(now) {
+                // Reassigned or refused: the session's own exchange is untouched.
                 drop(state);
-                return respond(reply, limit, accept_gzip);
+                return respond(answer.into_message(), accept_gzip);
             }
         } else if registry::note(shared, &conn, &mut state.claim, received.instance_uid)
             && let Some(claim) = state.claim.as_mut()
@@ -663,24 +649,18 @@ where
         conn.set_instance_uid(received.instance_uid);
 
         let reply = cbs.on_message(&conn, msg).await;
-        // HTTP-9: a pushed message rides on this response; the fresh reply wins conflicts.
-        let mut out = conn.take_pending().map(|b| *b);
-        if let Some(reply) = reply {
-            match out.as_mut() {
-                Some(pending) => {
-                    if reply.custom_message.is_some()
-                        && let Some(waiting) = pending.custom_message.take()
-                    {
-                        // The reply's own custom message goes now; the queued one next time.
-                        conn.requeue_custom(waiting);
-                    }
-                    merge(pending, reply)
-                }
-                None => out = Some(reply),
-            }
+        // HTTP-9: what was pushed since the last poll rides on this response (the session
+        // merges it with the reply).
+        if let Some(pending) = conn.take_pending() {
+            state.core.queue_boxed(pending);
         }
-        let reply = state.core.prepare_reply(Instant::now(), out);
-        session.note_offer(&reply, shared.config.limits());
+        state.core.respond(reply);
+        let Some(reply) = state.core.poll_transmit(wire::now()) else {
+            // Cannot happen: a handled message always has its reply (REP-4).
+            return text_response(StatusCode::INTERNAL_SERVER_ERROR, "no reply");
+        };
+        let reply = reply.into_message();
+        session.note_offer(&state.core, shared.config.limits());
         if let Some(assigned) = state.core.assigned_instance_uid() {
             // UID-5: the agent's next poll carries the new uid; find this session by it.
             lock(&shared.sessions.map).insert(assigned, session.clone());
@@ -700,9 +680,16 @@ where
             cbs.on_connection_close(&conn).await;
         }
         drop(state);
-        return respond(reply, limit, accept_gzip);
+        return respond(reply, accept_gzip);
     }
     text_response(StatusCode::SERVICE_UNAVAILABLE, "session busy, retry")
+}
+
+/// The settings of a plain-HTTP session.
+fn session_config(config: &crate::ServerConfig) -> SessionConfig {
+    SessionConfig::plain_http(config.server_capabilities())
+        .with_full_state_min_interval(config.full_state_min_interval())
+        .with_max_message_size(config.max_message_size())
 }
 
 /// Calls `on_read_message_error` for a message that never reached a session.
@@ -719,7 +706,9 @@ async fn report_error(
     callbacks.on_read_message_error(&conn, err).await;
 }
 
-fn respond(reply: ServerToAgent, limit: usize, accept_gzip: bool) -> Response<ResponseBody> {
+/// The HTTP response carrying `reply`, which the session fitted into the size limit
+/// (HTTP-16).
+fn respond(reply: ServerToAgent, accept_gzip: bool) -> Response<ResponseBody> {
     // THR-5: overload is answered with 503 and Retry-After over plain HTTP.
     if let Some(err) = &reply.error_response
         && err.r#type() == ServerErrorResponseType::Unavailable
@@ -733,22 +722,6 @@ fn respond(reply: ServerToAgent, limit: usize, accept_gzip: bool) -> Response<Re
         }
         return resp;
     }
-    let reply = if reply.encoded_len() > limit {
-        // HTTP-16: never send a body over the limit; the agent still gets an answer.
-        tracing::warn!(
-            size = reply.encoded_len(),
-            limit,
-            "dropping a ServerToAgent over the size limit"
-        );
-        ServerToAgent {
-            instance_uid: reply.instance_uid,
-            capabilities: reply.capabilities,
-            flags: reply.flags,
-            ..ServerToAgent::default()
-        }
-    } else {
-        reply
-    };
     let encoded = reply.encode_to_vec();
     let mut resp = Response::new(Full::new(Bytes::new()));
     let headers = resp.headers_mut();

@@ -26,9 +26,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use opamp_proto::{AgentIdentification, InstanceUid, ServerToAgent};
 
-use crate::callbacks::{DuplicateUid, DuplicateUidPolicy};
+use crate::callbacks::DuplicateUid;
 use crate::connection::Connection;
-use crate::core::{is_usable_instance_uid, reassign_reply};
+use crate::core::DuplicateUidPolicy;
 use crate::service::Shared;
 
 /// Number of shards; a power of two.
@@ -232,22 +232,4 @@ pub(crate) fn note(
             false
         }
     }
-}
-
-/// Whether a message's uid is 16 bytes but identifies no agent (the nil or max UUID,
-/// [`is_usable_instance_uid`]); answer it with [`unusable_uid_reply`].
-pub(crate) fn is_unusable_uid(msg_uid: &[u8]) -> bool {
-    InstanceUid::try_from(msg_uid).is_ok_and(|uid| !is_usable_instance_uid(&uid))
-}
-
-/// The answer to a message with an unusable uid ([`is_unusable_uid`]): a new uid, without
-/// touching any session (UID-8).
-pub(crate) fn unusable_uid_reply(msg_uid: &[u8], shared: &Shared) -> ServerToAgent {
-    let uid = InstanceUid::try_from(msg_uid).unwrap_or_default();
-    tracing::debug!(instance_uid = %uid, "unusable instance uid; assigning a new one (UID-8)");
-    reassign_reply(
-        uid,
-        InstanceUid::new_v7(),
-        shared.config.server_capabilities(),
-    )
 }
