@@ -20,7 +20,7 @@ use opamp::proto::{
     AgentToServer, AgentToServerFlagSet, AnyValue, InstanceUid, KeyValue, RemoteConfigStatus,
     RemoteConfigStatuses, ServerCapabilitySet, ServerToAgent, ServerToAgentFlagSet, any_value,
 };
-use opamp::server::{AgentSession, SessionConfig, reassign_reply};
+use opamp::server::{AgentSession, DuplicateUidPolicy, SessionConfig};
 
 /// What the server application answers to a message (`None`: a bare acknowledgement).
 type App = Box<dyn FnMut(&AgentToServer) -> Option<ServerToAgent>>;
@@ -190,42 +190,37 @@ impl Pair {
                 .entry(key)
                 .or_insert_with(|| AgentSession::new(config))
         };
+        // As the drivers do: the session decides, the harness only moves messages.
         let received = match session.handle_message(at, &msg) {
             Ok(r) => r,
             Err(e) => panic!("the client sent a message the server refuses: {e}"),
         };
+        if received.duplicate {
+            // UID-8: a second agent polls with this session's uid; the default policy.
+            session.resolve_duplicate(received.instance_uid, DuplicateUidPolicy::Reassign);
+        }
         if session.needs_instance_uid() {
             self.uids_drawn += 1;
-            session.provide_instance_uid(uid(0xa0 + self.uids_drawn));
+            let base = if received.duplicate { 0xd0 } else { 0xa0 };
+            session.provide_instance_uid(uid(base + self.uids_drawn));
         }
-        let out = if received.duplicate {
-            // UID-8: a second agent polls with this session's uid.
-            self.uids_drawn += 1;
-            reassign_reply(
-                received.instance_uid,
-                uid(0xd0 + self.uids_drawn),
-                self.server_caps,
-            )
-        } else {
+        if !received.duplicate && !received.unusable_uid {
             let reply = (self.app)(&msg);
-            let out = session.prepare_reply(at, reply);
-            if let Some(old) = received.switched_from.filter(|_| !ws) {
-                // UID-7: the session follows the agent to its new uid.
-                let s = self.http_sessions.remove(&old).unwrap();
-                self.http_sessions.insert(received.instance_uid, s);
-            }
-            out
-        };
-        self.send_to_client(at, i, out);
-        // S2A-1, S2A-2: what the reply could not carry follows at once over WebSocket.
-        if ws {
-            while let Some(session) = self.agents[i].ws_session.as_mut()
-                && session.has_deferred()
-            {
-                if let Some(out) = session.prepare_push(at, ServerToAgent::default()) {
-                    self.send_to_client(at, i, out);
-                }
-            }
+            session.respond(reply);
+        }
+        let mut out = Vec::new();
+        while let Some(t) = session.poll_transmit(at) {
+            out.push(t.into_message());
+        }
+        if let Some(old) = received.switched_from.filter(|_| !ws) {
+            // UID-7: the session follows the agent to its new uid.
+            let s = self.http_sessions.remove(&old).unwrap();
+            self.http_sessions.insert(received.instance_uid, s);
+        }
+        // S2A-1, S2A-2: what the reply could not carry follows at once over WebSocket
+        // (poll_transmit gave it after the reply).
+        for m in out {
+            self.send_to_client(at, i, m);
         }
     }
 
@@ -261,8 +256,13 @@ impl Pair {
         let Some(session) = self.agents[i].ws_session.as_mut() else {
             panic!("push to an agent that is not connected over WebSocket");
         };
-        if let Some(out) = session.prepare_push(now, msg) {
-            self.send_to_client(now, i, out);
+        session.queue(msg);
+        let mut out = Vec::new();
+        while let Some(t) = session.poll_transmit(now) {
+            out.push(t.into_message());
+        }
+        for m in out {
+            self.send_to_client(now, i, m);
         }
     }
 
@@ -271,6 +271,26 @@ impl Pair {
         let now = self.now;
         for i in 0..self.agents.len() {
             self.drive_client(i, now);
+        }
+        // The server sessions' timers (SEQ-2: a rate-limited full-state request).
+        for i in 0..self.agents.len() {
+            let mut out = Vec::new();
+            if let Some(session) = self.agents[i].ws_session.as_mut()
+                && session.poll_timeout().is_some_and(|t| t <= now)
+            {
+                session.handle_timeout(now);
+                while let Some(t) = session.poll_transmit(now) {
+                    out.push(t.into_message());
+                }
+            }
+            for m in out {
+                self.send_to_client(now, i, m);
+            }
+        }
+        for session in self.http_sessions.values_mut() {
+            if session.poll_timeout().is_some_and(|t| t <= now) {
+                session.handle_timeout(now);
+            }
         }
         while let Some(&(at, _, _)) = self.to_server.front() {
             if at > now {
@@ -396,6 +416,7 @@ impl Pair {
         consider(self.to_client.front().map(|m| m.0));
         for a in &self.agents {
             consider(a.core.poll_timeout());
+            consider(a.ws_session.as_ref().and_then(AgentSession::poll_timeout));
             consider(a.failure_at);
             if self.transport == TransportKind::WebSocket && a.ws_session.is_none() {
                 consider(a.core.connect_at());
@@ -839,4 +860,41 @@ fn pair_ws_push_config_applied_and_not_resent() {
     p.run(Duration::from_secs(1));
     assert_eq!(offers(&p), 2);
     assert!(acked(&p, b"h3"));
+}
+
+/// CAP-4, CAP-3: a config pushed after the WebSocket connected but before the agent's first
+/// message is held by the server session (the agent's capabilities are unknown) and rides
+/// on the first reply, with the server's capabilities; the agent applies it.
+#[test]
+fn pair_ws_push_before_the_first_message_rides_on_the_first_reply() {
+    let mut p = Pair::new(TransportKind::WebSocket);
+    let a = p.add_agent(uid(1), fast_backoff());
+    p.run(Duration::from_millis(1)); // connected; the first report is on its way
+    assert!(p.replies(a).is_empty());
+    p.push(
+        a,
+        ServerToAgent {
+            remote_config: Some(config_offer("c: 1\n", b"h1")),
+            ..Default::default()
+        },
+    );
+    assert!(p.replies(a).is_empty(), "held: nothing went out yet");
+    p.run(Duration::from_secs(1));
+    let replies = p.replies(a);
+    let (_, first) = &replies[0];
+    assert!(first.remote_config.is_some(), "the first reply carries it");
+    assert_ne!(first.capabilities, 0, "CAP-3");
+    assert_eq!(
+        replies
+            .iter()
+            .filter(|(_, m)| m.remote_config.is_some())
+            .count(),
+        1
+    );
+    assert!(p.sent(a).iter().any(|(_, m)| {
+        m.remote_config_status.as_ref().is_some_and(|s| {
+            &s.last_remote_config_hash[..] == b"h1"
+                && s.status == RemoteConfigStatuses::Applied as i32
+        })
+    }));
 }

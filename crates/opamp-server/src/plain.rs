@@ -654,8 +654,7 @@ where
         if let Some(pending) = conn.take_pending() {
             state.core.queue_boxed(pending);
         }
-        state.core.respond(reply);
-        let Some(reply) = state.core.poll_transmit(wire::now()) else {
+        let Some(reply) = state.core.respond_now(wire::now(), reply) else {
             // Cannot happen: a handled message always has its reply (REP-4).
             return text_response(StatusCode::INTERNAL_SERVER_ERROR, "no reply");
         };

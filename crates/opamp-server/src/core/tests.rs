@@ -1621,3 +1621,28 @@ fn hb_2_offered_heartbeat_interval_is_tracked_by_the_session() {
     assert_eq!(s.agent_heartbeat_interval(), Some(Duration::from_secs(7)));
     assert_eq!(s.offered_heartbeat_interval(), Some(Duration::from_secs(7)));
 }
+
+/// `respond_now` is `respond` + `poll_transmit` in one step: the same reply, carrying the
+/// held push (HTTP-9), and nothing left behind.
+#[test]
+fn http_9_respond_now_is_respond_then_poll_transmit() {
+    let clock = Clock::new();
+    let mut a = http_session();
+    let mut b = http_session();
+    for s in [&mut a, &mut b] {
+        s.handle_message(clock.now(), &full_report(0)).unwrap();
+        s.queue(remote_config(b"h"));
+    }
+    a.respond(Some(custom(b"r")));
+    let via_poll = drain(&mut a, clock.now());
+    let now = b
+        .respond_now(clock.now(), Some(custom(b"r")))
+        .map(Transmit::into_message);
+    assert_eq!(via_poll, now.into_iter().collect::<Vec<_>>());
+    assert!(via_poll[0].remote_config.is_some());
+    assert!(b.poll_transmit(clock.now()).is_none());
+    assert!(
+        b.respond_now(clock.now(), None).is_none(),
+        "no message awaits a reply"
+    );
+}

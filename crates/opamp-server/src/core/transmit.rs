@@ -238,6 +238,24 @@ impl AgentSession {
         }
     }
 
+    /// [`respond`](Self::respond) and the [`poll_transmit`](Self::poll_transmit) that gives
+    /// the reply, in one step and without storing the reply, for a driver that sends it at
+    /// once (plain HTTP: the response). `None` when no handled message awaits a reply, or a
+    /// stateless answer comes first (then call `poll_transmit`).
+    #[must_use]
+    pub fn respond_now(&mut self, now: Instant, reply: Option<ServerToAgent>) -> Option<Transmit> {
+        if self.reply != Reply::Awaiting || self.special.is_some() {
+            self.respond(reply);
+            return None;
+        }
+        self.reply = Reply::Idle;
+        let mut out = Some(Transmit::Message(reply.unwrap_or_default()));
+        if let Some(Transmit::Message(msg)) = &mut out {
+            self.complete_reply(now, msg);
+        }
+        out
+    }
+
     /// Applies the application's answer to a [`Received::duplicate`](super::Received)
     /// message (UID-8). `Reassign`: the newcomer is told to switch to a new uid (the driver
     /// provides it: [`needs_instance_uid`](Self::needs_instance_uid)); `Reject`: it gets
@@ -309,8 +327,16 @@ impl AgentSession {
         }
         if self.reply == Reply::Ready {
             self.reply = Reply::Idle;
-            let reply = self.reply_msg.take();
-            return Some(Transmit::Message(self.complete_reply(now, reply)));
+            // Built in its place in the result: a `ServerToAgent` is 1.6 KiB.
+            let mut out = Some(Transmit::Message(
+                self.reply_msg
+                    .take()
+                    .map_or_else(ServerToAgent::default, |b| *b),
+            ));
+            if let Some(Transmit::Message(msg)) = &mut out {
+                self.complete_reply(now, msg);
+            }
+            return out;
         }
         let full_duplex = self.config.transport == Transport::WebSocket;
         if !full_duplex || self.uid.is_none() || !self.answered {
@@ -318,9 +344,10 @@ impl AgentSession {
         }
         if let Some(push) = self.pending.take() {
             let out = match *push {
-                Push::Message(m) => self
-                    .prepare_push(now, m)
-                    .map(|out| Transmit::Message(self.fit(out))),
+                Push::Message(m) => self.prepare_push(now, m).map(|mut out| {
+                    self.fit(&mut out);
+                    Transmit::Message(out)
+                }),
                 Push::Shared(shared) => self.plan_shared(now, shared),
             };
             if out.is_some() {
@@ -331,7 +358,10 @@ impl AgentSession {
         if self.reply == Reply::Idle && (self.deferred.is_some() || self.owe.full_state) {
             return self
                 .prepare_push(now, ServerToAgent::default())
-                .map(|out| Transmit::Message(self.fit(out)));
+                .map(|mut out| {
+                    self.fit(&mut out);
+                    Transmit::Message(out)
+                });
         }
         None
     }
@@ -381,38 +411,35 @@ impl AgentSession {
         }
     }
 
-    /// The reply with what it carries, completed (HTTP-9, S2A-1, S2A-2, REP-4).
-    fn complete_reply(&mut self, now: Instant, reply: Option<Box<ServerToAgent>>) -> ServerToAgent {
+    /// Completes the reply in `msg` (the application's, or an empty one) with what it
+    /// carries (HTTP-9, S2A-1, S2A-2, REP-4), in place: a `ServerToAgent` is 1.6 KiB, and
+    /// every move of it costs.
+    fn complete_reply(&mut self, now: Instant, msg: &mut ServerToAgent) {
         let carries_pushes = self.config.transport == Transport::PlainHttp || !self.answered;
-        let mut msg = match (carries_pushes.then(|| self.pending.take()).flatten(), reply) {
-            (None, reply) => reply.map_or_else(ServerToAgent::default, |b| *b),
-            (Some(mut push), reply) => {
-                let pushed = push.make_owned();
-                let mut rest = ServerToAgent::default();
-                if let Some(reply) = reply {
-                    // The fresh reply wins conflicts; a second custom message or command
-                    // cannot share a message and waits for the next one.
-                    if reply.custom_message.is_some() {
-                        rest.custom_message = pushed.custom_message.take();
-                    }
-                    if reply.command.is_some() {
-                        rest.command = pushed.command.take();
-                    }
-                    merge(pushed, *reply);
-                }
-                let Push::Message(msg) = *push else {
-                    unreachable!("made owned above")
-                };
-                self.answered = true;
-                let mut msg = msg;
-                self.finish(&mut msg, now);
-                self.defer(rest);
-                return self.fit(msg);
-            }
-        };
         self.answered = true;
-        self.finish(&mut msg, now);
-        self.fit(msg)
+        let mut rest = None;
+        if carries_pushes && let Some(push) = self.pending.take() {
+            let mut pushed = push.into_message();
+            // The fresh reply wins conflicts; a second custom message or command cannot
+            // share a message and waits for the next one.
+            if msg.custom_message.is_some() || msg.command.is_some() {
+                let mut r = ServerToAgent::default();
+                if msg.custom_message.is_some() {
+                    r.custom_message = pushed.custom_message.take();
+                }
+                if msg.command.is_some() {
+                    r.command = pushed.command.take();
+                }
+                rest = Some(r);
+            }
+            let reply = std::mem::replace(msg, pushed);
+            merge(msg, reply);
+        }
+        self.finish(msg, now);
+        if let Some(rest) = rest {
+            self.defer(rest);
+        }
+        self.fit(msg);
     }
 
     /// A shared push as this agent gets it.
@@ -427,7 +454,10 @@ impl AgentSession {
                 }
                 Some(Transmit::Shared { head, shared })
             }
-            PushPlan::Owned(out) => Some(Transmit::Message(self.fit(out))),
+            PushPlan::Owned(mut out) => {
+                self.fit(&mut out);
+                Some(Transmit::Message(out))
+            }
             PushPlan::Skip => None,
         }
     }
@@ -439,18 +469,18 @@ impl AgentSession {
 
     /// WS-11, HTTP-16: a message over the limit is never sent; the agent still gets an
     /// answer, with what the session owed it (uid, capabilities, flags).
-    fn fit(&mut self, msg: ServerToAgent) -> ServerToAgent {
+    fn fit(&mut self, msg: &mut ServerToAgent) {
         let size = self.framing() + msg.encoded_len();
         if size <= self.config.max_message_size {
-            return msg;
+            return;
         }
         tracing::warn!(
             size,
             limit = self.config.max_message_size,
             "dropping a ServerToAgent over the size limit"
         );
-        self.unsend(&msg);
-        bare(msg)
+        self.unsend(msg);
+        *msg = bare(std::mem::take(msg));
     }
 
     /// The offers of a dropped message were not delivered: offer them again (RC-6).
