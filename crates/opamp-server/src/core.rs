@@ -14,8 +14,10 @@ use opamp_proto::{
 
 use crate::error::ReadMessageError;
 
+mod table;
 mod transmit;
 
+pub use table::{EndReason, Refusal, SessionTable, TableConfig, TableEvent};
 pub(crate) use transmit::Push;
 pub use transmit::{DuplicateUidPolicy, SharedMessage, Transmit, Transport};
 use transmit::{Reply, Special};

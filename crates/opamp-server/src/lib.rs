@@ -10,8 +10,11 @@
 //!
 //! It has three layers:
 //!
-//! - a protocol core free of I/O, [`AgentSession`], one per agent: sequence numbers and
-//!   `ReportFullState`, capabilities, uid assignment, capability gating, offer hashes;
+//! - a protocol core free of I/O on quinn-proto's handle/poll contract: [`AgentSession`], one
+//!   per agent (sequence numbers and `ReportFullState`, capabilities, uid assignment,
+//!   capability gating, offer hashes, held and merged pushes, duplicate uids), and beside it
+//!   the plain-HTTP [`SessionTable`] (uid lookup, the session cap and admission, idle
+//!   expiry); the clock and randomness come from the driver;
 //! - callbacks the application implements, [`ServerCallbacks`] (accept or reject a request)
 //!   and [`ConnectionCallbacks`] (per connection: connected, message, close, read error),
 //!   async through `async-trait`, taking `&self`, never called concurrently for one
@@ -120,7 +123,7 @@
 //!
 //! With `default-features = false` the crate is the sans-IO core ([`AgentSession`],
 //! [`SessionConfig`], [`Received`], [`Transmit`], [`SharedMessage`], [`DuplicateUidPolicy`],
-//! [`PushPlan`], [`reassign_reply`],
+//! [`PushPlan`], the plain-HTTP [`SessionTable`], [`reassign_reply`],
 //! [`is_usable_instance_uid`]), the configuration types ([`ServerConfig`],
 //! [`ConnectionLimits`] and the defaults), [`packages`], [`ReadMessageError`],
 //! [`ConfigError`] and the reply helpers [`bad_request`] and [`unavailable`], for a driver on
@@ -129,7 +132,6 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-#[cfg(feature = "tokio")]
 mod admission;
 mod callbacks;
 mod config;
@@ -176,8 +178,9 @@ pub use connection::Connection;
 #[cfg(feature = "tls")]
 pub use connection::PeerCertificates;
 pub use core::{
-    AgentSession, DuplicateUidPolicy, PushPlan, Received, SessionConfig, SharedMessage, Transmit,
-    Transport, is_usable_instance_uid, reassign_reply,
+    AgentSession, DuplicateUidPolicy, EndReason, PushPlan, Received, Refusal, SessionConfig,
+    SessionTable, SharedMessage, TableConfig, TableEvent, Transmit, Transport,
+    is_usable_instance_uid, reassign_reply,
 };
 pub use error::{ConfigError, ReadMessageError};
 #[cfg(feature = "tokio")]

@@ -1,10 +1,8 @@
 //! Plain-HTTP transport: one request carries one `AgentToServer`, its response one
 //! `ServerToAgent` (HTTP-1); a session per instance uid stands in for the connection.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER};
@@ -18,10 +16,12 @@ use opamp_proto::{
 };
 use tracing::Instrument;
 
-use crate::admission::{Probation, SourceBuckets};
 use crate::callbacks::{ConnectionCallbacks, DuplicateUid, retry_after_value};
 use crate::connection::{Connection, PeerInfo};
-use crate::core::{AgentSession, SessionConfig, is_usable_instance_uid};
+use crate::core::{
+    AgentSession, EndReason, Refusal, SessionConfig, SessionTable, TableConfig,
+    is_usable_instance_uid,
+};
 use crate::error::ReadMessageError;
 use crate::limits::BodyError;
 use crate::registry::{self, Claim, UidRegistry};
@@ -32,24 +32,11 @@ use crate::wire;
 /// minimum retry interval (THR-7).
 const SESSIONS_FULL_RETRY_AFTER: Duration = Duration::from_secs(30);
 
-/// The plain-HTTP sessions of one server, by instance uid.
-#[derive(Default)]
+/// The plain-HTTP sessions of one server: the sans-IO [`SessionTable`] (uid lookup, the
+/// session cap and admission, idle expiry), behind a lock taken briefly per request.
 pub(crate) struct Sessions {
-    map: Mutex<HashMap<InstanceUid, Arc<Session>>>,
-    /// Sessions alive (in the map, or still held by a request or the sweeper); each
-    /// [`Session`] holds one count until it is dropped, so memory stays bounded by
-    /// `max_http_sessions`.
-    live: Arc<AtomicUsize>,
+    table: Mutex<SessionTable<Arc<Session>>>,
     sweeper_started: std::sync::atomic::AtomicBool,
-    /// Admission of new sessions (see the `admission` module); locked after `map`, only
-    /// when a session is created or swept.
-    admission: Mutex<Admission>,
-}
-
-#[derive(Default)]
-struct Admission {
-    sources: SourceBuckets,
-    probation: Probation<Session>,
 }
 
 pub(crate) struct Session {
@@ -58,53 +45,18 @@ pub(crate) struct Session {
     /// chain is refused (it could otherwise take this agent's pushes).
     #[cfg(feature = "tls")]
     certificates: Option<crate::PeerCertificates>,
-    last_seen: Mutex<Instant>,
-    /// Idle limit from the polling interval the server offered, in ms (0: none offered).
-    offered_idle_ms: AtomicU64,
     state: tokio::sync::Mutex<State>,
     /// Where the session's uid claim is given back when it ends (UID-8).
     uids: Arc<UidRegistry>,
-    /// Polls served, counted up to [`KNOWN_AFTER_POLLS`]: a known agent is never evicted.
-    polls: AtomicU32,
-    /// The session's count in [`Sessions::live`]; an evicted session hands it over to the
-    /// session that takes its place.
-    slot: Mutex<Option<Slot>>,
 }
 
-/// Polls after which a session's agent is known (it came back): admission never evicts it.
-const KNOWN_AFTER_POLLS: u32 = 2;
-
-/// One count in [`Sessions::live`], given back on drop.
-struct Slot(Arc<AtomicUsize>);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("conn", &self.conn).finish()
     }
 }
 
 impl Session {
-    /// HB-5: an agent offered `heartbeat_interval_seconds` polls at that interval; its session
-    /// lives `heartbeat_timeout_factor` polls without one, as a WebSocket agent does, and at
-    /// least `http_idle_timeout`.
-    fn note_offer(&self, core: &AgentSession, limits: &crate::ConnectionLimits) {
-        let Some(interval) = core.offered_heartbeat_interval() else {
-            return;
-        };
-        let idle = interval
-            .saturating_mul(limits.heartbeat_timeout_factor())
-            .min(crate::MAX_TIMEOUT);
-        let ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
-        self.offered_idle_ms.store(ms, Ordering::Relaxed);
-    }
-
-    /// The idle limit of this session: `default` or more after an offered polling interval.
-    fn idle_limit(&self, default: Duration) -> Duration {
-        default.max(Duration::from_millis(
-            self.offered_idle_ms.load(Ordering::Relaxed),
-        ))
-    }
-
     /// Whether a request from `peer` may use this session: under mTLS, only with the chain
     /// that created it (review finding 2b).
     fn admits(&self, peer: &PeerInfo) -> bool {
@@ -117,6 +69,12 @@ impl Session {
             let _ = peer;
             true
         }
+    }
+
+    /// Whether admission may evict it now: not closed, not ended, and not serving a
+    /// request (then it is not idle: it stays).
+    fn evictable(&self) -> bool {
+        !self.conn.is_closed() && self.state.try_lock().is_ok_and(|state| !state.ended)
     }
 }
 
@@ -134,11 +92,7 @@ fn same_certificates(
 
 /// Why no session serves a request.
 enum NoSession {
-    /// `max_http_sessions` are alive, all of known agents; the request would have created
-    /// another.
-    Full,
-    /// The source address spent its new-session budget; one is available after this long.
-    RateLimited(Duration),
+    Refused(Refusal),
     /// The uid's session belongs to another client certificate chain.
     Forbidden,
 }
@@ -156,8 +110,37 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// The sessions that left the table, to end outside its lock.
+fn take_ended(table: &mut SessionTable<Arc<Session>>) -> Vec<Arc<Session>> {
+    let mut out = Vec::new();
+    while let Some(event) = table.poll_event() {
+        if event.reason == EndReason::Evicted {
+            tracing::debug!(instance_uid = ?event.session.conn.instance_uid(), "plain-HTTP session table full; oldest one-poll session evicted");
+        }
+        // Later sends fail at once, before `end` runs.
+        event.session.conn.mark_closed();
+        out.push(event.session);
+    }
+    out
+}
+
+/// Ends sessions that left the table, on their own task (the caller may hold a session's
+/// lock; `end` is idempotent).
+fn end_later(ended: Vec<Arc<Session>>) {
+    for session in ended {
+        tokio::spawn(async move { end(&session).await });
+    }
+}
+
 impl Sessions {
-    /// The live session of `uid`, or a new one if there is room for it.
+    pub(crate) fn new(config: &crate::ServerConfig) -> Self {
+        Self {
+            table: Mutex::new(SessionTable::new(TableConfig::from_server_config(config))),
+            sweeper_started: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The live session of `uid`, or a new one if admission lets it in.
     fn get_or_create(
         &self,
         uid: InstanceUid,
@@ -165,8 +148,8 @@ impl Sessions {
         callbacks: &Arc<dyn ConnectionCallbacks>,
         peer: &PeerInfo,
     ) -> Result<Arc<Session>, NoSession> {
-        let mut map = lock(&self.map);
-        if let Some(s) = map.get(&uid)
+        let mut table = lock(&self.table);
+        if let Some(s) = table.get(&uid)
             && !s.conn.is_closed()
         {
             if !s.admits(peer) {
@@ -175,124 +158,50 @@ impl Sessions {
             return Ok(s.clone());
         }
         let config = &shared.config;
-        let mut admission = lock(&self.admission);
-        // The source's budget first: a refused stranger displaces nobody.
-        admission
-            .sources
-            .take(
-                peer.remote_addr,
-                wire::now(),
-                config.http_new_session_burst(),
-                config.http_new_session_rate(),
-            )
-            .map_err(NoSession::RateLimited)?;
-        // Counted up only here, under the map lock, so the count never passes the limit.
-        let slot = if self.live.load(Ordering::Acquire) < config.max_http_sessions() {
-            self.live.fetch_add(1, Ordering::AcqRel);
-            Slot(self.live.clone())
-        } else {
-            // Full: take the place of the oldest stranger (one poll, never seen again).
-            let mut freed = None;
-            admission
-                .probation
-                .evict_oldest(|old| match evict(&mut map, old) {
-                    Some(slot) => {
-                        freed = Some(slot);
-                        true
-                    }
-                    None => false,
-                });
-            freed.ok_or(NoSession::Full)?
-        };
-        if admission.probation.len() > config.max_http_sessions().saturating_mul(2) {
-            admission.probation.retain(|s| on_probation(s));
-        }
-        let session = Arc::new(Session {
-            conn: Connection::http(
-                peer.clone(),
-                Some(uid),
-                shared.config.outbound_queue_capacity(),
-            ),
-            #[cfg(feature = "tls")]
-            certificates: peer.certificates.clone(),
-            slot: Mutex::new(Some(slot)),
-            polls: AtomicU32::new(0),
-            uids: shared.uids.clone(),
-            last_seen: Mutex::new(wire::now()),
-            offered_idle_ms: AtomicU64::new(0),
-            state: tokio::sync::Mutex::new(State {
-                core: AgentSession::new(session_config(config)),
-                callbacks: callbacks.clone(),
-                connected: false,
-                ended: false,
-                claim: None,
-            }),
-        });
-        admission.probation.push(Arc::downgrade(&session));
-        drop(admission);
-        // A closed session under this uid is replaced; it is ended by whoever holds it, or
-        // by the sweeper below, which ends sessions that left the map too.
-        if let Some(old) = map.insert(uid, session.clone())
-            && old.conn.is_closed()
-        {
-            let old = old.clone();
-            tokio::spawn(async move { end(&old).await });
-        }
-        Ok(session)
+        let made = table.admit(
+            wire::now(),
+            uid,
+            peer.remote_addr,
+            || {
+                Arc::new(Session {
+                    conn: Connection::http(
+                        peer.clone(),
+                        Some(uid),
+                        config.outbound_queue_capacity(),
+                    ),
+                    #[cfg(feature = "tls")]
+                    certificates: peer.certificates.clone(),
+                    uids: shared.uids.clone(),
+                    state: tokio::sync::Mutex::new(State {
+                        core: AgentSession::new(session_config(config)),
+                        callbacks: callbacks.clone(),
+                        connected: false,
+                        ended: false,
+                        claim: None,
+                    }),
+                })
+            },
+            |s| s.evictable(),
+        );
+        let ended = take_ended(&mut table);
+        drop(table);
+        end_later(ended);
+        made.map_err(NoSession::Refused)
     }
 
-    fn remove_if_same(&self, uid: &InstanceUid, session: &Arc<Session>) {
-        let mut map = lock(&self.map);
-        if map.get(uid).is_some_and(|s| Arc::ptr_eq(s, session)) {
-            map.remove(uid);
-        }
+    /// Applies `f` to the table, then ends (later) the sessions that left it.
+    fn update(&self, f: impl FnOnce(&mut SessionTable<Arc<Session>>)) {
+        let mut table = lock(&self.table);
+        f(&mut table);
+        let ended = take_ended(&mut table);
+        drop(table);
+        end_later(ended);
     }
 
     /// Number of live sessions.
     pub(crate) fn len(&self) -> usize {
-        let map = lock(&self.map);
-        // A session is listed twice while an assigned uid is pending (UID-5).
-        let mut seen: Vec<*const Session> = map.values().map(Arc::as_ptr).collect();
-        seen.sort_unstable();
-        seen.dedup();
-        seen.len()
+        lock(&self.table).len()
     }
-}
-
-/// Whether a session is a stranger's: one poll at most, still open.
-fn on_probation(session: &Session) -> bool {
-    session.polls.load(Ordering::Relaxed) < KNOWN_AFTER_POLLS && !session.conn.is_closed()
-}
-
-/// Evicts a stranger's session to make room (admission, step 2): takes it out of the map,
-/// ends it, and returns its count in [`Sessions::live`]. `None` if it is known, ended, or
-/// in a request right now (then it is not idle: it stays).
-fn evict(map: &mut HashMap<InstanceUid, Arc<Session>>, session: &Arc<Session>) -> Option<Slot> {
-    if !on_probation(session) {
-        return None;
-    }
-    let state = session.state.try_lock().ok()?;
-    if state.ended {
-        return None;
-    }
-    let slot = lock(&session.slot).take()?;
-    for key in [
-        session.conn.instance_uid(),
-        state.core.assigned_instance_uid(),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        if map.get(&key).is_some_and(|s| Arc::ptr_eq(s, session)) {
-            map.remove(&key);
-        }
-    }
-    drop(state);
-    tracing::debug!(instance_uid = ?session.conn.instance_uid(), "plain-HTTP session table full; oldest one-poll session evicted");
-    session.conn.mark_closed();
-    let session = session.clone();
-    tokio::spawn(async move { end(&session).await });
-    Some(slot)
 }
 
 /// Ends a session once: `on_connection_close` runs, later sends fail.
@@ -314,19 +223,17 @@ async fn end(session: &Arc<Session>) {
 
 /// Ends every session (server shutdown).
 pub(crate) async fn close_all(shared: &Shared) {
-    let sessions: Vec<Arc<Session>> = lock(&shared.sessions.map).drain().map(|(_, s)| s).collect();
-    for s in dedup(sessions) {
+    let ended = {
+        let mut table = lock(&shared.sessions.table);
+        table.clear();
+        take_ended(&mut table)
+    };
+    for s in ended {
         end(&s).await;
     }
 }
 
-fn dedup(mut sessions: Vec<Arc<Session>>) -> Vec<Arc<Session>> {
-    sessions.sort_unstable_by_key(|s| Arc::as_ptr(s) as usize);
-    sessions.dedup_by(|a, b| Arc::ptr_eq(a, b));
-    sessions
-}
-
-/// Forgets sessions idle for longer than the timeout, and closed ones.
+/// Runs the table's timers (HB-5 idle expiry) and forgets closed sessions.
 fn start_sweeper(shared: &Arc<Shared>) {
     use std::sync::atomic::Ordering;
     if shared.sessions.sweeper_started.swap(true, Ordering::AcqRel) {
@@ -337,32 +244,24 @@ fn start_sweeper(shared: &Arc<Shared>) {
     let weak: Weak<Shared> = Arc::downgrade(shared);
     let mut stop = shared.stop_signal();
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(period);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let next = weak
+                .upgrade()
+                .and_then(|s| lock(&s.sessions.table).poll_timeout());
+            let at = next.map_or_else(|| tokio::time::Instant::now() + period, Into::into);
             tokio::select! {
-                _ = tick.tick() => {}
+                () = tokio::time::sleep_until(at) => {}
                 _ = crate::service::stopped(&mut stop) => return,
             }
             let Some(shared) = weak.upgrade() else { return };
-            let now = wire::now();
-            let expired: Vec<Arc<Session>> = {
-                let mut map = lock(&shared.sessions.map);
-                let mut out = Vec::new();
-                map.retain(|_, s| {
-                    let stale = s.conn.is_closed()
-                        || now.saturating_duration_since(*lock(&s.last_seen)) > s.idle_limit(idle);
-                    if stale {
-                        out.push(s.clone());
-                    }
-                    !stale
-                });
-                lock(&shared.sessions.admission)
-                    .probation
-                    .retain(|s| on_probation(s));
-                out
+            let ended = {
+                let mut table = lock(&shared.sessions.table);
+                // Closed by the application (`Connection::disconnect`).
+                table.retain(|s| !s.conn.is_closed());
+                table.handle_timeout(wire::now());
+                take_ended(&mut table)
             };
-            for s in dedup(expired) {
+            for s in ended {
                 tracing::debug!(instance_uid = ?s.conn.instance_uid(), "plain-HTTP session ended (idle or disconnected)");
                 end(&s).await;
             }
@@ -561,7 +460,7 @@ where
             .get_or_create(uid, shared, &callbacks, &peer)
         {
             Ok(session) => session,
-            Err(NoSession::Full) => {
+            Err(NoSession::Refused(Refusal::Full)) => {
                 tracing::debug!("plain-HTTP session limit reached; new agent refused");
                 let mut resp = text_response(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -571,7 +470,7 @@ where
                     .insert(RETRY_AFTER, retry_after_value(SESSIONS_FULL_RETRY_AFTER));
                 return resp;
             }
-            Err(NoSession::RateLimited(wait)) => {
+            Err(NoSession::Refused(Refusal::RateLimited(wait))) => {
                 tracing::debug!("new plain-HTTP sessions from this source over budget");
                 let mut resp = text_response(
                     StatusCode::TOO_MANY_REQUESTS,
@@ -593,11 +492,10 @@ where
         if state.ended {
             continue;
         }
-        if session.polls.load(Ordering::Relaxed) < KNOWN_AFTER_POLLS {
-            session.polls.fetch_add(1, Ordering::Relaxed);
-        }
         let now = wire::now();
-        *lock(&session.last_seen) = now;
+        shared
+            .sessions
+            .update(|table| table.handle_request(now, &uid));
         let conn = session.conn.clone();
         let cbs = state.callbacks.clone();
         if !state.connected {
@@ -644,7 +542,7 @@ where
         }
         if let Some(old) = received.switched_from {
             // UID-7: the agent now uses the assigned uid; drop the old key.
-            shared.sessions.remove_if_same(&old, &session);
+            shared.sessions.update(|table| table.remove_uid(&old));
         }
         conn.set_instance_uid(received.instance_uid);
 
@@ -659,11 +557,18 @@ where
             return text_response(StatusCode::INTERNAL_SERVER_ERROR, "no reply");
         };
         let reply = reply.into_message();
-        session.note_offer(&state.core, shared.config.limits());
-        if let Some(assigned) = state.core.assigned_instance_uid() {
-            // UID-5: the agent's next poll carries the new uid; find this session by it.
-            lock(&shared.sessions.map).insert(assigned, session.clone());
-        }
+        let offered = state.core.offered_heartbeat_interval();
+        let assigned = state.core.assigned_instance_uid();
+        shared.sessions.update(|table| {
+            if let Some(interval) = offered {
+                // HB-5: the session lives as long as the offered polling interval asks.
+                table.set_polling_interval(&uid, interval);
+            }
+            if let Some(assigned) = assigned {
+                // UID-5: the agent's next poll carries the new uid; find this session by it.
+                table.add_uid(&uid, assigned);
+            }
+        });
 
         if received.disconnect || conn.is_closed() {
             // DIS-2: forget the agent once it has its answer.
@@ -672,10 +577,7 @@ where
             if let Some(claim) = state.claim.take() {
                 shared.uids.release(&claim);
             }
-            shared.sessions.remove_if_same(&uid, &session);
-            if let Some(assigned) = state.core.assigned_instance_uid() {
-                shared.sessions.remove_if_same(&assigned, &session);
-            }
+            shared.sessions.update(|table| table.remove(&uid));
             cbs.on_connection_close(&conn).await;
         }
         drop(state);
