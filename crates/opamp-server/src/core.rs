@@ -14,9 +14,11 @@ use opamp_proto::{
 
 use crate::error::ReadMessageError;
 
+mod claims;
 mod table;
 mod transmit;
 
+pub use claims::{Claim, Resolution, Rival, UidHolder, UidRegistry};
 pub use table::{EndReason, Refusal, SessionTable, TableConfig, TableEvent};
 pub(crate) use transmit::Push;
 pub use transmit::{DuplicateUidPolicy, SharedMessage, Transmit, Transport};

@@ -123,7 +123,8 @@
 //!
 //! With `default-features = false` the crate is the sans-IO core ([`AgentSession`],
 //! [`SessionConfig`], [`Received`], [`Transmit`], [`SharedMessage`], [`DuplicateUidPolicy`],
-//! [`PushPlan`], the plain-HTTP [`SessionTable`], [`reassign_reply`],
+//! [`PushPlan`], the plain-HTTP [`SessionTable`], the duplicate-uid [`UidRegistry`],
+//! [`reassign_reply`],
 //! [`is_usable_instance_uid`]), the configuration types ([`ServerConfig`],
 //! [`ConnectionLimits`] and the defaults), [`packages`], [`ReadMessageError`],
 //! [`ConfigError`] and the reply helpers [`bad_request`] and [`unavailable`], for a driver on
@@ -178,9 +179,9 @@ pub use connection::Connection;
 #[cfg(feature = "tls")]
 pub use connection::PeerCertificates;
 pub use core::{
-    AgentSession, DuplicateUidPolicy, EndReason, PushPlan, Received, Refusal, SessionConfig,
-    SessionTable, SharedMessage, TableConfig, TableEvent, Transmit, Transport,
-    is_usable_instance_uid, reassign_reply,
+    AgentSession, Claim, DuplicateUidPolicy, EndReason, PushPlan, Received, Refusal, Resolution,
+    Rival, SessionConfig, SessionTable, SharedMessage, TableConfig, TableEvent, Transmit,
+    Transport, UidHolder, UidRegistry, is_usable_instance_uid, reassign_reply,
 };
 pub use error::{ConfigError, ReadMessageError};
 #[cfg(feature = "tokio")]

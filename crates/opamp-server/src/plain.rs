@@ -534,11 +534,8 @@ where
                 drop(state);
                 return respond(answer.into_message(), accept_gzip);
             }
-        } else if registry::note(shared, &conn, &mut state.claim, received.instance_uid)
-            && let Some(claim) = state.claim.as_mut()
-        {
-            // UID-8: the uid was taken over by another connection, and this agent is live.
-            registry::resolve(shared, &conn, claim).await;
+        } else {
+            registry::note(shared, &conn, &mut state.claim, received.instance_uid).await;
         }
         if let Some(old) = received.switched_from {
             // UID-7: the agent now uses the assigned uid; drop the old key.

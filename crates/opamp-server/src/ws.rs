@@ -391,11 +391,7 @@ where
                                         conn.set_instance_uid(received.instance_uid);
                                     }
                                     // UID-8: a message on a displaced connection proves a duplicate.
-                                    if registry::note(shared, &conn, &mut claim, received.instance_uid) {
-                                        if let Some(c) = claim.as_mut() {
-                                            Box::pin(registry::resolve(shared, &conn, c)).await;
-                                        }
-                                    }
+                                    Box::pin(registry::note(shared, &conn, &mut claim, received.instance_uid)).await;
                                     in_flight = Some(callbacks.on_message(&conn, *msg));
                                 }
                                 Err(e) => Box::pin(bad_message(&mut core, &conn, &*callbacks, e)).await,
