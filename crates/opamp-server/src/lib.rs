@@ -71,6 +71,11 @@
 //! # }
 //! ```
 //!
+//! The configuration is split the tonic way: [`ServerConfig`] holds the protocol limits and
+//! transport settings, everything the embeddable [`OpampService`] uses; where the standalone
+//! server listens, its path, TLS and a tower layer around the service are the
+//! [`ServerBuilder`]'s (`Server::builder().listen(addr).path("/opamp").layer(l).bind(cb)`).
+//!
 //! To share an axum router's listener instead, mount the service at any path:
 //! `Router::new().route_service("/opamp", OpampService::new(config, callbacks))`. For
 //! [`Connection::remote_addr`] to be known there, serve the router with
@@ -119,7 +124,7 @@
 //! | feature | default | what it adds |
 //! | --- | --- | --- |
 //! | `tokio` | on | the drivers on tokio and hyper: [`Server`], [`OpampService`], [`Connection`], the callback traits ([`ServerCallbacks`], [`ConnectionCallbacks`]) and their types |
-//! | `tls` | on | TLS and mTLS for the standalone server with rustls (ring): [`ServerConfigBuilder::tls`], [`Connection::peer_certificates`], and `opamp_transport::tls` to build the configuration; implies `tokio` |
+//! | `tls` | on | TLS and mTLS for the standalone server with rustls (ring): [`ServerBuilder::tls`], [`Connection::peer_certificates`], and `opamp_transport::tls` to build the configuration; implies `tokio` |
 //!
 //! With `default-features = false` the crate is the sans-IO core ([`AgentSession`],
 //! [`SessionConfig`], [`Received`], [`Transmit`], [`SharedMessage`], [`DuplicateUidPolicy`],
@@ -164,8 +169,8 @@ pub use callbacks::{bad_request, unavailable};
 pub use config::{
     BUDGET_EXEMPT_MESSAGE_SIZE, ConnectionLimits, DEFAULT_AGENT_HEARTBEAT_INTERVAL,
     DEFAULT_FIRST_MESSAGE_TIMEOUT, DEFAULT_HEARTBEAT_TIMEOUT_FACTOR, DEFAULT_IDLE_TIMEOUT_FLOOR,
-    DEFAULT_MAX_INCOMPLETE_BYTES, DEFAULT_MIN_READ_RATE, DEFAULT_READ_GRACE,
-    DEFAULT_WS_PING_INTERVAL, FD_RESERVE,
+    DEFAULT_LISTEN_ADDR, DEFAULT_MAX_INCOMPLETE_BYTES, DEFAULT_MIN_READ_RATE, DEFAULT_READ_GRACE,
+    DEFAULT_SERVER_PATH, DEFAULT_WS_PING_INTERVAL, FD_RESERVE,
 };
 pub use config::{
     DEFAULT_FULL_STATE_MIN_INTERVAL, DEFAULT_HTTP_BODY_TIMEOUT, DEFAULT_HTTP_IDLE_TIMEOUT,
@@ -187,7 +192,7 @@ pub use error::{ConfigError, ReadMessageError};
 #[cfg(feature = "tokio")]
 pub use error::{SendError, ServerError};
 #[cfg(feature = "tokio")]
-pub use server::{Server, ServerHandle};
+pub use server::{Server, ServerBuilder, ServerHandle};
 
 /// The attribute that implements the async callback traits.
 #[cfg(feature = "tokio")]
