@@ -472,7 +472,8 @@ pub const DEFAULT_MAX_INCOMPLETE_BYTES: usize = 256 * 1024 * 1024;
 /// while large stalled messages hold the budget, and memory stays bounded by 1.25 x the
 /// budget even when many connections hold small partial messages.
 pub const BUDGET_EXEMPT_MESSAGE_SIZE: usize = 64 * 1024;
-/// File descriptors kept out of [`ConnectionLimits::max_connections`] when it is derived from
+/// File descriptors kept out of the standalone server's connection limit
+/// (`ServerBuilder::max_connections`) when it is derived from
 /// the process limit: 64 (the listener, logs, the embedder's own sockets and files).
 pub const FD_RESERVE: usize = 64;
 
@@ -492,7 +493,8 @@ pub const FD_RESERVE: usize = 64;
 ///   agents without heartbeats have none. Expiry closes with 1001 (Going Away).
 ///   Plain-HTTP sessions expire after [`ServerConfig::http_idle_timeout`] without a poll.
 /// - **First message**: see [`DEFAULT_FIRST_MESSAGE_TIMEOUT`]; closes with 1008.
-/// - **Connection limit** (standalone server): at `max_connections` open TCP connections the
+/// - **Connection limit** (standalone server only, so set on its `ServerBuilder`, not
+///   here): at `max_connections` open TCP connections the
 ///   server closes the oldest connection that never delivered an OpAMP message (a WebSocket
 ///   before its first message: 1013; plain HTTP before its first answered request) to admit
 ///   the new one; when every connection is a real agent, the new one is closed at once.
@@ -515,7 +517,6 @@ pub struct ConnectionLimits {
     idle_timeout_floor: Duration,
     ws_ping_interval: Option<Duration>,
     first_message_timeout: Duration,
-    max_connections: Option<usize>,
     min_read_rate: u64,
     read_grace: Duration,
     max_incomplete_bytes: usize,
@@ -528,7 +529,6 @@ impl Default for ConnectionLimits {
             idle_timeout_floor: DEFAULT_IDLE_TIMEOUT_FLOOR,
             ws_ping_interval: Some(DEFAULT_WS_PING_INTERVAL),
             first_message_timeout: DEFAULT_FIRST_MESSAGE_TIMEOUT,
-            max_connections: None,
             min_read_rate: DEFAULT_MIN_READ_RATE,
             read_grace: DEFAULT_READ_GRACE,
             max_incomplete_bytes: DEFAULT_MAX_INCOMPLETE_BYTES,
@@ -558,13 +558,6 @@ impl ConnectionLimits {
     /// [`DEFAULT_FIRST_MESSAGE_TIMEOUT`]).
     pub fn first_message_timeout(&self) -> Duration {
         self.first_message_timeout
-    }
-
-    /// Limit on open TCP connections of the standalone server, if set. Default `None`: the
-    /// process's file-descriptor soft limit minus [`FD_RESERVE`], read when the server binds
-    /// (Linux; no limit where it cannot be read).
-    pub fn max_connections(&self) -> Option<usize> {
-        self.max_connections
     }
 
     /// Least average pace of a message in progress, in bytes per second (default 256 KiB/s,
@@ -610,12 +603,6 @@ impl ConnectionLimits {
         self
     }
 
-    /// Sets the limit on open TCP connections of the standalone server; must be non-zero.
-    pub fn with_max_connections(mut self, connections: usize) -> Self {
-        self.max_connections = Some(connections);
-        self
-    }
-
     /// Sets the least pace of a message in progress, in bytes per second; must be non-zero.
     pub fn with_min_read_rate(mut self, bytes_per_second: u64) -> Self {
         self.min_read_rate = bytes_per_second;
@@ -637,9 +624,6 @@ impl ConnectionLimits {
     fn validate(&self) -> Result<(), ConfigError> {
         if self.heartbeat_timeout_factor == 0 {
             return Err(ConfigError::Zero("heartbeat_timeout_factor"));
-        }
-        if self.max_connections == Some(0) {
-            return Err(ConfigError::Zero("max_connections"));
         }
         if self.min_read_rate == 0 {
             return Err(ConfigError::Zero("min_read_rate"));
@@ -790,7 +774,6 @@ mod tests {
         assert_eq!(l.heartbeat_timeout_factor(), 3);
         assert_eq!(l.first_message_timeout(), Duration::from_secs(15));
         assert_eq!(l.ws_ping_interval(), Some(Duration::from_secs(30)));
-        assert_eq!(l.max_connections(), None);
         // HB-7: 3 x the heartbeat, at least the floor; pings stand in for heartbeats.
         assert_eq!(
             l.ws_idle_timeout(Some(Duration::from_secs(30))),
@@ -816,7 +799,6 @@ mod tests {
                 l.clone().with_heartbeat_timeout_factor(0),
                 "heartbeat_timeout_factor",
             ),
-            (l.clone().with_max_connections(0), "max_connections"),
             (l.clone().with_min_read_rate(0), "min_read_rate"),
             (
                 l.clone().with_max_incomplete_bytes(0),
@@ -840,6 +822,5 @@ mod tests {
                 max: MAX_TIMEOUT
             }
         );
-        assert!(build(l.with_max_connections(10)).is_ok());
     }
 }

@@ -112,7 +112,7 @@
 //! | first message after the upgrade / first request head (slow-loris), TLS handshake included | 15 s | Close 1008 / dropped |
 //! | pace of a message or body in progress: 256 KiB/s on average after a 10 s grace | on | Close 1008 / 408 |
 //! | bytes of all incomplete messages and bodies (messages up to 64 KiB may use 25 % more) | 256 MiB | Close 1013 / 503 + `Retry-After` |
-//! | open TCP connections of the standalone server; the oldest silent ones are shed first | fd soft limit - 64 | Close 1013 / dropped |
+//! | open TCP connections of the standalone server ([`ServerBuilder::max_connections`]); the oldest silent ones are shed first | fd soft limit - 64 | Close 1013 / dropped |
 //!
 //! # Cancel safety
 //!

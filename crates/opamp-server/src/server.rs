@@ -64,6 +64,7 @@ impl ServerHandle {
 /// What the accept loop needs of the standalone server's own settings.
 struct Listener {
     path: Box<str>,
+    max_connections: Option<usize>,
     #[cfg(feature = "tls")]
     tls: Option<Arc<rustls::ServerConfig>>,
 }
@@ -96,6 +97,7 @@ pub struct ServerBuilder<L = tower_layer::Identity> {
     path: String,
     #[cfg(feature = "tls")]
     tls: Option<Arc<rustls::ServerConfig>>,
+    max_connections: Option<usize>,
     layer: L,
 }
 
@@ -131,6 +133,7 @@ impl ServerBuilder {
             path: DEFAULT_SERVER_PATH.to_owned(),
             #[cfg(feature = "tls")]
             tls: None,
+            max_connections: None,
             layer: tower_layer::Identity::new(),
         }
     }
@@ -173,6 +176,16 @@ impl<L> ServerBuilder<L> {
         self
     }
 
+    /// Sets the limit on open TCP connections; must be non-zero. At the limit the server
+    /// closes the oldest connection that never delivered an OpAMP message to admit a new
+    /// one (see [`ConnectionLimits`]). Default: the process's file-descriptor soft limit
+    /// minus [`FD_RESERVE`](crate::FD_RESERVE), read when the server binds (Linux; no limit
+    /// where it cannot be read).
+    pub fn max_connections(mut self, connections: usize) -> Self {
+        self.max_connections = Some(connections);
+        self
+    }
+
     /// Sets the protocol limits and transport settings (replacing any set before).
     pub fn config(mut self, config: ServerConfig) -> Self {
         self.config = ServerConfigBuilder::from(config);
@@ -190,6 +203,7 @@ impl<L> ServerBuilder<L> {
             path: self.path,
             #[cfg(feature = "tls")]
             tls: self.tls,
+            max_connections: self.max_connections,
             layer: tower_layer::Stack::new(layer, self.layer),
         }
     }
@@ -233,6 +247,9 @@ impl<L> ServerBuilder<L> {
         if !self.path.starts_with('/') {
             return Err(ConfigError::InvalidPath(self.path));
         }
+        if self.max_connections == Some(0) {
+            return Err(ConfigError::Zero("max_connections"));
+        }
         self.config.clone().build()?;
         Ok(self)
     }
@@ -261,6 +278,7 @@ impl<L> ServerBuilder<L> {
         let layered = this.layer.layer(service.clone());
         let settings = Arc::new(Listener {
             path: this.path.into(),
+            max_connections: this.max_connections,
             #[cfg(feature = "tls")]
             tls: this.tls,
         });
@@ -332,10 +350,8 @@ async fn accept_loop<S>(
     S::Future: Send + 'static,
 {
     let mut stop = service.shared.stop_signal();
-    let max = service
-        .config()
-        .limits()
-        .max_connections()
+    let max = settings
+        .max_connections
         .or_else(crate::limits::default_max_connections);
     loop {
         let accepted = tokio::select! {
