@@ -6,11 +6,12 @@
 //! The harness drives both cores as the tokio drivers do (`opamp-client`'s `ws.rs` and
 //! `http.rs`, `opamp-server`'s `ws.rs` and `plain.rs`): a WebSocket link has one server
 //! session per connection and loses what is in flight when it breaks; plain HTTP has one
-//! request in flight, a session table keyed by instance uid, and a lost request or answer
-//! is a failed request for the client.
+//! request in flight, the server's sans-IO `SessionTable` (uid lookup, idle expiry on its
+//! own timer), and a lost request or answer is a failed request for the client. The server
+//! sessions are driven through their handle/poll contract, as the drivers drive them.
 #![allow(clippy::unwrap_used, clippy::large_enum_variant)]
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use opamp::client::BackoffPolicy;
@@ -20,7 +21,7 @@ use opamp::proto::{
     AgentToServer, AgentToServerFlagSet, AnyValue, InstanceUid, KeyValue, RemoteConfigStatus,
     RemoteConfigStatuses, ServerCapabilitySet, ServerToAgent, ServerToAgentFlagSet, any_value,
 };
-use opamp::server::{AgentSession, DuplicateUidPolicy, SessionConfig};
+use opamp::server::{AgentSession, DuplicateUidPolicy, SessionConfig, SessionTable, TableConfig};
 
 /// What the server application answers to a message (`None`: a bare acknowledgement).
 type App = Box<dyn FnMut(&AgentToServer) -> Option<ServerToAgent>>;
@@ -60,8 +61,12 @@ struct Pair {
     request_timeout: Duration,
     server_caps: ServerCapabilitySet,
     agents: Vec<Agent>,
-    /// Plain-HTTP session table, keyed by instance uid (the server's `plain.rs`).
-    http_sessions: HashMap<InstanceUid, AgentSession>,
+    /// Plain HTTP: the server's sans-IO session table (uid lookup, cap, idle expiry) over
+    /// indices into `http_sessions`, as `plain.rs` holds it over its session handles.
+    http_table: SessionTable<usize>,
+    http_sessions: Vec<Option<AgentSession>>,
+    /// Plain-HTTP sessions that ended (idle, replaced, removed).
+    http_ended: usize,
     app: App,
     to_server: VecDeque<(Instant, usize, AgentToServer)>,
     to_client: VecDeque<(Instant, usize, ServerToAgent)>,
@@ -110,7 +115,9 @@ impl Pair {
                 | ServerCapabilitySet::OFFERS_REMOTE_CONFIG
                 | ServerCapabilitySet::ACCEPTS_EFFECTIVE_CONFIG,
             agents: Vec::new(),
-            http_sessions: HashMap::new(),
+            http_table: SessionTable::new(TableConfig::default()),
+            http_sessions: Vec::new(),
+            http_ended: 0,
             app: Box::new(|_| None),
             to_server: VecDeque::new(),
             to_client: VecDeque::new(),
@@ -161,6 +168,8 @@ impl Pair {
 
     /// The server forgets every session (a restart of a server that keeps nothing).
     fn restart_server(&mut self) {
+        self.http_table.clear();
+        self.end_http_sessions();
         self.http_sessions.clear();
         for a in &mut self.agents {
             if a.ws_session.take().is_some() {
@@ -169,6 +178,14 @@ impl Pair {
         }
         self.to_server.clear();
         self.to_client.clear();
+    }
+
+    /// Forgets the plain-HTTP sessions that left the table.
+    fn end_http_sessions(&mut self) {
+        while let Some(ended) = self.http_table.poll_event() {
+            self.http_sessions[ended.session] = None;
+            self.http_ended += 1;
+        }
     }
 
     /// Breaks every WebSocket connection: what is in flight is lost.
@@ -186,9 +203,20 @@ impl Pair {
             }
         } else {
             let key = InstanceUid::try_from(&msg.instance_uid[..]).unwrap();
-            self.http_sessions
-                .entry(key)
-                .or_insert_with(|| AgentSession::new(config))
+            let index = match self.http_table.get(&key) {
+                Some(&index) => index,
+                None => {
+                    let next = self.http_sessions.len();
+                    let index = self
+                        .http_table
+                        .admit(at, key, None, || next, |_| true)
+                        .expect("room in the session table");
+                    self.http_sessions.push(Some(AgentSession::new(config)));
+                    index
+                }
+            };
+            self.http_table.handle_request(at, &key);
+            self.http_sessions[index].as_mut().expect("a live session")
         };
         // As the drivers do: the session decides, the harness only moves messages.
         let received = match session.handle_message(at, &msg) {
@@ -212,10 +240,19 @@ impl Pair {
         while let Some(t) = session.poll_transmit(at) {
             out.push(t.into_message());
         }
-        if let Some(old) = received.switched_from.filter(|_| !ws) {
-            // UID-7: the session follows the agent to its new uid.
-            let s = self.http_sessions.remove(&old).unwrap();
-            self.http_sessions.insert(received.instance_uid, s);
+        if !ws {
+            if let Some(assigned) = session.assigned_instance_uid() {
+                // UID-5: the next poll carries the assigned uid.
+                self.http_table.add_uid(&received.instance_uid, assigned);
+            }
+            if let Some(interval) = session.offered_heartbeat_interval() {
+                self.http_table
+                    .set_polling_interval(&received.instance_uid, interval);
+            }
+            if let Some(old) = received.switched_from {
+                // UID-7: the session follows the agent to its new uid.
+                self.http_table.remove_uid(&old);
+            }
         }
         // S2A-1, S2A-2: what the reply could not carry follows at once over WebSocket
         // (poll_transmit gave it after the reply).
@@ -287,10 +324,15 @@ impl Pair {
                 self.send_to_client(now, i, m);
             }
         }
-        for session in self.http_sessions.values_mut() {
+        for session in self.http_sessions.iter_mut().flatten() {
             if session.poll_timeout().is_some_and(|t| t <= now) {
                 session.handle_timeout(now);
             }
+        }
+        // HB-5: idle plain-HTTP sessions end on the table's timer.
+        if self.http_table.poll_timeout().is_some_and(|t| t <= now) {
+            self.http_table.handle_timeout(now);
+            self.end_http_sessions();
         }
         while let Some(&(at, _, _)) = self.to_server.front() {
             if at > now {
@@ -421,6 +463,9 @@ impl Pair {
             if self.transport == TransportKind::WebSocket && a.ws_session.is_none() {
                 consider(a.core.connect_at());
             }
+        }
+        if self.transport == TransportKind::Http {
+            consider(self.http_table.poll_timeout());
         }
         next
     }
@@ -725,7 +770,7 @@ fn pair_duplicate_uid_over_http_is_detected_and_reassigned() {
         asks.iter().all(|(_, at)| *at < Duration::from_secs(260)),
         "ReportFullState keeps coming: {asks:?}"
     );
-    assert_eq!(p.http_sessions.len(), 2, "two sessions, one per agent");
+    assert_eq!(p.http_table.len(), 2, "two sessions, one per agent");
 }
 
 /// GEN-8: while the server is down, reconnect attempts back off exponentially with jitter
@@ -897,4 +942,48 @@ fn pair_ws_push_before_the_first_message_rides_on_the_first_reply() {
                 && s.status == RemoteConfigStatuses::Applied as i32
         })
     }));
+}
+
+/// HB-5, SEQ-2 over plain HTTP: while the agent cannot reach the server, its session idles
+/// out on the server's table (120 s without a poll). The first poll after the outage finds
+/// no session; it carries the agent's full state (the client resends everything after
+/// failed requests), so the new session knows the agent and asks for nothing more. A
+/// session that keeps polling never idles out.
+#[test]
+fn pair_http_session_idles_out_during_an_outage_and_the_next_poll_starts_a_full_one() {
+    let mut p = Pair::new(TransportKind::Http);
+    let a = p.add_agent(uid(1), fast_backoff());
+    p.run(Duration::from_secs(300));
+    assert_eq!(p.http_ended, 0, "polling every 30 s keeps the session");
+    assert_eq!(p.http_table.len(), 1);
+    p.server_down = true;
+    p.run(Duration::from_secs(200));
+    assert_eq!(p.http_ended, 1, "idle past 120 s: ended");
+    assert!(p.http_table.is_empty());
+    let outage_end = p.elapsed();
+    p.server_down = false;
+    p.run(Duration::from_secs(300));
+    assert_eq!(p.http_table.len(), 1, "one new session");
+    assert_eq!(p.http_sessions.iter().flatten().count(), 1);
+    let sent: Vec<_> = p
+        .sent(a)
+        .into_iter()
+        .filter(|(at, _)| *at >= outage_end)
+        .collect();
+    assert!(
+        sent[0].1.agent_description.is_some(),
+        "the first poll after the outage is a full report"
+    );
+    let replies: Vec<_> = p
+        .replies(a)
+        .into_iter()
+        .filter(|(at, _)| *at >= outage_end)
+        .collect();
+    assert!(replies.len() >= 5, "served again: {}", replies.len());
+    assert!(
+        replies
+            .iter()
+            .all(|(_, m)| m.flags & ServerToAgentFlagSet::REPORT_FULL_STATE.bits() == 0),
+        "SEQ-2: a complete first report needs no request"
+    );
 }

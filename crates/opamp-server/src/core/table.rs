@@ -30,6 +30,15 @@ pub struct TableConfig {
     pub new_session_rate: u32,
 }
 
+impl Default for TableConfig {
+    /// The rules of the default [`ServerConfig`](crate::ServerConfig): 100 000 sessions,
+    /// 120 s idle timeout, 3 polling intervals, 1000 new sessions per source at once and
+    /// 100 per second after.
+    fn default() -> Self {
+        Self::from_server_config(&crate::ServerConfig::default())
+    }
+}
+
 impl TableConfig {
     /// The rules of `config`.
     pub fn from_server_config(config: &crate::ServerConfig) -> Self {
