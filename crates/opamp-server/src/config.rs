@@ -658,8 +658,7 @@ impl ConnectionLimits {
         Ok(())
     }
 
-    // Pure arithmetic, tested without the drivers; only the WebSocket driver calls it.
-    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    // Pure arithmetic, tested without the drivers; the session core's `ws_liveness` uses it.
     /// The WebSocket read-idle timeout of an agent: `heartbeat` is its heartbeat interval
     /// (`None` when it sends no heartbeats). `None`: no idle timeout.
     pub(crate) fn ws_idle_timeout(&self, heartbeat: Option<Duration>) -> Option<Duration> {

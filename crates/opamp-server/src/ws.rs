@@ -221,26 +221,15 @@ impl Liveness {
             );
         }
         if self.first_seen {
-            // HB-1, HB-2: the interval the session knows the agent to heartbeat at.
-            let heartbeat = core.agent_heartbeat_interval();
-            // HB-7: an agent must be heard from within its idle timeout. One without
-            // heartbeats is pinged after each ping interval of silence; a heartbeating one
-            // only once a heartbeat is overdue (2/3 of its idle timeout, two intervals at
-            // the default factor), so one with a longer local interval than the server
-            // assumes is kept as long as it answers (WS-14: "unless locally configured").
-            let idle = limits.ws_idle_timeout(heartbeat);
+            // HB-7, WS-14: the session decides how long the agent may be silent and when
+            // to ping it; the driver only keeps the clocks.
+            let (idle, ping_after) = core.ws_liveness(limits);
             if let Some(idle) = idle {
                 consider(
                     meter.last_read() + idle,
                     Due::Close(CloseCode::Away, "idle timeout"),
                 );
             }
-            let ping_after = match (heartbeat, limits.ws_ping_interval(), idle) {
-                (_, None, _) => None,
-                (None, Some(every), _) => Some(every),
-                (Some(_), Some(_), Some(idle)) => Some(idle * 2 / 3),
-                (Some(_), Some(_), None) => None,
-            };
             if let Some(after) = ping_after {
                 let since = self
                     .last_ping

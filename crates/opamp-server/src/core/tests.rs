@@ -1646,3 +1646,49 @@ fn http_9_respond_now_is_respond_then_poll_transmit() {
         "no message awaits a reply"
     );
 }
+
+/// HB-7, WS-14: the session's liveness rule. Without heartbeats: idle after 3 ping
+/// intervals, pinged every interval of silence; with heartbeats (30 s by default): idle
+/// after 3 heartbeats, pinged only once one is overdue; without pings nor heartbeats: none.
+#[test]
+fn hb_7_ws_liveness_follows_the_agents_heartbeat() {
+    let clock = Clock::new();
+    let limits = crate::ConnectionLimits::default();
+    let mut s = ws_session();
+    s.handle_message(clock.now(), &full_report(0)).unwrap();
+    let secs = |n| Some(Duration::from_secs(n));
+    assert_eq!(
+        s.ws_liveness(&limits),
+        (secs(90), secs(30)),
+        "no heartbeats"
+    );
+    let mut msg = report(1);
+    msg.capabilities |= (A::REPORTS_HEARTBEAT | A::ACCEPTS_OPAMP_CONNECTION_SETTINGS).bits();
+    s.handle_message(clock.now(), &msg).unwrap();
+    assert_eq!(
+        s.ws_liveness(&limits),
+        (secs(90), secs(60)),
+        "30 s heartbeats"
+    );
+    s.respond(Some(ServerToAgent {
+        connection_settings: Some(ConnectionSettingsOffers {
+            hash: Bytes::from_static(b"cs0"),
+            opamp: Some(OpAmpConnectionSettings {
+                heartbeat_interval_seconds: 0,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }));
+    let _ = drain(&mut s, clock.now());
+    assert_eq!(
+        s.ws_liveness(&limits),
+        (secs(90), secs(30)),
+        "HB-2: told to stop"
+    );
+    assert_eq!(
+        s.ws_liveness(&limits.with_ws_ping_interval(None)),
+        (None, None)
+    );
+}

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use opamp_proto::{AgentCapabilitySet, InstanceUid, Message, ServerToAgent};
 
 use super::{AgentSession, PushPlan, merge, reassign_reply};
-use crate::config::{DEFAULT_AGENT_HEARTBEAT_INTERVAL, MAX_TIMEOUT};
+use crate::config::{ConnectionLimits, DEFAULT_AGENT_HEARTBEAT_INTERVAL, MAX_TIMEOUT};
 use crate::error::ReadMessageError;
 
 /// The transport of a session (and of a [`Connection`](crate::Connection)).
@@ -381,6 +381,26 @@ impl AgentSession {
             Some(secs) => Some(Duration::from_secs(u64::from(secs)).min(MAX_TIMEOUT)),
             None => Some(DEFAULT_AGENT_HEARTBEAT_INTERVAL),
         }
+    }
+
+    /// WebSocket liveness (HB-7): how long the agent may be silent before the connection is
+    /// taken for dead (`None`: no limit), and after how much silence to ping it (`None`:
+    /// never). An agent must be heard from within `heartbeat_timeout_factor` x its
+    /// heartbeat interval ([`agent_heartbeat_interval`](Self::agent_heartbeat_interval)).
+    /// One without heartbeats is pinged after each ping interval of silence; a heartbeating
+    /// one only once a heartbeat is overdue (2/3 of its idle timeout, two intervals at the
+    /// default factor), so one with a longer local interval than the server assumes is kept
+    /// as long as it answers (WS-14: "unless locally configured").
+    pub fn ws_liveness(&self, limits: &ConnectionLimits) -> (Option<Duration>, Option<Duration>) {
+        let heartbeat = self.agent_heartbeat_interval();
+        let idle = limits.ws_idle_timeout(heartbeat);
+        let ping_after = match (heartbeat, limits.ws_ping_interval(), idle) {
+            (_, None, _) => None,
+            (None, Some(every), _) => Some(every),
+            (Some(_), Some(_), Some(idle)) => Some(idle * 2 / 3),
+            (Some(_), Some(_), None) => None,
+        };
+        (idle, ping_after)
     }
 
     /// The polling interval this session offered the agent
