@@ -19,7 +19,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use opamp::proto::{
     AgentRemoteConfig, AgentToServer, InstanceUid, ServerCapabilitySet, ServerToAgent, framing,
 };
-use opamp::server::{AgentSession, DEFAULT_SERVER_CAPABILITIES, SessionConfig};
+use opamp::server::{AgentSession, DEFAULT_SERVER_CAPABILITIES, SessionConfig, Transmit};
 
 fn session() -> AgentSession {
     AgentSession::new(SessionConfig::websocket(
@@ -88,8 +88,11 @@ fn bench_step(c: &mut Criterion, name: &str, msg: AgentToServer) {
             msg.sequence_num = seq;
             s.handle_message(now, &msg).expect("valid");
             s.respond(None);
-            let reply = s.poll_transmit(now).expect("the reply").into_message();
-            black_box(framing::encode(&reply))
+            let frame = s.poll_transmit_with(now, |t| match t {
+                Transmit::Message(m) => framing::encode(m),
+                _ => unreachable!("a reply is one message"),
+            });
+            black_box(frame.expect("the reply"))
         })
     });
     group.finish();

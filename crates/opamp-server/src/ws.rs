@@ -500,7 +500,7 @@ where
 {
     Box::pin(async move {
         // Each message is encoded in its own statement, so none is held across the write.
-        while let Some(parts) = core.poll_transmit(wire::now()).map(outgoing) {
+        while let Some(parts) = core.poll_transmit_with(wire::now(), outgoing) {
             send_parts_now(ws, parts, fragment, timeout).await?;
         }
         Ok(())
@@ -508,14 +508,15 @@ where
 }
 
 /// A message from the session as bytes to send: per-agent fields framed (header 0x00,
-/// WS-3), followed by a shared encoding as it is.
-fn outgoing(transmit: Transmit) -> Outgoing {
+/// WS-3), followed by a shared encoding as it is. By reference: encoding needs no copy of
+/// the message.
+fn outgoing(transmit: &Transmit) -> Outgoing {
     match transmit {
         Transmit::Shared { head, shared } => Outgoing {
-            head: framing::encode(&head),
+            head: framing::encode(head),
             tail: shared.encoded().clone(),
         },
-        other => Outgoing::one(framing::encode(&other.into_message())),
+        Transmit::Message(msg) => Outgoing::one(framing::encode(msg)),
     }
 }
 

@@ -1692,3 +1692,25 @@ fn hb_7_ws_liveness_follows_the_agents_heartbeat() {
         (None, None)
     );
 }
+
+/// `poll_transmit_with` gives what `poll_transmit` gives, by reference.
+#[test]
+fn poll_transmit_with_is_poll_transmit_by_reference() {
+    let clock = Clock::new();
+    let mut a = ws_session();
+    let mut b = ws_session();
+    for s in [&mut a, &mut b] {
+        s.queue(remote_config(b"h"));
+        s.handle_message(clock.now(), &full_report(0)).unwrap();
+        s.respond(Some(custom(b"c")));
+    }
+    let by_value: Vec<_> = std::iter::from_fn(|| a.poll_transmit(clock.now()))
+        .map(Transmit::into_message)
+        .collect();
+    let by_ref: Vec<_> =
+        std::iter::from_fn(|| b.poll_transmit_with(clock.now(), |t| t.clone().into_message()))
+            .collect();
+    assert_eq!(by_value, by_ref);
+    assert_eq!(by_value.len(), 1);
+    assert!(by_value[0].remote_config.is_some() && by_value[0].custom_message.is_some());
+}

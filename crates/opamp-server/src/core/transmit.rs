@@ -322,21 +322,38 @@ impl AgentSession {
     /// replaced by a bare acknowledgement (WS-11, HTTP-16) and its offers count as not sent.
     #[must_use]
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
+        self.next_transmit(now, |t| t)
+    }
+
+    /// [`poll_transmit`](Self::poll_transmit), handing the message to `f` by reference
+    /// (e.g. to encode it) instead of returning it: a `ServerToAgent` is 1.6 KiB, and a
+    /// driver that only encodes it saves moving it out.
+    #[must_use]
+    pub fn poll_transmit_with<R>(
+        &mut self,
+        now: Instant,
+        f: impl FnOnce(&Transmit) -> R,
+    ) -> Option<R> {
+        self.next_transmit(now, |t| f(&t))
+    }
+
+    #[inline]
+    fn next_transmit<R>(&mut self, now: Instant, f: impl FnOnce(Transmit) -> R) -> Option<R> {
         if let Some(out) = self.take_special() {
-            return Some(Transmit::Message(out));
+            return Some(f(Transmit::Message(out)));
         }
         if self.reply == Reply::Ready {
             self.reply = Reply::Idle;
-            // Built in its place in the result: a `ServerToAgent` is 1.6 KiB.
-            let mut out = Some(Transmit::Message(
+            // Built in its place: a `ServerToAgent` is 1.6 KiB.
+            let mut out = Transmit::Message(
                 self.reply_msg
                     .take()
                     .map_or_else(ServerToAgent::default, |b| *b),
-            ));
-            if let Some(Transmit::Message(msg)) = &mut out {
+            );
+            if let Transmit::Message(msg) = &mut out {
                 self.complete_reply(now, msg);
             }
-            return out;
+            return Some(f(out));
         }
         let full_duplex = self.config.transport == Transport::WebSocket;
         if !full_duplex || self.uid.is_none() || !self.answered {
@@ -350,8 +367,8 @@ impl AgentSession {
                 }),
                 Push::Shared(shared) => self.plan_shared(now, shared),
             };
-            if out.is_some() {
-                return out;
+            if let Some(out) = out {
+                return Some(f(out));
             }
         }
         // Not while a reply is awaited: it will carry these anyway.
@@ -360,7 +377,7 @@ impl AgentSession {
                 .prepare_push(now, ServerToAgent::default())
                 .map(|mut out| {
                     self.fit(&mut out);
-                    Transmit::Message(out)
+                    f(Transmit::Message(out))
                 });
         }
         None
@@ -490,6 +507,18 @@ impl AgentSession {
     /// WS-11, HTTP-16: a message over the limit is never sent; the agent still gets an
     /// answer, with what the session owed it (uid, capabilities, flags).
     fn fit(&mut self, msg: &mut ServerToAgent) {
+        let bare_only = msg.error_response.is_none()
+            && msg.remote_config.is_none()
+            && msg.connection_settings.is_none()
+            && msg.packages_available.is_none()
+            && msg.command.is_none()
+            && msg.custom_capabilities.is_none()
+            && msg.custom_message.is_none();
+        if bare_only {
+            // Nothing to drop: what a bare acknowledgement carries is all there is (at most
+            // 61 bytes framed), so its size need not be computed on every heartbeat.
+            return;
+        }
         let size = self.framing() + msg.encoded_len();
         if size <= self.config.max_message_size {
             return;
