@@ -296,7 +296,9 @@ pub struct AgentSession {
     /// A reply went out in this session: WebSocket pushes are held until then (CAP-4).
     answered: bool,
     /// The last `heartbeat_interval_seconds` the session sent the agent (HB-2).
-    offered_heartbeat: Option<u32>,
+    /// Stored as seconds + 1 (`NonZeroU32`: four bytes for the option; an offer beyond
+    /// `u32::MAX - 1` seconds, far past `MAX_TIMEOUT`, saturates).
+    offered_heartbeat: Option<std::num::NonZeroU32>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -750,8 +752,8 @@ impl AgentSession {
             self.connection_settings.on_sent(&cs.hash);
             if let Some(opamp) = &cs.opamp {
                 // HB-2: the agent heartbeats (plain HTTP: polls) at this interval from now.
-                self.offered_heartbeat =
-                    Some(u32::try_from(opamp.heartbeat_interval_seconds).unwrap_or(u32::MAX));
+                let secs = u32::try_from(opamp.heartbeat_interval_seconds).unwrap_or(u32::MAX);
+                self.offered_heartbeat = std::num::NonZeroU32::new(secs.saturating_add(1));
             }
         }
         if let Some(pkgs) = &msg.packages_available {

@@ -393,9 +393,9 @@ impl AgentSession {
         {
             return None;
         }
-        match self.offered_heartbeat {
-            Some(0) => None,
-            Some(secs) => Some(Duration::from_secs(u64::from(secs)).min(MAX_TIMEOUT)),
+        match self.offered_heartbeat_interval() {
+            Some(Duration::ZERO) => None,
+            Some(interval) => Some(interval.min(MAX_TIMEOUT)),
             None => Some(DEFAULT_AGENT_HEARTBEAT_INTERVAL),
         }
     }
@@ -424,7 +424,7 @@ impl AgentSession {
     /// (`heartbeat_interval_seconds`, HB-2, HB-5), if any.
     pub fn offered_heartbeat_interval(&self) -> Option<Duration> {
         self.offered_heartbeat
-            .map(|secs| Duration::from_secs(u64::from(secs)))
+            .map(|stored| Duration::from_secs(u64::from(stored.get() - 1)))
     }
 
     fn take_special(&mut self) -> Option<ServerToAgent> {
