@@ -126,6 +126,25 @@ fn bench_push(c: &mut Criterion) {
             black_box(s.prepare_push(now, push).expect("not redundant"))
         })
     });
+    // The old driver's path for comparison with the next one: the push arrives boxed (the
+    // WebSocket queue's item), is moved out and prepared.
+    group.bench_function("box+prepare_push", |b| {
+        let mut s = established(uid);
+        let now = Instant::now();
+        let mut i = 0;
+        b.iter(|| {
+            i ^= 1;
+            let push = Box::new(ServerToAgent {
+                remote_config: Some(configs[i].clone()),
+                ..Default::default()
+            });
+            black_box(
+                s.prepare_push(now, *black_box(push))
+                    .expect("not redundant"),
+            )
+        })
+    });
+    // The driver's path now: the boxed push is queued as it is and polled out.
     group.bench_function("queue+poll_transmit", |b| {
         let mut s = established(uid);
         let now = Instant::now();

@@ -618,7 +618,12 @@ impl AgentSession {
     /// holds pushes until then).
     #[must_use]
     pub fn prepare_push(&mut self, now: Instant, mut msg: ServerToAgent) -> Option<ServerToAgent> {
-        self.strip(&mut msg);
+        self.complete_push(now, &mut msg).then_some(msg)
+    }
+
+    /// [`prepare_push`](Self::prepare_push) in place: whether `msg` is to be sent.
+    fn complete_push(&mut self, now: Instant, msg: &mut ServerToAgent) -> bool {
+        self.strip(msg);
         let has_content = msg.error_response.is_some()
             || msg.remote_config.is_some()
             || msg.connection_settings.is_some()
@@ -629,10 +634,10 @@ impl AgentSession {
             || msg.custom_capabilities.is_some()
             || msg.custom_message.is_some();
         if !has_content && !self.owe.full_state && !self.owe.uid && self.deferred.is_none() {
-            return None;
+            return false;
         }
-        self.finish(&mut msg, now);
-        Some(msg)
+        self.finish(msg, now);
+        true
     }
 
     /// Plans sending a message shared by many agents (see

@@ -359,15 +359,19 @@ impl AgentSession {
         if !full_duplex || self.uid.is_none() || !self.answered {
             return None;
         }
-        if let Some(push) = self.pending.take() {
-            let out = match *push {
-                Push::Message(m) => self.prepare_push(now, m).map(|mut out| {
-                    self.fit(&mut out);
-                    Transmit::Message(out)
-                }),
-                Push::Shared(shared) => self.plan_shared(now, shared),
-            };
-            if let Some(out) = out {
+        if let Some(mut push) = self.pending.take() {
+            // Completed where it was queued: a `ServerToAgent` is 1.6 KiB.
+            if let Push::Message(msg) = &mut *push {
+                if self.complete_push(now, msg) {
+                    self.fit(msg);
+                    let Push::Message(msg) = *push else {
+                        unreachable!("matched above")
+                    };
+                    return Some(f(Transmit::Message(msg)));
+                }
+            } else if let Push::Shared(shared) = *push
+                && let Some(out) = self.plan_shared(now, shared)
+            {
                 return Some(f(out));
             }
         }
