@@ -24,7 +24,9 @@ pub(crate) use transmit::Push;
 pub use transmit::{DuplicateUidPolicy, SharedMessage, Transmit, Transport};
 use transmit::{Reply, Special};
 
-/// How a session behaves; the drivers derive it from the [`ServerConfig`](crate::ServerConfig).
+/// How a session behaves; the drivers derive it from the [`ServerConfig`](crate::ServerConfig)
+/// ([`websocket`](Self::websocket) or [`plain_http`](Self::plain_http), then the `with_*`
+/// setters).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SessionConfig {
@@ -116,8 +118,8 @@ pub struct Received {
     /// The message comes from a **second agent** using this session's uid (UID-8): its
     /// sequence numbers interleave with the session's own (see
     /// [`AgentSession`], "Duplicate uids"). The session's state was left as it was; do not
-    /// hand the message to the application as the session's agent's. Answer it with
-    /// [`reassign_reply`] (or per the application's policy).
+    /// hand the message to the application as the session's agent's. Ask the application
+    /// and give its answer to [`resolve_duplicate`](AgentSession::resolve_duplicate).
     pub duplicate: bool,
     /// The message's uid is 16 bytes but identifies no agent (the nil or max UUID,
     /// [`is_usable_instance_uid`]): the session was left as it was, and answers with a new
@@ -129,7 +131,8 @@ pub struct Received {
 /// Whether `uid` can identify an agent: the all-zero (nil) and all-one (max) UUIDs are
 /// what broken generators and zeroed buffers produce, never a real uid (UID-1, UID-2 say
 /// 16 bytes and SHOULD be a UUID v7), and two agents sending one of them would share one
-/// session. The drivers answer such a uid with a new one ([`reassign_reply`], UID-8).
+/// session. The session answers such a uid with a new one ([`Received::unusable_uid`],
+/// [`reassign_reply`], UID-8), and the plain-HTTP driver keys no session by it.
 pub fn is_usable_instance_uid(uid: &InstanceUid) -> bool {
     uid.as_array() != &[0; 16] && uid.as_array() != &[0xff; 16]
 }
