@@ -11,17 +11,23 @@
 //! sessions are driven through their handle/poll contract, as the drivers drive them.
 #![allow(clippy::unwrap_used, clippy::large_enum_variant)]
 
+use std::cell::Cell;
 use std::collections::VecDeque;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use opamp::client::BackoffPolicy;
 use opamp::client::core::{ClientCore, CoreConfig, Event, Failure, TransportKind};
 use opamp::proto::{
-    AgentCapabilitySet, AgentConfigMap, AgentConfigObject, AgentDescription, AgentRemoteConfig,
-    AgentToServer, AgentToServerFlagSet, AnyValue, InstanceUid, KeyValue, RemoteConfigStatus,
-    RemoteConfigStatuses, ServerCapabilitySet, ServerToAgent, ServerToAgentFlagSet, any_value,
+    AgentCapabilitySet, AgentConfigMap, AgentConfigObject, AgentDescription, AgentIdentification,
+    AgentRemoteConfig, AgentToServer, AgentToServerFlagSet, AnyValue, InstanceUid, KeyValue,
+    RemoteConfigStatus, RemoteConfigStatuses, ServerCapabilitySet, ServerToAgent,
+    ServerToAgentFlagSet, any_value,
 };
-use opamp::server::{AgentSession, DuplicateUidPolicy, SessionConfig, SessionTable, TableConfig};
+use opamp::server::{
+    AgentSession, Claim, DuplicateUidPolicy, Resolution, SessionConfig, SessionTable, TableConfig,
+    UidHolder, UidRegistry,
+};
 
 /// What the server application answers to a message (`None`: a bare acknowledgement).
 type App = Box<dyn FnMut(&AgentToServer) -> Option<ServerToAgent>>;
@@ -51,6 +57,25 @@ struct Agent {
     events: Vec<Event>,
     /// Apply offered remote configs and report APPLIED (RC-3), as an agent does.
     apply_configs: bool,
+    /// WebSocket: the connection as the server's uid registry knows it, and its claim.
+    link: Option<Link>,
+    claim: Option<Claim>,
+}
+
+/// A WebSocket connection of the harness, as `UidRegistry` holds it (UID-8).
+#[derive(Clone, Debug)]
+struct Link {
+    agent: usize,
+    closed: Rc<Cell<bool>>,
+}
+
+impl UidHolder for Link {
+    fn is_closed(&self) -> bool {
+        self.closed.get()
+    }
+    fn same_holder(&self, other: &Self) -> bool {
+        Rc::ptr_eq(&self.closed, &other.closed)
+    }
 }
 
 struct Pair {
@@ -68,6 +93,8 @@ struct Pair {
     /// Plain-HTTP sessions that ended (idle, replaced, removed).
     http_ended: usize,
     app: App,
+    /// The server's registry of live uids across WebSocket connections (UID-8).
+    uids: UidRegistry<Link>,
     to_server: VecDeque<(Instant, usize, AgentToServer)>,
     to_client: VecDeque<(Instant, usize, ServerToAgent)>,
     /// The next this-many messages to the server / to the client are lost.
@@ -119,6 +146,7 @@ impl Pair {
             http_sessions: Vec::new(),
             http_ended: 0,
             app: Box::new(|_| None),
+            uids: UidRegistry::default(),
             to_server: VecDeque::new(),
             to_client: VecDeque::new(),
             lose_to_server: 0,
@@ -151,6 +179,8 @@ impl Pair {
             failure_at: None,
             events: Vec::new(),
             apply_configs: true,
+            link: None,
+            claim: None,
         });
         self.agents.len() - 1
     }
@@ -259,6 +289,55 @@ impl Pair {
         for m in out {
             self.send_to_client(at, i, m);
         }
+        if ws && !received.unusable_uid {
+            self.note_uid(i, received.instance_uid);
+        }
+    }
+
+    /// UID-8 across WebSocket connections, as `ws.rs` and `registry.rs` do: the connection
+    /// claims its agent's uid; a message on a displaced connection proves a duplicate, and
+    /// the default policy reassigns the newcomer through its own session.
+    fn note_uid(&mut self, i: usize, uid_now: InstanceUid) {
+        let Some(link) = self.agents[i].link.clone() else {
+            return;
+        };
+        let mut claim = self.agents[i].claim.take();
+        if self.uids.note(&mut claim, uid_now, &link)
+            && let Some(c) = claim.as_mut()
+        {
+            let rival = self.uids.rival(&uid_now, &link);
+            let resolution =
+                self.uids
+                    .resolve(c, &link, rival.as_ref(), DuplicateUidPolicy::Reassign);
+            if let Resolution::Reassign(newcomer) = resolution {
+                self.uids_drawn += 1;
+                let new_uid = uid(0xe0 + self.uids_drawn);
+                self.push(
+                    newcomer.agent,
+                    ServerToAgent {
+                        agent_identification: Some(AgentIdentification {
+                            new_instance_uid: new_uid.to_bytes(),
+                        }),
+                        ..Default::default()
+                    },
+                );
+            }
+        }
+        self.agents[i].claim = claim;
+    }
+
+    /// The server notices connections that are gone: their registry claims end.
+    fn forget_closed_links(&mut self) {
+        for a in &mut self.agents {
+            if a.ws_session.is_none()
+                && let Some(link) = a.link.take()
+            {
+                link.closed.set(true);
+                if let Some(claim) = a.claim.take() {
+                    self.uids.release(&claim);
+                }
+            }
+        }
     }
 
     fn send_to_client(&mut self, at: Instant, i: usize, out: ServerToAgent) {
@@ -306,6 +385,7 @@ impl Pair {
     /// One round at `self.now`: everything due is delivered and answered.
     fn round(&mut self) {
         let now = self.now;
+        self.forget_closed_links();
         for i in 0..self.agents.len() {
             self.drive_client(i, now);
         }
@@ -397,7 +477,12 @@ impl Pair {
             self.wire.push(Wire::Attempt(now - self.start, i, outcome));
             match outcome {
                 Outcome::Connected => {
+                    self.forget_closed_links();
                     self.agents[i].ws_session = Some(AgentSession::new(self.session_config()));
+                    self.agents[i].link = Some(Link {
+                        agent: i,
+                        closed: Rc::new(Cell::new(false)),
+                    });
                     self.agents[i].core.handle_connected(now);
                 }
                 Outcome::Refused => {
@@ -986,4 +1071,45 @@ fn pair_http_session_idles_out_during_an_outage_and_the_next_poll_starts_a_full_
             .all(|(_, m)| m.flags & ServerToAgentFlagSet::REPORT_FULL_STATE.bits() == 0),
         "SEQ-2: a complete first report needs no request"
     );
+}
+
+/// UID-8 across WebSocket connections: a second agent connects with the first one's uid.
+/// Its connection takes the uid over (it could be the first agent reconnecting); the first
+/// agent's next message on its own, still live connection proves two agents, and the
+/// newcomer is told to switch to a new uid (UID-7), through its own session. Both go on
+/// being served under their own uids, and no dispute follows.
+#[test]
+fn pair_ws_duplicate_uid_across_connections_is_reassigned() {
+    let mut p = Pair::new(TransportKind::WebSocket);
+    let a = p.add_agent(uid(1), fast_backoff());
+    p.run(Duration::from_secs(100));
+    let b = p.add_agent(uid(1), fast_backoff());
+    p.run(Duration::from_secs(300));
+    let (ua, ub) = (
+        p.agents[a].core.instance_uid(),
+        p.agents[b].core.instance_uid(),
+    );
+    assert_eq!(ua, uid(1), "the older connection keeps the uid");
+    assert_ne!(ub, uid(1), "the newcomer switched");
+    let reassigned: Vec<_> = p
+        .replies(b)
+        .into_iter()
+        .filter(|(_, m)| m.agent_identification.is_some())
+        .collect();
+    assert_eq!(reassigned.len(), 1, "told once: {reassigned:?}");
+    assert!(
+        p.replies(a)
+            .iter()
+            .all(|(_, m)| m.agent_identification.is_none()),
+        "the original is left alone"
+    );
+    let since = p.elapsed() - Duration::from_secs(120);
+    for (i, want) in [(a, ua), (b, ub)] {
+        assert!(
+            p.sent(i)
+                .iter()
+                .any(|(at, m)| *at > since && m.instance_uid[..] == want.as_array()[..]),
+            "agent {i} goes on under {want}"
+        );
+    }
 }
