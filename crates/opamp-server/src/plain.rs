@@ -447,9 +447,11 @@ where
         if once.handle_message(wire::now(), &msg).is_ok() && once.needs_instance_uid() {
             once.provide_instance_uid(InstanceUid::new_v7());
         }
-        if let Some(answer) = once.poll_transmit(wire::now()) {
-            return respond(answer.into_message(), accept_gzip);
-        }
+        return match once.poll_transmit(wire::now()) {
+            Some(answer) => respond(answer.into_message(), accept_gzip),
+            // Cannot happen: the session answers an unusable uid once it has a new one.
+            None => text_response(StatusCode::INTERNAL_SERVER_ERROR, "no answer"),
+        };
     }
     start_sweeper(shared);
 
