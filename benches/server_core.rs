@@ -19,7 +19,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use opamp::proto::{
     AgentRemoteConfig, AgentToServer, InstanceUid, ServerCapabilitySet, ServerToAgent, framing,
 };
-use opamp::server::{AgentSession, DEFAULT_SERVER_CAPABILITIES, SessionConfig};
+use opamp::server::{AgentSession, DEFAULT_SERVER_CAPABILITIES, SessionConfig, Transmit};
 
 fn session() -> AgentSession {
     AgentSession::new(SessionConfig::websocket(
@@ -33,7 +33,8 @@ fn established(uid: InstanceUid) -> AgentSession {
     let now = Instant::now();
     s.handle_message(now, &full_status(uid))
         .expect("valid first message");
-    let _ = s.prepare_reply(now, None);
+    s.respond(None);
+    while s.poll_transmit(now).is_some() {}
     s
 }
 
@@ -56,6 +57,22 @@ fn bench_step(c: &mut Criterion, name: &str, msg: AgentToServer) {
         })
     });
 
+    // The same through the handle/poll contract the drivers use.
+    group.bench_function("handle+respond+poll_transmit", |b| {
+        let mut s = established(uid);
+        let mut msg = msg.clone();
+        let mut seq = 1u64;
+        let now = Instant::now();
+        b.iter(|| {
+            seq += 1;
+            msg.sequence_num = seq;
+            let received = s.handle_message(now, black_box(&msg)).expect("valid");
+            black_box(received);
+            s.respond(None);
+            black_box(s.poll_transmit(now).expect("the reply"))
+        })
+    });
+
     // What the WebSocket driver does per message apart from I/O and the callback:
     // unframe + decode (sharing the frame's bytes), the core, encode + frame the reply.
     let frame = framing::encode(&msg);
@@ -70,8 +87,12 @@ fn bench_step(c: &mut Criterion, name: &str, msg: AgentToServer) {
             seq += 1;
             msg.sequence_num = seq;
             s.handle_message(now, &msg).expect("valid");
-            let reply = s.prepare_reply(now, None);
-            black_box(framing::encode(&reply))
+            s.respond(None);
+            let frame = s.poll_transmit_with(now, |t| match t {
+                Transmit::Message(m) => framing::encode(m),
+                _ => unreachable!("a reply is one message"),
+            });
+            black_box(frame.expect("the reply"))
         })
     });
     group.finish();
@@ -103,6 +124,38 @@ fn bench_push(c: &mut Criterion) {
                 ..Default::default()
             };
             black_box(s.prepare_push(now, push).expect("not redundant"))
+        })
+    });
+    // The old driver's path for comparison with the next one: the push arrives boxed (the
+    // WebSocket queue's item), is moved out and prepared.
+    group.bench_function("box+prepare_push", |b| {
+        let mut s = established(uid);
+        let now = Instant::now();
+        let mut i = 0;
+        b.iter(|| {
+            i ^= 1;
+            let push = Box::new(ServerToAgent {
+                remote_config: Some(configs[i].clone()),
+                ..Default::default()
+            });
+            black_box(
+                s.prepare_push(now, *black_box(push))
+                    .expect("not redundant"),
+            )
+        })
+    });
+    // The driver's path now: the boxed push is queued as it is and polled out.
+    group.bench_function("queue+poll_transmit", |b| {
+        let mut s = established(uid);
+        let now = Instant::now();
+        let mut i = 0;
+        b.iter(|| {
+            i ^= 1;
+            s.queue(ServerToAgent {
+                remote_config: Some(configs[i].clone()),
+                ..Default::default()
+            });
+            black_box(s.poll_transmit(now).expect("not redundant"))
         })
     });
     group.bench_function("prepare_push+encode", |b| {

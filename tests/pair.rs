@@ -6,21 +6,28 @@
 //! The harness drives both cores as the tokio drivers do (`opamp-client`'s `ws.rs` and
 //! `http.rs`, `opamp-server`'s `ws.rs` and `plain.rs`): a WebSocket link has one server
 //! session per connection and loses what is in flight when it breaks; plain HTTP has one
-//! request in flight, a session table keyed by instance uid, and a lost request or answer
-//! is a failed request for the client.
+//! request in flight, the server's sans-IO `SessionTable` (uid lookup, idle expiry on its
+//! own timer), and a lost request or answer is a failed request for the client. The server
+//! sessions are driven through their handle/poll contract, as the drivers drive them.
 #![allow(clippy::unwrap_used, clippy::large_enum_variant)]
 
-use std::collections::{HashMap, VecDeque};
+use std::cell::Cell;
+use std::collections::VecDeque;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use opamp::client::BackoffPolicy;
 use opamp::client::core::{ClientCore, CoreConfig, Event, Failure, TransportKind};
 use opamp::proto::{
-    AgentCapabilitySet, AgentConfigMap, AgentConfigObject, AgentDescription, AgentRemoteConfig,
-    AgentToServer, AgentToServerFlagSet, AnyValue, InstanceUid, KeyValue, RemoteConfigStatus,
-    RemoteConfigStatuses, ServerCapabilitySet, ServerToAgent, ServerToAgentFlagSet, any_value,
+    AgentCapabilitySet, AgentConfigMap, AgentConfigObject, AgentDescription, AgentIdentification,
+    AgentRemoteConfig, AgentToServer, AgentToServerFlagSet, AnyValue, InstanceUid, KeyValue,
+    RemoteConfigStatus, RemoteConfigStatuses, ServerCapabilitySet, ServerToAgent,
+    ServerToAgentFlagSet, any_value,
 };
-use opamp::server::{AgentSession, SessionConfig, reassign_reply};
+use opamp::server::{
+    AgentSession, Claim, DuplicateUidPolicy, Resolution, SessionConfig, SessionTable, TableConfig,
+    UidHolder, UidRegistry,
+};
 
 /// What the server application answers to a message (`None`: a bare acknowledgement).
 type App = Box<dyn FnMut(&AgentToServer) -> Option<ServerToAgent>>;
@@ -50,6 +57,25 @@ struct Agent {
     events: Vec<Event>,
     /// Apply offered remote configs and report APPLIED (RC-3), as an agent does.
     apply_configs: bool,
+    /// WebSocket: the connection as the server's uid registry knows it, and its claim.
+    link: Option<Link>,
+    claim: Option<Claim>,
+}
+
+/// A WebSocket connection of the harness, as `UidRegistry` holds it (UID-8).
+#[derive(Clone, Debug)]
+struct Link {
+    agent: usize,
+    closed: Rc<Cell<bool>>,
+}
+
+impl UidHolder for Link {
+    fn is_closed(&self) -> bool {
+        self.closed.get()
+    }
+    fn same_holder(&self, other: &Self) -> bool {
+        Rc::ptr_eq(&self.closed, &other.closed)
+    }
 }
 
 struct Pair {
@@ -60,9 +86,15 @@ struct Pair {
     request_timeout: Duration,
     server_caps: ServerCapabilitySet,
     agents: Vec<Agent>,
-    /// Plain-HTTP session table, keyed by instance uid (the server's `plain.rs`).
-    http_sessions: HashMap<InstanceUid, AgentSession>,
+    /// Plain HTTP: the server's sans-IO session table (uid lookup, cap, idle expiry) over
+    /// indices into `http_sessions`, as `plain.rs` holds it over its session handles.
+    http_table: SessionTable<usize>,
+    http_sessions: Vec<Option<AgentSession>>,
+    /// Plain-HTTP sessions that ended (idle, replaced, removed).
+    http_ended: usize,
     app: App,
+    /// The server's registry of live uids across WebSocket connections (UID-8).
+    uids: UidRegistry<Link>,
     to_server: VecDeque<(Instant, usize, AgentToServer)>,
     to_client: VecDeque<(Instant, usize, ServerToAgent)>,
     /// The next this-many messages to the server / to the client are lost.
@@ -110,8 +142,11 @@ impl Pair {
                 | ServerCapabilitySet::OFFERS_REMOTE_CONFIG
                 | ServerCapabilitySet::ACCEPTS_EFFECTIVE_CONFIG,
             agents: Vec::new(),
-            http_sessions: HashMap::new(),
+            http_table: SessionTable::new(TableConfig::default()),
+            http_sessions: Vec::new(),
+            http_ended: 0,
             app: Box::new(|_| None),
+            uids: UidRegistry::default(),
             to_server: VecDeque::new(),
             to_client: VecDeque::new(),
             lose_to_server: 0,
@@ -144,6 +179,8 @@ impl Pair {
             failure_at: None,
             events: Vec::new(),
             apply_configs: true,
+            link: None,
+            claim: None,
         });
         self.agents.len() - 1
     }
@@ -161,6 +198,8 @@ impl Pair {
 
     /// The server forgets every session (a restart of a server that keeps nothing).
     fn restart_server(&mut self) {
+        self.http_table.clear();
+        self.end_http_sessions();
         self.http_sessions.clear();
         for a in &mut self.agents {
             if a.ws_session.take().is_some() {
@@ -169,6 +208,14 @@ impl Pair {
         }
         self.to_server.clear();
         self.to_client.clear();
+    }
+
+    /// Forgets the plain-HTTP sessions that left the table.
+    fn end_http_sessions(&mut self) {
+        while let Some(ended) = self.http_table.poll_event() {
+            self.http_sessions[ended.session] = None;
+            self.http_ended += 1;
+        }
     }
 
     /// Breaks every WebSocket connection: what is in flight is lost.
@@ -186,44 +233,108 @@ impl Pair {
             }
         } else {
             let key = InstanceUid::try_from(&msg.instance_uid[..]).unwrap();
-            self.http_sessions
-                .entry(key)
-                .or_insert_with(|| AgentSession::new(config))
+            let index = match self.http_table.get(&key) {
+                Some(&index) => index,
+                None => {
+                    let next = self.http_sessions.len();
+                    let index = self
+                        .http_table
+                        .admit(at, key, None, || next, |_| true)
+                        .expect("room in the session table");
+                    self.http_sessions.push(Some(AgentSession::new(config)));
+                    index
+                }
+            };
+            self.http_table.handle_request(at, &key);
+            self.http_sessions[index].as_mut().expect("a live session")
         };
+        // As the drivers do: the session decides, the harness only moves messages.
         let received = match session.handle_message(at, &msg) {
             Ok(r) => r,
             Err(e) => panic!("the client sent a message the server refuses: {e}"),
         };
+        if received.duplicate {
+            // UID-8: a second agent polls with this session's uid; the default policy.
+            session.resolve_duplicate(received.instance_uid, DuplicateUidPolicy::Reassign);
+        }
         if session.needs_instance_uid() {
             self.uids_drawn += 1;
-            session.provide_instance_uid(uid(0xa0 + self.uids_drawn));
+            let base = if received.duplicate { 0xd0 } else { 0xa0 };
+            session.provide_instance_uid(uid(base + self.uids_drawn));
         }
-        let out = if received.duplicate {
-            // UID-8: a second agent polls with this session's uid.
-            self.uids_drawn += 1;
-            reassign_reply(
-                received.instance_uid,
-                uid(0xd0 + self.uids_drawn),
-                self.server_caps,
-            )
-        } else {
+        if !received.duplicate && !received.unusable_uid {
             let reply = (self.app)(&msg);
-            let out = session.prepare_reply(at, reply);
-            if let Some(old) = received.switched_from.filter(|_| !ws) {
-                // UID-7: the session follows the agent to its new uid.
-                let s = self.http_sessions.remove(&old).unwrap();
-                self.http_sessions.insert(received.instance_uid, s);
+            session.respond(reply);
+        }
+        let mut out = Vec::new();
+        while let Some(t) = session.poll_transmit(at) {
+            out.push(t.into_message());
+        }
+        if !ws {
+            if let Some(assigned) = session.assigned_instance_uid() {
+                // UID-5: the next poll carries the assigned uid.
+                self.http_table.add_uid(&received.instance_uid, assigned);
             }
-            out
+            if let Some(interval) = session.offered_heartbeat_interval() {
+                self.http_table
+                    .set_polling_interval(&received.instance_uid, interval);
+            }
+            if let Some(old) = received.switched_from {
+                // UID-7: the session follows the agent to its new uid.
+                self.http_table.remove_uid(&old);
+            }
+        }
+        // S2A-1, S2A-2: what the reply could not carry follows at once over WebSocket
+        // (poll_transmit gave it after the reply).
+        for m in out {
+            self.send_to_client(at, i, m);
+        }
+        if ws && !received.unusable_uid {
+            self.note_uid(i, received.instance_uid);
+        }
+    }
+
+    /// UID-8 across WebSocket connections, as `ws.rs` and `registry.rs` do: the connection
+    /// claims its agent's uid; a message on a displaced connection proves a duplicate, and
+    /// the default policy reassigns the newcomer through its own session.
+    fn note_uid(&mut self, i: usize, uid_now: InstanceUid) {
+        let Some(link) = self.agents[i].link.clone() else {
+            return;
         };
-        self.send_to_client(at, i, out);
-        // S2A-1, S2A-2: what the reply could not carry follows at once over WebSocket.
-        if ws {
-            while let Some(session) = self.agents[i].ws_session.as_mut()
-                && session.has_deferred()
+        let mut claim = self.agents[i].claim.take();
+        if self.uids.note(&mut claim, uid_now, &link)
+            && let Some(c) = claim.as_mut()
+        {
+            let rival = self.uids.rival(&uid_now, &link);
+            let resolution =
+                self.uids
+                    .resolve(c, &link, rival.as_ref(), DuplicateUidPolicy::Reassign);
+            if let Resolution::Reassign(newcomer) = resolution {
+                self.uids_drawn += 1;
+                let new_uid = uid(0xe0 + self.uids_drawn);
+                self.push(
+                    newcomer.agent,
+                    ServerToAgent {
+                        agent_identification: Some(AgentIdentification {
+                            new_instance_uid: new_uid.to_bytes(),
+                        }),
+                        ..Default::default()
+                    },
+                );
+            }
+        }
+        self.agents[i].claim = claim;
+    }
+
+    /// The server notices connections that are gone: their registry claims end.
+    fn forget_closed_links(&mut self) {
+        for a in &mut self.agents {
+            if a.ws_session.is_none()
+                && let Some(link) = a.link.take()
             {
-                if let Some(out) = session.prepare_push(at, ServerToAgent::default()) {
-                    self.send_to_client(at, i, out);
+                link.closed.set(true);
+                if let Some(claim) = a.claim.take() {
+                    self.uids.release(&claim);
                 }
             }
         }
@@ -261,16 +372,47 @@ impl Pair {
         let Some(session) = self.agents[i].ws_session.as_mut() else {
             panic!("push to an agent that is not connected over WebSocket");
         };
-        if let Some(out) = session.prepare_push(now, msg) {
-            self.send_to_client(now, i, out);
+        session.queue(msg);
+        let mut out = Vec::new();
+        while let Some(t) = session.poll_transmit(now) {
+            out.push(t.into_message());
+        }
+        for m in out {
+            self.send_to_client(now, i, m);
         }
     }
 
     /// One round at `self.now`: everything due is delivered and answered.
     fn round(&mut self) {
         let now = self.now;
+        self.forget_closed_links();
         for i in 0..self.agents.len() {
             self.drive_client(i, now);
+        }
+        // The server sessions' timers (SEQ-2: a rate-limited full-state request).
+        for i in 0..self.agents.len() {
+            let mut out = Vec::new();
+            if let Some(session) = self.agents[i].ws_session.as_mut()
+                && session.poll_timeout().is_some_and(|t| t <= now)
+            {
+                session.handle_timeout(now);
+                while let Some(t) = session.poll_transmit(now) {
+                    out.push(t.into_message());
+                }
+            }
+            for m in out {
+                self.send_to_client(now, i, m);
+            }
+        }
+        for session in self.http_sessions.iter_mut().flatten() {
+            if session.poll_timeout().is_some_and(|t| t <= now) {
+                session.handle_timeout(now);
+            }
+        }
+        // HB-5: idle plain-HTTP sessions end on the table's timer.
+        if self.http_table.poll_timeout().is_some_and(|t| t <= now) {
+            self.http_table.handle_timeout(now);
+            self.end_http_sessions();
         }
         while let Some(&(at, _, _)) = self.to_server.front() {
             if at > now {
@@ -335,7 +477,12 @@ impl Pair {
             self.wire.push(Wire::Attempt(now - self.start, i, outcome));
             match outcome {
                 Outcome::Connected => {
+                    self.forget_closed_links();
                     self.agents[i].ws_session = Some(AgentSession::new(self.session_config()));
+                    self.agents[i].link = Some(Link {
+                        agent: i,
+                        closed: Rc::new(Cell::new(false)),
+                    });
                     self.agents[i].core.handle_connected(now);
                 }
                 Outcome::Refused => {
@@ -396,10 +543,14 @@ impl Pair {
         consider(self.to_client.front().map(|m| m.0));
         for a in &self.agents {
             consider(a.core.poll_timeout());
+            consider(a.ws_session.as_ref().and_then(AgentSession::poll_timeout));
             consider(a.failure_at);
             if self.transport == TransportKind::WebSocket && a.ws_session.is_none() {
                 consider(a.core.connect_at());
             }
+        }
+        if self.transport == TransportKind::Http {
+            consider(self.http_table.poll_timeout());
         }
         next
     }
@@ -704,7 +855,7 @@ fn pair_duplicate_uid_over_http_is_detected_and_reassigned() {
         asks.iter().all(|(_, at)| *at < Duration::from_secs(260)),
         "ReportFullState keeps coming: {asks:?}"
     );
-    assert_eq!(p.http_sessions.len(), 2, "two sessions, one per agent");
+    assert_eq!(p.http_table.len(), 2, "two sessions, one per agent");
 }
 
 /// GEN-8: while the server is down, reconnect attempts back off exponentially with jitter
@@ -839,4 +990,126 @@ fn pair_ws_push_config_applied_and_not_resent() {
     p.run(Duration::from_secs(1));
     assert_eq!(offers(&p), 2);
     assert!(acked(&p, b"h3"));
+}
+
+/// CAP-4, CAP-3: a config pushed after the WebSocket connected but before the agent's first
+/// message is held by the server session (the agent's capabilities are unknown) and rides
+/// on the first reply, with the server's capabilities; the agent applies it.
+#[test]
+fn pair_ws_push_before_the_first_message_rides_on_the_first_reply() {
+    let mut p = Pair::new(TransportKind::WebSocket);
+    let a = p.add_agent(uid(1), fast_backoff());
+    p.run(Duration::from_millis(1)); // connected; the first report is on its way
+    assert!(p.replies(a).is_empty());
+    p.push(
+        a,
+        ServerToAgent {
+            remote_config: Some(config_offer("c: 1\n", b"h1")),
+            ..Default::default()
+        },
+    );
+    assert!(p.replies(a).is_empty(), "held: nothing went out yet");
+    p.run(Duration::from_secs(1));
+    let replies = p.replies(a);
+    let (_, first) = &replies[0];
+    assert!(first.remote_config.is_some(), "the first reply carries it");
+    assert_ne!(first.capabilities, 0, "CAP-3");
+    assert_eq!(
+        replies
+            .iter()
+            .filter(|(_, m)| m.remote_config.is_some())
+            .count(),
+        1
+    );
+    assert!(p.sent(a).iter().any(|(_, m)| {
+        m.remote_config_status.as_ref().is_some_and(|s| {
+            &s.last_remote_config_hash[..] == b"h1"
+                && s.status == RemoteConfigStatuses::Applied as i32
+        })
+    }));
+}
+
+/// HB-5, SEQ-2 over plain HTTP: while the agent cannot reach the server, its session idles
+/// out on the server's table (120 s without a poll). The first poll after the outage finds
+/// no session; it carries the agent's full state (the client resends everything after
+/// failed requests), so the new session knows the agent and asks for nothing more. A
+/// session that keeps polling never idles out.
+#[test]
+fn pair_http_session_idles_out_during_an_outage_and_the_next_poll_starts_a_full_one() {
+    let mut p = Pair::new(TransportKind::Http);
+    let a = p.add_agent(uid(1), fast_backoff());
+    p.run(Duration::from_secs(300));
+    assert_eq!(p.http_ended, 0, "polling every 30 s keeps the session");
+    assert_eq!(p.http_table.len(), 1);
+    p.server_down = true;
+    p.run(Duration::from_secs(200));
+    assert_eq!(p.http_ended, 1, "idle past 120 s: ended");
+    assert!(p.http_table.is_empty());
+    let outage_end = p.elapsed();
+    p.server_down = false;
+    p.run(Duration::from_secs(300));
+    assert_eq!(p.http_table.len(), 1, "one new session");
+    assert_eq!(p.http_sessions.iter().flatten().count(), 1);
+    let sent: Vec<_> = p
+        .sent(a)
+        .into_iter()
+        .filter(|(at, _)| *at >= outage_end)
+        .collect();
+    assert!(
+        sent[0].1.agent_description.is_some(),
+        "the first poll after the outage is a full report"
+    );
+    let replies: Vec<_> = p
+        .replies(a)
+        .into_iter()
+        .filter(|(at, _)| *at >= outage_end)
+        .collect();
+    assert!(replies.len() >= 5, "served again: {}", replies.len());
+    assert!(
+        replies
+            .iter()
+            .all(|(_, m)| m.flags & ServerToAgentFlagSet::REPORT_FULL_STATE.bits() == 0),
+        "SEQ-2: a complete first report needs no request"
+    );
+}
+
+/// UID-8 across WebSocket connections: a second agent connects with the first one's uid.
+/// Its connection takes the uid over (it could be the first agent reconnecting); the first
+/// agent's next message on its own, still live connection proves two agents, and the
+/// newcomer is told to switch to a new uid (UID-7), through its own session. Both go on
+/// being served under their own uids, and no dispute follows.
+#[test]
+fn pair_ws_duplicate_uid_across_connections_is_reassigned() {
+    let mut p = Pair::new(TransportKind::WebSocket);
+    let a = p.add_agent(uid(1), fast_backoff());
+    p.run(Duration::from_secs(100));
+    let b = p.add_agent(uid(1), fast_backoff());
+    p.run(Duration::from_secs(300));
+    let (ua, ub) = (
+        p.agents[a].core.instance_uid(),
+        p.agents[b].core.instance_uid(),
+    );
+    assert_eq!(ua, uid(1), "the older connection keeps the uid");
+    assert_ne!(ub, uid(1), "the newcomer switched");
+    let reassigned: Vec<_> = p
+        .replies(b)
+        .into_iter()
+        .filter(|(_, m)| m.agent_identification.is_some())
+        .collect();
+    assert_eq!(reassigned.len(), 1, "told once: {reassigned:?}");
+    assert!(
+        p.replies(a)
+            .iter()
+            .all(|(_, m)| m.agent_identification.is_none()),
+        "the original is left alone"
+    );
+    let since = p.elapsed() - Duration::from_secs(120);
+    for (i, want) in [(a, ua), (b, ub)] {
+        assert!(
+            p.sent(i)
+                .iter()
+                .any(|(at, m)| *at > since && m.instance_uid[..] == want.as_array()[..]),
+            "agent {i} goes on under {want}"
+        );
+    }
 }

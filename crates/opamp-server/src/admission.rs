@@ -1,23 +1,5 @@
-//! Who gets a new plain-HTTP session when strangers flood the table.
-//!
-//! Plain HTTP has no connection to hold on to: every request with an unknown instance uid
-//! would create a session, so a client posting fresh uids could fill the table and lock
-//! real agents out. Admission makes a flood of strangers cost little and favours agents
-//! seen before:
-//!
-//! 1. **Known agents are never displaced.** A session that has served two polls or more
-//!    belongs to an agent that came back; only the idle timeout, `agent_disconnect` or the
-//!    application end it.
-//! 2. **Strangers make room for each other.** A session that has served one poll only is
-//!    on probation. When the table is full, a new session takes the place of the oldest
-//!    one on probation (it is ended, `on_connection_close` runs) instead of being refused;
-//!    only a table full of known agents answers 503 (THR-5).
-//! 3. **New sessions are rate-limited per source address** (a token bucket per IP address,
-//!    per /64 for IPv6): [`http_new_session_burst`](crate::ServerConfig::http_new_session_burst)
-//!    at once, then [`http_new_session_rate`](crate::ServerConfig::http_new_session_rate)
-//!    per second; over it, 429 with `Retry-After` (THR-5). A flood from a few addresses
-//!    thus cannot churn the probation sessions of agents at other addresses, which get
-//!    their first poll admitted at once and have time to come back and become known.
+//! Per-source token buckets for new plain-HTTP sessions: step 3 of the session table's
+//! admission ([`SessionTable`](crate::SessionTable), "Admission").
 //!
 //! Limits: many agents behind one NAT address share one bucket (raise the burst for
 //! them); a flood from very many addresses (more than [`TRACKED_SOURCES`] at once share
@@ -26,9 +8,8 @@
 //! Requests without a known address ([`Connection::remote_addr`](crate::Connection::remote_addr)
 //! is `None`) share one bucket.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Weak;
 use std::time::{Duration, Instant};
 
 /// Source addresses tracked at once; beyond, new sources share one overflow bucket.
@@ -123,48 +104,6 @@ impl SourceBuckets {
             .or_insert_with(|| Bucket::full(burst, now));
         bucket.refill(now, burst, rate);
         bucket.take(rate)
-    }
-}
-
-/// Sessions on probation (one poll so far), oldest first, as weak references: a session
-/// that ended, or became known, is skipped when reached and pruned by the sweeper.
-#[derive(Debug)]
-pub(crate) struct Probation<T> {
-    queue: VecDeque<Weak<T>>,
-}
-
-impl<T> Default for Probation<T> {
-    fn default() -> Self {
-        Self {
-            queue: VecDeque::new(),
-        }
-    }
-}
-
-impl<T> Probation<T> {
-    pub(crate) fn push(&mut self, session: Weak<T>) {
-        self.queue.push_back(session);
-    }
-
-    /// The oldest session for which `evict` succeeds; the ones it refuses leave the queue.
-    pub(crate) fn evict_oldest(&mut self, mut evict: impl FnMut(&std::sync::Arc<T>) -> bool) {
-        while let Some(weak) = self.queue.pop_front() {
-            if let Some(session) = weak.upgrade()
-                && evict(&session)
-            {
-                return;
-            }
-        }
-    }
-
-    /// Keeps only the sessions `keep` accepts.
-    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&std::sync::Arc<T>) -> bool) {
-        self.queue
-            .retain(|weak| weak.upgrade().is_some_and(|session| keep(&session)));
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.queue.len()
     }
 }
 

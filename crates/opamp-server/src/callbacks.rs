@@ -72,21 +72,7 @@ pub struct DuplicateUid {
 }
 
 #[cfg(feature = "tokio")]
-/// What to do with the newcomer of a duplicate uid (UID-8).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum DuplicateUidPolicy {
-    /// Send the newcomer a fresh uid in `agent_identification.new_instance_uid` (UID-8,
-    /// UID-7); it becomes a new agent. The default.
-    #[default]
-    Reassign,
-    /// Refuse the newcomer (UID-8 allows it): its WebSocket connection is closed, or its
-    /// plain-HTTP session ended; a poll into the kept agent's session gets `BAD_REQUEST`.
-    Reject,
-    /// Let both agents share the uid, as if nothing was detected (no further disputes
-    /// between these two).
-    Allow,
-}
+use crate::core::DuplicateUidPolicy;
 
 #[cfg(feature = "tokio")]
 /// The answer of [`ServerCallbacks::on_connecting`].

@@ -58,15 +58,17 @@ pub const DEFAULT_SERVER_CAPABILITIES: ServerCapabilitySet = ServerCapabilitySet
     .union(ServerCapabilitySet::ACCEPTS_PACKAGES_STATUS)
     .union(ServerCapabilitySet::OFFERS_CONNECTION_SETTINGS);
 
-/// Configuration of an OpAMP server, for both the standalone [`Server`](crate::Server) and
-/// the embeddable [`OpampService`](crate::OpampService).
+/// The protocol limits and transport settings of an OpAMP server: everything the
+/// embeddable [`OpampService`](crate::OpampService) uses, and nothing it would ignore.
+///
+/// Where the standalone [`Server`](crate::Server) listens, its path, TLS and a tower layer
+/// are the [`ServerBuilder`](crate::ServerBuilder)'s (the tonic split: the service's
+/// settings here, the listener's there).
 ///
 /// Build one with [`ServerConfig::builder`]; [`ServerConfig::default`] holds the defaults.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ServerConfig {
-    listen_addr: SocketAddr,
-    path: String,
     max_message_size: usize,
     max_message_elements: usize,
     ws_read_buffer_size: usize,
@@ -79,8 +81,6 @@ pub struct ServerConfig {
     max_http_sessions: usize,
     http_body_timeout: Duration,
     limits: ConnectionLimits,
-    #[cfg(feature = "tls")]
-    tls: Option<Arc<rustls::ServerConfig>>,
     // --- Agent identity and admission (UID-8, plain-HTTP session table) ---
     remote_addr_from: Option<RemoteAddrFn>,
     http_new_session_burst: u32,
@@ -94,8 +94,6 @@ pub type RemoteAddrFn = fn(&http::Extensions) -> Option<SocketAddr>;
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
-            listen_addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, DEFAULT_PORT)),
-            path: DEFAULT_PATH.to_owned(),
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             max_message_elements: opamp_proto::DEFAULT_MAX_MESSAGE_ELEMENTS,
             ws_read_buffer_size: DEFAULT_WS_READ_BUFFER_SIZE,
@@ -108,8 +106,6 @@ impl Default for ServerConfig {
             max_http_sessions: DEFAULT_MAX_HTTP_SESSIONS,
             http_body_timeout: DEFAULT_HTTP_BODY_TIMEOUT,
             limits: ConnectionLimits::default(),
-            #[cfg(feature = "tls")]
-            tls: None,
             remote_addr_from: None,
             http_new_session_burst: DEFAULT_HTTP_NEW_SESSION_BURST,
             http_new_session_rate: DEFAULT_HTTP_NEW_SESSION_RATE,
@@ -123,17 +119,6 @@ impl ServerConfig {
         ServerConfigBuilder {
             config: Self::default(),
         }
-    }
-
-    /// Address the standalone server binds (default `0.0.0.0:4320`, GEN-3).
-    pub fn listen_addr(&self) -> SocketAddr {
-        self.listen_addr
-    }
-
-    /// URL path the standalone server answers on (default `/v1/opamp`, GEN-2). The embeddable
-    /// service ignores it: the embedder's router decides the path.
-    pub fn path(&self) -> &str {
-        &self.path
     }
 
     /// Limit on one incoming message, WebSocket (header included, WS-8) or plain-HTTP body
@@ -210,12 +195,6 @@ impl ServerConfig {
         &self.limits
     }
 
-    /// The TLS configuration of the standalone server, if any.
-    #[cfg(feature = "tls")]
-    pub fn tls(&self) -> Option<&Arc<rustls::ServerConfig>> {
-        self.tls.as_ref()
-    }
-
     /// How the embeddable service finds the peer's address in a request's extensions, if
     /// set (see [`ServerConfigBuilder::remote_addr_from`]).
     pub fn remote_addr_from(&self) -> Option<RemoteAddrFn> {
@@ -245,17 +224,34 @@ pub struct ServerConfigBuilder {
     config: ServerConfig,
 }
 
+impl From<ServerConfig> for ServerConfigBuilder {
+    /// A builder starting from `config`.
+    fn from(config: ServerConfig) -> Self {
+        Self { config }
+    }
+}
+
+/// The address the standalone server binds by default: `0.0.0.0:4320` (GEN-3).
+pub const DEFAULT_LISTEN_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED), DEFAULT_PORT);
+
+/// The URL path the standalone server answers on by default: `/v1/opamp` (GEN-2).
+pub const DEFAULT_SERVER_PATH: &str = DEFAULT_PATH;
+
 impl ServerConfigBuilder {
-    /// Sets the address the standalone server binds.
-    pub fn listen_addr(mut self, addr: SocketAddr) -> Self {
-        self.config.listen_addr = addr;
-        self
+    /// A standalone server with these settings, listening on `addr`: shorthand for
+    /// [`Server::builder()`](crate::Server::builder)`.config(..).listen(addr)`; the rest of
+    /// the chain sets the [`ServerBuilder`](crate::ServerBuilder).
+    #[cfg(feature = "tokio")]
+    pub fn listen_addr(self, addr: SocketAddr) -> crate::ServerBuilder {
+        crate::ServerBuilder::from_config(self).listen(addr)
     }
 
-    /// Sets the URL path of the standalone server; must start with `/`.
-    pub fn path(mut self, path: impl Into<String>) -> Self {
-        self.config.path = path.into();
-        self
+    /// A standalone server with these settings, answering on `path`: see
+    /// [`ServerBuilder::path`](crate::ServerBuilder::path).
+    #[cfg(feature = "tokio")]
+    pub fn path(self, path: impl Into<String>) -> crate::ServerBuilder {
+        crate::ServerBuilder::from_config(self).path(path)
     }
 
     /// Sets the message size limit in bytes (WS-8, HTTP-13); must be at least 1.
@@ -343,11 +339,11 @@ impl ServerConfigBuilder {
         self
     }
 
-    /// Serves TLS (and mTLS, if `tls` verifies client certificates) in the standalone server.
+    /// A standalone server with these settings, serving TLS: see
+    /// [`ServerBuilder::tls`](crate::ServerBuilder::tls).
     #[cfg(feature = "tls")]
-    pub fn tls(mut self, tls: Arc<rustls::ServerConfig>) -> Self {
-        self.config.tls = Some(tls);
-        self
+    pub fn tls(self, tls: Arc<rustls::ServerConfig>) -> crate::ServerBuilder {
+        crate::ServerBuilder::from_config(self).tls(tls)
     }
 
     /// Sets how [`OpampService`](crate::OpampService) finds the peer's address (what
@@ -388,9 +384,6 @@ impl ServerConfigBuilder {
     /// Checks the values and returns the configuration.
     pub fn build(self) -> Result<ServerConfig, ConfigError> {
         let c = self.config;
-        if !c.path.starts_with('/') {
-            return Err(ConfigError::InvalidPath(c.path));
-        }
         if c.max_message_size == 0 {
             return Err(ConfigError::Zero("max_message_size"));
         }
@@ -479,7 +472,8 @@ pub const DEFAULT_MAX_INCOMPLETE_BYTES: usize = 256 * 1024 * 1024;
 /// while large stalled messages hold the budget, and memory stays bounded by 1.25 x the
 /// budget even when many connections hold small partial messages.
 pub const BUDGET_EXEMPT_MESSAGE_SIZE: usize = 64 * 1024;
-/// File descriptors kept out of [`ConnectionLimits::max_connections`] when it is derived from
+/// File descriptors kept out of the standalone server's connection limit
+/// (`ServerBuilder::max_connections`) when it is derived from
 /// the process limit: 64 (the listener, logs, the embedder's own sockets and files).
 pub const FD_RESERVE: usize = 64;
 
@@ -499,7 +493,8 @@ pub const FD_RESERVE: usize = 64;
 ///   agents without heartbeats have none. Expiry closes with 1001 (Going Away).
 ///   Plain-HTTP sessions expire after [`ServerConfig::http_idle_timeout`] without a poll.
 /// - **First message**: see [`DEFAULT_FIRST_MESSAGE_TIMEOUT`]; closes with 1008.
-/// - **Connection limit** (standalone server): at `max_connections` open TCP connections the
+/// - **Connection limit** (standalone server only, so set on its `ServerBuilder`, not
+///   here): at `max_connections` open TCP connections the
 ///   server closes the oldest connection that never delivered an OpAMP message (a WebSocket
 ///   before its first message: 1013; plain HTTP before its first answered request) to admit
 ///   the new one; when every connection is a real agent, the new one is closed at once.
@@ -522,7 +517,6 @@ pub struct ConnectionLimits {
     idle_timeout_floor: Duration,
     ws_ping_interval: Option<Duration>,
     first_message_timeout: Duration,
-    max_connections: Option<usize>,
     min_read_rate: u64,
     read_grace: Duration,
     max_incomplete_bytes: usize,
@@ -535,7 +529,6 @@ impl Default for ConnectionLimits {
             idle_timeout_floor: DEFAULT_IDLE_TIMEOUT_FLOOR,
             ws_ping_interval: Some(DEFAULT_WS_PING_INTERVAL),
             first_message_timeout: DEFAULT_FIRST_MESSAGE_TIMEOUT,
-            max_connections: None,
             min_read_rate: DEFAULT_MIN_READ_RATE,
             read_grace: DEFAULT_READ_GRACE,
             max_incomplete_bytes: DEFAULT_MAX_INCOMPLETE_BYTES,
@@ -565,13 +558,6 @@ impl ConnectionLimits {
     /// [`DEFAULT_FIRST_MESSAGE_TIMEOUT`]).
     pub fn first_message_timeout(&self) -> Duration {
         self.first_message_timeout
-    }
-
-    /// Limit on open TCP connections of the standalone server, if set. Default `None`: the
-    /// process's file-descriptor soft limit minus [`FD_RESERVE`], read when the server binds
-    /// (Linux; no limit where it cannot be read).
-    pub fn max_connections(&self) -> Option<usize> {
-        self.max_connections
     }
 
     /// Least average pace of a message in progress, in bytes per second (default 256 KiB/s,
@@ -617,12 +603,6 @@ impl ConnectionLimits {
         self
     }
 
-    /// Sets the limit on open TCP connections of the standalone server; must be non-zero.
-    pub fn with_max_connections(mut self, connections: usize) -> Self {
-        self.max_connections = Some(connections);
-        self
-    }
-
     /// Sets the least pace of a message in progress, in bytes per second; must be non-zero.
     pub fn with_min_read_rate(mut self, bytes_per_second: u64) -> Self {
         self.min_read_rate = bytes_per_second;
@@ -644,9 +624,6 @@ impl ConnectionLimits {
     fn validate(&self) -> Result<(), ConfigError> {
         if self.heartbeat_timeout_factor == 0 {
             return Err(ConfigError::Zero("heartbeat_timeout_factor"));
-        }
-        if self.max_connections == Some(0) {
-            return Err(ConfigError::Zero("max_connections"));
         }
         if self.min_read_rate == 0 {
             return Err(ConfigError::Zero("min_read_rate"));
@@ -681,8 +658,7 @@ impl ConnectionLimits {
         Ok(())
     }
 
-    // Pure arithmetic, tested without the drivers; only the WebSocket driver calls it.
-    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    // Pure arithmetic, tested without the drivers; the session core's `ws_liveness` uses it.
     /// The WebSocket read-idle timeout of an agent: `heartbeat` is its heartbeat interval
     /// (`None` when it sends no heartbeats). `None`: no idle timeout.
     pub(crate) fn ws_idle_timeout(&self, heartbeat: Option<Duration>) -> Option<Duration> {
@@ -719,8 +695,8 @@ mod tests {
     #[test]
     fn defaults_are_safe() {
         let c = ServerConfig::default();
-        assert_eq!(c.listen_addr().port(), 4320, "GEN-3");
-        assert_eq!(c.path(), "/v1/opamp", "GEN-2");
+        assert_eq!(DEFAULT_LISTEN_ADDR.port(), 4320, "GEN-3");
+        assert_eq!(DEFAULT_SERVER_PATH, "/v1/opamp", "GEN-2");
         assert_eq!(c.max_message_size(), 64 * 1024 * 1024, "WS-8, HTTP-13");
         assert!(c.ws_read_buffer_size() <= 4096);
         assert_eq!(c.outbound_queue_capacity(), 16);
@@ -734,10 +710,6 @@ mod tests {
 
     #[test]
     fn builder_rejects_bad_values() {
-        assert!(matches!(
-            ServerConfig::builder().path("v1").build(),
-            Err(ConfigError::InvalidPath(_))
-        ));
         assert!(matches!(
             ServerConfig::builder().outbound_queue_capacity(0).build(),
             Err(ConfigError::Zero("outbound_queue_capacity"))
@@ -801,7 +773,6 @@ mod tests {
         assert_eq!(l.heartbeat_timeout_factor(), 3);
         assert_eq!(l.first_message_timeout(), Duration::from_secs(15));
         assert_eq!(l.ws_ping_interval(), Some(Duration::from_secs(30)));
-        assert_eq!(l.max_connections(), None);
         // HB-7: 3 x the heartbeat, at least the floor; pings stand in for heartbeats.
         assert_eq!(
             l.ws_idle_timeout(Some(Duration::from_secs(30))),
@@ -827,7 +798,6 @@ mod tests {
                 l.clone().with_heartbeat_timeout_factor(0),
                 "heartbeat_timeout_factor",
             ),
-            (l.clone().with_max_connections(0), "max_connections"),
             (l.clone().with_min_read_rate(0), "min_read_rate"),
             (
                 l.clone().with_max_incomplete_bytes(0),
@@ -851,6 +821,5 @@ mod tests {
                 max: MAX_TIMEOUT
             }
         );
-        assert!(build(l.with_max_connections(10)).is_ok());
     }
 }

@@ -5,21 +5,12 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use bytes::Bytes;
-use opamp_proto::{InstanceUid, Message, ServerToAgent};
+use opamp_proto::{InstanceUid, ServerToAgent};
 use tokio::sync::{Notify, mpsc};
 
 use crate::error::SendError;
 
-/// The transport of a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Transport {
-    /// A WebSocket connection (full duplex).
-    WebSocket,
-    /// A plain-HTTP polling session.
-    PlainHttp,
-}
+pub(crate) use crate::core::{SharedMessage, Transport};
 
 /// The client certificate chain of a TLS connection, end-entity first.
 ///
@@ -73,78 +64,10 @@ struct Inner {
     outlet: Outlet,
 }
 
-/// A message to push to many agents, encoded once.
-///
-/// [`Connection::send_shared`] queues it without copying: every agent whose session leaves
-/// the message as it is gets the same encoded bytes, behind a few bytes of its own
-/// (`instance_uid`, `capabilities`, `flags`, `agent_identification`, which the protocol core
-/// sets per agent). Where the core must change the message for one agent (an offer the
-/// agent has no capability for, a config it already reports), that agent gets its own
-/// encoding, as with [`Connection::send`]. Cloning is cheap (two reference counts).
-#[derive(Clone)]
-pub struct SharedMessage {
-    message: Arc<ServerToAgent>,
-    /// The message without its per-agent fields, encoded.
-    encoded: Bytes,
-}
-
-impl SharedMessage {
-    /// Encodes `message` once for sending to many agents.
-    pub fn new(message: ServerToAgent) -> Self {
-        let shared = ServerToAgent {
-            instance_uid: Bytes::new(),
-            capabilities: 0,
-            flags: 0,
-            agent_identification: None,
-            ..message.clone()
-        };
-        Self {
-            encoded: Bytes::from(shared.encode_to_vec()),
-            message: Arc::new(message),
-        }
-    }
-
-    /// The message.
-    pub fn message(&self) -> &ServerToAgent {
-        &self.message
-    }
-
-    /// The encoded message without its per-agent fields.
-    pub(crate) fn encoded(&self) -> &Bytes {
-        &self.encoded
-    }
-
-    fn to_owned_message(&self) -> Box<ServerToAgent> {
-        Box::new((*self.message).clone())
-    }
-}
-
-impl fmt::Debug for SharedMessage {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SharedMessage")
-            .field("message", &self.message)
-            .field("encoded_len", &self.encoded.len())
-            .finish()
-    }
-}
-
 /// An item of a WebSocket connection's outbound queue. Queued boxed: tokio's channel
 /// allocates its first block of 32 slots up front for every connection, so a slot must stay
-/// one pointer wide.
-#[allow(clippy::large_enum_variant)] // always boxed: the variants' sizes do not matter
-pub(crate) enum Outbound {
-    Message(ServerToAgent),
-    Shared(SharedMessage),
-}
-
-impl Outbound {
-    fn into_message(self: Box<Self>) -> Box<ServerToAgent> {
-        match *self {
-            Self::Message(m) => Box::new(m),
-            Self::Shared(s) => s.to_owned_message(),
-        }
-    }
-}
+/// one pointer wide; the session takes the box as it is.
+pub(crate) use crate::core::Push as Outbound;
 
 enum Outlet {
     WebSocket {
@@ -160,7 +83,7 @@ enum Outlet {
 #[derive(Default)]
 struct HttpPending {
     /// Everything but custom messages, merged (later fields win).
-    merged: Option<Box<ServerToAgent>>,
+    merged: Option<Box<Outbound>>,
     /// Custom messages in the order sent; one goes out per response (at most `capacity`).
     customs: std::collections::VecDeque<opamp_proto::CustomMessage>,
     capacity: usize,
@@ -263,28 +186,29 @@ impl Connection {
 
     fn enqueue(&self, item: Box<Outbound>) -> Result<(), SendError> {
         if self.is_closed() {
-            return Err(SendError::Closed(item.into_message()));
+            return Err(SendError::Closed(boxed(item)));
         }
         match &self.inner.outlet {
             Outlet::WebSocket { queue, .. } => queue.try_send(item).map_err(|e| match e {
-                mpsc::error::TrySendError::Full(m) => SendError::QueueFull(m.into_message()),
-                mpsc::error::TrySendError::Closed(m) => SendError::Closed(m.into_message()),
+                mpsc::error::TrySendError::Full(m) => SendError::QueueFull(boxed(m)),
+                mpsc::error::TrySendError::Closed(m) => SendError::Closed(boxed(m)),
             }),
             Outlet::Http { pending } => {
                 // Plain HTTP encodes each response anyway: the message joins the pending one.
-                let mut message = item.into_message();
+                let mut item = item;
+                let message = item.make_owned();
                 let mut slot = lock(pending);
                 if message.custom_message.is_some() {
                     if slot.customs.len() >= slot.capacity {
-                        return Err(SendError::QueueFull(message));
+                        return Err(SendError::QueueFull(boxed(item)));
                     }
                     if let Some(custom) = message.custom_message.take() {
                         slot.customs.push_back(custom);
                     }
                 }
                 match slot.merged.as_mut() {
-                    Some(existing) => merge(existing, *message),
-                    None => slot.merged = Some(message),
+                    Some(existing) => merge(existing.make_owned(), item.into_message()),
+                    None => slot.merged = Some(item),
                 }
                 Ok(())
             }
@@ -303,7 +227,7 @@ impl Connection {
             Outlet::WebSocket { queue, .. } if !self.is_closed() => queue
                 .send(Box::new(Outbound::Message(message)))
                 .await
-                .map_err(|e| SendError::Closed(e.0.into_message())),
+                .map_err(|e| SendError::Closed(boxed(e.0))),
             _ => self.send(message),
         }
     }
@@ -365,29 +289,22 @@ impl Connection {
     }
 
     /// Takes the pending plain-HTTP message, if any, with the oldest waiting custom message.
-    pub(crate) fn take_pending(&self) -> Option<Box<ServerToAgent>> {
+    pub(crate) fn take_pending(&self) -> Option<Box<Outbound>> {
         match &self.inner.outlet {
             Outlet::Http { pending } => {
                 let mut slot = lock(pending);
                 let custom = slot.customs.pop_front();
                 let mut out = slot.merged.take();
                 if custom.is_some() {
-                    out.get_or_insert_with(Box::default).custom_message = custom;
+                    out.get_or_insert_with(|| {
+                        Box::new(Outbound::Message(ServerToAgent::default()))
+                    })
+                    .make_owned()
+                    .custom_message = custom;
                 }
                 out
             }
             Outlet::WebSocket { .. } => None,
-        }
-    }
-
-    /// Puts a custom message taken with [`take_pending`](Self::take_pending) back at the
-    /// head of the queue: the reply to this poll carries its own. The queue may exceed its
-    /// capacity by this one message.
-    pub(crate) fn requeue_custom(&self, custom: opamp_proto::CustomMessage) {
-        if let Outlet::Http { pending } = &self.inner.outlet {
-            if !self.is_closed() {
-                lock(pending).customs.push_front(custom);
-            }
         }
     }
 
@@ -418,6 +335,11 @@ impl fmt::Debug for Connection {
 
 /// Pending pushes merge by the core's rule: one implementation for both places.
 pub(crate) use crate::core::merge;
+
+/// A queued item handed back in a [`SendError`], as one message.
+fn boxed(item: Box<Outbound>) -> Box<ServerToAgent> {
+    Box::new(item.into_message())
+}
 
 #[cfg(test)]
 mod tests {
@@ -450,7 +372,7 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        let pending = conn.take_pending().unwrap();
+        let pending = conn.take_pending().unwrap().into_message();
         assert_eq!(pending.remote_config, rc(b"b"), "later fields win");
         assert_eq!(pending.flags, 1, "flags are combined");
         assert!(pending.command.is_some());
@@ -490,14 +412,14 @@ mod tests {
             Err(SendError::QueueFull(m)) => assert_eq!(m.remote_config, rc(b"b")),
             other => panic!("expected QueueFull, got {other:?}"),
         }
-        let first = conn.take_pending().unwrap();
+        let first = conn.take_pending().unwrap().into_message();
         assert_eq!(first.custom_message.unwrap().data, &b"1"[..]);
         assert_eq!(
             first.remote_config,
             rc(b"a"),
             "the refused send changed nothing"
         );
-        let second = conn.take_pending().unwrap();
+        let second = conn.take_pending().unwrap().into_message();
         assert_eq!(second.custom_message.unwrap().data, &b"2"[..]);
         assert!(second.remote_config.is_none());
         assert!(conn.take_pending().is_none());

@@ -14,7 +14,19 @@ use opamp_proto::{
 
 use crate::error::ReadMessageError;
 
-/// How a session behaves; the drivers derive it from the [`ServerConfig`](crate::ServerConfig).
+mod claims;
+mod table;
+mod transmit;
+
+pub use claims::{Claim, Resolution, Rival, UidHolder, UidRegistry};
+pub use table::{EndReason, Refusal, SessionTable, TableConfig, TableEvent};
+pub(crate) use transmit::Push;
+pub use transmit::{DuplicateUidPolicy, SharedMessage, Transmit, Transport};
+use transmit::{Reply, Special};
+
+/// How a session behaves; the drivers derive it from the [`ServerConfig`](crate::ServerConfig)
+/// ([`websocket`](Self::websocket) or [`plain_http`](Self::plain_http), then the `with_*`
+/// setters).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SessionConfig {
@@ -40,6 +52,14 @@ pub struct SessionConfig {
     /// WebSocket connection, which carries one agent (duplicates across connections are
     /// the drivers' to detect).
     pub detect_interleaved_sequences: bool,
+    /// The transport: a WebSocket session sends pushes, and what an exclusive message kept
+    /// out (S2A-1, S2A-2), on its own; a plain-HTTP session only ever answers a request
+    /// (HTTP-9), and its messages carry no framing header.
+    pub transport: Transport,
+    /// The largest `ServerToAgent` the session emits from
+    /// [`poll_transmit`](AgentSession::poll_transmit), WebSocket framing byte included
+    /// (WS-11, HTTP-16); a larger one goes out as a bare acknowledgement. Default 64 MiB.
+    pub max_message_size: usize,
 }
 
 impl SessionConfig {
@@ -51,6 +71,8 @@ impl SessionConfig {
             full_state_min_interval: crate::config::DEFAULT_FULL_STATE_MIN_INTERVAL,
             sent_offers_suppress_resend: true,
             detect_interleaved_sequences: false,
+            transport: Transport::WebSocket,
+            max_message_size: opamp_proto::DEFAULT_MAX_MESSAGE_SIZE,
         }
     }
 
@@ -61,6 +83,7 @@ impl SessionConfig {
             capabilities_in_every_reply: true,
             sent_offers_suppress_resend: false,
             detect_interleaved_sequences: true,
+            transport: Transport::PlainHttp,
             ..Self::websocket(server_capabilities)
         }
     }
@@ -68,6 +91,12 @@ impl SessionConfig {
     /// Sets [`full_state_min_interval`](Self::full_state_min_interval).
     pub fn with_full_state_min_interval(mut self, interval: Duration) -> Self {
         self.full_state_min_interval = interval;
+        self
+    }
+
+    /// Sets [`max_message_size`](Self::max_message_size).
+    pub fn with_max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_size = bytes;
         self
     }
 }
@@ -89,15 +118,21 @@ pub struct Received {
     /// The message comes from a **second agent** using this session's uid (UID-8): its
     /// sequence numbers interleave with the session's own (see
     /// [`AgentSession`], "Duplicate uids"). The session's state was left as it was; do not
-    /// hand the message to the application as the session's agent's. Answer it with
-    /// [`reassign_reply`] (or per the application's policy).
+    /// hand the message to the application as the session's agent's. Ask the application
+    /// and give its answer to [`resolve_duplicate`](AgentSession::resolve_duplicate).
     pub duplicate: bool,
+    /// The message's uid is 16 bytes but identifies no agent (the nil or max UUID,
+    /// [`is_usable_instance_uid`]): the session was left as it was, and answers with a new
+    /// uid (UID-8) from [`poll_transmit`](AgentSession::poll_transmit) once the driver
+    /// provided one. Do not hand the message to the application.
+    pub unusable_uid: bool,
 }
 
 /// Whether `uid` can identify an agent: the all-zero (nil) and all-one (max) UUIDs are
 /// what broken generators and zeroed buffers produce, never a real uid (UID-1, UID-2 say
 /// 16 bytes and SHOULD be a UUID v7), and two agents sending one of them would share one
-/// session. The drivers answer such a uid with a new one ([`reassign_reply`], UID-8).
+/// session. The session answers such a uid with a new one ([`Received::unusable_uid`],
+/// [`reassign_reply`], UID-8), and the plain-HTTP driver keys no session by it.
 pub fn is_usable_instance_uid(uid: &InstanceUid) -> bool {
     uid.as_array() != &[0; 16] && uid.as_array() != &[0xff; 16]
 }
@@ -167,18 +202,29 @@ fn same_except_per_agent_fields(a: &ServerToAgent, b: &ServerToAgent) -> bool {
 ///
 /// # Calling contract
 ///
-/// - Call [`handle_message`](Self::handle_message) with every decoded `AgentToServer`, in
-///   order, before handing the message to the application.
-/// - Pass the application's reply to that message through
-///   [`prepare_reply`](Self::prepare_reply) and send the result: every message gets exactly
-///   one reply (REP-4, RETRY-2).
-/// - Pass every unsolicited message (a push) through [`prepare_push`](Self::prepare_push) and
-///   send the result if there is one.
-/// - After `handle_message`, when [`needs_instance_uid`](Self::needs_instance_uid) says so,
-///   draw a new uid (UUID v7, UID-2) and give it with
-///   [`provide_instance_uid`](Self::provide_instance_uid): the core reads neither the clock
-///   nor randomness of the system.
-/// - `now` only has to be monotonic; tests pass a virtual clock.
+/// The handle/poll contract of quinn-proto: inputs take `now` (a monotonic clock the driver
+/// owns; tests pass a virtual one), outputs come out of `#[must_use]` `poll_*` methods.
+///
+/// - [`handle_message`](Self::handle_message) with every decoded `AgentToServer`, in order,
+///   before handing the message to the application (not at all when the result says
+///   [`unusable_uid`](Received::unusable_uid), or [`duplicate`](Received::duplicate) until
+///   [`resolve_duplicate`](Self::resolve_duplicate) allowed it);
+///   [`handle_malformed`](Self::handle_malformed) for one that could not be decoded (ERR-1).
+/// - Then, when [`needs_instance_uid`](Self::needs_instance_uid) says so, draw a new uid
+///   (UUID v7, UID-2) and give it with [`provide_instance_uid`](Self::provide_instance_uid):
+///   the core reads neither the clock nor randomness of the system.
+/// - [`respond`](Self::respond) with the application's answer to the handled message
+///   (every message gets exactly one reply, REP-4, RETRY-2);
+///   [`queue`](Self::queue) / [`queue_shared`](Self::queue_shared) for pushes.
+/// - After every input, send what [`poll_transmit`](Self::poll_transmit) gives until it
+///   gives `None`: the session decides what goes out when (held pushes, exclusive messages
+///   and what they kept out, the size limit), the same for both transports.
+/// - Call [`handle_timeout`](Self::handle_timeout) when [`poll_timeout`](Self::poll_timeout)
+///   has passed.
+///
+/// The lower-level [`prepare_reply`](Self::prepare_reply), [`prepare_push`](Self::prepare_push)
+/// and [`prepare_shared_push`](Self::prepare_shared_push) complete one message at once,
+/// without holding, merging or the size limit; `poll_transmit` is built on them.
 ///
 /// What the session does to outgoing messages:
 /// - sets `instance_uid` to the uid of the message it relates to (UID-6);
@@ -217,6 +263,9 @@ fn same_except_per_agent_fields(a: &ServerToAgent, b: &ServerToAgent) -> bool {
 /// (same counter at the same time) look like retries and are not told apart. Only sessions
 /// with [`SessionConfig::detect_interleaved_sequences`] (plain HTTP) do this; WebSocket
 /// duplicates (two connections, one uid) are detected by the drivers across connections.
+/// A detected duplicate is answered per the application's [`DuplicateUidPolicy`]
+/// ([`resolve_duplicate`](Self::resolve_duplicate)); a nil or max uid is answered with a
+/// new one and never becomes the session's ([`Received::unusable_uid`]).
 #[derive(Debug)]
 pub struct AgentSession {
     config: SessionConfig,
@@ -239,6 +288,20 @@ pub struct AgentSession {
     /// of a message: it goes out with the next one, never silently dropped. Boxed: a
     /// `ServerToAgent` is large and this is rarely set.
     deferred: Option<Box<ServerToAgent>>,
+    /// The reply to the last handled message: awaited from the application, or ready
+    /// (with `reply_msg`, the application's answer, if it had one).
+    reply: Reply,
+    reply_msg: Option<Box<ServerToAgent>>,
+    /// Pushes not sent yet, merged (later fields win). Boxed as queued: no copy.
+    pending: Option<Box<Push>>,
+    /// A stateless answer due (UID-8 reassignment or refusal, ERR-1).
+    special: Option<Box<Special>>,
+    /// A reply went out in this session: WebSocket pushes are held until then (CAP-4).
+    answered: bool,
+    /// The last `heartbeat_interval_seconds` the session sent the agent (HB-2).
+    /// Stored as seconds + 1 (`NonZeroU32`: four bytes for the option; an offer beyond
+    /// `u32::MAX - 1` seconds, far past `MAX_TIMEOUT`, saturates).
+    offered_heartbeat: Option<std::num::NonZeroU32>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -309,12 +372,18 @@ impl AgentSession {
             connection_settings: OfferHashes::default(),
             packages: OfferHashes::default(),
             deferred: None,
+            reply: Reply::Idle,
+            reply_msg: None,
+            pending: None,
+            special: None,
+            answered: false,
+            offered_heartbeat: None,
         }
     }
 
     /// Whether a part of an earlier message waits to go out (kept out by S2A-1 or S2A-2).
-    /// A WebSocket driver sends it at once with [`prepare_push`](Self::prepare_push) of an
-    /// empty message; over plain HTTP it rides on the next response.
+    /// Over WebSocket [`poll_transmit`](Self::poll_transmit) sends it at once; over plain
+    /// HTTP it rides on the next response.
     pub fn has_deferred(&self) -> bool {
         self.deferred.is_some()
     }
@@ -335,14 +404,24 @@ impl AgentSession {
     /// stays owed and no uid goes out.
     #[must_use]
     pub fn needs_instance_uid(&self) -> bool {
-        self.owe.uid && self.assigned_uid.is_none()
+        (self.owe.uid && self.assigned_uid.is_none())
+            || matches!(
+                self.special.as_deref(),
+                Some(Special::Reassign { new: None, .. })
+            )
     }
 
     /// Supplies the uid to assign when [`needs_instance_uid`](Self::needs_instance_uid)
     /// says so. Ignored when a uid is already assigned (a repeated request gets the same
     /// one until the agent switches, UID-7) or none was asked for.
     pub fn provide_instance_uid(&mut self, uid: InstanceUid) {
-        if self.needs_instance_uid() {
+        if let Some(Special::Reassign {
+            new: new @ None, ..
+        }) = self.special.as_deref_mut()
+        {
+            // UID-8: the newcomer's (or an unusable uid's) replacement, never this agent's.
+            *new = Some(uid);
+        } else if self.owe.uid && self.assigned_uid.is_none() {
             self.assigned_uid = Some(uid);
         }
     }
@@ -366,6 +445,22 @@ impl AgentSession {
     ) -> Result<Received, ReadMessageError> {
         // UID-2: the uid is the key of everything else; reject before touching state.
         let uid = InstanceUid::try_from(&msg.instance_uid[..])?;
+        if !is_usable_instance_uid(&uid) {
+            // UID-8: a nil (or max) uid gets a new one and touches no state.
+            self.special = Some(Box::new(Special::Reassign {
+                sent: uid,
+                new: None,
+            }));
+            return Ok(Received {
+                instance_uid: uid,
+                first: false,
+                disconnect: msg.agent_disconnect.is_some(),
+                repeated: false,
+                switched_from: None,
+                duplicate: false,
+                unusable_uid: true,
+            });
+        }
         let mut switched_from = None;
         match self.uid {
             Some(current) if current == uid => {}
@@ -377,7 +472,10 @@ impl AgentSession {
             Some(_) => {
                 // Another agent on this stream (WS-21, or a restarted agent with a new uid):
                 // nothing known about the previous one applies to it.
+                // Pushes queued for the connection stay queued for it.
+                let pending = self.pending.take();
                 *self = Self::new(self.config);
+                self.pending = pending;
             }
             None => {}
         }
@@ -400,6 +498,7 @@ impl AgentSession {
                 repeated: seq == intruder,
                 switched_from,
                 duplicate: true,
+                unusable_uid: false,
             });
         }
 
@@ -464,6 +563,8 @@ impl AgentSession {
             self.packages
                 .on_report(&statuses.server_provided_all_packages_hash);
         }
+        // REP-4: this message is answered, with what the application says (`respond`).
+        self.reply = Reply::Awaiting;
 
         Ok(Received {
             instance_uid: uid,
@@ -472,6 +573,7 @@ impl AgentSession {
             repeated,
             switched_from,
             duplicate: false,
+            unusable_uid: false,
         })
     }
 
@@ -505,6 +607,9 @@ impl AgentSession {
     #[must_use]
     pub fn prepare_reply(&mut self, now: Instant, reply: Option<ServerToAgent>) -> ServerToAgent {
         let mut msg = reply.unwrap_or_default();
+        self.reply = Reply::Idle;
+        self.reply_msg = None;
+        self.answered = true;
         self.finish(&mut msg, now);
         msg
     }
@@ -512,11 +617,16 @@ impl AgentSession {
     /// Completes an unsolicited message. Returns `None` when, after removing what the agent
     /// cannot take or already has, nothing is left to send. Call it only once a message of
     /// the agent was handled ([`instance_uid`](Self::instance_uid) is `Some`): before that
-    /// its capabilities are unknown and the message would name no agent; hold pushes until
-    /// then (the drivers do).
+    /// its capabilities are unknown and the message would name no agent ([`queue`](Self::queue)
+    /// holds pushes until then).
     #[must_use]
     pub fn prepare_push(&mut self, now: Instant, mut msg: ServerToAgent) -> Option<ServerToAgent> {
-        self.strip(&mut msg);
+        self.complete_push(now, &mut msg).then_some(msg)
+    }
+
+    /// [`prepare_push`](Self::prepare_push) in place: whether `msg` is to be sent.
+    fn complete_push(&mut self, now: Instant, msg: &mut ServerToAgent) -> bool {
+        self.strip(msg);
         let has_content = msg.error_response.is_some()
             || msg.remote_config.is_some()
             || msg.connection_settings.is_some()
@@ -527,10 +637,10 @@ impl AgentSession {
             || msg.custom_capabilities.is_some()
             || msg.custom_message.is_some();
         if !has_content && !self.owe.full_state && !self.owe.uid && self.deferred.is_none() {
-            return None;
+            return false;
         }
-        self.finish(&mut msg, now);
-        Some(msg)
+        self.finish(msg, now);
+        true
     }
 
     /// Plans sending a message shared by many agents (see
@@ -648,6 +758,11 @@ impl AgentSession {
         }
         if let Some(cs) = &msg.connection_settings {
             self.connection_settings.on_sent(&cs.hash);
+            if let Some(opamp) = &cs.opamp {
+                // HB-2: the agent heartbeats (plain HTTP: polls) at this interval from now.
+                let secs = u32::try_from(opamp.heartbeat_interval_seconds).unwrap_or(u32::MAX);
+                self.offered_heartbeat = std::num::NonZeroU32::new(secs.saturating_add(1));
+            }
         }
         if let Some(pkgs) = &msg.packages_available {
             self.packages.on_sent(&pkgs.all_packages_hash);

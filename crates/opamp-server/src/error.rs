@@ -57,6 +57,9 @@ pub enum ServerError {
     /// Reading the bound address back failed.
     #[error("cannot read the listener's local address")]
     LocalAddr(#[source] io::Error),
+    /// A setting is out of range.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
 }
 
 #[cfg(feature = "tokio")]

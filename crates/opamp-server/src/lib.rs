@@ -10,8 +10,11 @@
 //!
 //! It has three layers:
 //!
-//! - a protocol core free of I/O, [`AgentSession`], one per agent: sequence numbers and
-//!   `ReportFullState`, capabilities, uid assignment, capability gating, offer hashes;
+//! - a protocol core free of I/O on quinn-proto's handle/poll contract: [`AgentSession`], one
+//!   per agent (sequence numbers and `ReportFullState`, capabilities, uid assignment,
+//!   capability gating, offer hashes, held and merged pushes, duplicate uids), and beside it
+//!   the plain-HTTP [`SessionTable`] (uid lookup, the session cap and admission, idle
+//!   expiry); the clock and randomness come from the driver;
 //! - callbacks the application implements, [`ServerCallbacks`] (accept or reject a request)
 //!   and [`ConnectionCallbacks`] (per connection: connected, message, close, read error),
 //!   async through `async-trait`, taking `&self`, never called concurrently for one
@@ -70,6 +73,11 @@
 //! # }
 //! ```
 //!
+//! The configuration is split the tonic way: [`ServerConfig`] holds the protocol limits and
+//! transport settings, everything the embeddable [`OpampService`] uses; where the standalone
+//! server listens, its path, TLS and a tower layer around the service are the
+//! [`ServerBuilder`]'s (`Server::builder().listen(addr).path("/opamp").layer(l).bind(cb)`).
+//!
 //! To share an axum router's listener instead, mount the service at any path:
 //! `Router::new().route_service("/opamp", OpampService::new(config, callbacks))`. For
 //! [`Connection::remote_addr`] to be known there, serve the router with
@@ -106,7 +114,7 @@
 //! | first message after the upgrade / first request head (slow-loris), TLS handshake included | 15 s | Close 1008 / dropped |
 //! | pace of a message or body in progress: 256 KiB/s on average after a 10 s grace | on | Close 1008 / 408 |
 //! | bytes of all incomplete messages and bodies (messages up to 64 KiB may use 25 % more) | 256 MiB | Close 1013 / 503 + `Retry-After` |
-//! | open TCP connections of the standalone server; the oldest silent ones are shed first | fd soft limit - 64 | Close 1013 / dropped |
+//! | open TCP connections of the standalone server ([`ServerBuilder::max_connections`]); the oldest silent ones are shed first | fd soft limit - 64 | Close 1013 / dropped |
 //!
 //! # Cancel safety
 //!
@@ -118,10 +126,12 @@
 //! | feature | default | what it adds |
 //! | --- | --- | --- |
 //! | `tokio` | on | the drivers on tokio and hyper: [`Server`], [`OpampService`], [`Connection`], the callback traits ([`ServerCallbacks`], [`ConnectionCallbacks`]) and their types |
-//! | `tls` | on | TLS and mTLS for the standalone server with rustls (ring): [`ServerConfigBuilder::tls`], [`Connection::peer_certificates`], and `opamp_transport::tls` to build the configuration; implies `tokio` |
+//! | `tls` | on | TLS and mTLS for the standalone server with rustls (ring): [`ServerBuilder::tls`], [`Connection::peer_certificates`], and `opamp_transport::tls` to build the configuration; implies `tokio` |
 //!
 //! With `default-features = false` the crate is the sans-IO core ([`AgentSession`],
-//! [`SessionConfig`], [`Received`], [`PushPlan`], [`reassign_reply`],
+//! [`SessionConfig`], [`Received`], [`Transmit`], [`SharedMessage`], [`DuplicateUidPolicy`],
+//! [`PushPlan`], the plain-HTTP [`SessionTable`], the duplicate-uid [`UidRegistry`],
+//! [`reassign_reply`],
 //! [`is_usable_instance_uid`]), the configuration types ([`ServerConfig`],
 //! [`ConnectionLimits`] and the defaults), [`packages`], [`connection_settings`], [`ReadMessageError`],
 //! [`ConfigError`] and the reply helpers [`bad_request`] and [`unavailable`], for a driver on
@@ -130,7 +140,6 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-#[cfg(feature = "tokio")]
 mod admission;
 mod callbacks;
 mod config;
@@ -159,15 +168,14 @@ mod ws;
 
 #[cfg(feature = "tokio")]
 pub use callbacks::{
-    ConnectionCallbacks, ConnectionResponse, DuplicateUid, DuplicateUidPolicy, Rejection,
-    ServerCallbacks,
+    ConnectionCallbacks, ConnectionResponse, DuplicateUid, Rejection, ServerCallbacks,
 };
 pub use callbacks::{bad_request, unavailable};
 pub use config::{
     BUDGET_EXEMPT_MESSAGE_SIZE, ConnectionLimits, DEFAULT_AGENT_HEARTBEAT_INTERVAL,
     DEFAULT_FIRST_MESSAGE_TIMEOUT, DEFAULT_HEARTBEAT_TIMEOUT_FACTOR, DEFAULT_IDLE_TIMEOUT_FLOOR,
-    DEFAULT_MAX_INCOMPLETE_BYTES, DEFAULT_MIN_READ_RATE, DEFAULT_READ_GRACE,
-    DEFAULT_WS_PING_INTERVAL, FD_RESERVE,
+    DEFAULT_LISTEN_ADDR, DEFAULT_MAX_INCOMPLETE_BYTES, DEFAULT_MIN_READ_RATE, DEFAULT_READ_GRACE,
+    DEFAULT_SERVER_PATH, DEFAULT_WS_PING_INTERVAL, FD_RESERVE,
 };
 pub use config::{
     DEFAULT_FULL_STATE_MIN_INTERVAL, DEFAULT_HTTP_BODY_TIMEOUT, DEFAULT_HTTP_IDLE_TIMEOUT,
@@ -176,18 +184,20 @@ pub use config::{
     DEFAULT_WS_READ_BUFFER_SIZE, DEFAULT_WS_WRITE_FRAGMENT_SIZE, MAX_TIMEOUT, RemoteAddrFn,
     ServerConfig, ServerConfigBuilder,
 };
+#[cfg(feature = "tokio")]
+pub use connection::Connection;
 #[cfg(feature = "tls")]
 pub use connection::PeerCertificates;
-#[cfg(feature = "tokio")]
-pub use connection::{Connection, SharedMessage, Transport};
 pub use core::{
-    AgentSession, PushPlan, Received, SessionConfig, is_usable_instance_uid, reassign_reply,
+    AgentSession, Claim, DuplicateUidPolicy, EndReason, PushPlan, Received, Refusal, Resolution,
+    Rival, SessionConfig, SessionTable, SharedMessage, TableConfig, TableEvent, Transmit,
+    Transport, UidHolder, UidRegistry, is_usable_instance_uid, reassign_reply,
 };
 pub use error::{ConfigError, ReadMessageError};
 #[cfg(feature = "tokio")]
 pub use error::{SendError, ServerError};
 #[cfg(feature = "tokio")]
-pub use server::{Server, ServerHandle};
+pub use server::{Server, ServerBuilder, ServerHandle};
 
 /// The attribute that implements the async callback traits.
 #[cfg(feature = "tokio")]

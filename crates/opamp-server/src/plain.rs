@@ -1,10 +1,8 @@
 //! Plain-HTTP transport: one request carries one `AgentToServer`, its response one
 //! `ServerToAgent` (HTTP-1); a session per instance uid stands in for the connection.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER};
@@ -18,12 +16,12 @@ use opamp_proto::{
 };
 use tracing::Instrument;
 
-use crate::admission::{Probation, SourceBuckets};
-use crate::callbacks::{
-    ConnectionCallbacks, DuplicateUid, DuplicateUidPolicy, bad_request, retry_after_value,
+use crate::callbacks::{ConnectionCallbacks, DuplicateUid, retry_after_value};
+use crate::connection::{Connection, PeerInfo};
+use crate::core::{
+    AgentSession, EndReason, Refusal, SessionConfig, SessionTable, TableConfig,
+    is_usable_instance_uid,
 };
-use crate::connection::{Connection, PeerInfo, merge};
-use crate::core::{AgentSession, SessionConfig, reassign_reply};
 use crate::error::ReadMessageError;
 use crate::limits::BodyError;
 use crate::registry::{self, Claim, UidRegistry};
@@ -34,24 +32,11 @@ use crate::wire;
 /// minimum retry interval (THR-7).
 const SESSIONS_FULL_RETRY_AFTER: Duration = Duration::from_secs(30);
 
-/// The plain-HTTP sessions of one server, by instance uid.
-#[derive(Default)]
+/// The plain-HTTP sessions of one server: the sans-IO [`SessionTable`] (uid lookup, the
+/// session cap and admission, idle expiry), behind a lock taken briefly per request.
 pub(crate) struct Sessions {
-    map: Mutex<HashMap<InstanceUid, Arc<Session>>>,
-    /// Sessions alive (in the map, or still held by a request or the sweeper); each
-    /// [`Session`] holds one count until it is dropped, so memory stays bounded by
-    /// `max_http_sessions`.
-    live: Arc<AtomicUsize>,
+    table: Mutex<SessionTable<Arc<Session>>>,
     sweeper_started: std::sync::atomic::AtomicBool,
-    /// Admission of new sessions (see the `admission` module); locked after `map`, only
-    /// when a session is created or swept.
-    admission: Mutex<Admission>,
-}
-
-#[derive(Default)]
-struct Admission {
-    sources: SourceBuckets,
-    probation: Probation<Session>,
 }
 
 pub(crate) struct Session {
@@ -60,57 +45,18 @@ pub(crate) struct Session {
     /// chain is refused (it could otherwise take this agent's pushes).
     #[cfg(feature = "tls")]
     certificates: Option<crate::PeerCertificates>,
-    last_seen: Mutex<Instant>,
-    /// Idle limit from the polling interval the server offered, in ms (0: none offered).
-    offered_idle_ms: AtomicU64,
     state: tokio::sync::Mutex<State>,
     /// Where the session's uid claim is given back when it ends (UID-8).
     uids: Arc<UidRegistry>,
-    /// Polls served, counted up to [`KNOWN_AFTER_POLLS`]: a known agent is never evicted.
-    polls: AtomicU32,
-    /// The session's count in [`Sessions::live`]; an evicted session hands it over to the
-    /// session that takes its place.
-    slot: Mutex<Option<Slot>>,
 }
 
-/// Polls after which a session's agent is known (it came back): admission never evicts it.
-const KNOWN_AFTER_POLLS: u32 = 2;
-
-/// One count in [`Sessions::live`], given back on drop.
-struct Slot(Arc<AtomicUsize>);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("conn", &self.conn).finish()
     }
 }
 
 impl Session {
-    /// HB-5: an agent offered `heartbeat_interval_seconds` polls at that interval; its session
-    /// lives `heartbeat_timeout_factor` polls without one, as a WebSocket agent does, and at
-    /// least `http_idle_timeout`.
-    fn note_offer(&self, reply: &ServerToAgent, limits: &crate::ConnectionLimits) {
-        let Some(opamp) = reply
-            .connection_settings
-            .as_ref()
-            .and_then(|c| c.opamp.as_ref())
-        else {
-            return;
-        };
-        let idle = Duration::from_secs(opamp.heartbeat_interval_seconds)
-            .saturating_mul(limits.heartbeat_timeout_factor())
-            .min(crate::MAX_TIMEOUT);
-        let ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
-        self.offered_idle_ms.store(ms, Ordering::Relaxed);
-    }
-
-    /// The idle limit of this session: `default` or more after an offered polling interval.
-    fn idle_limit(&self, default: Duration) -> Duration {
-        default.max(Duration::from_millis(
-            self.offered_idle_ms.load(Ordering::Relaxed),
-        ))
-    }
-
     /// Whether a request from `peer` may use this session: under mTLS, only with the chain
     /// that created it (review finding 2b).
     fn admits(&self, peer: &PeerInfo) -> bool {
@@ -123,6 +69,12 @@ impl Session {
             let _ = peer;
             true
         }
+    }
+
+    /// Whether admission may evict it now: not closed, not ended, and not serving a
+    /// request (then it is not idle: it stays).
+    fn evictable(&self) -> bool {
+        !self.conn.is_closed() && self.state.try_lock().is_ok_and(|state| !state.ended)
     }
 }
 
@@ -140,11 +92,7 @@ fn same_certificates(
 
 /// Why no session serves a request.
 enum NoSession {
-    /// `max_http_sessions` are alive, all of known agents; the request would have created
-    /// another.
-    Full,
-    /// The source address spent its new-session budget; one is available after this long.
-    RateLimited(Duration),
+    Refused(Refusal),
     /// The uid's session belongs to another client certificate chain.
     Forbidden,
 }
@@ -162,8 +110,37 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// The sessions that left the table, to end outside its lock.
+fn take_ended(table: &mut SessionTable<Arc<Session>>) -> Vec<Arc<Session>> {
+    let mut out = Vec::new();
+    while let Some(event) = table.poll_event() {
+        if event.reason == EndReason::Evicted {
+            tracing::debug!(instance_uid = ?event.session.conn.instance_uid(), "plain-HTTP session table full; oldest one-poll session evicted");
+        }
+        // Later sends fail at once, before `end` runs.
+        event.session.conn.mark_closed();
+        out.push(event.session);
+    }
+    out
+}
+
+/// Ends sessions that left the table, on their own task (the caller may hold a session's
+/// lock; `end` is idempotent).
+fn end_later(ended: Vec<Arc<Session>>) {
+    for session in ended {
+        tokio::spawn(async move { end(&session).await });
+    }
+}
+
 impl Sessions {
-    /// The live session of `uid`, or a new one if there is room for it.
+    pub(crate) fn new(config: &crate::ServerConfig) -> Self {
+        Self {
+            table: Mutex::new(SessionTable::new(TableConfig::from_server_config(config))),
+            sweeper_started: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The live session of `uid`, or a new one if admission lets it in.
     fn get_or_create(
         &self,
         uid: InstanceUid,
@@ -171,8 +148,8 @@ impl Sessions {
         callbacks: &Arc<dyn ConnectionCallbacks>,
         peer: &PeerInfo,
     ) -> Result<Arc<Session>, NoSession> {
-        let mut map = lock(&self.map);
-        if let Some(s) = map.get(&uid)
+        let mut table = lock(&self.table);
+        if let Some(s) = table.get(&uid)
             && !s.conn.is_closed()
         {
             if !s.admits(peer) {
@@ -181,127 +158,50 @@ impl Sessions {
             return Ok(s.clone());
         }
         let config = &shared.config;
-        let mut admission = lock(&self.admission);
-        // The source's budget first: a refused stranger displaces nobody.
-        admission
-            .sources
-            .take(
-                peer.remote_addr,
-                Instant::now(),
-                config.http_new_session_burst(),
-                config.http_new_session_rate(),
-            )
-            .map_err(NoSession::RateLimited)?;
-        // Counted up only here, under the map lock, so the count never passes the limit.
-        let slot = if self.live.load(Ordering::Acquire) < config.max_http_sessions() {
-            self.live.fetch_add(1, Ordering::AcqRel);
-            Slot(self.live.clone())
-        } else {
-            // Full: take the place of the oldest stranger (one poll, never seen again).
-            let mut freed = None;
-            admission
-                .probation
-                .evict_oldest(|old| match evict(&mut map, old) {
-                    Some(slot) => {
-                        freed = Some(slot);
-                        true
-                    }
-                    None => false,
-                });
-            freed.ok_or(NoSession::Full)?
-        };
-        if admission.probation.len() > config.max_http_sessions().saturating_mul(2) {
-            admission.probation.retain(|s| on_probation(s));
-        }
-        let session = Arc::new(Session {
-            conn: Connection::http(
-                peer.clone(),
-                Some(uid),
-                shared.config.outbound_queue_capacity(),
-            ),
-            #[cfg(feature = "tls")]
-            certificates: peer.certificates.clone(),
-            slot: Mutex::new(Some(slot)),
-            polls: AtomicU32::new(0),
-            uids: shared.uids.clone(),
-            last_seen: Mutex::new(Instant::now()),
-            offered_idle_ms: AtomicU64::new(0),
-            state: tokio::sync::Mutex::new(State {
-                core: AgentSession::new(
-                    SessionConfig::plain_http(config.server_capabilities())
-                        .with_full_state_min_interval(config.full_state_min_interval()),
-                ),
-                callbacks: callbacks.clone(),
-                connected: false,
-                ended: false,
-                claim: None,
-            }),
-        });
-        admission.probation.push(Arc::downgrade(&session));
-        drop(admission);
-        // A closed session under this uid is replaced; it is ended by whoever holds it, or
-        // by the sweeper below, which ends sessions that left the map too.
-        if let Some(old) = map.insert(uid, session.clone())
-            && old.conn.is_closed()
-        {
-            let old = old.clone();
-            tokio::spawn(async move { end(&old).await });
-        }
-        Ok(session)
+        let made = table.admit(
+            wire::now(),
+            uid,
+            peer.remote_addr,
+            || {
+                Arc::new(Session {
+                    conn: Connection::http(
+                        peer.clone(),
+                        Some(uid),
+                        config.outbound_queue_capacity(),
+                    ),
+                    #[cfg(feature = "tls")]
+                    certificates: peer.certificates.clone(),
+                    uids: shared.uids.clone(),
+                    state: tokio::sync::Mutex::new(State {
+                        core: AgentSession::new(session_config(config)),
+                        callbacks: callbacks.clone(),
+                        connected: false,
+                        ended: false,
+                        claim: None,
+                    }),
+                })
+            },
+            |s| s.evictable(),
+        );
+        let ended = take_ended(&mut table);
+        drop(table);
+        end_later(ended);
+        made.map_err(NoSession::Refused)
     }
 
-    fn remove_if_same(&self, uid: &InstanceUid, session: &Arc<Session>) {
-        let mut map = lock(&self.map);
-        if map.get(uid).is_some_and(|s| Arc::ptr_eq(s, session)) {
-            map.remove(uid);
-        }
+    /// Applies `f` to the table, then ends (later) the sessions that left it.
+    fn update(&self, f: impl FnOnce(&mut SessionTable<Arc<Session>>)) {
+        let mut table = lock(&self.table);
+        f(&mut table);
+        let ended = take_ended(&mut table);
+        drop(table);
+        end_later(ended);
     }
 
     /// Number of live sessions.
     pub(crate) fn len(&self) -> usize {
-        let map = lock(&self.map);
-        // A session is listed twice while an assigned uid is pending (UID-5).
-        let mut seen: Vec<*const Session> = map.values().map(Arc::as_ptr).collect();
-        seen.sort_unstable();
-        seen.dedup();
-        seen.len()
+        lock(&self.table).len()
     }
-}
-
-/// Whether a session is a stranger's: one poll at most, still open.
-fn on_probation(session: &Session) -> bool {
-    session.polls.load(Ordering::Relaxed) < KNOWN_AFTER_POLLS && !session.conn.is_closed()
-}
-
-/// Evicts a stranger's session to make room (admission, step 2): takes it out of the map,
-/// ends it, and returns its count in [`Sessions::live`]. `None` if it is known, ended, or
-/// in a request right now (then it is not idle: it stays).
-fn evict(map: &mut HashMap<InstanceUid, Arc<Session>>, session: &Arc<Session>) -> Option<Slot> {
-    if !on_probation(session) {
-        return None;
-    }
-    let state = session.state.try_lock().ok()?;
-    if state.ended {
-        return None;
-    }
-    let slot = lock(&session.slot).take()?;
-    for key in [
-        session.conn.instance_uid(),
-        state.core.assigned_instance_uid(),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        if map.get(&key).is_some_and(|s| Arc::ptr_eq(s, session)) {
-            map.remove(&key);
-        }
-    }
-    drop(state);
-    tracing::debug!(instance_uid = ?session.conn.instance_uid(), "plain-HTTP session table full; oldest one-poll session evicted");
-    session.conn.mark_closed();
-    let session = session.clone();
-    tokio::spawn(async move { end(&session).await });
-    Some(slot)
 }
 
 /// Ends a session once: `on_connection_close` runs, later sends fail.
@@ -323,19 +223,17 @@ async fn end(session: &Arc<Session>) {
 
 /// Ends every session (server shutdown).
 pub(crate) async fn close_all(shared: &Shared) {
-    let sessions: Vec<Arc<Session>> = lock(&shared.sessions.map).drain().map(|(_, s)| s).collect();
-    for s in dedup(sessions) {
+    let ended = {
+        let mut table = lock(&shared.sessions.table);
+        table.clear();
+        take_ended(&mut table)
+    };
+    for s in ended {
         end(&s).await;
     }
 }
 
-fn dedup(mut sessions: Vec<Arc<Session>>) -> Vec<Arc<Session>> {
-    sessions.sort_unstable_by_key(|s| Arc::as_ptr(s) as usize);
-    sessions.dedup_by(|a, b| Arc::ptr_eq(a, b));
-    sessions
-}
-
-/// Forgets sessions idle for longer than the timeout, and closed ones.
+/// Runs the table's timers (HB-5 idle expiry) and forgets closed sessions.
 fn start_sweeper(shared: &Arc<Shared>) {
     use std::sync::atomic::Ordering;
     if shared.sessions.sweeper_started.swap(true, Ordering::AcqRel) {
@@ -346,32 +244,24 @@ fn start_sweeper(shared: &Arc<Shared>) {
     let weak: Weak<Shared> = Arc::downgrade(shared);
     let mut stop = shared.stop_signal();
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(period);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let next = weak
+                .upgrade()
+                .and_then(|s| lock(&s.sessions.table).poll_timeout());
+            let at = next.map_or_else(|| tokio::time::Instant::now() + period, Into::into);
             tokio::select! {
-                _ = tick.tick() => {}
+                () = tokio::time::sleep_until(at) => {}
                 _ = crate::service::stopped(&mut stop) => return,
             }
             let Some(shared) = weak.upgrade() else { return };
-            let now = Instant::now();
-            let expired: Vec<Arc<Session>> = {
-                let mut map = lock(&shared.sessions.map);
-                let mut out = Vec::new();
-                map.retain(|_, s| {
-                    let stale = s.conn.is_closed()
-                        || now.saturating_duration_since(*lock(&s.last_seen)) > s.idle_limit(idle);
-                    if stale {
-                        out.push(s.clone());
-                    }
-                    !stale
-                });
-                lock(&shared.sessions.admission)
-                    .probation
-                    .retain(|s| on_probation(s));
-                out
+            let ended = {
+                let mut table = lock(&shared.sessions.table);
+                // Closed by the application (`Connection::disconnect`).
+                table.retain(|s| !s.conn.is_closed());
+                table.handle_timeout(wire::now());
+                take_ended(&mut table)
             };
-            for s in dedup(expired) {
+            for s in ended {
                 tracing::debug!(instance_uid = ?s.conn.instance_uid(), "plain-HTTP session ended (idle or disconnected)");
                 end(&s).await;
             }
@@ -550,13 +440,18 @@ where
     }
 
     let accept_gzip = wire::accepts_gzip(&parts.headers);
-    if registry::is_unusable_uid(&msg.instance_uid) {
-        // UID-8: a nil uid gets a new one, statelessly: no session is keyed by it.
-        return respond(
-            registry::unusable_uid_reply(&msg.instance_uid, shared),
-            limit,
-            accept_gzip,
-        );
+    if !is_usable_instance_uid(&uid) {
+        // UID-8: a nil uid gets a new one, statelessly: no session is keyed by it. The
+        // answer is the session core's, from a session that is dropped at once.
+        let mut once = AgentSession::new(session_config(&shared.config));
+        if once.handle_message(wire::now(), &msg).is_ok() && once.needs_instance_uid() {
+            once.provide_instance_uid(InstanceUid::new_v7());
+        }
+        return match once.poll_transmit(wire::now()) {
+            Some(answer) => respond(answer.into_message(), accept_gzip),
+            // Cannot happen: the session answers an unusable uid once it has a new one.
+            None => text_response(StatusCode::INTERNAL_SERVER_ERROR, "no answer"),
+        };
     }
     start_sweeper(shared);
 
@@ -567,7 +462,7 @@ where
             .get_or_create(uid, shared, &callbacks, &peer)
         {
             Ok(session) => session,
-            Err(NoSession::Full) => {
+            Err(NoSession::Refused(Refusal::Full)) => {
                 tracing::debug!("plain-HTTP session limit reached; new agent refused");
                 let mut resp = text_response(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -577,7 +472,7 @@ where
                     .insert(RETRY_AFTER, retry_after_value(SESSIONS_FULL_RETRY_AFTER));
                 return resp;
             }
-            Err(NoSession::RateLimited(wait)) => {
+            Err(NoSession::Refused(Refusal::RateLimited(wait))) => {
                 tracing::debug!("new plain-HTTP sessions from this source over budget");
                 let mut resp = text_response(
                     StatusCode::TOO_MANY_REQUESTS,
@@ -599,11 +494,10 @@ where
         if state.ended {
             continue;
         }
-        if session.polls.load(Ordering::Relaxed) < KNOWN_AFTER_POLLS {
-            session.polls.fetch_add(1, Ordering::Relaxed);
-        }
-        let now = Instant::now();
-        *lock(&session.last_seen) = now;
+        let now = wire::now();
+        shared
+            .sessions
+            .update(|table| table.handle_request(now, &uid));
         let conn = session.conn.clone();
         let cbs = state.callbacks.clone();
         if !state.connected {
@@ -619,13 +513,10 @@ where
                 return text_response(StatusCode::BAD_REQUEST, "invalid AgentToServer message");
             }
         };
-        if state.core.needs_instance_uid() {
-            // UID-5, UID-2: the core asks, the driver draws.
-            state.core.provide_instance_uid(InstanceUid::new_v7());
-        }
         if received.duplicate {
             // UID-8: a second agent polls with this session's uid; it is not this
-            // session's agent, so neither the session nor the application sees it.
+            // session's agent, so neither the session nor the application sees it unless
+            // the application allows it.
             let duplicate = DuplicateUid {
                 instance_uid: uid,
                 kept: conn.clone(),
@@ -633,58 +524,50 @@ where
             };
             let policy = shared.callbacks.on_duplicate_uid(&duplicate).await;
             tracing::info!(instance_uid = %uid, ?policy, "duplicate instance uid (UID-8)");
-            let reply = match policy {
-                DuplicateUidPolicy::Allow => None,
-                DuplicateUidPolicy::Reject => {
-                    let mut reply = bad_request("instance_uid is in use by another agent");
-                    reply.instance_uid = uid.to_bytes();
-                    Some(reply)
-                }
-                _ => Some(reassign_reply(
-                    uid,
-                    InstanceUid::new_v7(),
-                    shared.config.server_capabilities(),
-                )),
-            };
-            if let Some(reply) = reply {
+            state.core.resolve_duplicate(uid, policy);
+        }
+        if state.core.needs_instance_uid() {
+            // UID-5, UID-8, UID-2: the core asks, the driver draws.
+            state.core.provide_instance_uid(InstanceUid::new_v7());
+        }
+        if received.duplicate {
+            if let Some(answer) = state.core.poll_transmit(now) {
+                // Reassigned or refused: the session's own exchange is untouched.
                 drop(state);
-                return respond(reply, limit, accept_gzip);
+                return respond(answer.into_message(), accept_gzip);
             }
-        } else if registry::note(shared, &conn, &mut state.claim, received.instance_uid)
-            && let Some(claim) = state.claim.as_mut()
-        {
-            // UID-8: the uid was taken over by another connection, and this agent is live.
-            registry::resolve(shared, &conn, claim).await;
+        } else {
+            registry::note(shared, &conn, &mut state.claim, received.instance_uid).await;
         }
         if let Some(old) = received.switched_from {
             // UID-7: the agent now uses the assigned uid; drop the old key.
-            shared.sessions.remove_if_same(&old, &session);
+            shared.sessions.update(|table| table.remove_uid(&old));
         }
         conn.set_instance_uid(received.instance_uid);
 
         let reply = cbs.on_message(&conn, msg).await;
-        // HTTP-9: a pushed message rides on this response; the fresh reply wins conflicts.
-        let mut out = conn.take_pending().map(|b| *b);
-        if let Some(reply) = reply {
-            match out.as_mut() {
-                Some(pending) => {
-                    if reply.custom_message.is_some()
-                        && let Some(waiting) = pending.custom_message.take()
-                    {
-                        // The reply's own custom message goes now; the queued one next time.
-                        conn.requeue_custom(waiting);
-                    }
-                    merge(pending, reply)
-                }
-                None => out = Some(reply),
+        // HTTP-9: what was pushed since the last poll rides on this response (the session
+        // merges it with the reply).
+        if let Some(pending) = conn.take_pending() {
+            state.core.queue_boxed(pending);
+        }
+        let Some(reply) = state.core.respond_now(wire::now(), reply) else {
+            // Cannot happen: a handled message always has its reply (REP-4).
+            return text_response(StatusCode::INTERNAL_SERVER_ERROR, "no reply");
+        };
+        let reply = reply.into_message();
+        let offered = state.core.offered_heartbeat_interval();
+        let assigned = state.core.assigned_instance_uid();
+        shared.sessions.update(|table| {
+            if let Some(interval) = offered {
+                // HB-5: the session lives as long as the offered polling interval asks.
+                table.set_polling_interval(&uid, interval);
             }
-        }
-        let reply = state.core.prepare_reply(Instant::now(), out);
-        session.note_offer(&reply, shared.config.limits());
-        if let Some(assigned) = state.core.assigned_instance_uid() {
-            // UID-5: the agent's next poll carries the new uid; find this session by it.
-            lock(&shared.sessions.map).insert(assigned, session.clone());
-        }
+            if let Some(assigned) = assigned {
+                // UID-5: the agent's next poll carries the new uid; find this session by it.
+                table.add_uid(&uid, assigned);
+            }
+        });
 
         if received.disconnect || conn.is_closed() {
             // DIS-2: forget the agent once it has its answer.
@@ -693,16 +576,20 @@ where
             if let Some(claim) = state.claim.take() {
                 shared.uids.release(&claim);
             }
-            shared.sessions.remove_if_same(&uid, &session);
-            if let Some(assigned) = state.core.assigned_instance_uid() {
-                shared.sessions.remove_if_same(&assigned, &session);
-            }
+            shared.sessions.update(|table| table.remove(&uid));
             cbs.on_connection_close(&conn).await;
         }
         drop(state);
-        return respond(reply, limit, accept_gzip);
+        return respond(reply, accept_gzip);
     }
     text_response(StatusCode::SERVICE_UNAVAILABLE, "session busy, retry")
+}
+
+/// The settings of a plain-HTTP session.
+fn session_config(config: &crate::ServerConfig) -> SessionConfig {
+    SessionConfig::plain_http(config.server_capabilities())
+        .with_full_state_min_interval(config.full_state_min_interval())
+        .with_max_message_size(config.max_message_size())
 }
 
 /// Calls `on_read_message_error` for a message that never reached a session.
@@ -719,7 +606,9 @@ async fn report_error(
     callbacks.on_read_message_error(&conn, err).await;
 }
 
-fn respond(reply: ServerToAgent, limit: usize, accept_gzip: bool) -> Response<ResponseBody> {
+/// The HTTP response carrying `reply`, which the session fitted into the size limit
+/// (HTTP-16).
+fn respond(reply: ServerToAgent, accept_gzip: bool) -> Response<ResponseBody> {
     // THR-5: overload is answered with 503 and Retry-After over plain HTTP.
     if let Some(err) = &reply.error_response
         && err.r#type() == ServerErrorResponseType::Unavailable
@@ -733,22 +622,6 @@ fn respond(reply: ServerToAgent, limit: usize, accept_gzip: bool) -> Response<Re
         }
         return resp;
     }
-    let reply = if reply.encoded_len() > limit {
-        // HTTP-16: never send a body over the limit; the agent still gets an answer.
-        tracing::warn!(
-            size = reply.encoded_len(),
-            limit,
-            "dropping a ServerToAgent over the size limit"
-        );
-        ServerToAgent {
-            instance_uid: reply.instance_uid,
-            capabilities: reply.capabilities,
-            flags: reply.flags,
-            ..ServerToAgent::default()
-        }
-    } else {
-        reply
-    };
     let encoded = reply.encode_to_vec();
     let mut resp = Response::new(Full::new(Bytes::new()));
     let headers = resp.headers_mut();

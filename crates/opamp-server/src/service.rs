@@ -111,11 +111,12 @@ impl OpampService {
     pub fn new(config: ServerConfig, callbacks: Arc<dyn ServerCallbacks>) -> Self {
         let (stop_tx, _) = watch::channel(false);
         let budget = crate::limits::Budget::new(config.limits().max_incomplete_bytes());
+        let sessions = Sessions::new(&config);
         Self {
             shared: Arc::new(Shared {
                 config,
                 callbacks,
-                sessions: Sessions::default(),
+                sessions,
                 uids: Arc::default(),
                 budget,
                 conns: Arc::default(),

@@ -17,6 +17,12 @@ pub(crate) fn ws_config(read_buffer_size: usize, max_message_size: usize) -> Web
     )
 }
 
+/// The drivers' clock for the session core: tokio's, so that a test on a paused runtime
+/// (`tokio::time::pause`) drives the core on the same virtual clock as the timers.
+pub(crate) fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -26,10 +26,10 @@ use tokio_tungstenite::tungstenite::protocol::frame::{CloseFrame, Frame};
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tracing::Instrument;
 
-use crate::callbacks::{ConnectionCallbacks, bad_request};
-use crate::config::{ConnectionLimits, DEFAULT_AGENT_HEARTBEAT_INTERVAL, MAX_TIMEOUT};
-use crate::connection::{Connection, Outbound, PeerInfo, SharedMessage, merge};
-use crate::core::{AgentSession, PushPlan, SessionConfig};
+use crate::callbacks::ConnectionCallbacks;
+use crate::config::{ConnectionLimits, MAX_TIMEOUT};
+use crate::connection::{Connection, Outbound, PeerInfo};
+use crate::core::{AgentSession, SessionConfig, Transmit};
 use crate::error::ReadMessageError;
 use crate::limits::{Meter, Metered, OverBudget, Slot};
 use crate::service::{ResponseBody, Shared, stopped, text_response};
@@ -176,8 +176,6 @@ fn close_frame(code: CloseCode, reason: &'static str) -> CloseFrame {
 struct Liveness {
     /// An OpAMP message arrived (the first-message deadline is met).
     first_seen: bool,
-    /// The last `heartbeat_interval_seconds` the server sent the agent (HB-2).
-    offered: Option<u64>,
     last_ping: Option<tokio::time::Instant>,
 }
 
@@ -186,37 +184,13 @@ struct Liveness {
 enum Due {
     /// Nothing yet: look again at the deadline.
     Check,
+    /// The session's own timer ([`AgentSession::poll_timeout`]).
+    Session,
     Ping,
     Close(CloseCode, &'static str),
 }
 
 impl Liveness {
-    /// The agent's heartbeat interval; `None` when it sends no heartbeats (HB-1, HB-2).
-    fn heartbeat(&self, core: &AgentSession) -> Option<Duration> {
-        if !core
-            .agent_capabilities()
-            .contains(opamp_proto::AgentCapabilitySet::REPORTS_HEARTBEAT)
-        {
-            return None;
-        }
-        match self.offered {
-            Some(0) => None,
-            Some(secs) => Some(Duration::from_secs(secs).min(MAX_TIMEOUT)),
-            None => Some(DEFAULT_AGENT_HEARTBEAT_INTERVAL),
-        }
-    }
-
-    /// Remembers a heartbeat interval offered to the agent in `out`.
-    fn note(&mut self, out: &ServerToAgent) {
-        if let Some(opamp) = out
-            .connection_settings
-            .as_ref()
-            .and_then(|c| c.opamp.as_ref())
-        {
-            self.offered = Some(opamp.heartbeat_interval_seconds);
-        }
-    }
-
     /// The earliest deadline and what it calls for.
     fn due(
         &self,
@@ -230,6 +204,9 @@ impl Liveness {
                 next = (at, due);
             }
         };
+        if let Some(at) = core.poll_timeout() {
+            consider(at.into(), Due::Session);
+        }
         let in_progress = meter.in_progress();
         if let Some((started, received)) = in_progress {
             // A message must keep its pace (memory of incomplete messages is bounded).
@@ -244,25 +221,15 @@ impl Liveness {
             );
         }
         if self.first_seen {
-            let heartbeat = self.heartbeat(core);
-            // HB-7: an agent must be heard from within its idle timeout. One without
-            // heartbeats is pinged after each ping interval of silence; a heartbeating one
-            // only once a heartbeat is overdue (2/3 of its idle timeout, two intervals at
-            // the default factor), so one with a longer local interval than the server
-            // assumes is kept as long as it answers (WS-14: "unless locally configured").
-            let idle = limits.ws_idle_timeout(heartbeat);
+            // HB-7, WS-14: the session decides how long the agent may be silent and when
+            // to ping it; the driver only keeps the clocks.
+            let (idle, ping_after) = core.ws_liveness(limits);
             if let Some(idle) = idle {
                 consider(
                     meter.last_read() + idle,
                     Due::Close(CloseCode::Away, "idle timeout"),
                 );
             }
-            let ping_after = match (heartbeat, limits.ws_ping_interval(), idle) {
-                (_, None, _) => None,
-                (None, Some(every), _) => Some(every),
-                (Some(_), Some(_), Some(idle)) => Some(idle * 2 / 3),
-                (Some(_), Some(_), None) => None,
-            };
             if let Some(after) = ping_after {
                 let since = self
                     .last_ping
@@ -327,22 +294,18 @@ where
         let fragment = config.ws_write_fragment_size();
         let mut core = AgentSession::new(
             SessionConfig::websocket(config.server_capabilities())
-                .with_full_state_min_interval(config.full_state_min_interval()),
+                .with_full_state_min_interval(config.full_state_min_interval())
+                .with_max_message_size(limit),
         );
         let mut stop = shared.stop_signal();
         let meter = ws.get_ref().meter().clone();
         let mut live = Liveness {
             first_seen: false,
-            offered: None,
             last_ping: None,
         };
         // Boxed: the connection future stays small (its size is asserted below); the timer
         // costs the same memory either way.
         let mut timer = Box::pin(tokio::time::sleep_until(meter.started() + MAX_TIMEOUT));
-        // Pushes before the agent's first message wait for it: until then its capabilities are
-        // unknown and every offer would be stripped (CAP-4).
-        // Boxed: a `ServerToAgent` is ~1.6 KiB inline and this future lives as long as the agent.
-        let mut held: Option<Box<ServerToAgent>> = None;
 
         // Shed (connection limit) between the upgrade and now: close at once.
         let shed_early = slot.as_ref().is_some_and(|s| !s.attach_websocket(&conn));
@@ -360,24 +323,13 @@ where
             if shed_early {
                 break Some(close_frame(CloseCode::Again, "connection limit reached"));
             }
-            // S2A-1, S2A-2: what an error or a command kept out of the last message goes out
-            // now, in its own message, rather than waiting for the agent to speak again. Each
-            // round takes something out of the deferred part, so this ends.
-            if core.has_deferred() && core.instance_uid().is_some() {
-                let frame = core
-                    .prepare_push(Instant::now(), ServerToAgent::default())
-                    .map(|out| {
-                        live.note(&out);
-                        encode_frame(&out, limit)
-                    });
-                if let Some(frame) = frame
-                    && send_parts(&mut ws, Outgoing::one(frame), fragment, write_timeout)
-                        .await
-                        .is_err()
-                {
-                    break None;
-                }
-                continue;
+            // Everything the session has to send goes out first: replies, pushes, and what
+            // an exclusive message kept out (the session decides what and when).
+            if flush(&mut ws, &mut core, fragment, write_timeout)
+                .await
+                .is_err()
+            {
+                break None;
             }
             tokio::select! {
                 biased;
@@ -392,54 +344,9 @@ where
                 }
                 reply = poll_in_flight(&mut in_flight) => {
                     in_flight = None;
-                    let reply = match held.take() {
-                        Some(mut first) => {
-                            if let Some(reply) = reply {
-                                merge(&mut first, *reply);
-                            }
-                            Some(*first)
-                        }
-                        None => reply.map(|r| *r),
-                    };
-                    // Encoded before the write is awaited, so no message is held across it.
-                    let frame = {
-                        let out = core.prepare_reply(Instant::now(), reply);
-                        live.note(&out);
-                        encode_frame(&out, limit)
-                    };
-                    if send_parts(&mut ws, Outgoing::one(frame), fragment, write_timeout).await.is_err() {
-                        break None;
-                    }
+                    core.respond_boxed(reply);
                 }
-                Some(push) = rx.recv() => {
-                    if core.instance_uid().is_none() {
-                        let push = match *push {
-                            Outbound::Message(m) => Box::new(m),
-                            Outbound::Shared(shared) => Box::new(shared.message().clone()),
-                        };
-                        match held.as_mut() {
-                            Some(h) => merge(h, *push),
-                            None => held = Some(push),
-                        }
-                    } else {
-                        // Encoded in its own statement: temporaries of a let-chain's scrutinee
-                        // would stay in the future's storage across the write.
-                        let parts = match *push {
-                            Outbound::Message(m) => core
-                                .prepare_push(Instant::now(), m)
-                                .map(|out| {
-                                    live.note(&out);
-                                    Outgoing::one(encode_frame(&out, limit))
-                                }),
-                            Outbound::Shared(shared) => shared_parts(&mut core, &mut live, &shared, limit),
-                        };
-                        if let Some(parts) = parts
-                            && send_parts(&mut ws, parts, fragment, write_timeout).await.is_err()
-                        {
-                            break None;
-                        }
-                    }
-                }
+                Some(push) = rx.recv() => core.queue_boxed(push),
                 frame = ws.next(), if in_flight.is_none() => match frame {
                     None => break None,
                     Some(Ok(Message::Binary(data))) => {
@@ -449,18 +356,15 @@ where
                         // whole receive buffer. Boxed: the match keeps its scrutinee in storage
                         // through the arms' awaits.
                         match framing::decode_limited::<AgentToServer>(&data, limit, config.max_message_elements()).map(Box::new) {
-                            // UID-8: a nil uid gets a new one and reaches no session.
-                            Ok(msg) if registry::is_unusable_uid(&msg.instance_uid) => {
-                                let frame = encode_frame(&registry::unusable_uid_reply(&msg.instance_uid, shared), limit);
-                                if send_parts(&mut ws, Outgoing::one(frame), fragment, write_timeout).await.is_err() {
-                                    break None;
-                                }
-                            }
-                            Ok(msg) => match core.handle_message(Instant::now(), &msg) {
+                            Ok(msg) => match core.handle_message(wire::now(), &msg) {
                                 Ok(received) => {
                                     if core.needs_instance_uid() {
-                                        // UID-5, UID-2: the core asks, the driver draws.
+                                        // UID-5, UID-8, UID-2: the core asks, the driver draws.
                                         core.provide_instance_uid(opamp_proto::InstanceUid::new_v7());
+                                    }
+                                    if received.unusable_uid {
+                                        // UID-8: answered with a new uid; no agent yet.
+                                        continue;
                                     }
                                     if !live.first_seen {
                                         live.first_seen = true;
@@ -476,37 +380,23 @@ where
                                         conn.set_instance_uid(received.instance_uid);
                                     }
                                     // UID-8: a message on a displaced connection proves a duplicate.
-                                    if registry::note(shared, &conn, &mut claim, received.instance_uid) {
-                                        if let Some(c) = claim.as_mut() {
-                                            Box::pin(registry::resolve(shared, &conn, c)).await;
-                                        }
-                                    }
+                                    Box::pin(registry::note(shared, &conn, &mut claim, received.instance_uid)).await;
                                     in_flight = Some(callbacks.on_message(&conn, *msg));
                                 }
-                                Err(e) => {
-                                    if Box::pin(bad_message(&mut ws, &core, &conn, &*callbacks, e, config)).await.is_err() {
-                                        break None;
-                                    }
-                                }
+                                Err(e) => Box::pin(bad_message(&mut core, &conn, &*callbacks, e)).await,
                             },
                             // WS-9: over the limit: malformed, close with 1009.
                             Err(DecodeError::TooLarge(_)) => {
                                 break Some(close_frame(CloseCode::Size, "message too big"));
                             }
                             // WS-4, ERR-1: malformed header or payload: BAD_REQUEST, keep going.
-                            Err(e) => {
-                                if Box::pin(bad_message(&mut ws, &core, &conn, &*callbacks, e.into(), config)).await.is_err() {
-                                    break None;
-                                }
-                            }
+                            Err(e) => Box::pin(bad_message(&mut core, &conn, &*callbacks, e.into())).await,
                         }
                     }
                     // WS-1, WS-7: only binary messages carry OpAMP.
                     Some(Ok(Message::Text(_))) => {
                         meter.message_done();
-                        if Box::pin(bad_message(&mut ws, &core, &conn, &*callbacks, ReadMessageError::TextFrame, config)).await.is_err() {
-                            break None;
-                        }
+                        Box::pin(bad_message(&mut core, &conn, &*callbacks, ReadMessageError::TextFrame)).await;
                     }
                     // Pings are answered by tungstenite on the next read (WS-15); a Close is
                     // answered too and the stream then ends. A Pong answers our ping: the read
@@ -533,6 +423,8 @@ where
                 // Not while a callback runs: the socket is not read meanwhile.
                 due = poll_liveness(timer.as_mut(), &live, &core, &meter, limits), if in_flight.is_none() => match due {
                     Due::Check => {}
+                    // SEQ-2: e.g. a rate-limited full-state request falls due.
+                    Due::Session => core.handle_timeout(wire::now()),
                     Due::Ping => {
                         live.last_ping = Some(tokio::time::Instant::now());
                         if Box::pin(send_ping(&mut ws, write_timeout)).await.is_err() {
@@ -551,10 +443,9 @@ where
         // A callback in progress finishes (never cancelled halfway); its reply goes out if the
         // socket still takes it.
         if let Some(pending) = in_flight.take() {
-            let reply = pending.await;
-            let frame = encode_frame(&core.prepare_reply(Instant::now(), reply), limit);
+            core.respond(pending.await);
             if close.is_some() {
-                let _ = send_parts(&mut ws, Outgoing::one(frame), fragment, write_timeout).await;
+                let _ = flush(&mut ws, &mut core, fragment, write_timeout).await;
             }
         }
         if let Some(frame) = close {
@@ -584,46 +475,49 @@ where
     }
 }
 
-/// ERR-1: reports the error to the application and answers `BAD_REQUEST`.
-async fn bad_message<S>(
-    ws: &mut WebSocketStream<S>,
-    core: &AgentSession,
+/// ERR-1: reports the error to the application; the session answers `BAD_REQUEST`.
+async fn bad_message(
+    core: &mut AgentSession,
     conn: &Connection,
     callbacks: &dyn ConnectionCallbacks,
     err: ReadMessageError,
-    config: &crate::ServerConfig,
-) -> Result<(), ()>
+) {
+    tracing::debug!(error = %err, "malformed message");
+    callbacks.on_read_message_error(conn, &err).await;
+    core.handle_malformed(&err);
+}
+
+/// Sends everything the session has to send ([`AgentSession::poll_transmit`]). Boxed: its
+/// state need not sit in every idle connection's future.
+fn flush<'a, S>(
+    ws: &'a mut WebSocketStream<S>,
+    core: &'a mut AgentSession,
+    fragment: usize,
+    timeout: Duration,
+) -> Pin<Box<dyn Future<Output = Result<(), ()>> + Send + 'a>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    tracing::debug!(error = %err, "malformed message");
-    callbacks.on_read_message_error(conn, &err).await;
-    let mut reply = bad_request(err.to_string());
-    if let Some(uid) = core.instance_uid() {
-        reply.instance_uid = uid.to_bytes();
-    }
-    let frame = encode_frame(&reply, config.max_message_size());
-    send_parts(
-        ws,
-        Outgoing::one(frame),
-        config.ws_write_fragment_size(),
-        config.write_timeout(),
-    )
-    .await
+    Box::pin(async move {
+        // Each message is encoded in its own statement, so none is held across the write.
+        while let Some(parts) = core.poll_transmit_with(wire::now(), outgoing) {
+            send_parts_now(ws, parts, fragment, timeout).await?;
+        }
+        Ok(())
+    })
 }
 
-/// Frames `msg` for sending. WS-11: a message over the limit is never sent; the agent gets a
-/// bare acknowledgement instead.
-fn encode_frame(msg: &ServerToAgent, limit: usize) -> Bytes {
-    framing::encode_with_limit(msg, limit).unwrap_or_else(|e| {
-        tracing::warn!(error = %e, "dropping a ServerToAgent over the size limit");
-        framing::encode(&ServerToAgent {
-            instance_uid: msg.instance_uid.clone(),
-            capabilities: msg.capabilities,
-            flags: msg.flags,
-            ..ServerToAgent::default()
-        })
-    })
+/// A message from the session as bytes to send: per-agent fields framed (header 0x00,
+/// WS-3), followed by a shared encoding as it is. By reference: encoding needs no copy of
+/// the message.
+fn outgoing(transmit: &Transmit) -> Outgoing {
+    match transmit {
+        Transmit::Shared { head, shared } => Outgoing {
+            head: framing::encode(head),
+            tail: shared.encoded().clone(),
+        },
+        Transmit::Message(msg) => Outgoing::one(framing::encode(msg)),
+    }
 }
 
 /// One WebSocket message as the concatenation of up to two byte strings: a frame from
@@ -672,56 +566,11 @@ impl Outgoing {
     }
 }
 
-/// The per-agent plan for a shared message, as bytes to send.
-fn shared_parts(
-    core: &mut AgentSession,
-    live: &mut Liveness,
-    shared: &SharedMessage,
-    limit: usize,
-) -> Option<Outgoing> {
-    match core.prepare_shared_push(Instant::now(), shared.message()) {
-        PushPlan::Shared(own) => {
-            live.note(shared.message());
-            // The per-agent fields, framed (header 0x00), then the shared fields: protobuf
-            // fields may come in any order, and these two sets never overlap.
-            let head = framing::encode(&own);
-            if head.len() + shared.encoded().len() > limit {
-                // WS-11: too large for this agent; encode_frame answers with a bare ack.
-                let mut full = shared.message().clone();
-                full.instance_uid = own.instance_uid;
-                return Some(Outgoing::one(encode_frame(&full, limit)));
-            }
-            Some(Outgoing {
-                head,
-                tail: shared.encoded().clone(),
-            })
-        }
-        PushPlan::Owned(out) => {
-            live.note(&out);
-            Some(Outgoing::one(encode_frame(&out, limit)))
-        }
-        _ => None,
-    }
-}
-
 /// Sends one WebSocket message, fragmented into frames of at most `fragment` bytes (RFC 6455
 /// section 5.4): the WebSocket layer keeps a write buffer as large as the largest frame it
-/// ever wrote, so big configs must not go out as one frame to every agent.
-/// Boxed: its state (the frame, the write, the timeout's timer) would otherwise sit in
-/// every idle connection's future (about 0.5 KiB each; measured by
-/// `connection_future_stays_small`), for the instant of a write.
-fn send_parts<'a, S>(
-    ws: &'a mut WebSocketStream<S>,
-    parts: Outgoing,
-    fragment: usize,
-    timeout: Duration,
-) -> Pin<Box<dyn Future<Output = Result<(), ()>> + Send + 'a>>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
-    Box::pin(send_parts_now(ws, parts, fragment, timeout))
-}
-
+/// ever wrote, so big configs must not go out as one frame to every agent. Runs inside the
+/// boxed [`flush`], so its state (the frame, the write, the timeout's timer) does not sit in
+/// every idle connection's future (measured by `connection_future_stays_small`).
 async fn send_parts_now<S>(
     ws: &mut WebSocketStream<S>,
     parts: Outgoing,

@@ -61,7 +61,12 @@ async fn eventually(mut cond: impl FnMut() -> bool) {
 /// sockets stayed and took every slot.
 #[tokio::test]
 async fn connection_limit_sheds_the_oldest_silent_websockets_first() {
-    let (server, _events) = start(ConnectionLimits::default().with_max_connections(12)).await;
+    let (rec, _events) = Recorder::quiet();
+    let server = loopback_config()
+        .max_connections(12)
+        .bind(rec.server_callbacks())
+        .await
+        .unwrap();
     let addr = server.local_addr();
     let mut agents = Vec::new();
     for n in 1..=4 {

@@ -801,3 +801,87 @@ async fn http_9_custom_messages_between_polls_all_arrive_in_order() {
     assert_eq!(got, [&b"one"[..], &b"two"[..]]);
     server.shutdown().await;
 }
+
+/// A tower layer for the builder test: answers 401 to requests without `x-tenant`.
+#[derive(Clone)]
+struct RequireTenant<S>(S);
+
+impl<S, B> tower_service::Service<Request<B>> for RequireTenant<S>
+where
+    S: tower_service::Service<Request<B>, Response = http::Response<opamp_server::ResponseBody>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        if req.headers().contains_key("x-tenant") {
+            Box::pin(self.0.call(req))
+        } else {
+            let mut resp = http::Response::new(Full::new(Bytes::new()));
+            *resp.status_mut() = StatusCode::UNAUTHORIZED;
+            Box::pin(async move { Ok(resp) })
+        }
+    }
+}
+
+/// The standalone server's builder (the configuration split): the listener's settings
+/// (address, path) and a tower layer around the service are the builder's, the protocol
+/// limits the `ServerConfig`'s; a bad path is refused at bind.
+#[tokio::test]
+async fn server_builder_sets_listener_path_and_a_tower_layer() {
+    let (rec, _events) = Recorder::new();
+    let server = Server::builder()
+        .listen(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+        .path("/custom")
+        .max_http_sessions(1)
+        .layer(tower_layer::layer_fn(RequireTenant))
+        .bind(rec.server_callbacks())
+        .await
+        .unwrap();
+    let addr = server.local_addr();
+    let body = || first_report(uid(1)).encode_to_vec();
+    let resp = http_post(addr, post("/custom", body(), &[])).await;
+    assert_eq!(resp.status, StatusCode::UNAUTHORIZED, "the layer answered");
+    let resp = http_post(addr, post("/custom", body(), &[("x-tenant", "a")])).await;
+    assert_eq!(
+        resp.status,
+        StatusCode::OK,
+        "through the layer to the service"
+    );
+    let resp = http_post(addr, post(PATH, body(), &[("x-tenant", "a")])).await;
+    assert_eq!(
+        resp.status,
+        StatusCode::NOT_FOUND,
+        "the builder's path only"
+    );
+    // The protocol limit came through the builder: with the one place taken by a known
+    // agent (two polls), a second agent is refused (THR-5).
+    let again = report(uid(1), 1).encode_to_vec();
+    let resp = http_post(addr, post("/custom", again, &[("x-tenant", "a")])).await;
+    assert_eq!(resp.status, StatusCode::OK);
+    let other = first_report(uid(2)).encode_to_vec();
+    let resp = http_post(addr, post("/custom", other, &[("x-tenant", "a")])).await;
+    assert_eq!(resp.status, StatusCode::SERVICE_UNAVAILABLE);
+    server.shutdown().await;
+
+    let refused = Server::builder()
+        .path("no-slash")
+        .bind(rec.server_callbacks())
+        .await;
+    assert!(matches!(
+        refused,
+        Err(opamp_server::ServerError::Config(
+            opamp_server::ConfigError::InvalidPath(_)
+        ))
+    ));
+}

@@ -1226,3 +1226,491 @@ fn s2a2_config_queued_with_restart_goes_out_next() {
     );
     assert!(!s.has_deferred());
 }
+
+// ---- The handle/poll contract: `handle_message`, `respond`, `queue`, `handle_timeout` in;
+// ---- `poll_transmit`, `poll_timeout` out. Every test runs on the virtual clock.
+
+/// All that `poll_transmit` gives now, as plain messages.
+fn drain(s: &mut AgentSession, now: Instant) -> Vec<ServerToAgent> {
+    let mut out = Vec::new();
+    while let Some(t) = s.poll_transmit(now) {
+        out.push(t.into_message());
+        assert!(out.len() < 100, "poll_transmit does not end");
+    }
+    out
+}
+
+fn custom(data: &'static [u8]) -> ServerToAgent {
+    ServerToAgent {
+        custom_message: Some(opamp_proto::CustomMessage {
+            capability: "io.example".to_owned(),
+            r#type: "t".to_owned(),
+            data: Bytes::from_static(data),
+        }),
+        ..Default::default()
+    }
+}
+
+/// CAP-4: before the agent's first message its capabilities are unknown, so a push is held
+/// (nothing goes out, nothing is stripped) and rides on the first reply, with CAP-3's
+/// capabilities; later pushes go out on their own (WebSocket).
+#[test]
+fn cap_4_pushes_before_the_first_message_are_held_and_ride_on_the_first_reply() {
+    let clock = Clock::new();
+    let mut s = ws_session();
+    s.queue(remote_config(b"h1"));
+    s.queue(ServerToAgent {
+        flags: F::REPORT_AVAILABLE_COMPONENTS.bits(),
+        ..Default::default()
+    });
+    assert!(drain(&mut s, clock.now()).is_empty(), "held: no agent yet");
+    s.handle_message(clock.now(), &full_report(0)).unwrap();
+    assert!(
+        drain(&mut s, clock.now()).is_empty(),
+        "held until the first reply, which the application has not given yet"
+    );
+    s.respond(None);
+    let out = drain(&mut s, clock.now());
+    assert_eq!(
+        out.len(),
+        1,
+        "one message: the reply carries the held pushes"
+    );
+    assert_eq!(&out[0].instance_uid[..], &UID, "UID-6");
+    assert_eq!(
+        out[0].capabilities,
+        crate::DEFAULT_SERVER_CAPABILITIES.bits()
+    );
+    assert_eq!(
+        out[0].remote_config.as_ref().unwrap().config_hash,
+        &b"h1"[..],
+        "merged, not replaced, by the later flag-only push"
+    );
+    // After the first reply a push goes out at once, alone.
+    s.queue(remote_config(b"h2"));
+    let out = drain(&mut s, clock.now());
+    assert_eq!(out.len(), 1);
+    assert_eq!(
+        out[0].remote_config.as_ref().unwrap().config_hash,
+        &b"h2"[..]
+    );
+    assert_eq!(out[0].capabilities, 0, "CAP-3: only the first message");
+}
+
+/// WebSocket: a push while the application is still answering goes out before the reply;
+/// the reply follows once given (REP-4: exactly one reply per message).
+#[test]
+fn rep_4_ws_push_during_the_callback_goes_out_and_the_reply_follows() {
+    let clock = Clock::new();
+    let mut s = ws_session();
+    s.handle_message(clock.now(), &full_report(0)).unwrap();
+    s.respond(None);
+    assert_eq!(drain(&mut s, clock.now()).len(), 1);
+    s.handle_message(clock.now(), &report(1)).unwrap();
+    s.queue(remote_config(b"h"));
+    let pushed = drain(&mut s, clock.now());
+    assert_eq!(pushed.len(), 1);
+    assert!(pushed[0].remote_config.is_some());
+    s.respond(None);
+    let replies = drain(&mut s, clock.now());
+    assert_eq!(replies.len(), 1, "the reply");
+    assert!(replies[0].remote_config.is_none(), "RC-4: sent already");
+    // A second respond without a message is ignored: still one reply per message.
+    s.respond(Some(remote_config(b"x")));
+    assert!(drain(&mut s, clock.now()).is_empty());
+}
+
+/// S2A-2 over WebSocket: the command goes alone with the reply; what it kept out follows at
+/// once, in its own message, without waiting for the agent to speak again.
+#[test]
+fn s2a_2_ws_what_a_command_kept_out_follows_at_once() {
+    let clock = Clock::new();
+    let mut s = ws_session();
+    let mut msg = full_report(0);
+    msg.capabilities |= A::ACCEPTS_RESTART_COMMAND.bits();
+    s.handle_message(clock.now(), &msg).unwrap();
+    s.respond(Some(ServerToAgent {
+        command: Some(ServerToAgentCommand::default()),
+        ..remote_config(b"h1")
+    }));
+    let out = drain(&mut s, clock.now());
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert!(out[0].command.is_some() && out[0].remote_config.is_none());
+    assert!(out[1].command.is_none() && out[1].remote_config.is_some());
+    assert!(!s.has_deferred());
+}
+
+/// S2A-1 over plain HTTP: an error goes alone; what it kept out rides on the next response
+/// (plain HTTP never sends on its own, HTTP-9).
+#[test]
+fn s2a_1_http_what_an_error_kept_out_rides_on_the_next_response() {
+    let clock = Clock::new();
+    let mut s = http_session();
+    s.handle_message(clock.now(), &full_report(0)).unwrap();
+    s.respond(Some(ServerToAgent {
+        error_response: bad_request("no").error_response,
+        ..remote_config(b"h1")
+    }));
+    let out = drain(&mut s, clock.now());
+    assert_eq!(out.len(), 1, "one response per request");
+    assert!(out[0].error_response.is_some() && out[0].remote_config.is_none());
+    assert!(s.has_deferred());
+    assert!(
+        drain(&mut s, clock.now()).is_empty(),
+        "nothing without a request"
+    );
+    s.handle_message(clock.now(), &report(1)).unwrap();
+    s.respond(None);
+    let out = drain(&mut s, clock.now());
+    assert_eq!(out.len(), 1);
+    assert!(out[0].remote_config.is_some());
+}
+
+/// HTTP-9: pushes ride on the next response, merged with the reply; the reply's own fields
+/// win, and a second custom message is not dropped but goes out with the next response.
+#[test]
+fn http_9_pushes_ride_on_the_reply_and_a_second_custom_message_waits() {
+    let clock = Clock::new();
+    let mut s = http_session();
+    s.handle_message(clock.now(), &full_report(0)).unwrap();
+    s.respond(None);
+    let _ = drain(&mut s, clock.now());
+    s.queue(ServerToAgent {
+        flags: F::REPORT_FULL_STATE.bits(),
+        ..custom(b"pushed")
+    });
+    assert!(
+        drain(&mut s, clock.now()).is_empty(),
+        "no request, no response"
+    );
+    s.handle_message(clock.now(), &report(1)).unwrap();
+    s.respond(Some(custom(b"reply")));
+    let out = drain(&mut s, clock.now());
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].custom_message.as_ref().unwrap().data, &b"reply"[..]);
+    assert!(full_state(&out[0]), "the push's flag rides along");
+    s.handle_message(clock.now(), &report(2)).unwrap();
+    s.respond(None);
+    let out = drain(&mut s, clock.now());
+    assert_eq!(
+        out[0].custom_message.as_ref().unwrap().data,
+        &b"pushed"[..],
+        "the pushed custom message comes next"
+    );
+}
+
+/// UID-8: a nil uid is answered with a new one (from the driver: the core draws no
+/// randomness), and leaves the session as it was.
+#[test]
+fn uid_8_unusable_uid_is_reassigned_without_touching_the_session() {
+    let clock = Clock::new();
+    for mut s in [ws_session(), http_session()] {
+        let msg = AgentToServer {
+            instance_uid: Bytes::from_static(&[0; 16]),
+            ..full_report(0)
+        };
+        let r = s.handle_message(clock.now(), &msg).unwrap();
+        assert!(r.unusable_uid);
+        assert_eq!(s.instance_uid(), None);
+        assert!(drain(&mut s, clock.now()).is_empty(), "waits for the uid");
+        assert!(s.needs_instance_uid());
+        s.provide_instance_uid(InstanceUid::from_array([9; 16]));
+        let out = drain(&mut s, clock.now());
+        assert_eq!(out.len(), 1);
+        assert_eq!(&out[0].instance_uid[..], &[0; 16], "UID-6: the uid it sent");
+        assert_eq!(
+            &out[0]
+                .agent_identification
+                .as_ref()
+                .unwrap()
+                .new_instance_uid[..],
+            &[9; 16]
+        );
+        assert_eq!(s.instance_uid(), None, "still no agent");
+        assert_eq!(s.assigned_instance_uid(), None);
+    }
+}
+
+/// Two pollers with one uid over plain HTTP (UID-8), and the three policies.
+fn interleaved(policy: DuplicateUidPolicy) -> (AgentSession, Vec<ServerToAgent>) {
+    let clock = Clock::new();
+    let mut s = http_session();
+    let mut answers = Vec::new();
+    // Agent A counts 10, 11, ...; agent B (same uid) 0, 1, ...
+    let mut step = |s: &mut AgentSession, seq: u64| {
+        let r = s.handle_message(clock.now(), &report(seq)).unwrap();
+        if r.duplicate {
+            s.resolve_duplicate(r.instance_uid, policy);
+            if s.needs_instance_uid() {
+                s.provide_instance_uid(InstanceUid::from_array([0xd0; 16]));
+            }
+            if policy == DuplicateUidPolicy::Allow {
+                s.respond(None);
+            }
+        } else {
+            s.respond(None);
+        }
+        answers.extend(drain(s, clock.now()));
+        r.duplicate
+    };
+    let mut duplicates = Vec::new();
+    for seq in [10, 11, 0, 12, 1] {
+        duplicates.push(step(&mut s, seq));
+    }
+    assert_eq!(
+        duplicates,
+        [false, false, false, false, true],
+        "B's second message proves it"
+    );
+    (s, answers)
+}
+
+#[test]
+fn uid_8_duplicate_reassigned_gets_a_new_uid_and_the_session_is_untouched() {
+    let (s, answers) = interleaved(DuplicateUidPolicy::Reassign);
+    let last = answers.last().unwrap();
+    assert_eq!(
+        &last.agent_identification.as_ref().unwrap().new_instance_uid[..],
+        &[0xd0; 16]
+    );
+    assert_eq!(s.assigned_instance_uid(), None, "not the session's agent's");
+    assert_eq!(s.instance_uid(), Some(InstanceUid::from_array(UID)));
+}
+
+#[test]
+fn uid_8_duplicate_rejected_gets_bad_request() {
+    let (_, answers) = interleaved(DuplicateUidPolicy::Reject);
+    let last = answers.last().unwrap();
+    assert!(last.error_response.is_some());
+    assert_eq!(&last.instance_uid[..], &UID);
+}
+
+#[test]
+fn uid_8_duplicate_allowed_is_answered_as_the_sessions_agent() {
+    let (_, answers) = interleaved(DuplicateUidPolicy::Allow);
+    assert_eq!(answers.len(), 5, "every message answered once (REP-4)");
+    let last = answers.last().unwrap();
+    assert!(last.error_response.is_none() && last.agent_identification.is_none());
+}
+
+/// SEQ-2 over WebSocket: a gap inside the rate-limit window is asked for when the window
+/// ends, on the session's timer, in a message of its own (it used to wait for the next
+/// message the agent got).
+#[test]
+fn seq_2_ws_rate_limited_full_state_request_goes_out_at_the_timer() {
+    let mut clock = Clock::new();
+    let mut s = AgentSession::new(
+        SessionConfig::websocket(crate::DEFAULT_SERVER_CAPABILITIES)
+            .with_full_state_min_interval(Duration::from_secs(5)),
+    );
+    s.handle_message(clock.now(), &report(0)).unwrap(); // no description: asked
+    s.respond(None);
+    assert!(full_state(&drain(&mut s, clock.now())[0]));
+    assert_eq!(s.poll_timeout(), None);
+    clock.advance(Duration::from_secs(1));
+    s.handle_message(clock.now(), &full_report(5)).unwrap(); // a gap, within the window
+    s.respond(None);
+    assert!(!full_state(&drain(&mut s, clock.now())[0]), "rate-limited");
+    let at = s.poll_timeout().expect("a timer for the deferred request");
+    assert_eq!(at, clock.now() + Duration::from_secs(4));
+    clock.advance(Duration::from_secs(3));
+    s.handle_timeout(clock.now());
+    assert!(drain(&mut s, clock.now()).is_empty(), "not yet");
+    clock.advance(Duration::from_secs(1));
+    s.handle_timeout(clock.now());
+    let out = drain(&mut s, clock.now());
+    assert_eq!(out.len(), 1);
+    assert!(full_state(&out[0]));
+    assert_eq!(s.poll_timeout(), None);
+}
+
+/// WS-11, HTTP-16: a message over the limit is replaced by a bare acknowledgement, and its
+/// offer counts as not sent, so it is offered again (RC-6) rather than stranded.
+#[test]
+fn ws_11_oversized_message_becomes_a_bare_ack_and_the_offer_is_not_recorded() {
+    let clock = Clock::new();
+    let mut s = AgentSession::new(
+        SessionConfig::websocket(crate::DEFAULT_SERVER_CAPABILITIES).with_max_message_size(64),
+    );
+    s.handle_message(clock.now(), &full_report(0)).unwrap();
+    let big = ServerToAgent {
+        remote_config: Some(AgentRemoteConfig {
+            config: Some(opamp_proto::AgentConfigMap::single(
+                "x".repeat(100),
+                "text/yaml",
+            )),
+            config_hash: Bytes::from_static(b"big"),
+        }),
+        ..Default::default()
+    };
+    s.respond(Some(big.clone()));
+    let out = drain(&mut s, clock.now());
+    assert!(out[0].remote_config.is_none());
+    assert_eq!(&out[0].instance_uid[..], &UID);
+    assert_ne!(out[0].capabilities, 0, "what was owed still goes out");
+    // Not recorded as sent: the same offer is not stripped as redundant.
+    s.queue(remote_config(b"big"));
+    let out = drain(&mut s, clock.now());
+    assert_eq!(out.len(), 1, "offered again");
+}
+
+/// A shared push goes out as the shared encoding behind this agent's own fields.
+#[test]
+fn shared_push_through_poll_transmit_keeps_the_shared_encoding() {
+    let clock = Clock::new();
+    let mut s = ws_session();
+    s.handle_message(clock.now(), &full_report(0)).unwrap();
+    s.respond(None);
+    let _ = drain(&mut s, clock.now());
+    let shared = SharedMessage::new(remote_config(b"h"));
+    s.queue_shared(&shared);
+    match s.poll_transmit(clock.now()) {
+        Some(Transmit::Shared { head, shared: body }) => {
+            assert_eq!(&head.instance_uid[..], &UID);
+            assert!(head.remote_config.is_none(), "the body is shared");
+            assert!(std::ptr::eq(
+                body.encoded().as_ptr(),
+                shared.encoded().as_ptr()
+            ));
+        }
+        other => panic!("expected a shared transmit, got {other:?}"),
+    }
+    s.queue_shared(&shared);
+    assert!(s.poll_transmit(clock.now()).is_none(), "RC-4: sent already");
+}
+
+/// ERR-1: a malformed message is answered BAD_REQUEST, addressed to the known agent.
+#[test]
+fn err_1_malformed_message_is_answered_bad_request() {
+    let clock = Clock::new();
+    let mut s = ws_session();
+    s.handle_message(clock.now(), &full_report(0)).unwrap();
+    s.respond(None);
+    let _ = drain(&mut s, clock.now());
+    s.handle_malformed(&crate::ReadMessageError::TextFrame);
+    let out = drain(&mut s, clock.now());
+    assert_eq!(out.len(), 1);
+    assert!(out[0].error_response.is_some());
+    assert_eq!(&out[0].instance_uid[..], &UID);
+}
+
+/// HB-2: the interval the session offered is the agent's heartbeat interval from then on.
+#[test]
+fn hb_2_offered_heartbeat_interval_is_tracked_by_the_session() {
+    let clock = Clock::new();
+    let mut s = ws_session();
+    let mut msg = full_report(0);
+    msg.capabilities |= (A::REPORTS_HEARTBEAT | A::ACCEPTS_OPAMP_CONNECTION_SETTINGS).bits();
+    s.handle_message(clock.now(), &msg).unwrap();
+    assert_eq!(
+        s.agent_heartbeat_interval(),
+        Some(crate::DEFAULT_AGENT_HEARTBEAT_INTERVAL)
+    );
+    s.respond(Some(ServerToAgent {
+        connection_settings: Some(ConnectionSettingsOffers {
+            hash: Bytes::from_static(b"cs"),
+            opamp: Some(OpAmpConnectionSettings {
+                heartbeat_interval_seconds: 7,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }));
+    let _ = drain(&mut s, clock.now());
+    assert_eq!(s.agent_heartbeat_interval(), Some(Duration::from_secs(7)));
+    assert_eq!(s.offered_heartbeat_interval(), Some(Duration::from_secs(7)));
+}
+
+/// `respond_now` is `respond` + `poll_transmit` in one step: the same reply, carrying the
+/// held push (HTTP-9), and nothing left behind.
+#[test]
+fn http_9_respond_now_is_respond_then_poll_transmit() {
+    let clock = Clock::new();
+    let mut a = http_session();
+    let mut b = http_session();
+    for s in [&mut a, &mut b] {
+        s.handle_message(clock.now(), &full_report(0)).unwrap();
+        s.queue(remote_config(b"h"));
+    }
+    a.respond(Some(custom(b"r")));
+    let via_poll = drain(&mut a, clock.now());
+    let now = b
+        .respond_now(clock.now(), Some(custom(b"r")))
+        .map(Transmit::into_message);
+    assert_eq!(via_poll, now.into_iter().collect::<Vec<_>>());
+    assert!(via_poll[0].remote_config.is_some());
+    assert!(b.poll_transmit(clock.now()).is_none());
+    assert!(
+        b.respond_now(clock.now(), None).is_none(),
+        "no message awaits a reply"
+    );
+}
+
+/// HB-7, WS-14: the session's liveness rule. Without heartbeats: idle after 3 ping
+/// intervals, pinged every interval of silence; with heartbeats (30 s by default): idle
+/// after 3 heartbeats, pinged only once one is overdue; without pings nor heartbeats: none.
+#[test]
+fn hb_7_ws_liveness_follows_the_agents_heartbeat() {
+    let clock = Clock::new();
+    let limits = crate::ConnectionLimits::default();
+    let mut s = ws_session();
+    s.handle_message(clock.now(), &full_report(0)).unwrap();
+    let secs = |n| Some(Duration::from_secs(n));
+    assert_eq!(
+        s.ws_liveness(&limits),
+        (secs(90), secs(30)),
+        "no heartbeats"
+    );
+    let mut msg = report(1);
+    msg.capabilities |= (A::REPORTS_HEARTBEAT | A::ACCEPTS_OPAMP_CONNECTION_SETTINGS).bits();
+    s.handle_message(clock.now(), &msg).unwrap();
+    assert_eq!(
+        s.ws_liveness(&limits),
+        (secs(90), secs(60)),
+        "30 s heartbeats"
+    );
+    s.respond(Some(ServerToAgent {
+        connection_settings: Some(ConnectionSettingsOffers {
+            hash: Bytes::from_static(b"cs0"),
+            opamp: Some(OpAmpConnectionSettings {
+                heartbeat_interval_seconds: 0,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }));
+    let _ = drain(&mut s, clock.now());
+    assert_eq!(
+        s.ws_liveness(&limits),
+        (secs(90), secs(30)),
+        "HB-2: told to stop"
+    );
+    assert_eq!(
+        s.ws_liveness(&limits.with_ws_ping_interval(None)),
+        (None, None)
+    );
+}
+
+/// `poll_transmit_with` gives what `poll_transmit` gives, by reference.
+#[test]
+fn poll_transmit_with_is_poll_transmit_by_reference() {
+    let clock = Clock::new();
+    let mut a = ws_session();
+    let mut b = ws_session();
+    for s in [&mut a, &mut b] {
+        s.queue(remote_config(b"h"));
+        s.handle_message(clock.now(), &full_report(0)).unwrap();
+        s.respond(Some(custom(b"c")));
+    }
+    let by_value: Vec<_> = std::iter::from_fn(|| a.poll_transmit(clock.now()))
+        .map(Transmit::into_message)
+        .collect();
+    let by_ref: Vec<_> =
+        std::iter::from_fn(|| b.poll_transmit_with(clock.now(), |t| t.clone().into_message()))
+            .collect();
+    assert_eq!(by_value, by_ref);
+    assert_eq!(by_value.len(), 1);
+    assert!(by_value[0].remote_config.is_some() && by_value[0].custom_message.is_some());
+}

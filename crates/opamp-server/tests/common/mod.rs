@@ -179,7 +179,7 @@ pub async fn next_non_message(rx: &mut mpsc::UnboundedReceiver<Event>) -> Event 
     }
 }
 
-pub fn loopback_config() -> opamp_server::ServerConfigBuilder {
+pub fn loopback_config() -> opamp_server::ServerBuilder {
     ServerConfig::builder().listen_addr(SocketAddr::from(([127, 0, 0, 1], 0)))
 }
 
