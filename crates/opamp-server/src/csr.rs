@@ -235,19 +235,11 @@ mod tests {
         let (csr, _) = csr_for(&uid.to_string(), None);
         let mut lines: Vec<String> = csr.lines().map(str::to_owned).collect();
         let mid = lines.len() / 2;
-        let flipped: String = lines[mid]
-            .chars()
-            .map(|c| {
-                if c == 'A' {
-                    'B'
-                } else if c == 'B' {
-                    'A'
-                } else {
-                    c
-                }
-            })
-            .collect();
-        lines[mid] = flipped;
+        // Its first base64 digit replaced by another one: always a different byte (a test
+        // that swapped only `A` and `B` passed a line holding neither through unchanged).
+        let first = lines[mid].chars().next().unwrap_or('A');
+        let other = if first == 'A' { 'B' } else { 'A' };
+        lines[mid].replace_range(..first.len_utf8(), &other.to_string());
         assert!(ca.sign(lines.join("\n").as_bytes(), uid).is_err());
         // Without a uid the CSR is accepted (CSR-9 applies when it carries one).
         let (csr, _) = csr_for("agent", None);
