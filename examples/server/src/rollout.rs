@@ -9,7 +9,9 @@
 //! the new version becomes the config's active version (agents that join later get it).
 //!
 //! States: `running`, `paused`, `halted` (released agents keep the new version), `completed`,
-//! `rolled_back`, `aborted` (released agents go back to the previous version). The progress
+//! `rolled_back`, `aborted` (released agents go back to the previous version). Every node runs
+//! the driver loop; one node at a time drives a rollout, under a lease in its row (renewed at
+//! each step, taken over by another node 5 s after it ran out). The progress
 //! document: `targets` (uids), `batch_size`, `batches` (each `agents`, `released_ms`,
 //! `done_ms`), `halted_reason`.
 
@@ -287,6 +289,15 @@ impl State {
     }
 
     async fn step(&self, r: RolloutRow, system: &Actor) -> Result<(), crate::db::StoreError> {
+        // One node at a time: the lease is renewed at every step (every 500 ms), and another
+        // node takes the rollout over 5 s after its driver stopped renewing it.
+        let store = &self.control.store;
+        if !store
+            .claim_rollout(r.id, &self.control.node, now_ms() + 5_000)
+            .await?
+        {
+            return Ok(());
+        }
         let spec = Spec::from_json(&r.spec);
         let mut progress = r.progress.clone();
         let targets: Vec<String> = progress["targets"]
@@ -297,7 +308,6 @@ impl State {
             .collect();
         let batch_size = progress["batch_size"].as_u64().unwrap_or(1).max(1) as usize;
         let now = now_ms();
-        let store = &self.control.store;
         let batches = progress["batches"].as_array().cloned().unwrap_or_default();
         if let Some(last) = batches.last() {
             let agents: Vec<String> = last["agents"]

@@ -533,6 +533,29 @@ fn two_nodes_on_one_postgres_serve_one_fleet_and_survive_a_node() {
     assert_eq!(status, 200);
     wait_rcs(&b.ui, &uid, "APPLIED", Some(&hash), &logs);
 
+    // A rollout made through node A (one node drives it, under a lease) reaches the agent on
+    // node B, and its state is the same seen from both nodes.
+    let held = put_config(
+        &a.ui,
+        "shared",
+        json!({"body": "from: rollout\n", "activate": false}),
+    );
+    assert_eq!(held["latest_version"], 2, "{held}");
+    let (status, r) = send_json(
+        &a.ui,
+        "POST",
+        "/api/v1/rollouts",
+        &json!({"config": "shared", "batch_percent": 100}),
+    );
+    assert_eq!(status, 201, "{r}");
+    assert_eq!(r["targets"], 1, "the agent on node B is a target: {r}");
+    let id = r["id"].as_i64().unwrap();
+    let r = wait_rollout(&b.ui, id, &logs, |r| r["state"] == "completed");
+    assert_eq!(r["batches"][0]["applied"], 1, "{r}");
+    let v = wait_rcs(&b.ui, &uid, "APPLIED", None, &logs);
+    assert_eq!(effective_body(&v), "from: rollout\n");
+    assert_eq!(rollout(&a.ui, id)["state"], "completed");
+
     // Node B dies. A new version is made while it is down; a node that takes over B's address
     // (as behind a load balancer) gives the reconnecting agent its config.
     b.proc.kill9();

@@ -271,6 +271,10 @@ const MIGRATIONS: &[&str] = &[
         key TEXT PRIMARY KEY,
         value {blob} NOT NULL
     )",
+    // 4: one node drives a rollout at a time, under a lease another node takes over when it
+    // runs out (the driving node died).
+    "ALTER TABLE rollouts ADD COLUMN driver TEXT;
+    ALTER TABLE rollouts ADD COLUMN lease_until_ms BIGINT NOT NULL DEFAULT 0",
 ];
 
 fn dialect_sql(sql: &str, d: Dialect) -> String {
@@ -1047,6 +1051,25 @@ impl Store {
         stmts.extend(self.notify(&Change::Rollout(id)));
         self.tx(stmts).await?;
         Ok(())
+    }
+
+    /// Takes (or keeps) the lease of rollout `id` for `node` until `until_ms`: whether this
+    /// node may drive it now. A lease held by another node is taken only once it ran out.
+    pub(crate) async fn claim_rollout(&self, id: i64, node: &str, until_ms: i64) -> Result<bool> {
+        let rows = self
+            .tx(vec![stmt(
+                "UPDATE rollouts SET driver = $2, lease_until_ms = $3 \
+                 WHERE id = $1 AND (driver IS NULL OR driver = $2 OR lease_until_ms < $4) \
+                 RETURNING id",
+                vec![
+                    Val::Int(id),
+                    node.into(),
+                    Val::Int(until_ms),
+                    Val::Int(now_ms()),
+                ],
+            )])
+            .await?;
+        Ok(rows.first().is_some_and(|r| !r.is_empty()))
     }
 
     pub(crate) async fn rollout(&self, id: i64) -> Result<Option<RolloutRow>> {
