@@ -49,6 +49,15 @@ fn wait_rcs(ui: &str, uid: &str, status: &str, hash: Option<&str>, logs: &[&Path
     })
 }
 
+/// Waits until agent `uid` reports `body` as its effective config (the reference agent reports
+/// APPLIED and then, in its next message, the effective config) and returns the agent.
+fn wait_body(ui: &str, uid: &str, body: &str, logs: &[&Path]) -> Value {
+    wait_for(&format!("{uid} effective config {body:?}"), logs, || {
+        let a = agent_json(ui, uid);
+        ((effective_body(&a) == body).then(|| a.clone()), a)
+    })
+}
+
 fn effective_body(a: &Value) -> String {
     a["effective_config"][""]["body"]
         .as_str()
@@ -191,7 +200,7 @@ fn kill9_of_the_server_loses_nothing_the_api_acknowledged() {
     );
     assert_eq!(status, 200);
     let a = wait_rcs(&ui, &uid, "APPLIED", Some(&v2_hash), &logs);
-    assert_eq!(effective_body(&a), "base: 2\n");
+    wait_body(&ui, &uid, "base: 2\n", &logs);
     assert_eq!(a["desired_config"]["name"], "base", "{a}");
     assert_eq!(a["desired_config"]["version"], 2, "{a}");
 }
@@ -270,10 +279,12 @@ fn a_selector_config_reaches_agents_that_join_later_rendered_validated_and_drift
     let logs = [late_log.as_path(), log.as_path()];
     let late = uid_of(&late_dir, &late_log);
     let other = uid_of(&other_dir, &dir.join("other-1.log"));
-    let a = wait_rcs(&ui, &late, "APPLIED", None, &logs);
-    assert_eq!(
-        effective_body(&a),
-        "name: late-1\nenv: staging\nregion: eu\n"
+    wait_rcs(&ui, &late, "APPLIED", None, &logs);
+    let a = wait_body(
+        &ui,
+        &late,
+        "name: late-1\nenv: staging\nregion: eu\n",
+        &logs,
     );
     assert_eq!(a["desired_config"]["name"], "tmpl", "{a}");
     assert_eq!(a["drift"]["drifted"], false, "{a}");
@@ -311,8 +322,8 @@ fn a_selector_config_reaches_agents_that_join_later_rendered_validated_and_drift
         "tmpl",
         json!({"selector": {"environment": "staging"}, "body": "name: ${attr:service.name:-?}\nv: 2\n"}),
     );
-    let a = wait_rcs(&ui, &late, "APPLIED", None, &logs);
-    assert_eq!(effective_body(&a), "name: late-1\nv: 2\n");
+    wait_rcs(&ui, &late, "APPLIED", None, &logs);
+    wait_body(&ui, &late, "name: late-1\nv: 2\n", &logs);
     let a = wait_for("drift cleared", &logs, || {
         let a = agent_json(&ui, &late);
         ((a["drift"]["drifted"] == false).then(|| a.clone()), a)
@@ -508,10 +519,10 @@ fn two_nodes_on_one_postgres_serve_one_fleet_and_survive_a_node() {
     let t0 = Instant::now();
     let put = put_config(&a.ui, "shared", json!({"body": "from: node-a\n"}));
     let hash = put["config_hash"].as_str().unwrap().to_owned();
-    let v = wait_rcs(&b.ui, &uid, "APPLIED", Some(&hash), &logs);
+    wait_rcs(&b.ui, &uid, "APPLIED", Some(&hash), &logs);
     let took = t0.elapsed();
     println!("push through node A to APPLIED on node B: {took:?}");
-    assert_eq!(effective_body(&v), "from: node-a\n");
+    let v = wait_body(&b.ui, &uid, "from: node-a\n", &logs);
     assert_eq!(v["node"], "node-b");
     // An override through A as well.
     let (status, own) = api(
@@ -552,8 +563,8 @@ fn two_nodes_on_one_postgres_serve_one_fleet_and_survive_a_node() {
     let id = r["id"].as_i64().unwrap();
     let r = wait_rollout(&b.ui, id, &logs, |r| r["state"] == "completed");
     assert_eq!(r["batches"][0]["applied"], 1, "{r}");
-    let v = wait_rcs(&b.ui, &uid, "APPLIED", None, &logs);
-    assert_eq!(effective_body(&v), "from: rollout\n");
+    wait_rcs(&b.ui, &uid, "APPLIED", None, &logs);
+    wait_body(&b.ui, &uid, "from: rollout\n", &logs);
     assert_eq!(rollout(&a.ui, id)["state"], "completed");
 
     // Node B dies. A new version is made while it is down; a node that takes over B's address
@@ -576,8 +587,8 @@ fn two_nodes_on_one_postgres_serve_one_fleet_and_survive_a_node() {
         &[],
     );
     let logs = [agent_log.as_path(), log_a.as_path(), log_c.as_path()];
-    let v = wait_rcs(&c.ui, &uid, "APPLIED", Some(&hash2), &logs);
-    assert_eq!(effective_body(&v), "from: node-a\nv: 2\n");
+    wait_rcs(&c.ui, &uid, "APPLIED", Some(&hash2), &logs);
+    wait_body(&c.ui, &uid, "from: node-a\nv: 2\n", &logs);
     let seen = wait_for("node A sees the agent on node C", &logs, || {
         let v = agent_json(&a.ui, &uid);
         let ok = v["node"] == "node-c"
