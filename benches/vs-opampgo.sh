@@ -27,7 +27,7 @@ cargo build --release -p opamp-reference-server
 bin="$CARGO_TARGET_DIR/release"
 # shellcheck source=tests/interop/goenv.sh
 source tests/interop/goenv.sh
-GOFLAGS="-mod=mod -buildvcs=false"
+
 (cd tests/interop/opampgo && go build -trimpath -o "$repo/$CARGO_TARGET_DIR/release/opampgo-baseline" ./baseline)
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT

@@ -374,6 +374,36 @@ impl State {
         Ok(self.fleet.row_json(&row, true))
     }
 
+    /// Takes back the drift baselines of reconnecting agents from the store, off their
+    /// admission path and in batches (one query for up to 500 agents): a new connection is
+    /// answered without waiting for the database.
+    pub(crate) async fn restore_baselines(
+        self: Arc<Self>,
+        mut uids: tokio::sync::mpsc::Receiver<InstanceUid>,
+    ) {
+        const BATCH: usize = 500;
+        while let Some(first) = uids.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < BATCH {
+                match uids.try_recv() {
+                    Ok(uid) => batch.push(uid),
+                    Err(_) => break,
+                }
+            }
+            let keys: Vec<String> = batch.iter().map(ToString::to_string).collect();
+            match self.control.store.agents_in(&keys).await {
+                Ok(rows) => {
+                    for row in rows {
+                        if let Ok(uid) = row.uid.parse::<InstanceUid>() {
+                            self.fleet.restore_baseline(uid, &row);
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!("reading {} saved agent records: {e}", batch.len()),
+            }
+        }
+    }
+
     /// Writes changed agent records every 250 ms; forgets departed ones after an hour.
     pub(crate) async fn write_behind(self: Arc<Self>) {
         let mut tick = tokio::time::interval(WRITE_EVERY);

@@ -119,16 +119,23 @@ pub(crate) struct State {
     pub(crate) fleet: Fleet,
     pub(crate) packages: Repo,
     pub(crate) connections: Mutex<HashMap<InstanceUid, Connection>>,
+    /// Agents that reconnected and whose drift baseline is to be read back from the store
+    /// (bounded: when full, a baseline starts afresh at the agent's next APPLIED).
+    restore_tx: tokio::sync::mpsc::Sender<InstanceUid>,
 }
 
 impl State {
-    fn new(control: Control, packages: Repo) -> Self {
-        Self {
+    /// The state and the receiving end of its restore queue, for `restore_baselines`.
+    fn new(control: Control, packages: Repo) -> (Self, tokio::sync::mpsc::Receiver<InstanceUid>) {
+        let (restore_tx, restore_rx) = tokio::sync::mpsc::channel(100_000);
+        let state = Self {
             control,
             fleet: Fleet::default(),
             packages,
             connections: Mutex::default(),
-        }
+            restore_tx,
+        };
+        (state, restore_rx)
     }
 
     /// The package offer for `uid` (PKG-2: only to agents that accept packages), if a package
@@ -234,7 +241,10 @@ impl State {
         let control = Control::new(store, "test-node".into(), None)
             .await
             .expect("the control plane");
-        Arc::new(State::new(control, packages))
+        let (state, restore_rx) = State::new(control, packages);
+        let state = Arc::new(state);
+        tokio::spawn(state.clone().restore_baselines(restore_rx));
+        state
     }
 }
 
@@ -284,15 +294,9 @@ impl ConnectionCallbacks for AgentHandler {
             known
         };
         if !known {
-            // An agent this node does not hold: its saved record (drift baseline, reports)
-            // comes back from the store first.
-            if !self.state.fleet.contains(uid) {
-                match self.state.control.store.agent(&uid.to_string()).await {
-                    Ok(Some(row)) => self.state.fleet.restore(uid, &row),
-                    Ok(None) => {}
-                    Err(e) => tracing::warn!(%uid, "reading the agent's saved record: {e}"),
-                }
-            }
+            // An agent this node does not hold: its drift baseline comes back from the store,
+            // in a batch, after this message is answered (its reports it sends itself).
+            let restore = !self.state.fleet.contains(uid);
             let transport = match conn.transport() {
                 Transport::WebSocket => "websocket",
                 _ => "http",
@@ -300,6 +304,9 @@ impl ConnectionCallbacks for AgentHandler {
             self.state
                 .fleet
                 .connected(uid, transport, conn.remote_addr().map(|a| a.to_string()));
+            if restore && self.state.restore_tx.try_send(uid).is_err() {
+                tracing::debug!(%uid, "restore queue full: the drift baseline starts afresh");
+            }
         }
         let _ = self.state.fleet.report(uid, &msg);
         // The desired config: recomputed when the description changed (selectors and
@@ -429,8 +436,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     tracing::info!(%public_key, "package signing key");
     let control = Control::new(store, node, args.validate_config.clone()).await?;
-    let state = Arc::new(State::new(control, repo));
+    let (state, restore_rx) = State::new(control, repo);
+    let state = Arc::new(state);
     state.load_packages().await?;
+    tokio::spawn(state.clone().restore_baselines(restore_rx));
     tokio::spawn(state.clone().write_behind());
     tokio::spawn(state.clone().follow());
     tokio::spawn(state.clone().drive_rollouts());

@@ -733,6 +733,31 @@ impl Fleet {
         inner.dirty.remove(&uid);
     }
 
+    /// Takes the drift baseline of a saved record back for an agent that reconnected, unless
+    /// the record has one already (it reported APPLIED again meanwhile): what the agent
+    /// reports itself is fresher than the row and is kept.
+    pub(crate) fn restore_baseline(&self, uid: InstanceUid, row: &crate::db::AgentRow) {
+        let mut inner = self.lock();
+        let Some(a) = inner.agents.get_mut(&uid) else {
+            return;
+        };
+        if a.baseline.is_some() {
+            return;
+        }
+        a.baseline = row.applied_config_hash.clone().map(|h| {
+            Box::new(Baseline {
+                config_hash: Bytes::from(h),
+                effective: row
+                    .applied_effective_hash
+                    .as_deref()
+                    .and_then(|h| <[u8; 32]>::try_from(h).ok()),
+            })
+        });
+        if a.baseline.is_some() {
+            inner.mark(uid, Dirty::Full);
+        }
+    }
+
     /// The JSON form of a saved record (an agent not connected to this node), `full` or slim.
     pub(crate) fn row_json(&self, row: &crate::db::AgentRow, full: bool) -> Option<Value> {
         let uid: InstanceUid = row.uid.parse().ok()?;

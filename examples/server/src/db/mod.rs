@@ -887,6 +887,25 @@ impl Store {
         rows.first().map(Self::agent_row).transpose()
     }
 
+    /// The records of `uids` that exist (one query for a batch of reconnecting agents).
+    pub(crate) async fn agents_in(&self, uids: &[String]) -> Result<Vec<AgentRow>> {
+        if uids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let placeholders: Vec<String> = (1..=uids.len()).map(|i| format!("${i}")).collect();
+        let rows = self
+            .query(
+                &format!(
+                    "SELECT {} FROM agents WHERE uid IN ({})",
+                    Self::AGENT_COLUMNS,
+                    placeholders.join(", ")
+                ),
+                uids.iter().map(|u| Val::Text(u.clone())).collect(),
+            )
+            .await?;
+        rows.iter().map(Self::agent_row).collect()
+    }
+
     /// Every agent's record, by uid.
     pub(crate) async fn agents(&self) -> Result<Vec<AgentRow>> {
         let rows = self
