@@ -91,8 +91,14 @@ impl Backend for Sqlite {
             let mut conn = conn.lock().unwrap_or_else(|e| e.into_inner());
             let tx = conn.transaction().map_err(db_err)?;
             let mut out = Vec::with_capacity(stmts.len());
+            // A batch repeats one statement (agent rows): rewritten once, not per row.
+            let mut last: Option<(&str, String)> = None;
             for s in &stmts {
-                let mut prepared = tx.prepare_cached(&positional(&s.sql)).map_err(db_err)?;
+                if last.as_ref().is_none_or(|(sql, _)| *sql != &*s.sql) {
+                    last = Some((&*s.sql, positional(&s.sql)));
+                }
+                let sql = last.as_ref().map_or("", |(_, p)| p.as_str());
+                let mut prepared = tx.prepare_cached(sql).map_err(db_err)?;
                 let columns = prepared.column_count();
                 let params: Vec<SqlValue> = s.params.iter().map(to_sql).collect();
                 let mut rows = prepared
