@@ -232,7 +232,28 @@ fn bad_uid(text: &str) -> Response {
 fn store_error(e: StoreError) -> Response {
     match e {
         StoreError::Conflict(m) => error(StatusCode::CONFLICT, m),
+        e @ StoreError::Corrupt(_) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         other => error(StatusCode::SERVICE_UNAVAILABLE, other.to_string()),
+    }
+}
+
+/// A 409 when a rollout of config `name` is live: activating or deleting it now would pull
+/// the ground from under the rollout (pause and abort it first).
+async fn live_rollout(state: &State, name: &str) -> Option<Response> {
+    match state.control.store.rollouts().await {
+        Ok(list) => list
+            .iter()
+            .find(|r| r.config == name && crate::rollout::is_live(&r.state))
+            .map(|r| {
+                error(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "rollout {} of config {name} is {}: abort it first (or PUT with \"activate\": false)",
+                        r.id, r.state
+                    ),
+                )
+            }),
+        Err(e) => Some(store_error(e)),
     }
 }
 
@@ -568,6 +589,11 @@ async fn put_config(
             }
         },
     };
+    if activate {
+        if let Some(refused) = live_rollout(&state, &name).await {
+            return refused;
+        }
+    }
     if let Err(e) = Template::parse(config_body.as_bytes(), &selector) {
         return error(StatusCode::BAD_REQUEST, format!("config {name}: {e}"));
     }
@@ -576,6 +602,10 @@ async fn put_config(
         .validate(&name, ct, config_body.as_bytes())
         .await
     {
+        if !output.starts_with("the validator refused") {
+            // It did not run (could not start, timed out): not the config's fault.
+            return error(StatusCode::INTERNAL_SERVER_ERROR, output);
+        }
         return (
             StatusCode::UNPROCESSABLE_ENTITY,
             Json(json!({ "error": output })),
@@ -622,6 +652,9 @@ async fn delete_config(
 ) -> Response {
     if let Some(r) = bad_config_name(&name) {
         return r;
+    }
+    if let Some(refused) = live_rollout(&state, &name).await {
+        return refused;
     }
     match state.control.store.delete_config(&name, &actor).await {
         Ok(true) => {

@@ -32,6 +32,13 @@ pub(crate) struct Control {
     epoch: AtomicU64,
     /// `--validate-config`: a shell command that gets a new config version on stdin.
     pub(crate) validator: Option<String>,
+    /// At most this many validators run at once (each may take 30 s).
+    validators: tokio::sync::Semaphore,
+    /// One reload at a time, read and install together: two overlapping reloads could
+    /// otherwise install the older snapshot last.
+    reload: tokio::sync::Mutex<()>,
+    /// One write of agent records at a time: an older batch must not commit after a newer one.
+    pub(crate) writing: tokio::sync::Mutex<()>,
 }
 
 impl Control {
@@ -48,6 +55,9 @@ impl Control {
             overrides: RwLock::default(),
             epoch: AtomicU64::new(1),
             validator,
+            validators: tokio::sync::Semaphore::new(4),
+            reload: tokio::sync::Mutex::new(()),
+            writing: tokio::sync::Mutex::new(()),
         };
         control.reload_configs().await?;
         control.reload_overrides().await?;
@@ -64,6 +74,7 @@ impl Control {
 
     /// Reads every named config and running rollout again.
     pub(crate) async fn reload_configs(&self) -> Result<(), StoreError> {
+        let _one = self.reload.lock().await;
         let configs = self.store.configs().await?;
         let rollouts = self.store.rollouts().await?;
         let mut candidates: Vec<Candidate> = configs.into_iter().map(candidate).collect();
@@ -104,6 +115,7 @@ impl Control {
 
     /// Reads every override again.
     async fn reload_overrides(&self) -> Result<(), StoreError> {
+        let _one = self.reload.lock().await;
         let all = self.store.overrides().await?;
         *self.overrides.write().unwrap_or_else(|e| e.into_inner()) =
             all.into_iter().map(|o| (o.uid.clone(), o)).collect();
@@ -112,6 +124,7 @@ impl Control {
     }
 
     async fn reload_override(&self, uid: &str) -> Result<(), StoreError> {
+        let _one = self.reload.lock().await;
         let o = self.store.override_for(uid).await?;
         let mut map = self.overrides.write().unwrap_or_else(|e| e.into_inner());
         match o {
@@ -138,7 +151,9 @@ impl Control {
         desired::resolve(uid, attrs, overrides.get(uid), &candidates)
     }
 
-    /// Runs the validator on a new config version: `Err(output)` when it refuses.
+    /// Runs the validator on a new config version (body on stdin, 30 s at most, 4 at once):
+    /// `Err` starting with "the validator refused" and its output when it refuses (422 at the
+    /// API), another `Err` when it could not run (500).
     pub(crate) async fn validate(
         &self,
         name: &str,
@@ -148,6 +163,11 @@ impl Control {
         let Some(cmd) = &self.validator else {
             return Ok(());
         };
+        let _slot = self
+            .validators
+            .acquire()
+            .await
+            .map_err(|_| "the validator queue is closed".to_owned())?;
         use tokio::io::AsyncWriteExt;
         let mut child = tokio::process::Command::new("/bin/sh")
             .arg("-c")
@@ -168,9 +188,11 @@ impl Control {
             }
             drop(stdin);
         };
+        // Fed and read at once: a validator that writes before it has read all its input
+        // must not block on a full pipe while the body waits to be written.
         let run = async {
-            feed.await;
-            child.wait_with_output().await
+            let ((), out) = tokio::join!(feed, child.wait_with_output());
+            out
         };
         let out = tokio::time::timeout(Duration::from_secs(30), run)
             .await
@@ -240,10 +262,16 @@ impl State {
     pub(crate) async fn on_change(&self, change: Change) {
         let result = match &change {
             // `""`: notifications may have been missed (the listener reconnected): everything.
-            Change::Config(name) if name.is_empty() => match self.control.reload_configs().await {
-                Ok(()) => self.control.reload_overrides().await,
-                Err(e) => Err(e),
-            },
+            Change::Config(name) if name.is_empty() => {
+                let result = match self.control.reload_configs().await {
+                    Ok(()) => self.control.reload_overrides().await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = self.load_packages().await {
+                    tracing::warn!("reloading the package repository: {e}");
+                }
+                result
+            }
             Change::Config(_) | Change::Rollout(_) => self.control.reload_configs().await,
             Change::Override(uid) => self.control.reload_override(uid).await,
             Change::Package(key) => {
@@ -424,6 +452,7 @@ impl State {
 
     /// Writes the changed agent records now.
     pub(crate) async fn flush(&self) {
+        let _one = self.control.writing.lock().await;
         let rows = self.fleet.take_dirty(&self.control.node);
         if rows.is_empty() {
             return;
@@ -440,8 +469,17 @@ impl State {
         let Some(mut changes) = self.control.store.listen().await else {
             return;
         };
-        while let Some(change) = changes.recv().await {
-            self.on_change(change).await;
+        while let Some(first) = changes.recv().await {
+            // What arrived meanwhile, each change once (a burst of NOTIFYs is one reload).
+            let mut batch = vec![first];
+            while let Ok(more) = changes.try_recv() {
+                if !batch.contains(&more) {
+                    batch.push(more);
+                }
+            }
+            for change in batch {
+                self.on_change(change).await;
+            }
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The reference OpAMP server: a control plane with a web UI.
 //!
 //! ```sh
-//! cargo run --release --example server
+//! cargo run --release -p opamp-reference-server
 //! # OpAMP (WebSocket and plain HTTP): 127.0.0.1:4320/v1/opamp
 //! # web UI and JSON API:               http://127.0.0.1:4321/
 //! ```
@@ -424,7 +424,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .package_url_base
         .clone()
         .unwrap_or_else(|| format!("http://{ui_addr}"));
-    let repo = Repo::new(PackageLimits::default(), seed, url_base);
+    let token_key = store
+        .setting_or_insert("package_token_key", &rand::random::<[u8; 32]>())
+        .await?;
+    let token_key = <[u8; 32]>::try_from(token_key.as_slice())
+        .map_err(|_| "the stored package token key is not 32 bytes")?;
+    let repo = Repo::new(PackageLimits::default(), seed, url_base).with_token_key(token_key);
     let public_key = hex(&repo.public_key());
     println!(
         "package signing public key: {public_key} ({})",

@@ -145,6 +145,13 @@ impl Repo {
         }
     }
 
+    /// The same repository with download tokens keyed by `key` (kept in the store, so that
+    /// every node and every restart accepts the tokens of the others).
+    pub(crate) fn with_token_key(mut self, key: [u8; 32]) -> Self {
+        self.token_key = key;
+        self
+    }
+
     /// The public key agents trust (`agent --accept-packages`).
     pub(crate) fn public_key(&self) -> [u8; 32] {
         PackageFile::ed25519_public_key(&self.seed)

@@ -103,6 +103,8 @@ impl Spec {
 /// Per-batch counts.
 #[derive(Debug, Default, Clone, Copy)]
 struct Counts {
+    /// Disconnected (from every node) or forgotten: not waited for.
+    gone: usize,
     pending: usize,
     applying: usize,
     applied: usize,
@@ -142,11 +144,13 @@ impl State {
                 format!("rollout {} of {} is {}", r.id, r.config, r.state),
             ));
         }
-        // The targets: every agent known whose desired config is this one.
+        // The targets: every connected agent whose desired config is this one (one that left
+        // would keep its batch pending forever; it gets the version when it comes back and
+        // the rollout is over, or counts as gone).
         self.flush().await;
         let rows = store.agents().await.map_err(internal)?;
         let mut targets: Vec<String> = Vec::new();
-        for row in &rows {
+        for row in rows.iter().filter(|r| r.connected) {
             let Some((attrs, _)) = crate::store::Fleet::row_attributes(row) else {
                 continue;
             };
@@ -174,42 +178,49 @@ impl State {
         Ok(row)
     }
 
-    /// The status of `uid` for the config it should run now: counted in a batch.
+    /// The status of `uid` for the config it should run now: counted in a batch. `None` when
+    /// the agent is connected nowhere (gone).
     async fn batch_status(
         &self,
         uid: &str,
-    ) -> (Option<i32>, Option<Vec<u8>>, Option<bytes::Bytes>) {
-        let Ok(parsed) = uid.parse::<InstanceUid>() else {
-            return (None, None, None);
-        };
+    ) -> Option<(Option<i32>, Option<Vec<u8>>, Option<bytes::Bytes>)> {
+        let parsed = uid.parse::<InstanceUid>().ok()?;
         // Connected here: memory. Elsewhere: the store.
         let (attrs, status) = match self.fleet.connected_status(parsed) {
             Some(status) => (self.fleet.attributes(parsed), status),
-            None => match self.control.store.agent(uid).await.ok().flatten() {
-                Some(row) => match crate::store::Fleet::row_attributes(&row) {
-                    Some((a, s)) => (Some(a), s),
-                    None => (None, None),
-                },
-                None => (None, None),
-            },
+            None => {
+                let row = self
+                    .control
+                    .store
+                    .agent(uid)
+                    .await
+                    .ok()
+                    .flatten()
+                    .filter(|r| r.connected)?;
+                let (a, s) = crate::store::Fleet::row_attributes(&row)?;
+                (Some(a), s)
+            }
         };
         let expected = attrs
             .and_then(|a| self.control.resolve(uid, &a))
             .map(|d| d.remote_config.config_hash);
-        match status {
+        Some(match status {
             Some(s) => (
                 Some(s.status),
                 Some(s.last_remote_config_hash.to_vec()),
                 expected,
             ),
             None => (None, None, expected),
-        }
+        })
     }
 
     async fn count(&self, agents: &[String]) -> Counts {
         let mut c = Counts::default();
         for uid in agents {
-            let (status, hash, expected) = self.batch_status(uid).await;
+            let Some((status, hash, expected)) = self.batch_status(uid).await else {
+                c.gone += 1;
+                continue;
+            };
             let current = matches!((&hash, &expected), (Some(h), Some(e)) if h[..] == e[..]);
             match status {
                 Some(s) if current && s == RemoteConfigStatuses::Applied as i32 => c.applied += 1,
@@ -246,6 +257,7 @@ impl State {
                 "applying": c.applying,
                 "applied": c.applied,
                 "failed": c.failed,
+                "gone": c.gone,
             }));
         }
         let targets = r.progress["targets"].as_array().map_or(0, Vec::len);
@@ -318,7 +330,9 @@ impl State {
                 .collect();
             let c = self.count(&agents).await;
             let failed_pct = 100.0 * c.failed as f64 / agents.len().max(1) as f64;
-            if failed_pct > spec.max_failure_percent {
+            // A batch an operator resumed past (after a halt) is not judged again.
+            let accepted = last["accepted"] == true;
+            if failed_pct > spec.max_failure_percent && !accepted {
                 progress["halted_reason"] = json!(format!(
                     "batch {} failed on {} of {} agents ({failed_pct:.1} % > {} %)",
                     batches.len() - 1,
@@ -332,7 +346,14 @@ impl State {
                     "halted"
                 };
                 store
-                    .update_rollout(r.id, state, &progress, Some((system, state)))
+                    .update_rollout(
+                        r.id,
+                        "running",
+                        state,
+                        &progress,
+                        Some((system, state)),
+                        None,
+                    )
                     .await?;
                 self.on_change(crate::db::Change::Rollout(r.id)).await;
                 return Ok(());
@@ -344,9 +365,12 @@ impl State {
                 Some(t) => t,
                 None => {
                     progress["batches"][batches.len() - 1]["done_ms"] = json!(now);
-                    store
-                        .update_rollout(r.id, "running", &progress, None)
-                        .await?;
+                    if !store
+                        .update_rollout(r.id, "running", "running", &progress, None, None)
+                        .await?
+                    {
+                        return Ok(()); // paused or aborted meanwhile
+                    }
                     now
                 }
             };
@@ -359,9 +383,16 @@ impl State {
             .map(|b| b["agents"].as_array().map_or(0, Vec::len))
             .sum();
         if released_n >= targets.len() {
-            store.activate(&r.config, r.to_version, system).await?;
+            // Completed and the version active, in one transaction, only if still running.
             store
-                .update_rollout(r.id, "completed", &progress, Some((system, "completed")))
+                .update_rollout(
+                    r.id,
+                    "running",
+                    "completed",
+                    &progress,
+                    Some((system, "completed")),
+                    Some((&r.config, r.from_version, r.to_version)),
+                )
                 .await?;
             self.on_change(crate::db::Change::Rollout(r.id)).await;
             return Ok(());
@@ -371,10 +402,12 @@ impl State {
         let mut list = batches;
         list.push(json!({ "agents": next, "released_ms": now, "done_ms": null }));
         progress["batches"] = Value::Array(list);
-        store
-            .update_rollout(r.id, "running", &progress, None)
-            .await?;
-        self.on_change(crate::db::Change::Rollout(r.id)).await;
+        if store
+            .update_rollout(r.id, "running", "running", &progress, None, None)
+            .await?
+        {
+            self.on_change(crate::db::Change::Rollout(r.id)).await;
+        }
         Ok(())
     }
 
@@ -404,11 +437,26 @@ impl State {
         let mut progress = r.progress.clone();
         if next == "running" {
             progress["halted_reason"] = Value::Null;
+            // Resumed after a halt: the operator accepts the failed batch; the next follows.
+            if r.state == "halted" {
+                if let Some(last) = progress["batches"]
+                    .as_array_mut()
+                    .and_then(|b| b.last_mut())
+                {
+                    last["accepted"] = json!(true);
+                }
+            }
         }
-        store
-            .update_rollout(id, next, &progress, Some((actor, action)))
+        let moved = store
+            .update_rollout(id, &r.state, next, &progress, Some((actor, action)), None)
             .await
             .map_err(internal)?;
+        if !moved {
+            return Err((
+                409,
+                format!("rollout {id} changed state meanwhile: try again"),
+            ));
+        }
         self.on_change(crate::db::Change::Rollout(id)).await;
         store
             .rollout(id)

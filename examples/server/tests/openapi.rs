@@ -134,24 +134,41 @@ fn the_openapi_document_describes_the_running_server() {
     let rollout = j(json!({"config": "c", "batch_percent": 100, "batch_wait_seconds": 3600}));
     let set = j(json!({"selector": {}, "packages": {"tool": "1.0"}}));
     let a = format!("/api/v1/agents/{uid}");
-    // (method, documented path, concrete path, content type, body), in an order that makes
-    // each call meaningful (the config exists before the rollout, and so on).
-    let calls: Vec<(&str, &str, String, &str, Vec<u8>)> = vec![
+    // (method, documented path, concrete path, content type, body, expected status), in an
+    // order that makes each call meaningful (the config exists before the rollout, ...).
+    let calls: Vec<(&str, &str, String, &str, Vec<u8>, u16)> = vec![
         (
             "get",
             "/api/v1/openapi.json",
             "/api/v1/openapi.json".into(),
             "",
             vec![],
+            200,
         ),
-        ("get", "/api/v1/agents", "/api/v1/agents".into(), "", vec![]),
-        ("get", "/api/v1/agents/{uid}", a.clone(), "", vec![]),
+        (
+            "get",
+            "/api/v1/agents",
+            "/api/v1/agents".into(),
+            "",
+            vec![],
+            200,
+        ),
+        ("get", "/api/v1/agents/{uid}", a.clone(), "", vec![], 200),
+        (
+            "get",
+            "/api/v1/agents/{uid}",
+            "/api/v1/agents/nope".into(),
+            "",
+            vec![],
+            400,
+        ),
         (
             "put",
             "/api/v1/configs/{name}",
             "/api/v1/configs/c".into(),
             "application/json",
             cfg,
+            200,
         ),
         (
             "put",
@@ -159,6 +176,7 @@ fn the_openapi_document_describes_the_running_server() {
             "/api/v1/configs/c".into(),
             "application/json",
             held,
+            200,
         ),
         (
             "get",
@@ -166,6 +184,15 @@ fn the_openapi_document_describes_the_running_server() {
             "/api/v1/configs/c".into(),
             "",
             vec![],
+            200,
+        ),
+        (
+            "get",
+            "/api/v1/configs/{name}",
+            "/api/v1/configs/none".into(),
+            "",
+            vec![],
+            404,
         ),
         (
             "get",
@@ -173,6 +200,7 @@ fn the_openapi_document_describes_the_running_server() {
             "/api/v1/configs".into(),
             "",
             vec![],
+            200,
         ),
         (
             "get",
@@ -180,6 +208,15 @@ fn the_openapi_document_describes_the_running_server() {
             "/api/v1/configs/c/history".into(),
             "",
             vec![],
+            200,
+        ),
+        (
+            "post",
+            "/api/v1/rollouts",
+            "/api/v1/rollouts".into(),
+            "application/json",
+            rollout.clone(),
+            201,
         ),
         (
             "post",
@@ -187,6 +224,7 @@ fn the_openapi_document_describes_the_running_server() {
             "/api/v1/rollouts".into(),
             "application/json",
             rollout,
+            409,
         ),
         (
             "get",
@@ -194,6 +232,7 @@ fn the_openapi_document_describes_the_running_server() {
             "/api/v1/rollouts".into(),
             "",
             vec![],
+            200,
         ),
         (
             "get",
@@ -201,6 +240,7 @@ fn the_openapi_document_describes_the_running_server() {
             "/api/v1/rollouts/1".into(),
             "",
             vec![],
+            200,
         ),
         (
             "post",
@@ -208,6 +248,7 @@ fn the_openapi_document_describes_the_running_server() {
             "/api/v1/rollouts/1/pause".into(),
             "application/json",
             b"{}".to_vec(),
+            200,
         ),
         (
             "put",
@@ -215,6 +256,7 @@ fn the_openapi_document_describes_the_running_server() {
             format!("{a}/config"),
             "text/yaml",
             b"own: 1\n".to_vec(),
+            200,
         ),
         (
             "delete",
@@ -222,6 +264,7 @@ fn the_openapi_document_describes_the_running_server() {
             format!("{a}/config"),
             "",
             vec![],
+            200,
         ),
         (
             "put",
@@ -229,6 +272,7 @@ fn the_openapi_document_describes_the_running_server() {
             "/api/v1/packages/tool/1.0".into(),
             "application/octet-stream",
             b"tool".to_vec(),
+            200,
         ),
         (
             "get",
@@ -236,6 +280,7 @@ fn the_openapi_document_describes_the_running_server() {
             "/api/v1/packages".into(),
             "",
             vec![],
+            200,
         ),
         (
             "get",
@@ -243,6 +288,7 @@ fn the_openapi_document_describes_the_running_server() {
             "/api/v1/packages/tool/1.0/file".into(),
             "",
             vec![],
+            401,
         ),
         (
             "put",
@@ -250,6 +296,7 @@ fn the_openapi_document_describes_the_running_server() {
             "/api/v1/package-sets/s".into(),
             "application/json",
             set,
+            200,
         ),
         (
             "get",
@@ -257,6 +304,24 @@ fn the_openapi_document_describes_the_running_server() {
             "/api/v1/audit?limit=5".into(),
             "",
             vec![],
+            200,
+        ),
+        // Not while its rollout is live; after the abort it goes.
+        (
+            "delete",
+            "/api/v1/configs/{name}",
+            "/api/v1/configs/c".into(),
+            "",
+            vec![],
+            409,
+        ),
+        (
+            "post",
+            "/api/v1/rollouts/{id}/{action}",
+            "/api/v1/rollouts/1/abort".into(),
+            "application/json",
+            b"{}".to_vec(),
+            200,
         ),
         (
             "delete",
@@ -264,6 +329,7 @@ fn the_openapi_document_describes_the_running_server() {
             "/api/v1/configs/c".into(),
             "",
             vec![],
+            200,
         ),
         (
             "post",
@@ -271,6 +337,7 @@ fn the_openapi_document_describes_the_running_server() {
             format!("{a}/restart"),
             "application/json",
             b"{}".to_vec(),
+            200,
         ),
         (
             "post",
@@ -278,11 +345,12 @@ fn the_openapi_document_describes_the_running_server() {
             "/api/v1/agents/disconnect".into(),
             "application/json",
             b"{}".to_vec(),
+            200,
         ),
     ];
     let mut problems = Vec::new();
     let mut called = BTreeSet::new();
-    for (method, path, concrete, ct, body) in &calls {
+    for (method, path, concrete, ct, body, expected) in &calls {
         let op = &spec["paths"][*path][*method];
         assert!(op.is_object(), "{method} {path} is not in the document");
         called.insert(format!("{method} {path}"));
@@ -292,6 +360,12 @@ fn the_openapi_document_describes_the_running_server() {
             vec![("Content-Type", *ct)]
         };
         let (status, answer) = api_raw(&ui, &method.to_uppercase(), concrete, &headers, body);
+        if status != *expected {
+            problems.push(format!(
+                "{method} {concrete}: status {status}, expected {expected}: {}",
+                String::from_utf8_lossy(&answer)
+            ));
+        }
         let Some(response) = op["responses"].get(status.to_string()) else {
             problems.push(format!(
                 "{method} {concrete}: status {status} is not documented: {}",

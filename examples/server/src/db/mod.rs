@@ -275,6 +275,9 @@ const MIGRATIONS: &[&str] = &[
     // runs out (the driving node died).
     "ALTER TABLE rollouts ADD COLUMN driver TEXT;
     ALTER TABLE rollouts ADD COLUMN lease_until_ms BIGINT NOT NULL DEFAULT 0",
+    // 5: at most one live rollout per config, whichever node starts it.
+    "CREATE UNIQUE INDEX rollouts_live ON rollouts (config) \
+     WHERE state IN ('running', 'paused', 'halted')",
 ];
 
 fn dialect_sql(sql: &str, d: Dialect) -> String {
@@ -605,7 +608,9 @@ impl Store {
             .ok_or_else(|| StoreError::Corrupt(format!("config {name} vanished after PUT")))
     }
 
-    /// Makes `version` the active version of `name` (a rollout's end or its rollback).
+    /// Makes `version` the active version of `name` (tests; a rollout's end activates its
+    /// version in `update_rollout`, guarded).
+    #[cfg(test)]
     pub(crate) async fn activate(&self, name: &str, version: i64, actor: &Actor) -> Result<()> {
         let mut stmts = vec![
             stmt(
@@ -828,7 +833,8 @@ impl Store {
                      connected = EXCLUDED.connected, last_seen_ms = EXCLUDED.last_seen_ms, \
                      transport = EXCLUDED.transport, remote_addr = EXCLUDED.remote_addr, \
                      state = EXCLUDED.state, applied_config_hash = EXCLUDED.applied_config_hash, \
-                     applied_effective_hash = EXCLUDED.applied_effective_hash",
+                     applied_effective_hash = EXCLUDED.applied_effective_hash \
+                     WHERE EXCLUDED.connected = 1 OR agents.node = EXCLUDED.node",
                     vec![
                         r.uid.into(),
                         r.node.into(),
@@ -850,11 +856,18 @@ impl Store {
     /// Marks every agent this node held disconnected (at start: a node that died left them
     /// marked connected).
     pub(crate) async fn release_node(&self, node: &str) -> Result<()> {
-        self.tx(vec![stmt(
-            "UPDATE agents SET connected = 0 WHERE node = $1 AND connected = 1",
-            vec![node.into()],
-        )])
-        .await?;
+        // SQLite serves one process: every agent it shows connected was this one's.
+        let stmt = match self.dialect() {
+            Dialect::Sqlite => stmt(
+                "UPDATE agents SET connected = 0 WHERE connected = 1",
+                vec![],
+            ),
+            Dialect::Postgres => stmt(
+                "UPDATE agents SET connected = 0 WHERE node = $1 AND connected = 1",
+                vec![node.into()],
+            ),
+        };
+        self.tx(vec![stmt]).await?;
         Ok(())
     }
 
@@ -1035,7 +1048,13 @@ impl Store {
                     &format!("version {from_version} -> {to_version}: {spec}"),
                 ),
             ])
-            .await?;
+            .await
+            .map_err(|e| match e {
+                StoreError::Db(m) if m.contains("UNIQUE") || m.contains("duplicate key") => {
+                    StoreError::Conflict(format!("a rollout of {config} is live already"))
+                }
+                other => other,
+            })?;
         let row = rows
             .first()
             .and_then(|r| r.first())
@@ -1047,29 +1066,81 @@ impl Store {
         Ok(rollout)
     }
 
-    /// Updates a rollout's state and progress; with `audit`, logged as that action.
+    /// Moves a rollout from state `from` to `state` with `progress`, only if it is still in
+    /// `from` (an API pause or abort and the driver's step cannot overwrite each other);
+    /// whether it moved. With `audit`, logged as that action; with `activate`
+    /// (`config`, `from_version`, `to_version`), the config's active version moves to
+    /// `to_version` in the same transaction, only if the rollout moved and the config still
+    /// runs `from_version`.
     pub(crate) async fn update_rollout(
         &self,
         id: i64,
+        from: &str,
         state: &str,
         progress: &Value,
         audit: Option<(&Actor, &str)>,
-    ) -> Result<()> {
+        activate: Option<(&str, i64, i64)>,
+    ) -> Result<bool> {
+        let now = now_ms();
         let mut stmts = vec![stmt(
-            "UPDATE rollouts SET state = $2, progress = $3, updated_ms = $4 WHERE id = $1",
+            "UPDATE rollouts SET state = $2, progress = $3, updated_ms = $4 \
+             WHERE id = $1 AND state = $5 RETURNING id",
             vec![
                 Val::Int(id),
                 state.into(),
                 progress.to_string().into(),
-                Val::Int(now_ms()),
+                Val::Int(now),
+                from.into(),
             ],
         )];
+        // "It moved" is: in `state`, updated at `now` (inside this transaction); the numbers
+        // of the parameters holding the id, the state and `now`.
+        let moved = |id: u8, state: u8, now: u8| {
+            format!(
+                "EXISTS (SELECT 1 FROM rollouts WHERE id = CAST(${id} AS BIGINT) \
+                 AND state = ${state} AND updated_ms = CAST(${now} AS BIGINT))"
+            )
+        };
         if let Some((actor, action)) = audit {
-            stmts.push(Self::audit(actor, action, &format!("rollout {id}"), state));
+            stmts.push(stmt(
+                format!(
+                    "INSERT INTO audit (at_ms, who, address, action, target, detail) \
+                     SELECT CAST($1 AS BIGINT), $2, $3, $4, $5, $6 WHERE {}",
+                    moved(7, 8, 1)
+                ),
+                vec![
+                    Val::Int(now),
+                    actor.who.as_str().into(),
+                    actor.address.as_str().into(),
+                    action.into(),
+                    format!("rollout {id}").into(),
+                    state.into(),
+                    Val::Int(id),
+                    state.into(),
+                ],
+            ));
+        }
+        if let Some((config, from_version, to_version)) = activate {
+            stmts.push(stmt(
+                format!(
+                    "UPDATE configs SET active_version = CAST($2 AS BIGINT) \
+                     WHERE name = $3 AND active_version = CAST($4 AS BIGINT) AND {}",
+                    moved(5, 6, 1)
+                ),
+                vec![
+                    Val::Int(now),
+                    Val::Int(to_version),
+                    config.into(),
+                    Val::Int(from_version),
+                    Val::Int(id),
+                    state.into(),
+                ],
+            ));
+            stmts.extend(self.notify(&Change::Config(config.to_owned())));
         }
         stmts.extend(self.notify(&Change::Rollout(id)));
-        self.tx(stmts).await?;
-        Ok(())
+        let rows = self.tx(stmts).await?;
+        Ok(rows.first().is_some_and(|r| !r.is_empty()))
     }
 
     /// Takes (or keeps) the lease of rollout `id` for `node` until `until_ms`: whether this

@@ -165,11 +165,11 @@ impl Backend for Postgres {
     }
 }
 
-/// Keeps one connection `LISTEN`ing on `opamp` and forwards what arrives; reconnects after
-/// a broken connection (what was sent meanwhile is caught up by the receiver's reload, see
-/// `crate::control`, which reloads everything after [`Change::Config`] of `""`).
+/// Keeps one connection `LISTEN`ing on `opamp` and forwards what arrives; pings it every
+/// 30 s and reconnects after a broken or silent connection. After every `LISTEN` it sends
+/// [`Change::Config`] of `""`: the receiver reloads everything (`crate::control`), so what
+/// committed while nobody listened is not lost.
 async fn listener(url: String, tx: Arc<mpsc::Sender<Change>>) {
-    let mut first = true;
     loop {
         match tokio_postgres::connect(&url, NoTls).await {
             Ok((client, mut connection)) => {
@@ -195,15 +195,33 @@ async fn listener(url: String, tx: Arc<mpsc::Sender<Change>>) {
                 if let Err(e) = client.batch_execute("LISTEN opamp").await {
                     tracing::warn!("LISTEN opamp: {e}");
                 } else {
-                    if !first {
-                        // Notifications may have been missed while reconnecting.
-                        let _ = tx.send(Change::Config(String::new())).await;
-                    }
-                    first = false;
-                    while let Some(payload) = note_rx.recv().await {
-                        if let Some(change) = Change::parse(&payload) {
-                            if tx.send(change).await.is_err() {
-                                return;
+                    // What committed before LISTEN took effect (at start: between loading the
+                    // state and now; after a reconnect: while it was down) is caught up with
+                    // a reload of everything.
+                    let _ = tx.send(Change::Config(String::new())).await;
+                    let mut ping = tokio::time::interval(std::time::Duration::from_secs(30));
+                    ping.tick().await;
+                    loop {
+                        tokio::select! {
+                            payload = note_rx.recv() => {
+                                let Some(payload) = payload else { break };
+                                if let Some(change) = Change::parse(&payload) {
+                                    if tx.send(change).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            }
+                            // A half-open connection would be silent forever: ask it.
+                            _ = ping.tick() => {
+                                let alive = tokio::time::timeout(
+                                    std::time::Duration::from_secs(10),
+                                    client.simple_query("SELECT 1"),
+                                )
+                                .await;
+                                if !matches!(alive, Ok(Ok(_))) {
+                                    tracing::warn!("PostgreSQL LISTEN connection unresponsive; reconnecting");
+                                    break;
+                                }
                             }
                         }
                     }

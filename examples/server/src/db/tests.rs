@@ -190,19 +190,69 @@ async fn exercise(url: &str) {
         .await
         .unwrap();
     assert_eq!(r.state, "running");
-    store
+    let moved = store
         .update_rollout(
             r.id,
+            "running",
             "paused",
             &serde_json::json!({"batches": [1]}),
             Some((&a, "pause")),
+            None,
         )
         .await
         .unwrap();
+    assert!(moved);
+    // From a state it is not in: nothing moves, nothing is logged.
+    let moved = store
+        .update_rollout(
+            r.id,
+            "running",
+            "completed",
+            &serde_json::json!({}),
+            Some((&a, "completed")),
+            Some(("base", 3, 99)),
+        )
+        .await
+        .unwrap();
+    assert!(!moved);
     let r = store.rollout(r.id).await.unwrap().unwrap();
     assert_eq!(r.state, "paused");
     assert_eq!(r.progress["batches"][0], 1);
     assert_eq!(store.rollouts().await.unwrap().len(), 1);
+    assert_eq!(
+        store.config("base").await.unwrap().unwrap().active.version,
+        3,
+        "not activated by a rollout that did not complete"
+    );
+    // A second live rollout of one config is refused by the database itself.
+    let second = store
+        .create_rollout(
+            "base",
+            3,
+            4,
+            &serde_json::json!({}),
+            &serde_json::json!({}),
+            &a,
+        )
+        .await;
+    assert!(matches!(second, Err(StoreError::Conflict(_))), "{second:?}");
+    // Completed from paused (as the test moves it): the version becomes active with it.
+    let moved = store
+        .update_rollout(
+            r.id,
+            "paused",
+            "completed",
+            &serde_json::json!({}),
+            None,
+            Some(("base", 3, 2)),
+        )
+        .await
+        .unwrap();
+    assert!(moved);
+    assert_eq!(
+        store.config("base").await.unwrap().unwrap().active.version,
+        2
+    );
 
     // The audit log: every change above, newest first, with who and from where.
     let log = store.audit_log(100).await.unwrap();
@@ -250,7 +300,13 @@ async fn postgres_changes_reach_other_nodes() {
     let a = Store::open(&url).await.unwrap();
     let b = Store::open(&url).await.unwrap();
     let mut changes = b.listen().await.expect("PostgreSQL listens");
-    // The listener connects in the background: retry the change until one arrives.
+    // Once LISTEN took effect the listener says so with a catch-up (`Config("")`: reload
+    // everything), so nothing committed before it is missed.
+    let first = tokio::time::timeout(std::time::Duration::from_secs(20), changes.recv())
+        .await
+        .expect("the catch-up after LISTEN")
+        .expect("open");
+    assert_eq!(first, Change::Config(String::new()));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let got = loop {
         a.put_config(
