@@ -15,6 +15,9 @@ use common::{Scratch, api_raw, start_agent, start_server, uid_of, wait_for};
 use serde_json::{Value, json};
 
 const SPEC: &str = include_str!("../openapi.json");
+
+/// One call: method, documented path, concrete path, content type, body, expected status.
+type Call<'a> = (&'a str, &'a str, String, &'a str, Vec<u8>, u16);
 const ROUTER: &str = include_str!("../src/api.rs");
 
 fn resolve<'a>(spec: &'a Value, schema: &'a Value) -> &'a Value {
@@ -136,7 +139,7 @@ fn the_openapi_document_describes_the_running_server() {
     let a = format!("/api/v1/agents/{uid}");
     // (method, documented path, concrete path, content type, body, expected status), in an
     // order that makes each call meaningful (the config exists before the rollout, ...).
-    let calls: Vec<(&str, &str, String, &str, Vec<u8>, u16)> = vec![
+    let calls: Vec<Call> = vec![
         (
             "get",
             "/api/v1/openapi.json",
