@@ -18,6 +18,11 @@
 //! there answers (else it rolls back and reports FAILED); accepted settings are persisted in
 //! the state dir and used at the next start, over `--endpoint` and `--header`.
 //!
+//! With `--csr` (implies `--accept-connection-settings`) it asks the server for a client
+//! certificate (CSR flow, CSR-2): a key pair made here, the CSR sent to a server that
+//! advertises AcceptsConnectionSettingsRequest, the issued certificate tried and persisted
+//! like any offered settings. It asks at a start without a persisted certificate.
+//!
 //! Run `agent --help` for the flags (count of agents in one process, heartbeat, headers, TLS).
 
 use std::path::{Path, PathBuf};
@@ -40,7 +45,7 @@ const USAGE: &str = "usage: opamp-reference-agent --endpoint URL [--count N] [--
              [--state-dir DIR] [--heartbeat SECONDS] [--header NAME=VALUE]... [--tls-ca PEM]
              [--tls-cert PEM --tls-key PEM] [--dangerous-skip-tls-verify]
              [--accept-packages PUBKEY_HEX_OR_FILE] [--attribute KEY=VALUE]...
-             [--watch-config] [--accept-connection-settings]
+             [--watch-config] [--accept-connection-settings] [--csr]
   URL is ws://, wss://, http:// or https://, e.g. ws://127.0.0.1:4320/v1/opamp";
 
 /// The initial effective config of an agent that has not received a remote one.
@@ -66,6 +71,8 @@ struct Args {
     watch_config: bool,
     /// Accept offered OpAMP connection settings and persist them (`--accept-connection-settings`).
     accept_connection_settings: bool,
+    /// Ask the server for a client certificate (`--csr`).
+    csr: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -84,6 +91,7 @@ fn parse_args() -> Result<Args, String> {
         attributes: Vec::new(),
         watch_config: false,
         accept_connection_settings: false,
+        csr: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -125,6 +133,10 @@ fn parse_args() -> Result<Args, String> {
             }
             "--watch-config" => args.watch_config = true,
             "--accept-connection-settings" => args.accept_connection_settings = true,
+            "--csr" => {
+                args.csr = true;
+                args.accept_connection_settings = true;
+            }
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown flag {other}\n{USAGE}")),
         }
@@ -588,6 +600,18 @@ async fn run_agent(
             let _ = client.set_remote_config_status(status);
         }
         eprintln!("agent {index}: started as {uid}");
+        // CSR-2: a certificate from the server, unless one from an earlier run is in use.
+        let has_certificate = files
+            .connection_settings()
+            .is_some_and(|s| s.certificate.is_some());
+        if args.csr && !has_certificate {
+            if let Some(client) = agent.client() {
+                match client.request_client_certificate() {
+                    Ok(()) => eprintln!("agent {index}: requested a client certificate"),
+                    Err(e) => eprintln!("agent {index}: cannot request a certificate: {e}"),
+                }
+            }
+        }
 
         let mut watch = tokio::time::interval(Duration::from_secs(1));
         let mut last_config = std::fs::read(files.config_path()).ok();
