@@ -279,6 +279,21 @@ fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     std::fs::rename(tmp, path)
 }
 
+/// [`write_atomic`] for a file holding a private key: readable by the owner only (Unix).
+fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(&tmp)?;
+    file.write_all(data)?;
+    file.sync_all()?;
+    std::fs::rename(tmp, path)
+}
+
 /// Checks a remote config and writes it as the agent's config file. The reference agent
 /// accepts any non-empty UTF-8 text, except text containing `INVALID`: that word is the
 /// reference's way to show a FAILED status with its message.
@@ -412,7 +427,8 @@ impl Callbacks for Agent {
         settings: &OpAmpConnectionSettings,
         offer_hash: &[u8],
     ) {
-        let saved = write_atomic(
+        // The settings may hold the client certificate's private key (CSR-7).
+        let saved = write_private(
             &self.files.connection_settings_path(),
             &settings.encode_to_vec(),
         )

@@ -103,7 +103,18 @@ fn csr_an_agent_gets_a_certificate_from_the_reference_server_and_connects_with_i
             && v["connection_settings_status"]["hash"] == v["connection_settings_offer"]["hash"];
         (done.then(|| v.clone()), v)
     });
-    let saved = std::fs::read(agent_dir.join("opamp_connection_settings.pb")).unwrap();
+    let saved_path = agent_dir.join("opamp_connection_settings.pb");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&saved_path).unwrap().permissions().mode();
+        assert_eq!(
+            mode & 0o077,
+            0,
+            "the file with the private key is the owner's only: {mode:o}"
+        );
+    }
+    let saved = std::fs::read(&saved_path).unwrap();
     let saved = OpAmpConnectionSettings::decode(&saved[..]).unwrap();
     let cert = saved
         .certificate
