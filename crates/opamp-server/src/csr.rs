@@ -235,19 +235,11 @@ mod tests {
         let (csr, _) = csr_for(&uid.to_string(), None);
         let mut lines: Vec<String> = csr.lines().map(str::to_owned).collect();
         let mid = lines.len() / 2;
-        let flipped: String = lines[mid]
-            .chars()
-            .map(|c| {
-                if c == 'A' {
-                    'B'
-                } else if c == 'B' {
-                    'A'
-                } else {
-                    c
-                }
-            })
-            .collect();
-        lines[mid] = flipped;
+        // One base64 digit of a full middle line changed (always a change: swapping A and B
+        // left a line without either as it was, and the CSR valid).
+        let line = &lines[mid];
+        let first = if line.starts_with('A') { "B" } else { "A" };
+        lines[mid] = format!("{first}{}", &line[1..]);
         assert!(ca.sign(lines.join("\n").as_bytes(), uid).is_err());
         // Without a uid the CSR is accepted (CSR-9 applies when it carries one).
         let (csr, _) = csr_for("agent", None);
