@@ -92,6 +92,9 @@ impl Limits {
             + self.package_statuses * (size_of::<PackageStatus>() + 4 * self.text + 256)
             + self.text
             + 64
+            + size_of::<OfferTracking>()
+            + 64
+            + self.text
     }
 }
 
@@ -1824,6 +1827,91 @@ mod tests {
     /// The fixed part of one config object counted against the effective-config budget.
     fn a_config_overhead() -> usize {
         size_of::<AgentConfigObject>() + size_of::<String>() + "text/yaml".len()
+    }
+
+    fn cs_status(hash: &[u8], status: ConnectionSettingsStatuses, msg: &str) -> AgentToServer {
+        AgentToServer {
+            capabilities: (AgentCapabilitySet::REPORTS_STATUS
+                | AgentCapabilitySet::ACCEPTS_OPAMP_CONNECTION_SETTINGS
+                | AgentCapabilitySet::REPORTS_CONNECTION_SETTINGS_STATUS)
+                .bits(),
+            connection_settings_status: Some(ConnectionSettingsStatus {
+                last_connection_settings_hash: Bytes::copy_from_slice(hash),
+                status: status as i32,
+                error_message: msg.into(),
+            }),
+            ..report(1)
+        }
+    }
+
+    #[test]
+    fn css_1_css_2_an_offer_rides_on_replies_until_reported_and_the_status_is_bounded_and_saved() {
+        use opamp::server::connection_settings::{ConnectionSettingsOffer, OpampSettings};
+        let fleet = Fleet::default();
+        let limits = Limits::default();
+        // CS-OP-1: not to an agent without AcceptsOpAMPConnectionSettings.
+        fleet.report(uid(1), &report(1));
+        let offers = ConnectionSettingsOffer::new()
+            .opamp(OpampSettings::new().endpoint("ws://b:4320/v1/opamp"))
+            .build();
+        assert!(
+            fleet
+                .offer_connection_settings(uid(1), offers.clone())
+                .is_err()
+        );
+        assert!(
+            fleet
+                .offer_connection_settings(uid(9), offers.clone())
+                .is_err(),
+            "unknown agent"
+        );
+        fleet.report(
+            uid(1),
+            &cs_status(b"", ConnectionSettingsStatuses::Unset, ""),
+        );
+        let push = fleet
+            .offer_connection_settings(uid(1), offers.clone())
+            .unwrap();
+        assert_eq!(push.connection_settings.as_ref(), Some(&offers));
+        // CSS-2: repeated until the agent reports its hash.
+        let plain = AgentToServer {
+            connection_settings_status: None,
+            ..cs_status(b"", ConnectionSettingsStatuses::Unset, "")
+        };
+        let reply = fleet.report(uid(1), &plain).unwrap();
+        assert_eq!(reply.connection_settings.as_ref(), Some(&offers));
+        let applying = cs_status(&offers.hash, ConnectionSettingsStatuses::Applying, "");
+        assert!(fleet.report(uid(1), &applying).is_none());
+        let v = fleet.agent_json(uid(1)).unwrap();
+        assert_eq!(v["connection_settings_offer"]["state"], "APPLYING");
+        assert_eq!(
+            v["connection_settings_offer"]["endpoint"],
+            "ws://b:4320/v1/opamp"
+        );
+        // FAILED with a reason from the wire far over the limit: cut, and named.
+        let long = "x".repeat(1 << 20);
+        let failed = cs_status(&offers.hash, ConnectionSettingsStatuses::Failed, &long);
+        assert!(fleet.report(uid(1), &failed).is_none(), "not offered again");
+        let v = fleet.agent_json(uid(1)).unwrap();
+        let s = &v["connection_settings_status"];
+        assert_eq!(s["status"], "FAILED");
+        assert_eq!(s["hash"], hex(&offers.hash));
+        assert_eq!(s["error_message"].as_str().unwrap().len(), limits.text);
+        assert!(v["truncated"]["connection_settings_status.error_message"].is_string());
+        assert_eq!(v["connection_settings_offer"]["state"], "FAILED");
+        assert!(fleet.accounted_bytes() < limits.agent_bytes());
+        // The reported status is saved with the record and comes back from it.
+        let rows = fleet.take_dirty("n");
+        let row = rows.iter().find(|r| r.uid == uid(1).to_string()).unwrap();
+        let other = Fleet::default();
+        other.restore(uid(1), row);
+        let v = other.agent_json(uid(1)).unwrap();
+        assert_eq!(v["connection_settings_status"]["status"], "FAILED");
+        assert_eq!(
+            v["connection_settings_offer"],
+            Value::Null,
+            "offers are not saved"
+        );
     }
 
     #[test]
