@@ -364,10 +364,6 @@ impl ConnectionCallbacks for AgentHandler {
                 .connected(uid, transport, conn.remote_addr().map(|a| a.to_string()));
         }
         let _ = self.state.fleet.report(uid, &msg);
-        // CSR-2: a certificate request gets the signed certificate (or the refusal) at once.
-        if let Some(csr) = opamp::server::csr::csr_of(&msg) {
-            return Some(self.state.answer_csr(uid, csr).await);
-        }
         // The desired config: recomputed when the description changed (selectors and
         // templates see the attributes) or the desired state moved on since.
         let _ = self
@@ -378,6 +374,14 @@ impl ConnectionCallbacks for AgentHandler {
         // reports its all-packages hash (and, over WebSocket, once it was sent).
         if let Some(offer) = self.state.package_offer(uid) {
             reply.get_or_insert_default().packages_available = Some(offer);
+        }
+        // CSR-2: a certificate request gets the signed certificate (or the refusal) at once.
+        if let Some(csr) = opamp::server::csr::csr_of(&msg) {
+            let answer = self.state.answer_csr(uid, csr).await;
+            if answer.error_response.is_some() {
+                return Some(answer);
+            }
+            reply.get_or_insert_default().connection_settings = answer.connection_settings;
         }
         reply
     }

@@ -74,6 +74,14 @@ fn csr_an_agent_gets_a_certificate_from_the_reference_server_and_connects_with_i
         &[],
     );
     assert!(server.endpoint.starts_with("wss://"), "{}", server.endpoint);
+    // A named config for the agent: the message with the CSR is answered with both.
+    let (status, answer) = common::send_json(
+        &server.ui,
+        "PUT",
+        "/api/v1/configs/csr",
+        &serde_json::json!({"selector": {"service.name": "csr-agent"}, "body": "csr: 1\n"}),
+    );
+    assert_eq!(status, 200, "{answer}");
     let agent_log = dir.join("csr-agent.log");
     let logs = [server.log.as_path(), agent_log.as_path()];
     let ca = p("ca.pem");
@@ -100,7 +108,8 @@ fn csr_an_agent_gets_a_certificate_from_the_reference_server_and_connects_with_i
         let done = v["connected"] == true
             && v["connection_settings_offer"]["state"] == "APPLIED"
             && v["connection_settings_status"]["status"] == "APPLIED"
-            && v["connection_settings_status"]["hash"] == v["connection_settings_offer"]["hash"];
+            && v["connection_settings_status"]["hash"] == v["connection_settings_offer"]["hash"]
+            && v["remote_config_status"]["status"] == "APPLIED";
         (done.then(|| v.clone()), v)
     });
     let saved_path = agent_dir.join("opamp_connection_settings.pb");
