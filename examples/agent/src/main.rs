@@ -13,6 +13,16 @@
 //! With `--accept-packages KEY` it also installs the packages the server offers, signed with
 //! that Ed25519 key, under `<state-dir>/agent-N/packages`.
 //!
+//! With `--accept-connection-settings` it accepts OpAMP connection settings the server offers
+//! (a new endpoint, headers, TLS): the client tries them and keeps them only if the server
+//! there answers (else it rolls back and reports FAILED); accepted settings are persisted in
+//! the state dir and used at the next start, over `--endpoint` and `--header`.
+//!
+//! With `--csr` (implies `--accept-connection-settings`) it asks the server for a client
+//! certificate (CSR flow, CSR-2): a key pair made here, the CSR sent to a server that
+//! advertises AcceptsConnectionSettingsRequest, the issued certificate tried and persisted
+//! like any offered settings. It asks at a start without a persisted certificate.
+//!
 //! Run `agent --help` for the flags (count of agents in one process, heartbeat, headers, TLS).
 
 use std::path::{Path, PathBuf};
@@ -25,7 +35,8 @@ use opamp::client::packages::{DownloadSettings, Ed25519Verifier, FsProvider};
 use opamp::client::{Callbacks, MessageData, OpampClient, StartSettings};
 use opamp::proto::{
     AgentCapabilitySet, AgentConfigMap, AgentDescription, AgentRemoteConfig, ComponentHealth,
-    EffectiveConfig, InstanceUid, KeyValue, Message, RemoteConfigStatus, RemoteConfigStatuses,
+    ConnectionSettingsStatus, ConnectionSettingsStatuses, EffectiveConfig, InstanceUid, KeyValue,
+    Message, OpAmpConnectionSettings, RemoteConfigStatus, RemoteConfigStatuses,
     ServerToAgentCommand,
 };
 use tokio::sync::mpsc;
@@ -34,7 +45,7 @@ const USAGE: &str = "usage: opamp-reference-agent --endpoint URL [--count N] [--
              [--state-dir DIR] [--heartbeat SECONDS] [--header NAME=VALUE]... [--tls-ca PEM]
              [--tls-cert PEM --tls-key PEM] [--dangerous-skip-tls-verify]
              [--accept-packages PUBKEY_HEX_OR_FILE] [--attribute KEY=VALUE]...
-             [--watch-config]
+             [--watch-config] [--accept-connection-settings] [--csr]
   URL is ws://, wss://, http:// or https://, e.g. ws://127.0.0.1:4320/v1/opamp";
 
 /// The initial effective config of an agent that has not received a remote one.
@@ -58,6 +69,10 @@ struct Args {
     attributes: Vec<(String, String)>,
     /// Report the config file again when it changes on disk (`--watch-config`).
     watch_config: bool,
+    /// Accept offered OpAMP connection settings and persist them (`--accept-connection-settings`).
+    accept_connection_settings: bool,
+    /// Ask the server for a client certificate (`--csr`).
+    csr: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -75,6 +90,8 @@ fn parse_args() -> Result<Args, String> {
         package_key: None,
         attributes: Vec::new(),
         watch_config: false,
+        accept_connection_settings: false,
+        csr: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -115,6 +132,11 @@ fn parse_args() -> Result<Args, String> {
                 args.attributes.push((k.to_owned(), val.to_owned()));
             }
             "--watch-config" => args.watch_config = true,
+            "--accept-connection-settings" => args.accept_connection_settings = true,
+            "--csr" => {
+                args.csr = true;
+                args.accept_connection_settings = true;
+            }
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown flag {other}\n{USAGE}")),
         }
@@ -176,6 +198,14 @@ impl AgentFiles {
     fn config_path(&self) -> PathBuf {
         self.dir.join("config.yaml")
     }
+    /// The OpAMP connection settings last applied (CS-OP-5), encoded.
+    fn connection_settings_path(&self) -> PathBuf {
+        self.dir.join("opamp_connection_settings.pb")
+    }
+    /// The connection settings status last reported for an offer (APPLIED or FAILED).
+    fn connection_settings_status_path(&self) -> PathBuf {
+        self.dir.join("connection_settings_status.pb")
+    }
     /// Where the packages the server offers are kept (`FsProvider`'s root).
     fn packages_dir(&self) -> PathBuf {
         self.dir.join("packages")
@@ -207,6 +237,33 @@ impl AgentFiles {
         write_atomic(&self.status_path(), &status.encode_to_vec())
     }
 
+    fn connection_settings(&self) -> Option<OpAmpConnectionSettings> {
+        let bytes = std::fs::read(self.connection_settings_path()).ok()?;
+        OpAmpConnectionSettings::decode(&bytes[..]).ok()
+    }
+
+    fn connection_settings_status(&self) -> Option<ConnectionSettingsStatus> {
+        let bytes = std::fs::read(self.connection_settings_status_path()).ok()?;
+        ConnectionSettingsStatus::decode(&bytes[..]).ok()
+    }
+
+    fn save_connection_settings_status(
+        &self,
+        hash: &[u8],
+        status: ConnectionSettingsStatuses,
+        error_message: &str,
+    ) -> std::io::Result<()> {
+        let status = ConnectionSettingsStatus {
+            last_connection_settings_hash: hash.to_vec().into(),
+            status: status as i32,
+            error_message: error_message.to_owned(),
+        };
+        write_atomic(
+            &self.connection_settings_status_path(),
+            &status.encode_to_vec(),
+        )
+    }
+
     fn effective_config(&self) -> EffectiveConfig {
         let body = std::fs::read(self.config_path()).unwrap_or_else(|_| LOCAL_CONFIG.into());
         EffectiveConfig {
@@ -219,6 +276,21 @@ impl AgentFiles {
 fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, data)?;
+    std::fs::rename(tmp, path)
+}
+
+/// [`write_atomic`] for a file holding a private key: readable by the owner only (Unix).
+fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(&tmp)?;
+    file.write_all(data)?;
+    file.sync_all()?;
     std::fs::rename(tmp, path)
 }
 
@@ -346,6 +418,62 @@ impl Callbacks for Agent {
     async fn get_effective_config(&self) -> Option<EffectiveConfig> {
         Some(self.files.effective_config())
     }
+
+    /// CS-OP-5: the settings are in use; persist them (settings first, then the status: a
+    /// crash between the two re-reports nothing wrong, the server's repeat is applied again
+    /// and succeeds) so that the next start uses them.
+    async fn on_opamp_connection_settings_applied(
+        &self,
+        settings: &OpAmpConnectionSettings,
+        offer_hash: &[u8],
+    ) {
+        // The settings may hold the client certificate's private key (CSR-7).
+        let saved = write_private(
+            &self.files.connection_settings_path(),
+            &settings.encode_to_vec(),
+        )
+        .and_then(|()| {
+            self.files.save_connection_settings_status(
+                offer_hash,
+                ConnectionSettingsStatuses::Applied,
+                "",
+            )
+        });
+        match saved {
+            Ok(()) => eprintln!(
+                "agent {}: connection settings applied, now at {}",
+                self.index,
+                if settings.destination_endpoint.is_empty() {
+                    "the same endpoint"
+                } else {
+                    &settings.destination_endpoint
+                }
+            ),
+            Err(e) => eprintln!(
+                "agent {}: connection settings applied but not persisted: {e}",
+                self.index
+            ),
+        }
+    }
+
+    /// CS-OP-6: rolled back. The FAILED status is persisted so that a restarted agent does
+    /// not try the same offer again (CS-2); the settings in use stay as they were.
+    async fn on_opamp_connection_settings_failed(&self, offer_hash: &[u8], reason: &str) {
+        eprintln!(
+            "agent {}: offered connection settings failed, rolled back: {reason}",
+            self.index
+        );
+        if let Err(e) = self.files.save_connection_settings_status(
+            offer_hash,
+            ConnectionSettingsStatuses::Failed,
+            reason,
+        ) {
+            eprintln!(
+                "agent {}: cannot persist the connection settings status: {e}",
+                self.index
+            );
+        }
+    }
 }
 
 fn settings(
@@ -383,6 +511,13 @@ fn settings(
         | AgentCapabilitySet::REPORTS_HEALTH
         | AgentCapabilitySet::REPORTS_HEARTBEAT
         | AgentCapabilitySet::ACCEPTS_RESTART_COMMAND;
+    let capabilities = if args.accept_connection_settings {
+        capabilities
+            | AgentCapabilitySet::ACCEPTS_OPAMP_CONNECTION_SETTINGS
+            | AgentCapabilitySet::REPORTS_CONNECTION_SETTINGS_STATUS
+    } else {
+        capabilities
+    };
     let mut s = StartSettings::new(args.endpoint.clone())
         .with_instance_uid(uid)
         .with_capabilities(capabilities)
@@ -419,6 +554,24 @@ fn settings(
             Arc::new(verifier),
             DownloadSettings::default(),
         );
+    }
+    if args.accept_connection_settings {
+        // Settings accepted before a restart win over the flags (the server moved the
+        // agent); the status marks their offer as handled (CS-2).
+        // Saved settings this build cannot use (they were usable when applied) leave the
+        // flags in force, with a warning, rather than an agent that does not start.
+        if let Some(saved) = files.connection_settings() {
+            match s.with_opamp_connection_settings(&saved) {
+                Ok(moved) => s = moved,
+                Err(e) => eprintln!(
+                    "agent {index}: ignoring {}: {e}",
+                    files.connection_settings_path().display()
+                ),
+            }
+        }
+        if let Some(status) = files.connection_settings_status() {
+            s = s.with_connection_settings_status(status);
+        }
     }
     Ok(s)
 }
@@ -463,6 +616,18 @@ async fn run_agent(
             let _ = client.set_remote_config_status(status);
         }
         eprintln!("agent {index}: started as {uid}");
+        // CSR-2: a certificate from the server, unless one from an earlier run is in use.
+        let has_certificate = files
+            .connection_settings()
+            .is_some_and(|s| s.certificate.is_some());
+        if args.csr && !has_certificate {
+            if let Some(client) = agent.client() {
+                match client.request_client_certificate() {
+                    Ok(()) => eprintln!("agent {index}: requested a client certificate"),
+                    Err(e) => eprintln!("agent {index}: cannot request a certificate: {e}"),
+                }
+            }
+        }
 
         let mut watch = tokio::time::interval(Duration::from_secs(1));
         let mut last_config = std::fs::read(files.config_path()).ok();

@@ -175,6 +175,10 @@ pub(crate) fn router(state: Shared, policy: HostPolicy) -> Router {
             put(put_agent_config).delete(delete_agent_config),
         )
         .route("/api/v1/agents/{uid}/restart", post(restart_agent))
+        .route(
+            "/api/v1/agents/{uid}/connection-settings",
+            post(offer_connection_settings),
+        )
         .route("/api/v1/configs", get(list_configs))
         .route(
             "/api/v1/configs/{name}",
@@ -335,6 +339,117 @@ async fn restart_agent(
             Json(json!({ "restarting": uid.to_string() })).into_response()
         }
         Err(msg) => error(StatusCode::CONFLICT, msg),
+    }
+}
+
+/// The OpAMP connection settings in a `connection-settings` request body:
+/// `{"endpoint": "ws://...", "headers": {"name": "value"}}`, both optional but not both absent.
+fn parse_connection_settings(
+    v: &serde_json::Value,
+) -> Result<opamp::server::connection_settings::OpampSettings, String> {
+    use opamp::server::connection_settings::OpampSettings;
+    let obj = v.as_object().ok_or("the body must be a JSON object")?;
+    if let Some(k) = obj.keys().find(|k| *k != "endpoint" && *k != "headers") {
+        return Err(format!("unknown field {k:?} (expected endpoint, headers)"));
+    }
+    let mut settings = OpampSettings::new();
+    let endpoint = obj.get("endpoint").filter(|e| !e.is_null());
+    let headers = obj.get("headers").filter(|h| !h.is_null());
+    if endpoint.is_none() && headers.is_none() {
+        return Err("give an endpoint, headers or both".into());
+    }
+    if let Some(e) = endpoint {
+        let e = e.as_str().ok_or("endpoint must be a string")?;
+        // CS-OP-9: the agent refuses anything else; refusing here says so at once.
+        let uri: http::Uri = e
+            .parse()
+            .map_err(|_| format!("endpoint {e:?} is not a URL"))?;
+        let scheme_ok = matches!(uri.scheme_str(), Some("ws" | "wss" | "http" | "https"));
+        if !scheme_ok || uri.host().is_none() {
+            return Err(format!(
+                "endpoint {e:?} must be a ws://, wss://, http:// or https:// URL with a host"
+            ));
+        }
+        settings = settings.endpoint(e);
+    }
+    if let Some(h) = headers {
+        let h = h
+            .as_object()
+            .ok_or("headers must be an object of name: value strings")?;
+        for (name, value) in h {
+            let value = value
+                .as_str()
+                .ok_or_else(|| format!("header {name:?}: the value must be a string"))?;
+            if http::HeaderName::try_from(name.as_str()).is_err()
+                || http::HeaderValue::try_from(value).is_err()
+            {
+                return Err(format!("header {name:?}: not a valid HTTP header"));
+            }
+            settings = settings.header(name.as_str(), value);
+        }
+    }
+    Ok(settings)
+}
+
+/// `POST /api/v1/agents/{uid}/connection-settings`: offers OpAMP connection settings (a new
+/// endpoint, headers) to an agent connected to this node that declared
+/// AcceptsOpAMPConnectionSettings (CS-OP-1); 409 otherwise. The agent tries them and reports
+/// APPLYING, then APPLIED (it moved) or FAILED (it rolled back); `GET /api/v1/agents/{uid}`
+/// shows that as `connection_settings_offer` and `connection_settings_status`.
+async fn offer_connection_settings(
+    AxumState(state): AxumState<Shared>,
+    Extension(actor): Extension<Actor>,
+    Path(uid): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    use opamp::server::connection_settings::ConnectionSettingsOffer;
+    if let Some(refused) = require_json(&headers) {
+        return refused;
+    }
+    let Ok(uid) = uid.parse::<InstanceUid>() else {
+        return bad_uid(&uid);
+    };
+    let v: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("the body is not JSON: {e}"),
+            );
+        }
+    };
+    let settings = match parse_connection_settings(&v) {
+        Ok(s) => s,
+        Err(m) => return error(StatusCode::BAD_REQUEST, m),
+    };
+    let offer = ConnectionSettingsOffer::new().opamp(settings);
+    let offers = offer.build();
+    let hash = hex(&offers.hash);
+    let here = store::lock(&state.connections).contains_key(&uid);
+    if !here {
+        return error(
+            StatusCode::CONFLICT,
+            format!("agent {uid} is not connected to this server"),
+        );
+    }
+    match state.fleet.offer_connection_settings(uid, offers) {
+        Ok(message) => {
+            state.push(uid, message);
+            let detail = v.get("endpoint").and_then(|e| e.as_str()).unwrap_or("");
+            let _ = state
+                .control
+                .store
+                .record(
+                    &actor,
+                    "connection-settings",
+                    &uid.to_string(),
+                    &format!("hash {hash} endpoint {detail}"),
+                )
+                .await;
+            Json(json!({ "instance_uid": uid.to_string(), "hash": hash })).into_response()
+        }
+        Err(m) => error(StatusCode::CONFLICT, m),
     }
 }
 

@@ -9,7 +9,9 @@
 //! Flags: `--opamp-addr ADDR` (default 127.0.0.1:4320), `--ui-addr ADDR` (default
 //! 127.0.0.1:4321), `--ui-allowed-host NAME[:PORT]` (repeatable: another `Host` name the UI
 //! answers to), `--tls-cert PEM --tls-key PEM` to serve OpAMP over TLS, `--tls-client-ca PEM`
-//! to require client certificates (mTLS), `--package-signing-key FILE` (the Ed25519 seed,
+//! to require client certificates (mTLS), `--ca-cert PEM --ca-key PEM` to sign agents' CSRs
+//! with that CA (every valid CSR is approved; the issued certificate is offered back as the
+//! agent's client certificate, CSR-3..CSR-9), `--package-signing-key FILE` (the Ed25519 seed,
 //! 64 hex digits, that signs uploaded packages; without it a key is generated at start and
 //! its public key printed) and `--package-url-base URL` (where agents download packages:
 //! default the UI listener's `http://ADDR`), `--database URL` (`sqlite://PATH`, default
@@ -38,6 +40,8 @@ use opamp::server::{
     SharedMessage, Transport,
 };
 
+use opamp::server::csr::CertificateAuthority;
+
 use crate::control::Control;
 use crate::packages::{PackageLimits, Repo};
 use crate::store::{Fleet, hex};
@@ -45,6 +49,7 @@ use crate::store::{Fleet, hex};
 const USAGE: &str = "usage: opamp-reference-server [--opamp-addr ADDR] [--ui-addr ADDR] \
                      [--ui-allowed-host NAME[:PORT]]... \
                      [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]] \
+                     [--ca-cert PEM --ca-key PEM] \
                      [--package-signing-key FILE] [--package-url-base URL] \
                      [--database sqlite://PATH | --database postgres://USER@HOST/DB] \
                      [--node-id NAME] [--validate-config CMD]";
@@ -57,6 +62,9 @@ struct Args {
     tls_cert: Option<String>,
     tls_key: Option<String>,
     tls_client_ca: Option<String>,
+    /// The CA that signs agents' CSRs (`--ca-cert`, `--ca-key`).
+    ca_cert: Option<String>,
+    ca_key: Option<String>,
     package_signing_key: Option<String>,
     package_url_base: Option<String>,
     database: String,
@@ -72,6 +80,8 @@ fn parse_args() -> Result<Args, String> {
         tls_cert: None,
         tls_key: None,
         tls_client_ca: None,
+        ca_cert: None,
+        ca_key: None,
         package_signing_key: None,
         package_url_base: None,
         database: "sqlite://opamp-server.db".into(),
@@ -95,6 +105,8 @@ fn parse_args() -> Result<Args, String> {
             "--tls-cert" => args.tls_cert = Some(value()?),
             "--tls-key" => args.tls_key = Some(value()?),
             "--tls-client-ca" => args.tls_client_ca = Some(value()?),
+            "--ca-cert" => args.ca_cert = Some(value()?),
+            "--ca-key" => args.ca_key = Some(value()?),
             "--package-signing-key" => args.package_signing_key = Some(value()?),
             "--package-url-base" => args.package_url_base = Some(value()?),
             "--database" => args.database = value()?,
@@ -106,6 +118,9 @@ fn parse_args() -> Result<Args, String> {
     }
     if args.tls_cert.is_some() != args.tls_key.is_some() {
         return Err("--tls-cert and --tls-key go together".into());
+    }
+    if args.ca_cert.is_some() != args.ca_key.is_some() {
+        return Err("--ca-cert and --ca-key go together".into());
     }
     Ok(args)
 }
@@ -122,6 +137,8 @@ pub(crate) struct State {
     /// Agents that reconnected and whose drift baseline is to be read back from the store
     /// (bounded: when full, a baseline starts afresh at the agent's next APPLIED).
     restore_tx: tokio::sync::mpsc::Sender<InstanceUid>,
+    /// Signs agents' CSRs (`--ca-cert`, `--ca-key`); `None`: CSRs are refused.
+    ca: Option<CertificateAuthority>,
 }
 
 impl State {
@@ -134,8 +151,53 @@ impl State {
             packages,
             connections: Mutex::default(),
             restore_tx,
+            ca: None,
         };
         (state, restore_rx)
+    }
+
+    /// The answer to a CSR (CSR-3..CSR-6): signed with the CA and offered back as the agent's
+    /// client certificate for its current endpoint (auto-approved: every CSR that verifies,
+    /// with the agent's own uid, CSR-9), else BAD_REQUEST with the reason.
+    async fn answer_csr(&self, uid: InstanceUid, csr: &[u8]) -> ServerToAgent {
+        use opamp::server::connection_settings::{ConnectionSettingsOffer, OpampSettings};
+        let Some(ca) = &self.ca else {
+            return opamp::server::bad_request("this server does not sign certificate requests");
+        };
+        let cert = match ca.sign(csr, uid) {
+            Ok(cert) => cert,
+            Err(e) => {
+                tracing::warn!(%uid, "refused a CSR: {e}");
+                return opamp::server::bad_request(e.to_string());
+            }
+        };
+        let offers = ConnectionSettingsOffer::new()
+            .opamp(OpampSettings::new().client_certificate(
+                cert.cert,
+                cert.private_key,
+                cert.ca_cert,
+            ))
+            .build();
+        let hash = hex(&offers.hash);
+        match self.fleet.offer_connection_settings(uid, offers) {
+            Ok(message) => {
+                let _ = self
+                    .control
+                    .store
+                    .record(
+                        &db::Actor {
+                            who: "csr".into(),
+                            address: self.control.node.clone(),
+                        },
+                        "csr-signed",
+                        &uid.to_string(),
+                        &format!("offer hash {hash}"),
+                    )
+                    .await;
+                message
+            }
+            Err(m) => opamp::server::bad_request(m),
+        }
     }
 
     /// The package offer for `uid` (PKG-2: only to agents that accept packages), if a package
@@ -320,6 +382,14 @@ impl ConnectionCallbacks for AgentHandler {
         if let Some(offer) = self.state.package_offer(uid) {
             reply.get_or_insert_default().packages_available = Some(offer);
         }
+        // CSR-2: a certificate request gets the signed certificate (or the refusal) at once.
+        if let Some(csr) = opamp::server::csr::csr_of(&msg) {
+            let answer = self.state.answer_csr(uid, csr).await;
+            if answer.error_response.is_some() {
+                return Some(answer);
+            }
+            reply.get_or_insert_default().connection_settings = answer.connection_settings;
+        }
         reply
     }
 
@@ -441,7 +511,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     tracing::info!(%public_key, "package signing key");
     let control = Control::new(store, node, args.validate_config.clone()).await?;
-    let (state, restore_rx) = State::new(control, repo);
+    let (mut state, restore_rx) = State::new(control, repo);
+    if let (Some(cert), Some(key)) = (&args.ca_cert, &args.ca_key) {
+        let read = |p: &String| std::fs::read_to_string(p).map_err(|e| format!("{p}: {e}"));
+        state.ca = Some(
+            CertificateAuthority::from_pem(&read(cert)?, &read(key)?)
+                .map_err(|e| format!("--ca-cert/--ca-key: {e}"))?,
+        );
+    }
+    let signs = state.ca.is_some();
     let state = Arc::new(state);
     state.load_packages().await?;
     tokio::spawn(state.clone().restore_baselines(restore_rx));
@@ -449,6 +527,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tokio::spawn(state.clone().follow());
     tokio::spawn(state.clone().drive_rollouts());
     let mut config = ServerConfig::builder().listen_addr(args.opamp_addr);
+    if signs {
+        // CSR-1: agents send CSRs only to a server that says it takes them.
+        config = config.server_capabilities(
+            opamp::server::DEFAULT_SERVER_CAPABILITIES
+                | opamp::proto::ServerCapabilitySet::ACCEPTS_CONNECTION_SETTINGS_REQUEST,
+        );
+    }
     let tls = tls_config(&args)?;
     if let Some(tls) = tls.clone() {
         config = config.tls(tls);

@@ -11,10 +11,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use opamp::proto::{
     AgentCapabilitySet, AgentConfigMap, AgentConfigObject, AgentDescription, AgentRemoteConfig,
-    AgentToServer, AnyValue, ComponentHealth, InstanceUid, KeyValue, Message, PackageStatus,
-    PackageStatusEnum, PackageStatuses, RemoteConfigStatus, RemoteConfigStatuses, ServerToAgent,
-    any_value,
+    AgentToServer, AnyValue, ComponentHealth, ConnectionSettingsOffers, ConnectionSettingsStatus,
+    ConnectionSettingsStatuses, InstanceUid, KeyValue, Message, PackageStatus, PackageStatusEnum,
+    PackageStatuses, RemoteConfigStatus, RemoteConfigStatuses, ServerToAgent, any_value,
 };
+use opamp::server::connection_settings::{OfferState, OfferTracking};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
@@ -91,6 +92,9 @@ impl Limits {
             + self.package_statuses * (size_of::<PackageStatus>() + 4 * self.text + 256)
             + self.text
             + 64
+            + size_of::<OfferTracking>()
+            + 64
+            + self.text
     }
 }
 
@@ -117,6 +121,9 @@ pub(crate) struct AgentRecord {
     /// The config the server wants this agent to run (shared by every agent it was pushed
     /// to; bounded by the API's request body limit).
     pub(crate) offered: Option<AgentRemoteConfig>,
+    /// The OpAMP connection settings offered to this agent through the API and what it last
+    /// reported about connection settings (CSS-1), boxed: few agents have either.
+    connection_settings: Option<Box<OfferTracking>>,
     /// What was cut from this agent's reports, by part, and why.
     pub(crate) truncated: BTreeMap<&'static str, String>,
     /// Where the offered config comes from (`None`: nothing is offered).
@@ -170,6 +177,7 @@ struct Costs {
     status: usize,
     remote_addr: usize,
     packages: usize,
+    connection_settings: usize,
 }
 
 impl Costs {
@@ -181,6 +189,7 @@ impl Costs {
             + self.status
             + self.remote_addr
             + self.packages
+            + self.connection_settings
     }
 }
 
@@ -209,6 +218,20 @@ impl AgentRecord {
     fn accepts_packages(&self) -> bool {
         AgentCapabilitySet::from_bits_retain(self.capabilities)
             .contains(AgentCapabilitySet::ACCEPTS_PACKAGES)
+    }
+
+    fn accepts_connection_settings(&self) -> bool {
+        AgentCapabilitySet::from_bits_retain(self.capabilities)
+            .contains(AgentCapabilitySet::ACCEPTS_OPAMP_CONNECTION_SETTINGS)
+    }
+
+    /// The connection settings offer to send: while the agent has not reported its hash
+    /// (CSS-2), and only to an agent that accepts OpAMP connection settings (CS-OP-1).
+    fn pending_connection_settings(&self) -> Option<ConnectionSettingsOffers> {
+        let tracking = self.connection_settings.as_deref()?;
+        self.accepts_connection_settings()
+            .then(|| tracking.to_send().cloned())
+            .flatten()
     }
 
     /// Whether `value` equals the attribute `key` of this agent's description.
@@ -476,7 +499,8 @@ impl Fleet {
             || msg.health.is_some()
             || msg.effective_config.is_some()
             || msg.remote_config_status.is_some()
-            || msg.package_statuses.is_some();
+            || msg.package_statuses.is_some()
+            || msg.connection_settings_status.is_some();
         if parts || caps_changed {
             inner.mark(uid, Dirty::Full);
         }
@@ -561,6 +585,38 @@ impl Fleet {
                 agent.note("package_statuses", Some(FLEET_FULL.into()));
             }
         }
+        if let Some(s) = &msg.connection_settings_status {
+            // Bounded like the remote config status: the reason cut to `text`, the hash to 64.
+            let (error_message, cut) = cut_str(&s.error_message, limits.text);
+            let hash = &s.last_connection_settings_hash;
+            let kept = AgentToServer {
+                connection_settings_status: Some(ConnectionSettingsStatus {
+                    last_connection_settings_hash: Bytes::copy_from_slice(
+                        &hash[..hash.len().min(64)],
+                    ),
+                    status: s.status,
+                    error_message,
+                }),
+                ..Default::default()
+            };
+            let cost = size_of::<OfferTracking>()
+                + hash.len().min(64)
+                + s.error_message.len().min(limits.text);
+            let fits = inner.charge(limits, uid, |c| &mut c.connection_settings, cost);
+            let agent = inner.agents.get_mut(&uid)?;
+            if fits {
+                agent
+                    .connection_settings
+                    .get_or_insert_default()
+                    .observe(&kept);
+                agent.note(
+                    "connection_settings_status.error_message",
+                    cut.then(|| format!("cut to {} bytes", limits.text)),
+                );
+            } else {
+                agent.note("connection_settings_status", Some(FLEET_FULL.into()));
+            }
+        }
         let agent = inner.agents.get_mut(&uid)?;
         // The drift baseline: APPLIED for the offered hash starts a new one (RC-7), completed
         // by the effective config that comes with it or after it.
@@ -585,9 +641,52 @@ impl Fleet {
     }
 
     fn pending_reply_of(&self, agent: &AgentRecord) -> Option<ServerToAgent> {
-        let remote_config = agent.pending_config()?;
-        Some(ServerToAgent {
-            remote_config: Some(remote_config),
+        let remote_config = agent.pending_config();
+        let connection_settings = agent.pending_connection_settings();
+        (remote_config.is_some() || connection_settings.is_some()).then(|| ServerToAgent {
+            remote_config,
+            connection_settings,
+            ..Default::default()
+        })
+    }
+
+    /// Offers `offers` to `uid` (replacing an earlier offer) and returns the message to push
+    /// now. Refused for an agent this node does not hold or that did not declare
+    /// AcceptsOpAMPConnectionSettings (CS-OP-1). Offers are in memory: a server restart
+    /// forgets what was offered (not what the agent reported).
+    pub(crate) fn offer_connection_settings(
+        &self,
+        uid: InstanceUid,
+        offers: ConnectionSettingsOffers,
+    ) -> Result<ServerToAgent, String> {
+        let limits = &self.limits;
+        let mut inner = self.lock();
+        let Some(agent) = inner.agents.get(&uid) else {
+            return Err(format!("agent {uid} is not connected to this server"));
+        };
+        if !agent.connected {
+            return Err(format!("agent {uid} is not connected to this server"));
+        }
+        if !agent.accepts_connection_settings() {
+            return Err(format!(
+                "agent {uid} does not accept OpAMP connection settings (AcceptsOpAMPConnectionSettings)"
+            ));
+        }
+        let old = agent.cost.connection_settings;
+        let cost = old.max(size_of::<OfferTracking>()) + offers.encoded_len();
+        if !inner.charge(limits, uid, |c| &mut c.connection_settings, cost) {
+            return Err(FLEET_FULL.into());
+        }
+        let agent = inner
+            .agents
+            .get_mut(&uid)
+            .ok_or_else(|| format!("agent {uid} is gone"))?;
+        agent
+            .connection_settings
+            .get_or_insert_default()
+            .offer(offers.clone());
+        Ok(ServerToAgent {
+            connection_settings: Some(offers),
             ..Default::default()
         })
     }
@@ -1419,6 +1518,18 @@ fn agent_value(uid: &InstanceUid, a: &AgentRecord, full: bool) -> Value {
             }
             v
         }),
+        "connection_settings_status": a.connection_settings.as_deref()
+            .and_then(OfferTracking::reported)
+            .map(|s| json!({
+                "status": ConnectionSettingsStatuses::try_from(s.status)
+                    .map_or("UNSET", |s| s.as_str_name()
+                        .trim_start_matches("ConnectionSettingsStatuses_")),
+                "hash": hex(&s.last_connection_settings_hash),
+                "error_message": s.error_message,
+            })),
+        "connection_settings_offer": a.connection_settings.as_deref()
+            .and_then(|t| t.offered().map(|o| (t, o)))
+            .map(|(t, o)| offer_json(&t.state(), o)),
         "truncated": a.truncated,
         "desired_config": desired_json(a),
         "drift": match a.drift() {
@@ -1443,6 +1554,22 @@ fn agent_value(uid: &InstanceUid, a: &AgentRecord, full: bool) -> Value {
         v["non_identifying_attributes"] = non_ident;
     }
     v
+}
+
+/// The connection settings this server offered an agent and what became of them.
+fn offer_json(state: &OfferState, o: &ConnectionSettingsOffers) -> Value {
+    let (name, error) = match state {
+        OfferState::Applying => ("APPLYING", None),
+        OfferState::Applied => ("APPLIED", None),
+        OfferState::Failed(reason) => ("FAILED", Some(reason.as_str())),
+        _ => ("PENDING", None),
+    };
+    json!({
+        "hash": hex(&o.hash),
+        "state": name,
+        "error_message": error,
+        "endpoint": o.opamp.as_ref().map(|s| s.destination_endpoint.as_str()),
+    })
 }
 
 fn agent_json(uid: &InstanceUid, a: &AgentRecord) -> Value {
@@ -1482,6 +1609,11 @@ fn row_of(uid: InstanceUid, a: &AgentRecord, node: &str) -> crate::db::AgentRow 
             }),
         remote_config_status: a.remote_config_status.clone(),
         package_statuses: a.package_statuses.clone(),
+        connection_settings_status: a
+            .connection_settings
+            .as_deref()
+            .and_then(OfferTracking::reported)
+            .cloned(),
         ..Default::default()
     };
     crate::db::AgentRow {
@@ -1720,6 +1852,91 @@ mod tests {
     /// The fixed part of one config object counted against the effective-config budget.
     fn a_config_overhead() -> usize {
         size_of::<AgentConfigObject>() + size_of::<String>() + "text/yaml".len()
+    }
+
+    fn cs_status(hash: &[u8], status: ConnectionSettingsStatuses, msg: &str) -> AgentToServer {
+        AgentToServer {
+            capabilities: (AgentCapabilitySet::REPORTS_STATUS
+                | AgentCapabilitySet::ACCEPTS_OPAMP_CONNECTION_SETTINGS
+                | AgentCapabilitySet::REPORTS_CONNECTION_SETTINGS_STATUS)
+                .bits(),
+            connection_settings_status: Some(ConnectionSettingsStatus {
+                last_connection_settings_hash: Bytes::copy_from_slice(hash),
+                status: status as i32,
+                error_message: msg.into(),
+            }),
+            ..report(1)
+        }
+    }
+
+    #[test]
+    fn css_1_css_2_an_offer_rides_on_replies_until_reported_and_the_status_is_bounded_and_saved() {
+        use opamp::server::connection_settings::{ConnectionSettingsOffer, OpampSettings};
+        let fleet = Fleet::default();
+        let limits = Limits::default();
+        // CS-OP-1: not to an agent without AcceptsOpAMPConnectionSettings.
+        fleet.report(uid(1), &report(1));
+        let offers = ConnectionSettingsOffer::new()
+            .opamp(OpampSettings::new().endpoint("ws://b:4320/v1/opamp"))
+            .build();
+        assert!(
+            fleet
+                .offer_connection_settings(uid(1), offers.clone())
+                .is_err()
+        );
+        assert!(
+            fleet
+                .offer_connection_settings(uid(9), offers.clone())
+                .is_err(),
+            "unknown agent"
+        );
+        fleet.report(
+            uid(1),
+            &cs_status(b"", ConnectionSettingsStatuses::Unset, ""),
+        );
+        let push = fleet
+            .offer_connection_settings(uid(1), offers.clone())
+            .unwrap();
+        assert_eq!(push.connection_settings.as_ref(), Some(&offers));
+        // CSS-2: repeated until the agent reports its hash.
+        let plain = AgentToServer {
+            connection_settings_status: None,
+            ..cs_status(b"", ConnectionSettingsStatuses::Unset, "")
+        };
+        let reply = fleet.report(uid(1), &plain).unwrap();
+        assert_eq!(reply.connection_settings.as_ref(), Some(&offers));
+        let applying = cs_status(&offers.hash, ConnectionSettingsStatuses::Applying, "");
+        assert!(fleet.report(uid(1), &applying).is_none());
+        let v = fleet.agent_json(uid(1)).unwrap();
+        assert_eq!(v["connection_settings_offer"]["state"], "APPLYING");
+        assert_eq!(
+            v["connection_settings_offer"]["endpoint"],
+            "ws://b:4320/v1/opamp"
+        );
+        // FAILED with a reason from the wire far over the limit: cut, and named.
+        let long = "x".repeat(1 << 20);
+        let failed = cs_status(&offers.hash, ConnectionSettingsStatuses::Failed, &long);
+        assert!(fleet.report(uid(1), &failed).is_none(), "not offered again");
+        let v = fleet.agent_json(uid(1)).unwrap();
+        let s = &v["connection_settings_status"];
+        assert_eq!(s["status"], "FAILED");
+        assert_eq!(s["hash"], hex(&offers.hash));
+        assert_eq!(s["error_message"].as_str().unwrap().len(), limits.text);
+        assert!(v["truncated"]["connection_settings_status.error_message"].is_string());
+        assert_eq!(v["connection_settings_offer"]["state"], "FAILED");
+        assert!(fleet.accounted_bytes() < limits.agent_bytes());
+        // The reported status is saved with the record and comes back from it.
+        let rows = fleet.take_dirty("n");
+        let row = rows.iter().find(|r| r.uid == uid(1).to_string()).unwrap();
+        let other = Fleet::default();
+        other.restore(uid(1), row);
+        let v = other.agent_json(uid(1)).unwrap();
+        assert_eq!(v["connection_settings_status"]["status"], "FAILED");
+        assert_eq!(
+            v["connection_settings_offer"],
+            Value::Null,
+            "offers are not saved"
+        );
     }
 
     #[test]

@@ -335,6 +335,16 @@ fn the_openapi_document_describes_the_running_server() {
             200,
         ),
         (
+            // This agent does not accept connection settings: 409 (the process test in
+            // connection_settings.rs has the 200).
+            "post",
+            "/api/v1/agents/{uid}/connection-settings",
+            format!("{a}/connection-settings"),
+            "application/json",
+            j(json!({"endpoint": "ws://127.0.0.1:1/v1/opamp"})),
+            409,
+        ),
+        (
             "post",
             "/api/v1/agents/{uid}/restart",
             format!("{a}/restart"),
