@@ -232,6 +232,27 @@ impl State {
         c
     }
 
+    /// Writes each batch's counts into `progress` (`final`): a rollout that ended shows what
+    /// its batches reached then, not what a later change makes of them.
+    async fn freeze_counts(&self, progress: &mut Value) {
+        let Some(batches) = progress["batches"].as_array().cloned() else {
+            return;
+        };
+        for (i, b) in batches.iter().enumerate() {
+            let agents: Vec<String> = b["agents"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|u| u.as_str().map(str::to_owned))
+                .collect();
+            let c = self.count(&agents).await;
+            progress["batches"][i]["final"] = json!({
+                "pending": c.pending, "applying": c.applying, "applied": c.applied,
+                "failed": c.failed, "gone": c.gone,
+            });
+        }
+    }
+
     /// A rollout with its per-batch counts, for the API.
     pub(crate) async fn rollout_json(&self, r: &RolloutRow) -> Value {
         let mut batches = Vec::new();
@@ -247,7 +268,19 @@ impl State {
                 .flatten()
                 .filter_map(|u| u.as_str().map(str::to_owned))
                 .collect();
-            let c = self.count(&agents).await;
+            let c = match &b["final"] {
+                Value::Object(f) => {
+                    let n = |k: &str| f.get(k).and_then(Value::as_u64).unwrap_or(0) as usize;
+                    Counts {
+                        gone: n("gone"),
+                        pending: n("pending"),
+                        applying: n("applying"),
+                        applied: n("applied"),
+                        failed: n("failed"),
+                    }
+                }
+                _ => self.count(&agents).await,
+            };
             batches.push(json!({
                 "index": i,
                 "agents": agents,
@@ -345,6 +378,9 @@ impl State {
                 } else {
                     "halted"
                 };
+                if state == "rolled_back" {
+                    self.freeze_counts(&mut progress).await;
+                }
                 store
                     .update_rollout(
                         r.id,
@@ -383,6 +419,7 @@ impl State {
             .map(|b| b["agents"].as_array().map_or(0, Vec::len))
             .sum();
         if released_n >= targets.len() {
+            self.freeze_counts(&mut progress).await;
             // Completed and the version active, in one transaction, only if still running.
             store
                 .update_rollout(
@@ -446,6 +483,9 @@ impl State {
                     last["accepted"] = json!(true);
                 }
             }
+        }
+        if next == "aborted" {
+            self.freeze_counts(&mut progress).await;
         }
         let moved = store
             .update_rollout(id, &r.state, next, &progress, Some((actor, action)), None)

@@ -869,10 +869,16 @@ impl Fleet {
         a.last_seen = Some(UNIX_EPOCH + Duration::from_millis(row.last_seen_ms.max(0) as u64));
         let mut v = agent_value(&uid, a, full);
         v["node"] = json!(row.node);
-        // What the node it is connected to offers is not known here.
-        v["remote_config"] = Value::Null;
-        v["desired_config"] = Value::Null;
-        v["drift"] = Value::Null;
+        // What the node holding it knows (desired config, drift, the offered hash), as that
+        // node last wrote it; not known for a record written before it did.
+        let view: Value = row
+            .view
+            .as_deref()
+            .and_then(|v| serde_json::from_str(v).ok())
+            .unwrap_or(Value::Null);
+        for key in ["remote_config", "desired_config", "drift"] {
+            v[key] = view.get(key).cloned().unwrap_or(Value::Null);
+        }
         Some(v)
     }
 
@@ -1532,10 +1538,7 @@ fn agent_value(uid: &InstanceUid, a: &AgentRecord, full: bool) -> Value {
             .map(|(t, o)| offer_json(&t.state(), o)),
         "truncated": a.truncated,
         "desired_config": desired_json(a),
-        "drift": match a.drift() {
-            Some(reason) => json!({ "drifted": true, "reason": reason }),
-            None => json!({ "drifted": false }),
-        },
+        "drift": drift_json(a),
     });
     if full {
         v["package_statuses"] = a
@@ -1616,6 +1619,12 @@ fn row_of(uid: InstanceUid, a: &AgentRecord, node: &str) -> crate::db::AgentRow 
             .cloned(),
         ..Default::default()
     };
+    let view = json!({
+        "desired_config": desired_json(a),
+        "drift": drift_json(a),
+        "remote_config": a.offered.as_ref().map(|c| json!({ "hash": hex(&c.config_hash) })),
+    })
+    .to_string();
     crate::db::AgentRow {
         uid: uid.to_string(),
         node: node.to_owned(),
@@ -1633,6 +1642,14 @@ fn row_of(uid: InstanceUid, a: &AgentRecord, node: &str) -> crate::db::AgentRow 
             .as_ref()
             .and_then(|b| b.effective)
             .map(|h| h.to_vec()),
+        view: Some(view),
+    }
+}
+
+fn drift_json(a: &AgentRecord) -> Value {
+    match a.drift() {
+        Some(reason) => json!({ "drifted": true, "reason": reason }),
+        None => json!({ "drifted": false }),
     }
 }
 

@@ -597,6 +597,16 @@ fn two_nodes_on_one_postgres_serve_one_fleet_and_survive_a_node() {
         (ok.then(|| v.clone()), v)
     });
     assert_eq!(seen["remote_config_status"]["status"], "APPLIED", "{seen}");
+    // What node C knows of it (its desired config, its drift) is shown by node A too.
+    let seen = wait_for("node A shows node C's view", &logs, || {
+        let v = agent_json(&a.ui, &uid);
+        (
+            (v["desired_config"]["name"] == "shared").then(|| v.clone()),
+            v,
+        )
+    });
+    assert_eq!(seen["drift"]["drifted"], false, "{seen}");
+    assert_eq!(seen["remote_config"]["hash"], hash2.as_str(), "{seen}");
     let (_, list) = api(&a.ui, "GET", "/api/v1/agents", &[], b"");
     assert_eq!(
         list.as_array().unwrap().len(),

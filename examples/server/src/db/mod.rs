@@ -278,6 +278,9 @@ const MIGRATIONS: &[&str] = &[
     // 5: at most one live rollout per config, whichever node starts it.
     "CREATE UNIQUE INDEX rollouts_live ON rollouts (config) \
      WHERE state IN ('running', 'paused', 'halted')",
+    // 6: what the node holding an agent knows of it beyond its reports (desired config, drift,
+    // the offered hash), so that every node's API shows it.
+    "ALTER TABLE agents ADD COLUMN view TEXT",
 ];
 
 fn dialect_sql(sql: &str, d: Dialect) -> String {
@@ -353,6 +356,9 @@ pub(crate) struct AgentRow {
     /// of the effective config it reported with it.
     pub(crate) applied_config_hash: Option<Vec<u8>>,
     pub(crate) applied_effective_hash: Option<Vec<u8>>,
+    /// JSON written by the node holding the agent: `desired_config`, `drift`, `remote_config`
+    /// (its offered hash), for the API of every node.
+    pub(crate) view: Option<String>,
 }
 
 /// One audit log entry.
@@ -827,13 +833,14 @@ impl Store {
             .map(|r| {
                 stmt(
                     "INSERT INTO agents (uid, node, connected, last_seen_ms, transport, remote_addr, \
-                     state, applied_config_hash, applied_effective_hash) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                     state, applied_config_hash, applied_effective_hash, view) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
                      ON CONFLICT (uid) DO UPDATE SET node = EXCLUDED.node, \
                      connected = EXCLUDED.connected, last_seen_ms = EXCLUDED.last_seen_ms, \
                      transport = EXCLUDED.transport, remote_addr = EXCLUDED.remote_addr, \
                      state = EXCLUDED.state, applied_config_hash = EXCLUDED.applied_config_hash, \
-                     applied_effective_hash = EXCLUDED.applied_effective_hash \
+                     applied_effective_hash = EXCLUDED.applied_effective_hash, \
+                     view = EXCLUDED.view \
                      WHERE EXCLUDED.connected = 1 OR agents.node = EXCLUDED.node",
                     vec![
                         r.uid.into(),
@@ -845,6 +852,7 @@ impl Store {
                         Val::Blob(r.state),
                         Val::opt_blob(r.applied_config_hash.as_deref()),
                         Val::opt_blob(r.applied_effective_hash.as_deref()),
+                        Val::opt_text(r.view.as_deref()),
                     ],
                 )
             })
@@ -883,11 +891,12 @@ impl Store {
             state: row[6].blob().ok_or_else(bad)?.to_vec(),
             applied_config_hash: row[7].blob().map(<[u8]>::to_vec),
             applied_effective_hash: row[8].blob().map(<[u8]>::to_vec),
+            view: row[9].text().map(str::to_owned),
         })
     }
 
     const AGENT_COLUMNS: &str = "uid, node, connected, last_seen_ms, transport, remote_addr, \
-                                 state, applied_config_hash, applied_effective_hash";
+                                 state, applied_config_hash, applied_effective_hash, view";
 
     /// One agent's record.
     pub(crate) async fn agent(&self, uid: &str) -> Result<Option<AgentRow>> {

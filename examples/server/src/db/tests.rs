@@ -163,6 +163,7 @@ async fn exercise(url: &str) {
         state: vec![1, 2, 3],
         applied_config_hash: Some(vec![9; 32]),
         applied_effective_hash: None,
+        view: Some("{}".into()),
     };
     store.save_agents(vec![row.clone()]).await.unwrap();
     let mut changed = row.clone();

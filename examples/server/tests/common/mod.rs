@@ -202,7 +202,8 @@ pub fn send_json(addr: &str, method: &str, path: &str, body: &Value) -> (u16, Va
 
 /// Polls `probe` until it returns `Some`, or fails with `what`, the last value and the logs.
 pub fn wait_for<T>(what: &str, logs: &[&Path], mut probe: impl FnMut() -> (Option<T>, Value)) -> T {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // Generous: a bound for a stuck test on a loaded machine, not a timing check.
+    let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let (got, last) = probe();
         if let Some(v) = got {
