@@ -462,12 +462,15 @@ impl Store {
     /// it tries again, then finds them applied.
     async fn migrate(&self) -> Result<()> {
         let d = self.dialect();
-        let mut attempts = 0;
+        let mut attempts: u64 = 0;
         loop {
             attempts += 1;
             match self.migrate_once(d).await {
-                Err(StoreError::Conflict(_) | StoreError::Db(_)) if attempts < 3 => {
-                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                // Several nodes starting at once: the losers retry (10 times, up to 1 s
+                // apart, enough for the winner's few DDL transactions).
+                Err(StoreError::Conflict(_) | StoreError::Db(_)) if attempts < 10 => {
+                    let pause = 100 * attempts.min(10);
+                    tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
                 }
                 other => return other,
             }

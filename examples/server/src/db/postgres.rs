@@ -15,6 +15,10 @@ use super::{Backend, Change, Dialect, Result, Row, Stmt, StoreError, Val};
 /// Connections in the pool: statements of concurrent API requests and the agent writer run
 /// side by side.
 const POOL: usize = 4;
+/// How long opening a connection may take.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long one transaction may take before its connection is given up.
+const STATEMENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub(crate) struct Postgres {
     url: String,
@@ -149,12 +153,30 @@ impl Backend for Postgres {
         let slot = &self.pool[self.next.fetch_add(1, Ordering::Relaxed) % POOL];
         let mut guard = slot.lock().await;
         if guard.as_ref().is_none_or(Client::is_closed) {
-            *guard = Some(connect(&self.url).await?);
+            let fresh = tokio::time::timeout(CONNECT_TIMEOUT, connect(&self.url))
+                .await
+                .map_err(|_| {
+                    StoreError::Db(format!(
+                        "{}: no connection within {CONNECT_TIMEOUT:?}",
+                        super::redact(&self.url)
+                    ))
+                })??;
+            *guard = Some(fresh);
         }
         let client = guard
             .as_mut()
             .ok_or_else(|| StoreError::Db("no connection".into()))?;
-        Self::run(client, &stmts).await.map_err(db_err)
+        match tokio::time::timeout(STATEMENT_TIMEOUT, Self::run(client, &stmts)).await {
+            Ok(result) => result.map_err(db_err),
+            Err(_) => {
+                // A hung database: this connection is given up (its transaction rolls back
+                // when the server notices), the next call opens another.
+                *guard = None;
+                Err(StoreError::Db(format!(
+                    "the database did not answer within {STATEMENT_TIMEOUT:?}"
+                )))
+            }
+        }
     }
 
     async fn listen(&self) -> Option<mpsc::Receiver<Change>> {
