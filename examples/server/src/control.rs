@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use opamp::proto::{AgentRemoteConfig, InstanceUid, ServerToAgent};
+use opamp::proto::{InstanceUid, ServerToAgent};
 use opamp::server::SharedMessage;
 
 use crate::State;
@@ -224,16 +224,19 @@ fn candidate(c: NamedConfig) -> Candidate {
 
 impl State {
     /// Recomputes the desired config of `uid` when its offer is older than the desired state
-    /// (or `force`, after its description changed); returns the config to push when it
-    /// changed.
-    pub(crate) fn refresh_offer(&self, uid: InstanceUid, force: bool) -> Option<AgentRemoteConfig> {
+    /// (or `force`, after its description changed); whether it did (the reply the caller had
+    /// computed may then be stale).
+    pub(crate) fn refresh_offer(&self, uid: InstanceUid, force: bool) -> bool {
         let epoch = self.control.epoch();
         if !force && self.fleet.offer_epoch(uid) >= epoch {
-            return None;
+            return false;
         }
-        let attrs = self.fleet.attributes(uid)?;
+        let Some(attrs) = self.fleet.attributes(uid) else {
+            return false;
+        };
         let d = self.control.resolve(&uid.to_string(), &attrs);
-        self.fleet.set_desired(uid, epoch, d)
+        let _ = self.fleet.set_desired(uid, epoch, d);
+        true
     }
 
     /// Recomputes every connected agent's desired config after a change and pushes what

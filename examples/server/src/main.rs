@@ -370,13 +370,16 @@ impl ConnectionCallbacks for AgentHandler {
                 tracing::debug!(%uid, "restore queue full: the drift baseline starts afresh");
             }
         }
-        let _ = self.state.fleet.report(uid, &msg);
+        let mut reply = self.state.fleet.report(uid, &msg);
         // The desired config: recomputed when the description changed (selectors and
-        // templates see the attributes) or the desired state moved on since.
-        let _ = self
+        // templates see the attributes) or the desired state moved on since; only then is
+        // the reply computed again.
+        if self
             .state
-            .refresh_offer(uid, msg.agent_description.is_some() || !known);
-        let mut reply = self.state.fleet.pending_reply(uid);
+            .refresh_offer(uid, msg.agent_description.is_some() || !known)
+        {
+            reply = self.state.fleet.pending_reply(uid);
+        }
         // PKG-2: the offer rides on every reply; the session core drops it once the agent
         // reports its all-packages hash (and, over WebSocket, once it was sent).
         if let Some(offer) = self.state.package_offer(uid) {
