@@ -31,14 +31,22 @@ pub(crate) fn is_live(state: &str) -> bool {
     matches!(state, "running" | "paused" | "halted")
 }
 
+/// The uids of a JSON array of strings (`targets`, a batch's `agents`).
+fn uids(v: &Value) -> Vec<String> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|u| u.as_str().map(str::to_owned))
+        .collect()
+}
+
 /// The agents a rollout released.
 pub(crate) fn released(progress: &Value) -> HashSet<String> {
     progress["batches"]
         .as_array()
         .into_iter()
         .flatten()
-        .flat_map(|b| b["agents"].as_array().into_iter().flatten())
-        .filter_map(|u| u.as_str().map(str::to_owned))
+        .flat_map(|b| uids(&b["agents"]))
         .collect()
 }
 
@@ -239,12 +247,7 @@ impl State {
             return;
         };
         for (i, b) in batches.iter().enumerate() {
-            let agents: Vec<String> = b["agents"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|u| u.as_str().map(str::to_owned))
-                .collect();
+            let agents: Vec<String> = uids(&b["agents"]);
             let c = self.count(&agents).await;
             progress["batches"][i]["final"] = json!({
                 "pending": c.pending, "applying": c.applying, "applied": c.applied,
@@ -262,12 +265,7 @@ impl State {
             .flatten()
             .enumerate()
         {
-            let agents: Vec<String> = b["agents"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|u| u.as_str().map(str::to_owned))
-                .collect();
+            let agents: Vec<String> = uids(&b["agents"]);
             let c = match &b["final"] {
                 Value::Object(f) => {
                     let n = |k: &str| f.get(k).and_then(Value::as_u64).unwrap_or(0) as usize;
@@ -345,22 +343,12 @@ impl State {
         }
         let spec = Spec::from_json(&r.spec);
         let mut progress = r.progress.clone();
-        let targets: Vec<String> = progress["targets"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|u| u.as_str().map(str::to_owned))
-            .collect();
+        let targets: Vec<String> = uids(&progress["targets"]);
         let batch_size = progress["batch_size"].as_u64().unwrap_or(1).max(1) as usize;
         let now = now_ms();
         let batches = progress["batches"].as_array().cloned().unwrap_or_default();
         if let Some(last) = batches.last() {
-            let agents: Vec<String> = last["agents"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|u| u.as_str().map(str::to_owned))
-                .collect();
+            let agents: Vec<String> = uids(&last["agents"]);
             let c = self.count(&agents).await;
             let failed_pct = 100.0 * c.failed as f64 / agents.len().max(1) as f64;
             // A batch an operator resumed past (after a halt) is not judged again.
